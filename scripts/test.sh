@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install everything, then run the whole test suite: ruff, mypy, pytest as root (when
+# root) and pytest again as an ordinary user, since real users are not root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+scripts/setup.sh
+
+.venv/bin/ruff check src tests bench
+.venv/bin/mypy
+
+shared=${CAPSID_SHARED:-$(cd .. && pwd)/shared}
+export CAPSID_SHARED=$shared
+status=0
+.venv/bin/pytest "$@" || status=$?
+[ "$status" = 5 ] && status=0   # pytest's "no tests collected" is not a failure here
+
+if [ "$(id -u)" = 0 ]; then
+    user=${CAPSID_TEST_USER:-capsid-test}
+    id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+    # The ordinary user needs to read the checkout and its venv; copy it if it cannot.
+    if ! runuser -u "$user" -- test -r "$repo/pyproject.toml" -a -x "$repo/.venv/bin/python"; then
+        copy=/var/tmp/capsid-test-checkout
+        rm -rf "$copy" && mkdir -p "$copy"
+        cp -a "$repo/." "$copy/" && rm -rf "$copy/.venv"
+        (cd "$copy" && scripts/setup.sh)
+        chmod -R a+rX "$copy"
+        repo=$copy
+    fi
+    echo "test: running the suite again as the ordinary user $user"
+    user_status=0
+    runuser -u "$user" -- env -C "$repo" HOME="$(getent passwd "$user" | cut -d: -f6)" \
+        CAPSID_SHARED="$shared" PATH=/usr/local/bin:/usr/bin:/bin \
+        "$repo/.venv/bin/pytest" -p no:cacheprovider "$@" || user_status=$?
+    [ "$user_status" = 5 ] && user_status=0
+    [ "$user_status" = 0 ] || status=$user_status
+fi
+exit "$status"

@@ -1,0 +1,7 @@
+"""``python -m capsid``."""
+
+import sys
+
+from capsid.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The command-line front end: parsing and printing only; the library does the work."""

@@ -1,0 +1,52 @@
+"""``capsid inspect``: an image's labels, scripts, def file and environment."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from capsid.cli.parser import parser
+from capsid.image import inspect, meta
+from capsid.image.locate import locate
+
+_SECTIONS = ("labels", "deffile", "runscript", "startscript", "test", "environment", "helpfile")
+
+
+def _text(info: meta.Metadata, section: str) -> str:
+    if section == "labels":
+        return "".join(f"{k}: {v}\n" for k, v in sorted(info.labels.items()))
+    if section == "environment":
+        return "\n".join(f"=== {path} ===\n{body.rstrip(chr(10))}\n"
+                         for path, body in info.environment.items())
+    value = str(getattr(info, section) or "")
+    if not value:
+        return ""
+    return value if value.endswith("\n") else value + "\n"
+
+
+def run(verb: str, argv: list[str]) -> int:
+    p = parser("inspect", "[options] IMAGE",
+               "Show the metadata of a SIF file, squashfs image or sandbox. "
+               "With no option, the labels.")
+    p.add_argument("-l", "--labels", action="store_true", help="show the labels (default)")
+    p.add_argument("-d", "--deffile", action="store_true", help="show the definition file")
+    p.add_argument("-r", "--runscript", action="store_true", help="show the runscript")
+    p.add_argument("-s", "--startscript", action="store_true", help="show the startscript")
+    p.add_argument("-t", "--test", action="store_true", help="show the test script")
+    p.add_argument("-e", "--environment", action="store_true",
+                   help="show the environment scripts")
+    p.add_argument("-H", "--helpfile", action="store_true", help="show the runscript help")
+    p.add_argument("-j", "--json", action="store_true", help="print JSON, as Apptainer does")
+    p.add_argument("--all", action="store_true", help="show everything")
+    p.add_argument("image")
+    args = p.parse_args(argv)
+    chosen = [s for s in _SECTIONS if args.all or getattr(args, s)] or ["labels"]
+    info = inspect.metadata(locate(args.image))
+    if args.json:
+        attrs = info.attributes()
+        picked = {k: attrs.get(k, {} if k in ("labels", "environment") else "") for k in chosen}
+        json.dump({"data": {"attributes": picked}, "type": "container"}, sys.stdout, indent=4)
+        sys.stdout.write("\n")
+        return 0
+    sys.stdout.write("\n".join(filter(None, (_text(info, s) for s in chosen))))
+    return 0

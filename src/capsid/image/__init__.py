@@ -1,0 +1,1 @@
+"""Images: the SIF container format, squashfs filesystems, sandboxes and metadata."""

@@ -1,0 +1,139 @@
+"""Squashfs images: made from a tar stream with tar2sqfs, read with unsquashfs.
+
+Nothing is unpacked on the host to make an image: callers write tar members
+into :func:`create` and ``tar2sqfs`` (squashfs-tools-ng) builds the filesystem
+from its stdin, so ownership, modes, device nodes and xattrs survive without
+privileges. Reading uses ``unsquashfs -o OFFSET`` so that a partition inside a
+SIF is read in place, without copying it out or mounting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from capsid import log, tools
+from capsid.errors import ImageFormatError, UsageError
+
+LOG = log.get(__name__)
+
+MAGIC = b"hsqs"
+COMPRESSIONS = ("zstd", "gzip", "xz", "lz4")
+#: tar2sqfs's own zstd default (level 15) is several times slower for a few
+#: per cent of size; level 3 keeps conversion I/O-bound.
+_COMPRESSOR_OPTIONS = {"zstd": "level=3", "gzip": "level=9"}
+
+
+def check_compression(name: str) -> str:
+    if name not in COMPRESSIONS:
+        raise UsageError(f"unknown compression {name!r}",
+                         f"choose one of {', '.join(COMPRESSIONS)}")
+    return name
+
+
+@contextlib.contextmanager
+def create(out: Path, compression: str = "zstd") -> Iterator[tarfile.TarFile]:
+    """Yield a streaming TarFile; whatever is added to it becomes squashfs *out*.
+
+    The tar stream goes straight into ``tar2sqfs`` on a pipe. If the block
+    raises, tar2sqfs is killed and *out* is removed.
+    """
+    check_compression(compression)
+    argv = [tools.which("tar2sqfs"), "--quiet", "--force", "--no-skip",
+            "--compressor", compression, "--num-jobs", str(os.cpu_count() or 1)]
+    if compression in _COMPRESSOR_OPTIONS:
+        argv += ["--comp-extra", _COMPRESSOR_OPTIONS[compression]]
+    argv.append(str(out))
+    LOG.debug("running %s", " ".join(argv))
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=errors)
+        assert proc.stdin is not None
+        try:
+            with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT,
+                              bufsize=1 << 20) as tar:
+                yield tar
+            proc.stdin.close()
+        except BrokenPipeError:
+            proc.wait()
+            errors.seek(0)
+            out.unlink(missing_ok=True)
+            raise tools.failure("tar2sqfs", proc.returncode, errors.read()) from None
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            out.unlink(missing_ok=True)
+            raise
+        if proc.wait() != 0:
+            errors.seek(0)
+            out.unlink(missing_ok=True)
+            raise tools.failure("tar2sqfs", proc.returncode, errors.read())
+
+
+def check_magic(path: Path, offset: int = 0) -> None:
+    """Raise ImageFormatError unless a squashfs superblock starts at *offset*."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.read(4) != MAGIC:
+            raise ImageFormatError(f"{path} has no squashfs filesystem at offset {offset}",
+                                   "the image is damaged; rebuild it")
+
+
+def _unsquashfs(image: Path, offset: int, dest: Path, paths: list[str],
+                tolerate_partial: bool) -> None:
+    argv = ["unsquashfs", "-o", str(offset), "-n", "-q", "-f", "-d", str(dest)]
+    if os.geteuid() != 0:
+        argv.append("-user-xattrs")
+    argv += [str(image), *paths]
+    exe = tools.which("unsquashfs")
+    proc = subprocess.run([exe, *argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          check=False)
+    if proc.returncode == 2 and tolerate_partial:
+        # Non-fatal: typically device nodes an ordinary user may not create.
+        for line in proc.stderr.decode(errors="replace").splitlines()[:5]:
+            LOG.warning("unsquashfs: %s", line)
+        return
+    if proc.returncode != 0:
+        raise tools.failure("unsquashfs", proc.returncode, proc.stderr)
+
+
+def extract(image: Path, dest: Path, offset: int = 0) -> None:
+    """Unpack the whole filesystem into *dest* (which must not exist yet)."""
+    check_magic(image, offset)
+    _unsquashfs(image, offset, dest, [], tolerate_partial=True)
+
+
+def read_tree(image: Path, subdir: str, offset: int = 0) -> dict[str, bytes | str]:
+    """Files under *subdir* as {relative path: contents, or link target for symlinks}.
+
+    Returns an empty dict when *subdir* is absent from the image.
+    """
+    check_magic(image, offset)
+    with tempfile.TemporaryDirectory(prefix="capsid-read-") as tmp:
+        dest = Path(tmp) / "root"
+        _unsquashfs(image, offset, dest, [subdir], tolerate_partial=True)
+        base = dest / subdir.lstrip("/")
+        return read_dir(base)
+
+
+def read_dir(base: Path) -> dict[str, bytes | str]:
+    """Regular files and symlinks below *base*, keyed by path relative to it."""
+    found: dict[str, bytes | str] = {}
+    if not base.is_dir():
+        return found
+    for root, dirs, files in os.walk(base):
+        dirs.sort()
+        for name in sorted(files) + [d for d in dirs if (Path(root) / d).is_symlink()]:
+            path = Path(root) / name
+            rel = str(path.relative_to(base))
+            if path.is_symlink():
+                found[rel] = os.readlink(path)
+            elif path.is_file():
+                with contextlib.suppress(OSError):
+                    found[rel] = path.read_bytes()
+    return found

@@ -1,0 +1,59 @@
+"""Running external tools (tar2sqfs, unsquashfs, squashfuse, …).
+
+One small runner so that every tool failure becomes a :class:`ToolError` that
+names the tool, its exit status and the last line it wrote to stderr, and a
+missing tool names the Debian package that provides it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+from capsid.errors import ToolError
+
+#: Debian package providing each tool capsid runs.
+PACKAGES = {
+    "tar2sqfs": "squashfs-tools-ng",
+    "sqfs2tar": "squashfs-tools-ng",
+    "rdsquashfs": "squashfs-tools-ng",
+    "unsquashfs": "squashfs-tools",
+    "squashfuse": "squashfuse",
+    "squashfuse_ll": "squashfuse",
+    "fuse-overlayfs": "fuse-overlayfs",
+    "newuidmap": "uidmap",
+    "newgidmap": "uidmap",
+}
+
+
+def which(tool: str) -> str:
+    """The absolute path of *tool*, or a ToolError saying how to install it."""
+    path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+    if path is None:
+        package = PACKAGES.get(tool, tool)
+        raise ToolError(
+            f"{tool} is not installed",
+            f"install it (Debian/Ubuntu: apt-get install {package}) and try again",
+        )
+    return path
+
+
+def failure(tool: str, returncode: int, stderr: bytes | str) -> ToolError:
+    """A ToolError for *tool* having exited with *returncode*."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = f": {lines[-1]}" if lines else ""
+    return ToolError(
+        f"{tool} failed with exit status {returncode}{detail}",
+        "run again with --debug for the full command",
+    )
+
+
+def run(argv: Sequence[str], *, input: bytes | None = None) -> bytes:
+    """Run *argv* to completion and return its stdout; raise ToolError on failure."""
+    exe = which(argv[0])
+    proc = subprocess.run([exe, *argv[1:]], input=input, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise failure(argv[0], proc.returncode, proc.stderr)
+    return proc.stdout

@@ -1,0 +1,94 @@
+"""Shared fixtures: the capsid command, test data from ../shared, a busybox sandbox."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("CAPSID_SHARED", REPO.parent / "shared"))
+SIF_TESTDATA = SHARED / "testdata" / "sif"
+GOLANG_SIF = Path("/usr/share/gocode/src/github.com/sylabs/sif")
+CAPSID = Path(sys.executable).parent / "capsid"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests under unit/ are unit tests; those under integration/ need system tools."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "unit" in parts:
+            item.add_marker(pytest.mark.unit)
+        elif "integration" in parts:
+            item.add_marker(pytest.mark.integration)
+
+
+def run_capsid(*args: str | os.PathLike[str], check: bool = False, **kw: object
+               ) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(CAPSID), *map(str, args)], capture_output=True, text=True,
+                          check=False, **kw)  # type: ignore[call-overload]
+    if check and proc.returncode != 0:
+        raise AssertionError(f"capsid {args} failed ({proc.returncode}): {proc.stderr}")
+    return proc  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def capsid() -> Callable[..., subprocess.CompletedProcess[str]]:
+    return run_capsid
+
+
+def need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (scripts/setup.sh installs them)")
+
+
+@pytest.fixture(scope="session")
+def shared_sifs() -> Path:
+    if not SIF_TESTDATA.is_dir():
+        pytest.skip(f"{SIF_TESTDATA} is absent")
+    return SIF_TESTDATA
+
+
+@pytest.fixture(scope="session")
+def golang_sif() -> Path:
+    if not GOLANG_SIF.is_dir():
+        pytest.skip("golang-github-sylabs-sif-dev is not installed")
+    return GOLANG_SIF
+
+
+@pytest.fixture(scope="session")
+def busybox_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sandbox made from Debian's busybox-static, shared by the session (do not modify)."""
+    if not Path("/bin/busybox").exists():
+        pytest.skip("busybox-static is not installed")
+    root = tmp_path_factory.mktemp("busybox") / "rootfs"
+    subprocess.run([str(REPO / "scripts" / "busybox-sandbox.sh"), str(root)], check=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def busybox_sif(busybox_sandbox: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    need("tar2sqfs")
+    out = tmp_path_factory.mktemp("images") / "busybox.sif"
+    run_capsid("build", out, busybox_sandbox, check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sifcheck(tmp_path_factory: pytest.TempPathFactory, golang_sif: Path) -> Path:
+    """The reference Go SIF library, built offline into a small reader program."""
+    need("go")
+    out = tmp_path_factory.mktemp("go")
+    src = out / "src"
+    shutil.copytree(REPO / "tests" / "golang" / "sifcheck", src)
+    env = dict(os.environ, GOFLAGS="-mod=mod", GOPROXY="off", GOSUMDB="off",
+               GOCACHE=str(out / "cache"), GOPATH=str(out / "gopath"), HOME=str(out))
+    subprocess.run(["go", "build", "-o", str(out / "sifcheck"), "."], cwd=src, env=env,
+                   check=True)
+    return out / "sifcheck"

@@ -1,0 +1,49 @@
+"""The CLI's contract: version, help, one-line errors with a hint, exit 255."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from capsid.cli.main import COMMANDS, main
+
+
+def test_version(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("capsid version ")
+
+
+def test_help_lists_every_command(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+def test_unknown_command_is_one_line_with_a_hint(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["frobnicate"]) == 255
+    err = capsys.readouterr().err
+    assert err == "capsid: error: unknown command 'frobnicate'; see 'capsid --help' for the " \
+                  "commands\n"
+
+
+def test_bad_option_is_one_line(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["inspect", "--bogus", "x"]) == 255
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("capsid: error: unrecognized arguments")
+    assert "Traceback" not in err
+
+
+def test_missing_image_error(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["inspect", str(tmp_path / "nope.sif")]) == 255
+    err = capsys.readouterr().err
+    assert err == f"capsid: error: image {tmp_path}/nope.sif does not exist; check the path " \
+                  "and try again\n"
+
+
+def test_version_imports_no_command_module() -> None:
+    code = ("import sys; from capsid.cli.main import main; main(['--version']); "
+            "print(sorted(m for m in sys.modules if m.startswith('capsid')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.splitlines()[-1] == "['capsid', 'capsid.cli', 'capsid.cli.main']"
