@@ -1,0 +1,93 @@
+"""Site configuration and the environment variables that stand in for flags.
+
+The site file (``/etc/capsid/capsid.conf``, or ``$CAPSID_CONFIG``) uses
+Apptainer's ``key = value`` lines; ``bind path`` may repeat. Every flag-like
+variable is looked up as ``CAPSID_X``, then ``APPTAINER_X``, then ``SINGULARITY_X``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from capsid.errors import CapsidError
+
+DEFAULT_PATH = "/etc/capsid/capsid.conf"
+PREFIXES = ("CAPSID_", "APPTAINER_", "SINGULARITY_")
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """The first of CAPSID_<name>, APPTAINER_<name>, SINGULARITY_<name> that is set."""
+    for prefix in PREFIXES:
+        value = os.environ.get(prefix + name)
+        if value is not None:
+            return value
+    return default
+
+
+def env_flag(name: str) -> bool:
+    value = env(name)
+    return value is not None and value.strip().lower() not in ("", "0", "false", "no")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """What a site administrator decides for everyone."""
+
+    bind_paths: tuple[str, ...] = ("/etc/localtime", "/etc/hosts")
+    mount_home: bool = True
+    mount_tmp: bool = True
+    mount_proc: bool = True
+    mount_sys: bool = True
+    mount_dev: str = "yes"
+    tmpfs_size_mib: int | None = None
+    values: dict[str, str] = field(default_factory=dict)
+
+
+def _yes(value: str, key: str, path: str) -> bool:
+    v = value.strip().lower()
+    if v in ("yes", "true", "1"):
+        return True
+    if v in ("no", "false", "0"):
+        return False
+    raise CapsidError(f"{path}: '{key} = {value}' is not yes or no",
+                      "fix the site configuration file")
+
+
+def load(path: str | None = None) -> SiteConfig:
+    """Read the site configuration; a missing file means the defaults."""
+    path = path or env("CONFIG") or DEFAULT_PATH
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return SiteConfig()
+    except OSError as err:
+        raise CapsidError(f"cannot read configuration {path}: {err.strerror}",
+                          "fix its permissions or point CAPSID_CONFIG elsewhere") from None
+    binds: list[str] = []
+    values: dict[str, str] = {}
+    for number, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise CapsidError(f"{path}:{number}: expected 'key = value', got {raw.strip()!r}",
+                              "fix the site configuration file")
+        key, value = " ".join(key.split()).lower(), value.strip()
+        if key == "bind path":
+            binds.append(value)
+        else:
+            values[key] = value
+    size = values.get("sessiondir max size")
+    return SiteConfig(
+        bind_paths=tuple(binds) if binds else SiteConfig.bind_paths,
+        mount_home=_yes(values.get("mount home", "yes"), "mount home", path),
+        mount_tmp=_yes(values.get("mount tmp", "yes"), "mount tmp", path),
+        mount_proc=_yes(values.get("mount proc", "yes"), "mount proc", path),
+        mount_sys=_yes(values.get("mount sys", "yes"), "mount sys", path),
+        mount_dev=values.get("mount dev", "yes").lower(),
+        tmpfs_size_mib=int(size) if size and size.isdigit() else None,
+        values=values,
+    )

@@ -1,0 +1,1 @@
+"""Running containers: user and mount namespaces, image mounts, binds, environment."""

@@ -1,0 +1,384 @@
+"""Launching a container: namespaces, the root, binds, identity, environment, execve.
+
+Everything happens in the calling process, which finally ``execve``s the command:
+the command keeps capsid's PID, so its exit status, signals and terminal pass
+through untouched. Only ``--pid`` needs a parent to stay behind (the first
+process of a new PID namespace must be a child); it forwards signals and exits
+as its child did.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from capsid import config, log
+from capsid.errors import RuntimeSetupError, UsageError
+from capsid.image.locate import Image, Kind, locate
+from capsid.runtime import env as envmod
+from capsid.runtime import identity, linux, mounts
+from capsid.runtime.binds import BindSpec
+
+LOG = log.get(__name__)
+
+#: cwd is not bound into the container from these places: the image's own copy wins.
+_SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32",
+                "/proc", "/root", "/run", "/sbin", "/sys", "/usr", "/var")
+
+
+@dataclass(frozen=True)
+class ExecOptions:
+    """How to run: everything the action verbs' flags decide."""
+
+    image: str
+    action: str = "exec"
+    argv: tuple[str, ...] = ()
+    binds: tuple[BindSpec, ...] = ()
+    home: str | None = None
+    no_home: bool = False
+    no_mount: tuple[str, ...] = ()
+    contain: bool = False
+    pwd: str | None = None
+    cleanenv: bool = False
+    env: tuple[str, ...] = ()
+    env_files: tuple[str, ...] = ()
+    fakeroot: bool = False
+    pid: bool = False
+    ipc: bool = False
+    uts: bool = False
+    hostname: str | None = None
+    net: bool = False
+    writable: bool = False
+    writable_tmpfs: bool = False
+    overlay: str | None = None
+    tmpfs_size_mib: int | None = None
+    unsquash: bool = False
+    shell: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    """Decisions taken on the host, before any namespace exists."""
+
+    image: Image
+    user: identity.User
+    userns: bool
+    home_source: str | None
+    home_dest: str
+    binds: list[BindSpec]
+    cwd: str
+    bind_cwd: bool
+    site: config.SiteConfig
+
+
+def _userns_error(err: OSError) -> RuntimeSetupError:
+    return RuntimeSetupError(
+        f"cannot create a user namespace: {err.strerror}",
+        "unprivileged user namespaces are disabled on this host; an administrator can enable "
+        "them with sysctl user.max_user_namespaces=15000 (Debian: kernel."
+        "unprivileged_userns_clone=1; Ubuntu: kernel.apparmor_restrict_unprivileged_userns=0)")
+
+
+def _plan(opts: ExecOptions) -> _Plan:
+    site = config.load()
+    image = locate(opts.image)
+    if opts.writable and image.kind is not Kind.SANDBOX:
+        raise UsageError(f"--writable needs a sandbox directory, and {opts.image} is a "
+                         f"{image.kind.value} image",
+                         "use --writable-tmpfs, or --overlay DIR for changes that persist")
+    user = identity.User.current()
+    userns = os.geteuid() != 0 or opts.fakeroot
+    home_dest = "/root" if opts.fakeroot and not opts.home else user.home
+    home_source: str | None = user.home
+    if opts.home:
+        src, _, dst = opts.home.partition(":")
+        home_source, home_dest = os.path.realpath(os.path.expanduser(src)), dst or src
+    if opts.no_home or opts.contain or not site.mount_home or "home" in opts.no_mount:
+        home_source = None
+    if opts.fakeroot and not opts.home:
+        home_source = user.home if not (opts.no_home or opts.contain) else None
+    binds = []
+    for b in opts.binds:
+        if not os.path.exists(b.source):
+            raise RuntimeSetupError(f"bind source {b.source} does not exist",
+                                    "create it first or fix the --bind argument")
+        binds.append(BindSpec(os.path.realpath(b.source), b.destination, b.readonly))
+    if home_source is not None and not os.path.isdir(home_source):
+        LOG.warning("home directory %s does not exist; not binding it", home_source)
+        home_source = None
+    cwd = opts.pwd or os.getcwd()
+    bound = [home_dest] + [b.destination for b in binds] + ["/tmp", "/var/tmp"]
+    bind_cwd = (opts.pwd is None and not opts.contain and "cwd" not in opts.no_mount
+                and cwd != "/" and not any(cwd == d or cwd.startswith(d + "/")
+                                           for d in _SYSTEM_DIRS + tuple(bound)))
+    return _Plan(image, user, userns, home_source, home_dest, binds, cwd, bind_cwd, site)
+
+
+def _enter_user_namespace(plan: _Plan, fakeroot: bool) -> None:
+    uid, gid = plan.user.uid, plan.user.gid
+    try:
+        linux.unshare(linux.CLONE_NEWUSER)
+    except OSError as err:
+        raise _userns_error(err) from None
+    inside_uid, inside_gid = (0, 0) if fakeroot else (uid, gid)
+    linux.write_id_maps(f"{inside_uid} {uid} 1\n", f"{inside_gid} {gid} 1\n")
+
+
+def _open_image(image: Image) -> int:
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if image.kind is Kind.SANDBOX else 0)
+    return os.open(image.path, flags)
+
+
+def _mount_image(plan: _Plan, opts: ExecOptions, fd: int, helper: object | None) -> None:
+    image = plan.image
+    if image.kind is Kind.SANDBOX:
+        mounts.bind_sandbox(fd)
+    elif helper is not None:
+        from capsid.runtime import fuse
+
+        uid, gid = (0, 0) if opts.fakeroot else (plan.user.uid, plan.user.gid)
+        fuse.mount(helper, f"{mounts.SESSION}{mounts.IMAGE}", uid, gid)  # type: ignore[arg-type]
+    elif not plan.userns and not opts.unsquash:
+        mounts.mount_kernel_squashfs(fd, image.offset)
+    else:
+        mounts.unpack_image(fd, image.offset)
+
+
+def _start_fuse(plan: _Plan, opts: ExecOptions) -> object | None:
+    if plan.image.kind is Kind.SANDBOX or not plan.userns or opts.unsquash:
+        return None
+    if shutil.which("squashfuse_ll") is None:
+        LOG.warning("squashfuse_ll is not installed: unpacking the image into memory instead "
+                    "(apt-get install squashfuse for faster starts)")
+        return None
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        LOG.warning("/dev/fuse is not usable by you: unpacking the image into memory instead "
+                    "(ask an administrator to make /dev/fuse mode 0666)")
+        return None
+    from capsid.runtime import fuse
+
+    return fuse.start_helper(str(os.path.realpath(plan.image.path)), plan.image.offset)
+
+
+def _supervise(child: int) -> NoReturn:
+    """--pid: stay behind as the parent, forward signals, exit as the child did."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                   signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT):
+        signal.signal(signum, lambda s, _f: os.kill(child, s))
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except ChildProcessError:
+            os._exit(255)
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _set_hostname(name: str) -> None:
+    import _socket
+
+    _socket.sethostname(name)
+
+
+def _loopback_up() -> None:
+    import _socket
+    import fcntl
+    import struct
+
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        request = struct.pack("16sH14s", b"lo", 0x1 | 0x40, b"")  # IFF_UP | IFF_RUNNING
+        fcntl.ioctl(sock.fileno(), 0x8914, request)  # SIOCSIFFLAGS
+    except OSError as err:
+        LOG.debug("could not bring up lo: %s", err.strerror)
+    finally:
+        sock.close()
+
+
+def _default_mounts(plan: _Plan, opts: ExecOptions) -> None:
+    site, no = plan.site, set(opts.no_mount)
+    if site.mount_proc and "proc" not in no:
+        mounts.mount_proc(opts.pid)
+    if site.mount_sys and "sys" not in no:
+        mounts.bind_into("/sys", "/sys", required=False)
+    if "dev" not in no:
+        if opts.contain or site.mount_dev == "minimal":
+            mounts.mount_minimal_dev()
+        elif site.mount_dev != "no":
+            mounts.bind_into("/dev", "/dev", nodev=False, required=False)
+    if "bind-paths" not in no:
+        for spec in site.bind_paths:
+            src, _, dst = spec.partition(":")
+            if src in no or (dst or src) in no:
+                continue
+            mounts.bind_into(os.path.realpath(src), dst or src, required=False)
+
+
+def _container_mounts(plan: _Plan, opts: ExecOptions) -> None:
+    _default_mounts(plan, opts)
+    if plan.home_source is not None:
+        mounts.bind_into(plan.home_source, plan.home_dest)
+    else:
+        mounts.ensure_target(mounts.FINAL, plan.home_dest, True)
+    for b in plan.binds:
+        mounts.bind_into(b.source, b.destination, readonly=b.readonly)
+    if plan.site.mount_tmp and "tmp" not in opts.no_mount and not opts.contain:
+        mounts.bind_into("/tmp", "/tmp", required=False)
+        mounts.bind_into(os.path.realpath("/var/tmp"), "/var/tmp", required=False)
+    if not opts.fakeroot:
+        passwd = _read_image_file("/etc/passwd")
+        if passwd is None:
+            LOG.warning("the image has no /etc/passwd; adding one")
+        mounts.bind_file(identity.passwd(passwd, plan.user, plan.home_dest), "passwd",
+                         "/etc/passwd")
+        mounts.bind_file(identity.group(_read_image_file("/etc/group"), plan.user), "group",
+                         "/etc/group")
+    if os.path.exists(f"{mounts.OLD}/etc/resolv.conf"):
+        mounts.bind_into(os.path.realpath("/etc/resolv.conf"), "/etc/resolv.conf",
+                         required=False)
+    if opts.hostname:
+        mounts.bind_file(f"{opts.hostname}\n".encode(), "hostname", "/etc/hostname")
+    if plan.bind_cwd:
+        mounts.bind_into(plan.cwd, plan.cwd, required=False)
+
+
+def _read_image_file(path: str) -> bytes | None:
+    try:
+        with open(mounts.resolve_in(mounts.FINAL, path), "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _command(opts: ExecOptions) -> list[str]:
+    if opts.action == "exec":
+        if not opts.argv:
+            raise UsageError("no command given", "name the command to run after the image")
+        return list(opts.argv)
+    if opts.action == "run":
+        return ["/.singularity.d/runscript", *opts.argv]
+    if opts.action == "test":
+        return ["/.singularity.d/test", *opts.argv]
+    shell = opts.shell or next((s for s in ("/bin/bash", "/bin/sh") if os.access(s, os.X_OK)),
+                               "/bin/sh")
+    return [shell, "--norc", *opts.argv] if shell.endswith("/bash") else [shell, *opts.argv]
+
+
+def _exec(plan: _Plan, opts: ExecOptions) -> NoReturn:
+    argv = _command(opts)
+    if opts.action in ("run", "test") and not os.path.exists(argv[0]):
+        if opts.action == "test":
+            print("capsid: no test script in this container", file=sys.stderr)
+            os._exit(0)
+        raise RuntimeSetupError("this container has no runscript",
+                                "use 'capsid exec IMAGE COMMAND' to run a command in it")
+    extra = {
+        "APPTAINER_CONTAINER": str(os.path.abspath(opts.image)),
+        "APPTAINER_NAME": os.path.basename(os.path.normpath(opts.image)),
+        "APPTAINER_COMMAND": opts.action,
+        "SINGULARITY_CONTAINER": str(os.path.abspath(opts.image)),
+        "SINGULARITY_NAME": os.path.basename(os.path.normpath(opts.image)),
+        "SINGULARITY_COMMAND": opts.action,
+        **opts.extra_env,
+    }
+    env_options = envmod.EnvOptions(opts.cleanenv, opts.env, opts.env_files, plan.home_dest,
+                                    extra)
+    use_shell = os.access("/bin/sh", os.X_OK)
+    if opts.action == "shell":
+        env_options.extra["PS1"] = "Capsid> "
+        if "PS1" not in "".join(opts.env):
+            env_options = envmod.EnvOptions(opts.cleanenv, (*opts.env, "PS1=Capsid> "),
+                                            opts.env_files, plan.home_dest, extra)
+    environment = envmod.container_env(env_options, use_prelude=use_shell,
+                                       oci_env=_oci_env(plan) if not use_shell else None)
+    linux.no_new_privs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        if use_shell:
+            os.execve("/bin/sh", ["/bin/sh", "-c", envmod.PRELUDE, "capsid", *argv],
+                      environment)
+        path = argv[0] if "/" in argv[0] else shutil.which(argv[0],
+                                                             path=environment["PATH"])
+        if path is None:
+            raise RuntimeSetupError(f"{argv[0]}: command not found in the container",
+                                    "check the name and the PATH inside the image")
+        os.execve(path, argv, environment)
+    except OSError as err:
+        raise RuntimeSetupError(f"cannot run {argv[0]}: {err.strerror}",
+                                "check that it is an executable for this machine") from None
+
+
+def _oci_env(plan: _Plan) -> list[str]:
+    if plan.image.kind is not Kind.SIF:
+        return []
+    import json
+
+    from capsid.image import sif
+
+    try:
+        with sif.SifImage(f"{mounts.OLD}{os.path.realpath(plan.image.path)}") as f:
+            obj = f.find(sif.DataType.GENERIC_JSON, "oci-config.json")
+            config_doc = json.loads(f.read(obj)) if obj else {}
+    except (OSError, ValueError):
+        return []
+    value = config_doc.get("Env") or config_doc.get("config", {}).get("Env") or []
+    return [str(v) for v in value]
+
+
+def launch(opts: ExecOptions) -> NoReturn:
+    """Run the container described by *opts* in place of this process."""
+    plan = _plan(opts)
+    fd = _open_image(plan.image)
+    if plan.userns:
+        _enter_user_namespace(plan, opts.fakeroot)
+    helper = _start_fuse(plan, opts)
+    contain_all = opts.pid
+    flags = linux.CLONE_NEWNS
+    flags |= linux.CLONE_NEWPID if contain_all else 0
+    flags |= linux.CLONE_NEWIPC if opts.ipc else 0
+    flags |= linux.CLONE_NEWUTS if opts.uts or opts.hostname else 0
+    flags |= linux.CLONE_NEWNET if opts.net else 0
+    try:
+        linux.unshare(flags)
+    except OSError as err:
+        raise RuntimeSetupError(f"cannot create namespaces: {err.strerror}",
+                                "run without --pid/--ipc/--uts/--net, or ask an administrator "
+                                "to allow them") from None
+    if opts.pid:
+        child = os.fork()
+        if child:
+            _supervise(child)
+        linux.parent_death_signal(signal.SIGKILL)
+    if opts.hostname:
+        _set_hostname(opts.hostname)
+    if opts.net:
+        _loopback_up()
+    tmpfs_size = opts.tmpfs_size_mib or plan.site.tmpfs_size_mib
+    mounts.start_session(tmpfs_size)
+    _mount_image(plan, opts, fd, helper)
+    os.close(fd)
+    mounts.enter_session()
+    overlay = f"{mounts.OLD}{os.path.realpath(opts.overlay)}" if opts.overlay else None
+    mounts.make_root(overlay, userns=plan.userns, writable_image=opts.writable)
+    _container_mounts(plan, opts)
+    readonly = not (opts.writable or opts.writable_tmpfs or opts.overlay)
+    mounts.finish(readonly_root=readonly)
+    target = plan.cwd if os.path.isdir(plan.cwd) else plan.home_dest
+    try:
+        os.chdir(target)
+    except OSError:
+        LOG.warning("%s does not exist in the container; starting in /", plan.cwd)
+        os.chdir("/")
+    _exec(plan, opts)

@@ -1,0 +1,164 @@
+"""The container's environment, with Apptainer's rules.
+
+The host environment passes in, except what Apptainer blocks (its own
+``APPTAINER_*``/``SINGULARITY_*`` variables, ``LD_LIBRARY_PATH``; ``PATH``, ``HOME`` and
+``PS1`` are reset). The image's ``/.singularity.d/env/*.sh`` scripts are sourced
+with the host variables out of the way, so image values win over host values;
+``--env``, ``--env-file`` and ``APPTAINERENV_*`` win over both; host variables the
+image did not set are restored last. The sourcing is a short POSIX shell prelude
+that ends in ``exec``, so the command keeps the process (PID, signals, exit code).
+Images without ``/bin/sh`` get the OCI ``Env`` list applied here instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from capsid.errors import UsageError
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Always passed, even with --cleanenv.
+_ALWAYS = ("TERM", "http_proxy", "https_proxy", "no_proxy", "all_proxy", "ftp_proxy",
+           "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "FTP_PROXY")
+_BLOCKED = ("PATH", "LD_LIBRARY_PATH", "HOME", "PS1", "PROMPT_COMMAND", "PWD", "OLDPWD", "_",
+            "SHLVL")
+_BLOCKED_PREFIXES = ("APPTAINER_", "SINGULARITY_", "CAPSID_", "APPTAINERENV_",
+                     "SINGULARITYENV_", "SING_USER_DEFINED_")
+_ENV_PREFIXES = ("APPTAINERENV_", "SINGULARITYENV_", "CAPSID_ENV_")
+_PATH_KEYS = {"PREPEND_PATH": "SING_USER_DEFINED_PREPEND_PATH",
+              "APPEND_PATH": "SING_USER_DEFINED_APPEND_PATH",
+              "PATH": "SING_USER_DEFINED_PATH"}
+
+#: The prelude run by /bin/sh inside the container: source the image's env scripts,
+#: then apply forced values, then restore host values the image left unset, then exec.
+PRELUDE = r"""
+for capsid_f in /.singularity.d/env/*.sh; do
+    [ -f "$capsid_f" ] && . "$capsid_f"
+done
+for capsid_k in $CAPSID_FORCED; do
+    eval "$capsid_k=\$CAPSID_F_$capsid_k; export $capsid_k; unset CAPSID_F_$capsid_k"
+done
+for capsid_k in $CAPSID_HOSTVARS; do
+    eval "[ -n \"\${$capsid_k+set}\" ] || { $capsid_k=\$CAPSID_H_$capsid_k; export $capsid_k; }"
+    unset "CAPSID_H_$capsid_k"
+done
+unset capsid_f capsid_k CAPSID_FORCED CAPSID_HOSTVARS
+[ -n "${PATH:-}" ] || PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+if ! command -v "$1" >/dev/null 2>&1; then
+    echo "capsid: error: $1: command not found in the container; check the name and the PATH inside the image ($PATH)" >&2
+    exit 255
+fi
+exec "$@"
+"""
+
+
+@dataclass(frozen=True)
+class EnvOptions:
+    cleanenv: bool = False
+    env: tuple[str, ...] = ()
+    env_files: tuple[str, ...] = ()
+    home: str = "/"
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def parse_assignments(items: list[str], where: str) -> dict[str, str]:
+    """``K=V`` strings (comma lists allowed when every part is an assignment)."""
+    result: dict[str, str] = {}
+    for item in items:
+        parts = item.split(",")
+        pieces = parts if all("=" in p for p in parts) else [item]
+        for piece in pieces:
+            key, sep, value = piece.partition("=")
+            key = key.strip()
+            if not sep or not _NAME.fullmatch(key):
+                raise UsageError(f"{where} {piece!r} is not NAME=VALUE",
+                                 "write variables as NAME=VALUE")
+            result[key] = value
+    return result
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """A ``--env-file``: NAME=VALUE lines, ``export`` and quotes allowed, # comments."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as err:
+        raise UsageError(f"cannot read env file {path}: {err.strerror}",
+                         "check the path given to --env-file") from None
+    result: dict[str, str] = {}
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        if not sep or not _NAME.fullmatch(key.strip()):
+            raise UsageError(f"{path}:{number}: {raw!r} is not NAME=VALUE",
+                             "fix the env file")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        result[key.strip()] = value
+    return result
+
+
+def forced_values(opts: EnvOptions, host: dict[str, str]) -> dict[str, str]:
+    """Values the user asked for explicitly; later sources win (files, then --env)."""
+    forced: dict[str, str] = {}
+    for prefix in reversed(_ENV_PREFIXES):
+        for key, value in host.items():
+            if key.startswith(prefix) and _NAME.fullmatch(key[len(prefix):]):
+                forced[key[len(prefix):]] = value
+    for path in opts.env_files:
+        forced.update(read_env_file(path))
+    forced.update(parse_assignments(list(opts.env), "--env"))
+    for refused in ("HOME",):
+        if refused in forced:
+            raise UsageError(f"{refused} cannot be set with --env", "use --home instead")
+    return forced
+
+
+def container_env(opts: EnvOptions, host: dict[str, str] | None = None,
+                  *, use_prelude: bool = True, oci_env: list[str] | None = None
+                  ) -> dict[str, str]:
+    """The environment to execve with (the prelude then finishes it inside).
+
+    Without the prelude (no shell in the image) the precedence is applied here:
+    host values, then the image's OCI ``Env`` (*oci_env*), then forced values.
+    """
+    host = dict(os.environ if host is None else host)
+    forced = forced_values(opts, host)
+    final: dict[str, str] = {"PATH": DEFAULT_PATH, "HOME": opts.home}
+    for key in _ALWAYS:
+        if key in host:
+            final[key] = host[key]
+    if opts.cleanenv:
+        final["LANG"] = "C"
+        kept: dict[str, str] = {}
+    else:
+        kept = {k: v for k, v in host.items()
+                if k not in _BLOCKED and k not in final and not k.startswith(_BLOCKED_PREFIXES)
+                and _NAME.fullmatch(k)}
+    for key, target in _PATH_KEYS.items():
+        if key in forced:
+            final[target] = forced.pop(key)
+    final.update(opts.extra)
+    if not use_prelude:
+        final.update(kept)
+        for item in oci_env or ():
+            key, sep, value = item.partition("=")
+            if sep and _NAME.fullmatch(key):
+                final[key] = value
+        final.update(forced)
+        return final
+    for key, value in kept.items():
+        final[f"CAPSID_H_{key}"] = value
+    final["CAPSID_HOSTVARS"] = " ".join(kept)
+    for key, value in forced.items():
+        final[f"CAPSID_F_{key}"] = value
+    final["CAPSID_FORCED"] = " ".join(forced)
+    return final

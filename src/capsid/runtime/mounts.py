@@ -1,0 +1,266 @@
+"""Assembling the container's root inside a private mount namespace.
+
+The session is a tmpfs mounted on ``/tmp`` and then made the root with
+``pivot_root``; the host's root stays reachable under ``/oldroot`` until the
+final switch. The layout of the session::
+
+    /image     the image's root filesystem (FUSE, kernel squashfs, unpacked, or a sandbox)
+    /upper /work   the tmpfs upper layer of the overlay
+    /final     overlay of /upper on /image: the container's root, where binds land
+    /oldroot   the host's root
+
+Binds are made from ``/oldroot/<source>`` onto ``/final/<destination>``; a missing
+destination is created in the overlay's upper layer. At the end ``/final``
+becomes ``/`` and the session and the host root are detached.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from capsid import log, tools
+from capsid.errors import RuntimeSetupError
+from capsid.runtime import linux
+
+LOG = log.get(__name__)
+
+SESSION = "/tmp"
+OLD = "/oldroot"
+FINAL = "/final"
+IMAGE = "/image"
+
+
+def start_session(size_mib: int | None) -> None:
+    """Private propagation, then a tmpfs on /tmp holding the session's directories."""
+    linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    data = "mode=0755" + (f",size={size_mib}m" if size_mib else "")
+    linux.mount("capsid-session", SESSION, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, data)
+    for d in ("image", "final", "upper", "work", "oldroot", "files"):
+        os.mkdir(f"{SESSION}/{d}", 0o755)
+
+
+def enter_session() -> None:
+    """Make the session tmpfs the root; the host's root moves to /oldroot."""
+    linux.pivot_root(SESSION, SESSION + OLD)
+    os.chdir("/")
+
+
+def mount_kernel_squashfs(fd: int, offset: int) -> None:
+    """Mount the squashfs on a loop device (needs real privileges)."""
+    target = f"{SESSION}{IMAGE}"
+    mount_bin = tools.which("mount")
+    proc = subprocess.run([mount_bin, "-t", "squashfs", "-o",
+                           f"ro,nosuid,nodev,loop,offset={offset}", f"/proc/self/fd/{fd}",
+                           target], pass_fds=(fd,), capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise tools.failure("mount", proc.returncode, proc.stderr)
+
+
+def unpack_image(fd: int, offset: int) -> None:
+    """No FUSE and no privileges: unpack the image into a tmpfs of this namespace.
+
+    The tmpfs vanishes with the namespace, so nothing is left on disk, even after kill -9.
+    """
+    target = f"{SESSION}{IMAGE}"
+    linux.mount("capsid-unpacked", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                "mode=0755")
+    exe = tools.which("unsquashfs")
+    argv = [exe, "-o", str(offset), "-n", "-q", "-f", "-no-xattrs", "-d", f"{target}/root",
+            f"/proc/self/fd/{fd}"]
+    proc = subprocess.run(argv, pass_fds=(fd,), capture_output=True, check=False)
+    if proc.returncode not in (0, 2):
+        raise tools.failure("unsquashfs", proc.returncode, proc.stderr)
+    linux.mount(f"{target}/root", target, None, linux.MS_BIND | linux.MS_REC)
+
+
+def bind_sandbox(fd: int) -> None:
+    linux.mount(f"/proc/self/fd/{fd}", f"{SESSION}{IMAGE}", None, linux.MS_BIND | linux.MS_REC)
+
+
+def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool) -> None:
+    """Build /final: an overlay on the image, or the image itself when it is writable."""
+    if writable_image:
+        linux.bind(IMAGE, FINAL)
+        return
+    upper, work = (f"{overlay_upper}/upper", f"{overlay_upper}/work") if overlay_upper \
+        else ("/upper", "/work")
+    for d in (upper, work):
+        os.makedirs(d, exist_ok=True)
+    options = f"lowerdir={IMAGE},upperdir={upper},workdir={work}" + (
+        ",userxattr" if userns else "")
+    try:
+        linux.mount("overlay", FINAL, "overlay", linux.MS_NOSUID | linux.MS_NODEV, options)
+    except OSError as err:
+        if overlay_upper:
+            raise RuntimeSetupError(f"cannot mount the overlay {overlay_upper}: {err.strerror}",
+                                    "the overlay directory must be on a local filesystem "
+                                    "(ext4, xfs, tmpfs)") from None
+        LOG.info("kernel overlayfs is unavailable (%s); the image root stays as it is",
+                 err.strerror)
+        linux.bind(IMAGE, FINAL, readonly=True)
+
+
+def resolve_in(root: str, path: str, depth: int = 0) -> str:
+    """*path* inside the tree at *root*, following symlinks as the container will."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    current = ""
+    for index, part in enumerate(parts):
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = f"{current}/{part}"
+        full = root + candidate
+        if os.path.islink(full) and depth < 40:
+            target = os.readlink(full)
+            base = "" if target.startswith("/") else current
+            rest = "/".join(parts[index + 1:])
+            return resolve_in(root, f"{base}/{target}/{rest}", depth + 1)
+        current = candidate
+    return root + (current or "/")
+
+
+_mirrors = 0
+
+
+def _mirror(directory: str) -> None:
+    """Cover *directory* with a tmpfs that we own, holding binds of everything it held.
+
+    This is how a bind destination is made inside a directory of the image that the
+    user may not write to (Apptainer's "underlay"): the directory looks the same,
+    but new mount points can be created in it.
+    """
+    global _mirrors
+    _mirrors += 1
+    stage = f"/files/mirror{_mirrors}"
+    os.mkdir(stage)
+    mode = os.stat(directory).st_mode & 0o7777
+    linux.mount("capsid-mirror", stage, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                f"mode={mode:o}")
+    for entry in os.scandir(directory):
+        there, here = entry.path, f"{stage}/{entry.name}"
+        if entry.is_symlink():
+            os.symlink(os.readlink(there), here)
+            continue
+        if entry.is_dir():
+            os.mkdir(here)
+        else:
+            with open(here, "w"):
+                pass
+        try:
+            linux.mount(there, here, None, linux.MS_BIND | linux.MS_REC)
+        except OSError as err:
+            LOG.debug("cannot mirror %s: %s", there, err.strerror)
+    linux.mount(stage, directory, None, linux.MS_MOVE)
+
+
+def _create(target: str, is_dir: bool) -> None:
+    if is_dir:
+        os.makedirs(target, exist_ok=True)
+    elif not os.path.lexists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "a"):
+            pass
+
+
+def ensure_target(root: str, path: str, is_dir: bool) -> str | None:
+    """The mount point for *path* under *root*, created if missing; None if impossible."""
+    target = resolve_in(root, path)
+    try:
+        try:
+            _create(target, is_dir)
+        except PermissionError:
+            existing = os.path.dirname(target)
+            while not os.path.isdir(existing):
+                existing = os.path.dirname(existing)
+            _mirror(existing)
+            _create(target, is_dir)
+    except OSError as err:
+        LOG.warning("cannot create %s in the container (%s); skipping it", path, err.strerror)
+        return None
+    if os.path.isdir(target) != is_dir:
+        LOG.warning("%s is a %s in the image but the source is not; skipping it", path,
+                    "directory" if os.path.isdir(target) else "file")
+        return None
+    return target
+
+
+def bind_into(source: str, destination: str, *, readonly: bool = False, nodev: bool = True,
+              required: bool = True) -> bool:
+    """Bind host *source* (a real path) onto *destination* in /final."""
+    host = OLD + source
+    if not os.path.exists(host):
+        if required:
+            raise RuntimeSetupError(f"bind source {source} does not exist",
+                                    "create it or fix the --bind argument")
+        return False
+    target = ensure_target(FINAL, destination, os.path.isdir(host))
+    if target is None:
+        return False
+    if nodev:
+        linux.bind(host, target, readonly=readonly)
+    else:
+        linux.mount(host, target, None, linux.MS_BIND | linux.MS_REC)
+        if readonly:
+            linux.mount("none", target, None,
+                        linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID)
+    return True
+
+
+def bind_file(content: bytes, name: str, destination: str) -> None:
+    """Write *content* into the session and bind it over *destination* in /final."""
+    path = f"/files/{name}"
+    with open(path, "wb") as f:
+        f.write(content)
+    target = ensure_target(FINAL, destination, is_dir=False)
+    if target is not None:
+        linux.bind(path, target)
+
+
+def mount_proc(new_pid_namespace: bool) -> None:
+    target = ensure_target(FINAL, "/proc", True)
+    if target is None:
+        return
+    if new_pid_namespace:
+        linux.mount("proc", target, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    else:
+        linux.mount(f"{OLD}/proc", target, None, linux.MS_BIND | linux.MS_REC)
+
+
+def mount_minimal_dev() -> None:
+    """--contain: a tmpfs /dev with the usual devices, a private devpts and /dev/shm."""
+    target = ensure_target(FINAL, "/dev", True)
+    if target is None:
+        return
+    linux.mount("capsid-dev", target, "tmpfs", linux.MS_NOSUID, "mode=0755")
+    for name in ("null", "zero", "full", "random", "urandom", "tty"):
+        if os.path.exists(f"{OLD}/dev/{name}"):
+            with open(f"{target}/{name}", "w"):
+                pass
+            linux.mount(f"{OLD}/dev/{name}", f"{target}/{name}", None, linux.MS_BIND)
+    for d in ("pts", "shm", "mqueue"):
+        os.mkdir(f"{target}/{d}")
+    try:
+        linux.mount("devpts", f"{target}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
+                    "newinstance,ptmxmode=0666,mode=0620")
+        os.symlink("pts/ptmx", f"{target}/ptmx")
+    except OSError as err:
+        LOG.debug("no private devpts: %s", err.strerror)
+    linux.mount("shm", f"{target}/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
+    for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                       ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(link, f"{target}/{name}")
+
+
+def finish(readonly_root: bool) -> None:
+    """Seal /final and make it the root; the session and the host root are detached."""
+    if readonly_root:
+        try:
+            linux.mount("none", FINAL, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY
+                        | linux.MS_NOSUID | linux.MS_NODEV)
+        except OSError as err:
+            LOG.debug("could not make the root read-only: %s", err.strerror)
+    os.chdir(FINAL)
+    linux.pivot_root(".", ".")
+    linux.umount(".", linux.MNT_DETACH)
+    os.chdir("/")
