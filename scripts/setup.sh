@@ -14,9 +14,10 @@ cd "$(dirname "$0")/.."
 #   golang-go golang-github-sylabs-sif-dev  the reference SIF library, to cross-check our files
 #   bubblewrap charliecloud-runtime          peers for the benchmarks
 #   python3-venv       the venv, made from Debian's /usr/bin/python3 so ordinary users can run it
+#   mmdebstrap         a Debian+python3 root filesystem for the runtime tests and benchmarks
 packages=(squashfs-tools-ng squashfs-tools squashfuse fuse3 fuse-overlayfs uidmap
           busybox-static golang-go golang-github-sylabs-sif-dev bubblewrap charliecloud-runtime
-          python3-venv util-linux procps)
+          python3-venv util-linux procps mmdebstrap)
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -9,6 +9,11 @@ scripts/setup.sh
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
 
+if [ "$(id -u)" = 0 ]; then
+    CAPSID_TEST_CACHE=$(scripts/debian-image.sh)
+    export CAPSID_TEST_CACHE
+fi
+
 shared=${CAPSID_SHARED:-$(cd .. && pwd)/shared}
 export CAPSID_SHARED=$shared
 status=0
@@ -30,7 +35,8 @@ if [ "$(id -u)" = 0 ]; then
     echo "test: running the suite again as the ordinary user $user"
     user_status=0
     runuser -u "$user" -- env -C "$repo" HOME="$(getent passwd "$user" | cut -d: -f6)" \
-        CAPSID_SHARED="$shared" PATH=/usr/local/bin:/usr/bin:/bin \
+        CAPSID_SHARED="$shared" CAPSID_TEST_CACHE="$CAPSID_TEST_CACHE" \
+        PATH=/usr/local/bin:/usr/bin:/bin \
         "$repo/.venv/bin/pytest" -p no:cacheprovider "$@" || user_status=$?
     [ "$user_status" = 5 ] && user_status=0
     [ "$user_status" = 0 ] || status=$user_status

@@ -92,3 +92,32 @@ def sifcheck(tmp_path_factory: pytest.TempPathFactory, golang_sif: Path) -> Path
     subprocess.run(["go", "build", "-o", str(out / "sifcheck"), "."], cwd=src, env=env,
                    check=True)
     return out / "sifcheck"
+
+
+@pytest.fixture(scope="session")
+def debian_sif() -> Path:
+    """Debian bookworm minbase + python3 as a SIF (made by scripts/debian-image.sh)."""
+    cache = Path(os.environ.get("CAPSID_TEST_CACHE", "/var/cache/capsid-test"))
+    image = cache / "debian-python3.sif"
+    if not image.is_file():
+        pytest.skip(f"{image} is absent: run scripts/debian-image.sh as root (test.sh does)")
+    return image
+
+
+def live_squashfuse(image: Path | None = None) -> list[str]:
+    """squashfuse processes of this user still running (zombies do not count)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if proc.stat().st_uid != os.getuid():
+                continue
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        state = stat.rsplit(")", 1)[1].split()[0]
+        if "squashfuse" in cmdline and state != "Z" and (image is None or str(image) in cmdline):
+            found.append(f"{proc.name}: {cmdline}")
+    return found

@@ -96,6 +96,9 @@ def _dispatch(verb: str, rest: list[str], level_name: str, debug: bool) -> int:
     from capsid import log
     from capsid.errors import CapsidError
 
+    if debug:
+        import traceback  # now: the container's root may hide the standard library later
+
     log.configure({"debug": log.DEBUG, "verbose": log.VERBOSE, "quiet": log.QUIET}
                   .get(level_name, log.NORMAL))
     module = importlib.import_module(f"capsid.cli.{COMMANDS[verb][0]}")
@@ -103,8 +106,6 @@ def _dispatch(verb: str, rest: list[str], level_name: str, debug: bool) -> int:
         return int(module.run(verb, rest))
     except CapsidError as err:
         if debug:
-            import traceback
-
             traceback.print_exc()
         print(f"capsid: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -74,6 +74,7 @@ class _Plan:
     cwd: str
     bind_cwd: bool
     site: config.SiteConfig
+    oci_env: list[str]
 
 
 def _userns_error(err: OSError) -> RuntimeSetupError:
@@ -116,7 +117,8 @@ def _plan(opts: ExecOptions) -> _Plan:
     bind_cwd = (opts.pwd is None and not opts.contain and "cwd" not in opts.no_mount
                 and cwd != "/" and not any(cwd == d or cwd.startswith(d + "/")
                                            for d in _SYSTEM_DIRS + tuple(bound)))
-    return _Plan(image, user, userns, home_source, home_dest, binds, cwd, bind_cwd, site)
+    return _Plan(image, user, userns, home_source, home_dest, binds, cwd, bind_cwd, site,
+                 _oci_env(image))
 
 
 def _enter_user_namespace(plan: _Plan, fakeroot: bool) -> None:
@@ -165,11 +167,24 @@ def _start_fuse(plan: _Plan, opts: ExecOptions) -> object | None:
     return fuse.start_helper(str(os.path.realpath(plan.image.path)), plan.image.offset)
 
 
-def _supervise(child: int) -> NoReturn:
-    """--pid: stay behind as the parent, forward signals, exit as the child did."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                   signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT):
-        signal.signal(signum, lambda s, _f: os.kill(child, s))
+def _exit_like(status: int) -> NoReturn:
+    """Exit the way a process with wait *status* did: the same code, or the same signal."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _forward_signals(pid: int) -> None:
+    for forwarded in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                      signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT, signal.SIGALRM):
+        signal.signal(forwarded, lambda s, _f: os.kill(pid, s))
+
+
+def _supervise(child: int, status_pipe: int) -> NoReturn:
+    """--pid, outside: forward signals to the namespace's init, exit as the command did."""
+    _forward_signals(child)
     while True:
         try:
             _, status = os.waitpid(child, 0)
@@ -178,11 +193,27 @@ def _supervise(child: int) -> NoReturn:
             os._exit(255)
         except InterruptedError:
             continue
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    reported = os.read(status_pipe, 16)
+    _exit_like(int(reported) if reported else status)
+
+
+def _init(command: int, status_pipe: int) -> NoReturn:
+    """--pid, inside: PID 1 reaps orphans and hands signals to the command (PID 2).
+
+    The kernel drops signals sent to a namespace's PID 1 that it has no handler for,
+    so the command must not be PID 1 or Slurm's SIGTERM would never reach it.
+    """
+    _forward_signals(command)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(255)
+        except InterruptedError:
+            continue
+        if pid == command:
+            os.write(status_pipe, str(status).encode())
+            os._exit(0)
 
 
 def _set_hostname(name: str) -> None:
@@ -239,7 +270,7 @@ def _container_mounts(plan: _Plan, opts: ExecOptions) -> None:
     if not opts.fakeroot:
         passwd = _read_image_file("/etc/passwd")
         if passwd is None:
-            LOG.warning("the image has no /etc/passwd; adding one")
+            LOG.info("the image has no /etc/passwd; adding one")
         mounts.bind_file(identity.passwd(passwd, plan.user, plan.home_dest), "passwd",
                          "/etc/passwd")
         mounts.bind_file(identity.group(_read_image_file("/etc/group"), plan.user), "group",
@@ -294,14 +325,13 @@ def _exec(plan: _Plan, opts: ExecOptions) -> NoReturn:
     }
     env_options = envmod.EnvOptions(opts.cleanenv, opts.env, opts.env_files, plan.home_dest,
                                     extra)
-    use_shell = os.access("/bin/sh", os.X_OK)
     if opts.action == "shell":
-        env_options.extra["PS1"] = "Capsid> "
-        if "PS1" not in "".join(opts.env):
-            env_options = envmod.EnvOptions(opts.cleanenv, (*opts.env, "PS1=Capsid> "),
-                                            opts.env_files, plan.home_dest, extra)
+        # A prompt that says where you are; --env PS1=... still wins.
+        env_options = envmod.EnvOptions(opts.cleanenv, ("PS1=Capsid> ", *opts.env),
+                                        opts.env_files, plan.home_dest, extra)
+    use_shell = os.access("/bin/sh", os.X_OK)
     environment = envmod.container_env(env_options, use_prelude=use_shell,
-                                       oci_env=_oci_env(plan) if not use_shell else None)
+                                       oci_env=plan.oci_env)
     linux.no_new_privs()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -320,33 +350,34 @@ def _exec(plan: _Plan, opts: ExecOptions) -> NoReturn:
                                 "check that it is an executable for this machine") from None
 
 
-def _oci_env(plan: _Plan) -> list[str]:
-    if plan.image.kind is not Kind.SIF:
+def _oci_env(image: Image) -> list[str]:
+    """The OCI ``Env`` stored in a SIF, for images without a shell to source env scripts."""
+    if image.kind is not Kind.SIF:
         return []
-    import json
-
     from capsid.image import sif
 
-    try:
-        with sif.SifImage(f"{mounts.OLD}{os.path.realpath(plan.image.path)}") as f:
-            obj = f.find(sif.DataType.GENERIC_JSON, "oci-config.json")
-            config_doc = json.loads(f.read(obj)) if obj else {}
-    except (OSError, ValueError):
-        return []
-    value = config_doc.get("Env") or config_doc.get("config", {}).get("Env") or []
+    with sif.SifImage(image.path) as f:
+        obj = f.find(sif.DataType.GENERIC_JSON, "oci-config.json")
+        if obj is None:
+            return []
+        import json
+
+        try:
+            doc = json.loads(f.read(obj))
+        except ValueError:
+            return []
+    value = doc.get("Env") or doc.get("config", {}).get("Env") or []
     return [str(v) for v in value]
 
 
 def launch(opts: ExecOptions) -> NoReturn:
     """Run the container described by *opts* in place of this process."""
     plan = _plan(opts)
-    fd = _open_image(plan.image)
     if plan.userns:
         _enter_user_namespace(plan, opts.fakeroot)
     helper = _start_fuse(plan, opts)
-    contain_all = opts.pid
     flags = linux.CLONE_NEWNS
-    flags |= linux.CLONE_NEWPID if contain_all else 0
+    flags |= linux.CLONE_NEWPID if opts.pid else 0
     flags |= linux.CLONE_NEWIPC if opts.ipc else 0
     flags |= linux.CLONE_NEWUTS if opts.uts or opts.hostname else 0
     flags |= linux.CLONE_NEWNET if opts.net else 0
@@ -356,17 +387,21 @@ def launch(opts: ExecOptions) -> NoReturn:
         raise RuntimeSetupError(f"cannot create namespaces: {err.strerror}",
                                 "run without --pid/--ipc/--uts/--net, or ask an administrator "
                                 "to allow them") from None
+    status_pipe = -1
     if opts.pid:
+        reader, status_pipe = os.pipe()
         child = os.fork()
         if child:
-            _supervise(child)
+            os.close(status_pipe)
+            _supervise(child, reader)
+        os.close(reader)
         linux.parent_death_signal(signal.SIGKILL)
     if opts.hostname:
         _set_hostname(opts.hostname)
     if opts.net:
         _loopback_up()
-    tmpfs_size = opts.tmpfs_size_mib or plan.site.tmpfs_size_mib
-    mounts.start_session(tmpfs_size)
+    fd = _open_image(plan.image)  # now, so that a sandbox is in this mount namespace
+    mounts.start_session(opts.tmpfs_size_mib or plan.site.tmpfs_size_mib)
     _mount_image(plan, opts, fd, helper)
     os.close(fd)
     mounts.enter_session()
@@ -381,4 +416,9 @@ def launch(opts: ExecOptions) -> NoReturn:
     except OSError:
         LOG.warning("%s does not exist in the container; starting in /", plan.cwd)
         os.chdir("/")
+    if opts.pid:
+        command = os.fork()
+        if command:
+            _init(command, status_pipe)
+        os.close(status_pipe)
     _exec(plan, opts)

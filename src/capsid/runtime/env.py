@@ -49,7 +49,8 @@ unset capsid_f capsid_k CAPSID_FORCED CAPSID_HOSTVARS
 [ -n "${PATH:-}" ] || PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 if ! command -v "$1" >/dev/null 2>&1; then
-    echo "capsid: error: $1: command not found in the container; check the name and the PATH inside the image ($PATH)" >&2
+    echo "capsid: error: $1: command not found in the container;" \
+        "check the name and the PATH inside the image ($PATH)" >&2
     exit 255
 fi
 exec "$@"

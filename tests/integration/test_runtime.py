@@ -1,0 +1,337 @@
+"""Running containers as whoever runs the suite: root (kernel squashfs) and an ordinary user
+(FUSE). scripts/test.sh runs the suite both ways."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CAPSID, live_squashfuse, run_capsid
+
+pytestmark = pytest.mark.unprivileged
+ROOT = os.geteuid() == 0
+
+
+_TAKES_VALUE = {"-B", "--bind", "--mount", "--home", "--pwd", "--env", "--env-file",
+                "--overlay", "--hostname"}
+
+
+def capsid_exec(image: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    """``capsid exec [options] IMAGE command``, from (IMAGE, options..., command...)."""
+    options = []
+    rest = list(args)
+    while rest and rest[0].startswith("-"):
+        options.append(rest.pop(0))
+        if options[-1] in _TAKES_VALUE:
+            options.append(rest.pop(0))
+    return run_capsid("exec", *options, image, *rest, **kw)
+
+
+def test_apptainer_built_image_runs(shared_sifs: Path) -> None:
+    image = shared_sifs / "apptainer-busybox_amd64.sif"
+    assert capsid_exec(image, "echo", "hi").stdout == "hi\n"
+    run = run_capsid("run", image, input="echo from the runscript; exit 3\n")
+    assert (run.stdout, run.returncode) == ("from the runscript\n", 3)
+
+
+def test_identity_inside_is_identity_outside(busybox_sif: Path) -> None:
+    out = capsid_exec(busybox_sif, "sh", "-c", "id -u; id -g; echo $HOME; whoami",
+                      check=True).stdout.split()
+    me = pwd.getpwuid(os.getuid())
+    assert out == [str(os.getuid()), str(os.getgid()), me.pw_dir, me.pw_name]
+
+
+def test_python_in_debian_image(debian_sif: Path) -> None:
+    assert capsid_exec(debian_sif, "python3", "-c", "print(6*9)", check=True).stdout == "54\n"
+
+
+def test_exit_codes_pass_through(busybox_sif: Path) -> None:
+    assert capsid_exec(busybox_sif, "sh", "-c", "exit 7").returncode == 7
+    assert capsid_exec(busybox_sif, "false").returncode == 1
+
+
+def test_signal_death_is_reported_as_a_signal(debian_sif: Path) -> None:
+    result = capsid_exec(debian_sif, "sh", "-c", "kill -TERM $$")
+    assert result.returncode == -signal.SIGTERM
+
+
+def test_sigterm_from_outside_reaches_the_command(busybox_sif: Path, tmp_path: Path) -> None:
+    """Slurm's SIGTERM at the time limit goes to the command itself (it is capsid's PID)."""
+    proc = subprocess.Popen([str(CAPSID), "exec", "-B", f"{tmp_path}:/out", str(busybox_sif),
+                             "sh", "-c", "trap 'echo got TERM > /out/t; exit 42' TERM; "
+                             "touch /out/up; while :; do sleep 0.1; done"])
+    _wait_for(tmp_path / "up")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 42
+    assert (tmp_path / "t").read_text() == "got TERM\n"
+
+
+def test_background_job_and_wait_finish(busybox_sif: Path) -> None:
+    start = time.monotonic()
+    result = capsid_exec(busybox_sif, "sh", "-c", "sleep 1 & wait; echo done", timeout=20)
+    assert result.stdout == "done\n" and time.monotonic() - start < 10
+
+
+def test_stdin_and_pipes_pass_through(busybox_sif: Path) -> None:
+    result = capsid_exec(busybox_sif, "tr", "a-z", "A-Z", input="hello\n", timeout=20)
+    assert result.stdout == "HELLO\n"
+
+
+def test_nothing_left_running_after_exit(busybox_sif: Path) -> None:
+    capsid_exec(busybox_sif, "true", check=True)
+    time.sleep(0.5)
+    assert live_squashfuse(busybox_sif) == []
+
+
+def _wait_for(path: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_kill_9_leaves_nothing_behind(busybox_sif: Path, tmp_path: Path) -> None:
+    proc = subprocess.Popen([str(CAPSID), "exec", "-B", f"{tmp_path}:/out", str(busybox_sif),
+                             "sh", "-c", "touch /out/up; sleep 60"])
+    _wait_for(tmp_path / "up")
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while live_squashfuse(busybox_sif) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert live_squashfuse(busybox_sif) == []
+    if ROOT:
+        loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        deadline = time.monotonic() + 10
+        while str(busybox_sif) in loops and time.monotonic() < deadline:
+            time.sleep(0.1)
+            loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        assert str(busybox_sif) not in loops
+
+
+def test_binds_read_write_and_read_only(busybox_sif: Path, tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    out.mkdir()
+    (data / "in.txt").write_text("input\n")
+    script = "cat /data/in.txt > /results/copy.txt; touch /data/x 2>/dev/null || echo ro"
+    result = capsid_exec(busybox_sif, "-B", f"{data}:/data:ro,{out}:/results", "sh", "-c", script)
+    assert result.stdout == "ro\n", result.stderr
+    assert (out / "copy.txt").read_text() == "input\n"
+    assert not (data / "x").exists()
+
+
+def test_bind_same_path_and_mount_syntax_and_env(busybox_sif: Path, tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("same\n")
+    assert capsid_exec(busybox_sif, "-B", str(tmp_path), "cat", str(tmp_path / "f"),
+                       cwd="/").stdout == "same\n"
+    assert capsid_exec(busybox_sif, "--mount", f"type=bind,src={tmp_path},dst=/m,ro",
+                       "cat", "/m/f").stdout == "same\n"
+    env = dict(os.environ, APPTAINER_BIND=f"{tmp_path}:/viaenv")
+    assert capsid_exec(busybox_sif, "cat", "/viaenv/f", env=env).stdout == "same\n"
+
+
+def test_bind_into_a_directory_the_user_cannot_write(debian_sif: Path, tmp_path: Path) -> None:
+    """/usr/share is root's in the image; the mount point is still made."""
+    (tmp_path / "f").write_text("deep\n")
+    result = capsid_exec(debian_sif, "-B", f"{tmp_path}:/usr/share/capsid-data/x", "sh", "-c",
+                         "cat /usr/share/capsid-data/x/f; ls /usr/share | grep -c .")
+    lines = result.stdout.split()
+    assert lines[0] == "deep" and int(lines[1]) > 5, result.stderr
+
+
+def test_missing_bind_source_is_a_clear_error(busybox_sif: Path, tmp_path: Path) -> None:
+    result = capsid_exec(busybox_sif, "-B", f"{tmp_path}/absent:/x", "true")
+    assert result.returncode == 255
+    assert result.stderr == (f"capsid: error: bind source {tmp_path}/absent does not exist; "
+                             "create it first or fix the --bind argument\n")
+
+
+def test_home_cwd_and_their_options(busybox_sif: Path, tmp_path: Path) -> None:
+    here = tmp_path / "work"
+    here.mkdir()
+    (here / "marker").write_text("cwd\n")
+    assert capsid_exec(busybox_sif, "sh", "-c", "pwd; cat marker", cwd=here).stdout == \
+        f"{here}\ncwd\n"
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    inside = capsid_exec(busybox_sif, "ls", "-d", str(home), cwd="/").stdout.strip()
+    assert inside == str(home)
+    alt = tmp_path / "althome"
+    alt.mkdir()
+    (alt / ".profile-marker").write_text("alt\n")
+    result = capsid_exec(busybox_sif, "--home", f"{alt}:/home/me", "sh", "-c",
+                         "echo $HOME; cat ~/.profile-marker", cwd="/")
+    assert result.stdout == "/home/me\nalt\n", result.stderr
+    result = capsid_exec(busybox_sif, "--pwd", "/etc", "pwd", cwd=here)
+    assert result.stdout == "/etc\n"
+
+
+def test_environment_rules(debian_sif: Path, tmp_path: Path) -> None:
+    env_file = tmp_path / "env"
+    env_file.write_text("# comment\nFROM_FILE=file\nexport QUOTED='a b'\n")
+    host = dict(os.environ, HOSTVAR="host", LD_LIBRARY_PATH="/host/lib",
+                APPTAINERENV_INJECTED="injected", SINGULARITY_SECRET="x")
+    script = ('echo "$HOSTVAR|$INJECTED|$FROM_FILE|$QUOTED|$SET|${SINGULARITY_SECRET:-unset}|'
+              '$LD_LIBRARY_PATH|$APPTAINER_COMMAND"')
+    result = capsid_exec(debian_sif, "--env", "SET=flag", "--env-file", str(env_file),
+                         "sh", "-c", script, env=host)
+    assert result.stdout == ("host|injected|file|a b|flag|unset|/.singularity.d/libs|exec\n"), \
+        result.stderr
+    clean = capsid_exec(debian_sif, "--cleanenv", "sh", "-c", 'echo "${HOSTVAR:-gone}|$LANG"',
+                        env=host)
+    assert clean.stdout == "gone|C\n"
+
+
+def test_image_environment_wins_over_host_but_not_over_env_flag(
+        busybox_sandbox: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "envimg"
+    shutil.copytree(busybox_sandbox, root, symlinks=True)
+    (root / ".singularity.d" / "env").mkdir(parents=True)
+    (root / ".singularity.d" / "env" / "90-environment.sh").write_text(
+        "#!/bin/sh\nexport WHO=image\nexport PATH=/opt/tools:$PATH\n")
+    image = tmp_path / "env.sif"
+    run_capsid("build", image, root, check=True)
+    host = dict(os.environ, WHO="host")
+    assert capsid_exec(image, "sh", "-c", 'echo "$WHO $PATH"', env=host).stdout == \
+        "image /opt/tools:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+    assert capsid_exec(image, "--env", "WHO=flag", "sh", "-c", "echo $WHO", env=host).stdout \
+        == "flag\n"
+
+
+def test_image_without_a_shell_runs(tmp_path: Path) -> None:
+    root = tmp_path / "static"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "busybox").write_bytes(Path("/bin/busybox").read_bytes())
+    (root / "bin" / "busybox").chmod(0o755)
+    image = tmp_path / "static.sif"
+    run_capsid("build", image, root, check=True)
+    assert capsid_exec(image, "/bin/busybox", "echo", "no shell needed").stdout == \
+        "no shell needed\n"
+
+
+def test_read_only_by_default_writable_tmpfs_and_overlay(busybox_sif: Path,
+                                                         tmp_path: Path) -> None:
+    """busybox_sif was built by the current user, so its files are the user's to change."""
+    ro = capsid_exec(busybox_sif, "sh", "-c", "echo x > /etc/new 2>/dev/null || echo ro")
+    assert ro.stdout == "ro\n"
+    tmpfs = capsid_exec(busybox_sif, "--writable-tmpfs", "sh", "-c", "echo x > /etc/new && "
+                        "cat /etc/new")
+    assert tmpfs.stdout == "x\n", tmpfs.stderr
+    assert capsid_exec(busybox_sif, "cat", "/etc/new").returncode != 0
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    capsid_exec(busybox_sif, "--overlay", str(overlay), "sh", "-c", "echo kept > /etc/new",
+                check=True)
+    assert capsid_exec(busybox_sif, "--overlay", str(overlay), "cat", "/etc/new").stdout == \
+        "kept\n"
+
+
+def test_writable_sandbox(busybox_sandbox: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "sandbox"
+    shutil.copytree(busybox_sandbox, root, symlinks=True)
+    capsid_exec(root, "--writable", "sh", "-c", "echo persisted > /persisted", check=True)
+    assert (root / "persisted").read_text() == "persisted\n"
+
+
+def test_writable_on_a_sif_is_refused(busybox_sif: Path) -> None:
+    result = capsid_exec(busybox_sif, "--writable", "true")
+    assert result.returncode == 255
+    assert result.stderr.startswith("capsid: error: --writable needs a sandbox directory")
+
+
+def test_setuid_binary_in_image_gives_no_privilege(debian_sif: Path) -> None:
+    result = capsid_exec(debian_sif, "sh", "-c", "stat -c %a:%u /usr/local/suid/busybox; "
+                         "/usr/local/suid/busybox id -u; grep NoNewPrivs /proc/self/status")
+    lines = result.stdout.splitlines()
+    assert lines[0] in ("4755:0", "4755:65534"), result.stderr
+    assert lines[1] == str(os.getuid())
+    assert lines[2].split() == ["NoNewPrivs:", "1"]
+
+
+def test_mounts_are_nosuid(busybox_sif: Path, tmp_path: Path) -> None:
+    result = capsid_exec(busybox_sif, "-B", f"{tmp_path}:/data", "cat", "/proc/self/mountinfo")
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        if fields[4] in ("/", "/data"):
+            assert "nosuid" in fields[5].split(","), line
+
+
+@pytest.mark.skipif(ROOT, reason="root may write anywhere on the host")
+def test_fakeroot_cannot_touch_host_files_the_user_cannot(busybox_sif: Path) -> None:
+    result = capsid_exec(busybox_sif, "--fakeroot", "-B", "/etc:/hostetc", "sh", "-c",
+                         "id -u; touch /hostetc/capsid-was-here 2>/dev/null || echo denied")
+    assert result.stdout == "0\ndenied\n", result.stderr
+    assert not Path("/etc/capsid-was-here").exists()
+
+
+def test_fakeroot_is_uid_zero(busybox_sif: Path) -> None:
+    assert capsid_exec(busybox_sif, "--fakeroot", "id", "-u").stdout == "0\n"
+
+
+def test_namespaces(busybox_sif: Path) -> None:
+    # PID 1 is capsid's init; the command is PID 2 and gets signals like any process.
+    pid = capsid_exec(busybox_sif, "--pid", "sh", "-c", "echo $$; cat /proc/1/comm").stdout
+    assert 1 < int(pid.split()[0]) < 10 and pid.split()[1] != "sh"
+    assert capsid_exec(busybox_sif, "--hostname", "capsid-node", "hostname").stdout == \
+        "capsid-node\n"
+    devs = capsid_exec(busybox_sif, "--net", "cat", "/proc/net/dev").stdout
+    assert [line.split(":")[0].strip() for line in devs.splitlines()[2:]] == ["lo"]
+    assert capsid_exec(busybox_sif, "--pid", "sh", "-c", "exit 9").returncode == 9
+    assert capsid_exec(busybox_sif, "--pid", "sh", "-c", "kill -TERM $$").returncode == \
+        -signal.SIGTERM
+
+
+def test_containall_hides_host_dirs(busybox_sif: Path, tmp_path: Path) -> None:
+    (tmp_path / "hostfile").write_text("x")
+    result = capsid_exec(busybox_sif, "--containall", "sh", "-c",
+                         f"ls {tmp_path} 2>/dev/null || echo hidden; ls /dev | wc -l; echo $$",
+                         cwd=tmp_path)
+    hidden, devices, pid = result.stdout.split()
+    assert hidden == "hidden" and int(devices) < 25 and 1 < int(pid) < 10
+
+
+def test_unsquash_runs_without_fuse(busybox_sif: Path) -> None:
+    assert capsid_exec(busybox_sif, "--unsquash", "echo", "unpacked").stdout == "unpacked\n"
+
+
+def test_run_test_and_shell_actions(busybox_sandbox: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "actions"
+    shutil.copytree(busybox_sandbox, root, symlinks=True)
+    sd = root / ".singularity.d"
+    sd.mkdir()
+    (sd / "runscript").write_text('#!/bin/sh\necho "run: $*"\n')
+    (sd / "test").write_text("#!/bin/sh\necho testing; exit 4\n")
+    (sd / "runscript").chmod(0o755)
+    (sd / "test").chmod(0o755)
+    image = tmp_path / "actions.sif"
+    run_capsid("build", image, root, check=True)
+    assert run_capsid("run", image, "a", "b").stdout == "run: a b\n"
+    result = run_capsid("test", image)
+    assert (result.stdout, result.returncode) == ("testing\n", 4)
+    shell = run_capsid("shell", image, input='echo "prompt=$PS1"\n')
+    assert shell.stdout == "prompt=Capsid> \n"
+
+
+def test_command_not_found_and_bad_images(busybox_sif: Path, tmp_path: Path) -> None:
+    result = capsid_exec(busybox_sif, "no-such-command")
+    assert result.returncode == 255
+    assert result.stderr.startswith("capsid: error: no-such-command: command not found in the "
+                                    "container;")
+    missing = run_capsid("exec", tmp_path / "none.sif", "true")
+    assert missing.returncode == 255 and "does not exist" in missing.stderr
+    junk = tmp_path / "junk"
+    junk.write_text("junk")
+    bad = run_capsid("exec", junk, "true")
+    assert bad.returncode == 255 and "is not a container image" in bad.stderr
