@@ -6,7 +6,9 @@ set -eu
 dest=${1:?usage: $0 DIR}
 busybox=/bin/busybox
 [ -x "$busybox" ] || { echo "$0: $busybox is missing; apt-get install busybox-static" >&2; exit 1; }
-mkdir -p "$dest/bin" "$dest/etc" "$dest/root" "$dest/tmp" "$dest/usr/bin" "$dest/usr/sbin" "$dest/sbin"
+mkdir -p "$dest/bin" "$dest/etc" "$dest/root" "$dest/tmp" "$dest/usr/bin" "$dest/usr/sbin" "$dest/sbin" \
+    "$dest/dev" "$dest/proc" "$dest/sys" "$dest/home" "$dest/mnt" "$dest/var/tmp"
+touch "$dest/etc/hosts" "$dest/etc/resolv.conf"
 cp "$busybox" "$dest/bin/busybox"
 for applet in $("$busybox" --list); do
     [ -e "$dest/bin/$applet" ] || ln -s busybox "$dest/bin/$applet"

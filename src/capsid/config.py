@@ -8,7 +8,6 @@ variable is looked up as ``CAPSID_X``, then ``APPTAINER_X``, then ``SINGULARITY_
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from capsid.errors import CapsidError
 
@@ -30,18 +29,22 @@ def env_flag(name: str) -> bool:
     return value is not None and value.strip().lower() not in ("", "0", "false", "no")
 
 
-@dataclass(frozen=True)
+DEFAULT_BIND_PATHS = ("/etc/localtime", "/etc/hosts")
+
+
 class SiteConfig:
     """What a site administrator decides for everyone."""
 
-    bind_paths: tuple[str, ...] = ("/etc/localtime", "/etc/hosts")
-    mount_home: bool = True
-    mount_tmp: bool = True
-    mount_proc: bool = True
-    mount_sys: bool = True
-    mount_dev: str = "yes"
-    tmpfs_size_mib: int | None = None
-    values: dict[str, str] = field(default_factory=dict)
+    __slots__ = ("bind_paths", "mount_dev", "mount_home", "mount_proc", "mount_sys",
+                 "mount_tmp", "tmpfs_size_mib", "values")
+
+    def __init__(self, bind_paths: tuple[str, ...] = DEFAULT_BIND_PATHS, mount_home: bool = True,
+                 mount_tmp: bool = True, mount_proc: bool = True, mount_sys: bool = True,
+                 mount_dev: str = "yes", tmpfs_size_mib: int | None = None,
+                 values: dict[str, str] | None = None) -> None:
+        self.bind_paths, self.mount_home, self.mount_tmp = bind_paths, mount_home, mount_tmp
+        self.mount_proc, self.mount_sys, self.mount_dev = mount_proc, mount_sys, mount_dev
+        self.tmpfs_size_mib, self.values = tmpfs_size_mib, values or {}
 
 
 def _yes(value: str, key: str, path: str) -> bool:
@@ -82,7 +85,7 @@ def load(path: str | None = None) -> SiteConfig:
             values[key] = value
     size = values.get("sessiondir max size")
     return SiteConfig(
-        bind_paths=tuple(binds) if binds else SiteConfig.bind_paths,
+        bind_paths=tuple(binds) if binds else DEFAULT_BIND_PATHS,
         mount_home=_yes(values.get("mount home", "yes"), "mount home", path),
         mount_tmp=_yes(values.get("mount tmp", "yes"), "mount tmp", path),
         mount_proc=_yes(values.get("mount proc", "yes"), "mount proc", path),

@@ -1,12 +1,18 @@
-"""``capsid exec|run|shell|test``: Apptainer's action commands and their flags."""
+"""``capsid exec|run|shell|test``: Apptainer's action commands and their flags.
+
+This is the hot path (every MPI rank starts a container), so the flags are parsed
+by a small table-driven parser rather than argparse, which with its imports costs
+more than the rest of capsid's start-up. Flags follow Apptainer's (pflag) rules:
+``--flag value``, ``--flag=value``, ``-B value``, ``-Bvalue``, grouped short booleans
+(``-ec``); options end at the image, everything after it belongs to the command.
+"""
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 from capsid import config
-from capsid.cli.parser import parser
-from capsid.errors import CapsidError
+from capsid.errors import CapsidError, UsageError
 
 _USAGE = {
     "exec": ("[options] IMAGE COMMAND [ARGS...]", "Run COMMAND inside a container of IMAGE."),
@@ -16,95 +22,180 @@ _USAGE = {
     "test": ("[options] IMAGE", "Run IMAGE's test script."),
 }
 
+# (long name, short name, value name or "" for a switch, repeatable, help)
+FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
+    ("bind", "B", "SRC[:DST[:ro|rw]]", True,
+     "bind a host path into the container (repeatable; comma lists)"),
+    ("mount", "", "type=bind,src=S,dst=D[,ro]", True, "bind, in --mount syntax (repeatable)"),
+    ("home", "H", "SRC[:DST]", False, "home directory to bind (default: yours)"),
+    ("no-home", "", "", False, "do not bind the home directory"),
+    ("no-mount", "", "LIST", True,
+     "leave out default mounts: proc,sys,dev,home,tmp,cwd,bind-paths"),
+    ("contain", "c", "", False, "minimal /dev, empty home and /tmp: share only explicit binds"),
+    ("containall", "C", "", False, "--contain, plus --pid, --ipc and --cleanenv"),
+    ("pwd", "", "DIR", False, "working directory in the container (also --cwd)"),
+    ("cleanenv", "e", "", False, "do not pass the host environment in"),
+    ("env", "", "NAME=VALUE", True, "set a variable in the container (repeatable; comma lists)"),
+    ("env-file", "", "FILE", True, "set variables from a file of NAME=VALUE lines (repeatable)"),
+    ("fakeroot", "f", "", False, "be root (uid 0) inside the container"),
+    ("pid", "p", "", False, "new PID namespace"),
+    ("ipc", "i", "", False, "new IPC namespace"),
+    ("uts", "", "", False, "new UTS namespace"),
+    ("hostname", "", "NAME", False, "host name in the container (implies --uts)"),
+    ("net", "n", "", False, "new network namespace (loopback only)"),
+    ("network", "", "TYPE", False, "network type with --net: none (the default)"),
+    ("writable", "w", "", False, "write into a sandbox image"),
+    ("writable-tmpfs", "", "", False,
+     "allow writes to the image, kept in memory until the container exits"),
+    ("tmpfs-size", "", "MIB", False, "size of the in-memory session (--writable-tmpfs), in MiB"),
+    ("overlay", "o", "DIR", False, "keep writes to the image in directory DIR"),
+    ("unsquash", "", "", False, "unpack the image into memory instead of mounting it"),
+    ("shell", "s", "PATH", False, "shell to start with 'capsid shell'"),
+    ("userns", "u", "", False, "use a user namespace (always the case; for compatibility)"),
+    ("nv", "", "", False, "NVIDIA GPU support"),
+    ("rocm", "", "", False, "AMD GPU support"),
+    ("help", "h", "", False, "show this help and exit"),
+)
+_ALIASES = {"cwd": "pwd"}
+_BY_LONG = {f[0]: f for f in FLAGS}
+_BY_SHORT = {f[1]: f for f in FLAGS if f[1]}
 
-def _add_flags(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("-B", "--bind", action="append", default=[], metavar="SRC[:DST[:ro|rw]]",
-      help="bind a host path into the container (repeatable; comma lists)")
-    a("--mount", action="append", default=[], metavar="type=bind,src=S,dst=D[,ro]",
-      help="bind, in --mount syntax (repeatable)")
-    a("-H", "--home", metavar="SRC[:DST]", help="home directory to bind (default: yours)")
-    a("--no-home", action="store_true", help="do not bind the home directory")
-    a("--no-mount", action="append", default=[], metavar="LIST",
-      help="leave out default mounts: proc,sys,dev,home,tmp,cwd,bind-paths or a path")
-    a("-c", "--contain", action="store_true",
-      help="minimal /dev, empty home and /tmp: share nothing but explicit binds")
-    a("-C", "--containall", action="store_true",
-      help="--contain, plus --pid, --ipc and --cleanenv")
-    a("--pwd", "--cwd", dest="pwd", metavar="DIR", help="working directory in the container")
-    a("-e", "--cleanenv", action="store_true", help="do not pass the host environment in")
-    a("--env", action="append", default=[], metavar="NAME=VALUE",
-      help="set a variable in the container (repeatable; comma lists)")
-    a("--env-file", action="append", default=[], metavar="FILE",
-      help="set variables from a file of NAME=VALUE lines (repeatable)")
-    a("-f", "--fakeroot", action="store_true", help="be root (uid 0) inside the container")
-    a("-p", "--pid", action="store_true", help="new PID namespace")
-    a("-i", "--ipc", action="store_true", help="new IPC namespace")
-    a("--uts", action="store_true", help="new UTS namespace")
-    a("--hostname", metavar="NAME", help="host name in the container (implies --uts)")
-    a("-n", "--net", action="store_true", help="new network namespace (loopback only)")
-    a("--network", metavar="TYPE", help="network type with --net: none (the default)")
-    a("-w", "--writable", action="store_true", help="write into a sandbox image")
-    a("--writable-tmpfs", action="store_true",
-      help="allow writes to the image, kept in memory until the container exits")
-    a("--tmpfs-size", type=int, metavar="MIB",
-      help="size of the in-memory session (--writable-tmpfs), in MiB")
-    a("-o", "--overlay", metavar="DIR", help="keep writes to the image in directory DIR")
-    a("--unsquash", action="store_true",
-      help="unpack the image into memory instead of mounting it")
-    a("-s", "--shell", metavar="PATH", help="shell to start with 'capsid shell'")
-    a("-u", "--userns", action="store_true",
-      help="use a user namespace (always the case; accepted for compatibility)")
-    a("--nv", action="store_true", help="NVIDIA GPU support")
-    a("--rocm", action="store_true", help="AMD GPU support")
+Parsed = dict[str, "str | bool | list[str]"]
 
 
-def _env_list(name: str, sep: str | None = None) -> list[str]:
-    """A flag's value from the environment: whole, or split at *sep*."""
-    value = config.env(name)
-    if not value:
-        return []
-    return value.split(sep) if sep else [value]
+def _store(values: Parsed, flag: tuple[str, str, str, bool, str], value: str | None) -> None:
+    name, _, metavar, repeatable, _ = flag
+    if not metavar:
+        values[name] = True
+    elif repeatable:
+        existing = values.setdefault(name, [])
+        assert isinstance(existing, list)
+        existing.append(value or "")
+    else:
+        values[name] = value or ""
+
+
+def parse(verb: str, argv: list[str]) -> tuple[Parsed, str | None, list[str]]:
+    """(flag values, image, command arguments) from *argv*."""
+    values: Parsed = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        if arg.startswith("--"):
+            name, eq, inline = arg[2:].partition("=")
+            flag = _BY_LONG.get(_ALIASES.get(name, name))
+            if flag is None:
+                raise UsageError(f"unknown flag --{name}", f"see 'capsid {verb} --help'")
+            if flag[2] and not eq:
+                i += 1
+                if i == len(argv):
+                    raise UsageError(f"--{name} needs a value", f"see 'capsid {verb} --help'")
+                inline = argv[i]
+            elif not flag[2] and eq:
+                raise UsageError(f"--{name} takes no value", f"see 'capsid {verb} --help'")
+            _store(values, flag, inline)
+        else:
+            letters = arg[1:]
+            while letters:
+                flag = _BY_SHORT.get(letters[0])
+                if flag is None:
+                    raise UsageError(f"unknown flag -{letters[0]}", f"see 'capsid {verb} --help'")
+                letters = letters[1:]
+                if not flag[2]:
+                    _store(values, flag, None)
+                    continue
+                if not letters:
+                    i += 1
+                    if i == len(argv):
+                        raise UsageError(f"-{flag[1]} needs a value",
+                                         f"see 'capsid {verb} --help'")
+                    letters = argv[i]
+                _store(values, flag, letters.removeprefix("="))
+                letters = ""
+        i += 1
+    image = argv[i] if i < len(argv) else None
+    return values, image, argv[i + 1:]
+
+
+def help_text(verb: str) -> str:
+    usage, description = _USAGE[verb]
+    lines = [f"Usage: capsid {verb} {usage}", "", description, "", "Options:"]
+    for name, short, metavar, _, text in FLAGS:
+        left = (f"-{short}, " if short else "    ") + f"--{name}" + (f" {metavar}" if metavar
+                                                                     else "")
+        lines.append(f"  {left:<40} {text}")
+    lines += ["", "Variables CAPSID_X, APPTAINER_X and SINGULARITY_X stand in for flags "
+              "(CAPSID_BIND, APPTAINER_CONTAIN, ...);",
+              "APPTAINERENV_NAME=VALUE sets NAME in the container."]
+    return "\n".join(lines) + "\n"
+
+
+def _list(values: Parsed, name: str) -> list[str]:
+    value = values.get(name, [])
+    return value if isinstance(value, list) else []
+
+
+def _text(values: Parsed, name: str) -> str | None:
+    value = values.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _flag(values: Parsed, name: str, env_name: str | None = None) -> bool:
+    return values.get(name) is True or (env_name is not None and config.env_flag(env_name))
 
 
 def run(verb: str, argv: list[str]) -> int:
-    usage, description = _USAGE[verb]
-    p = parser(verb, usage, description)
-    _add_flags(p)
-    p.add_argument("image")
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    args = p.parse_args(argv)
-    if args.nv or args.rocm or config.env_flag("NV") or config.env_flag("ROCM"):
+    values, image, args = parse(verb, argv)
+    if values.get("help"):
+        sys.stdout.write(help_text(verb))
+        return 0
+    if image is None:
+        raise UsageError("no image given", f"usage: capsid {verb} {_USAGE[verb][0]}")
+    if _flag(values, "nv", "NV") or _flag(values, "rocm", "ROCM"):
         raise CapsidError("GPU support (--nv/--rocm) is not available in this version of capsid",
                           "run without --nv/--rocm")
-    if args.network not in (None, "none"):
-        raise CapsidError(f"--network {args.network} is not supported",
+    if _text(values, "network") not in (None, "none"):
+        raise CapsidError(f"--network {_text(values, 'network')} is not supported",
                           "use --net --network none for an isolated network")
+    size = _text(values, "tmpfs-size")
+    if size is not None and not size.isdigit():
+        raise UsageError(f"--tmpfs-size {size!r} is not a number of MiB",
+                         "give a whole number, e.g. --tmpfs-size 2048")
 
     from capsid.runtime import binds
     from capsid.runtime.container import ExecOptions, launch
 
     specs: list[binds.BindSpec] = []
-    for text in [*_env_list("BINDPATH"), *_env_list("BIND"), *args.bind]:
+    for name in ("BINDPATH", "BIND"):
+        if config.env(name):
+            specs.extend(binds.parse_bind(config.env(name) or ""))
+    for text in _list(values, "bind"):
         specs.extend(binds.parse_bind(text))
-    for text in [*_env_list("MOUNT", "\n"), *args.mount]:
+    for text in [*(config.env("MOUNT") or "").split("\n"), *_list(values, "mount")]:
         if text.strip():
             specs.append(binds.parse_mount(text))
-    containall = args.containall or config.env_flag("CONTAINALL")
-    no_mount = [item.strip() for text in args.no_mount for item in text.split(",")]
+    containall = _flag(values, "containall", "CONTAINALL")
+    no_mount = [item.strip() for text in _list(values, "no-mount") for item in text.split(",")]
     opts = ExecOptions(
-        image=args.image, action=verb, argv=tuple(args.args), binds=tuple(specs),
-        home=args.home or config.env("HOME"), no_home=args.no_home or config.env_flag("NO_HOME"),
-        no_mount=tuple(no_mount), contain=args.contain or containall
-        or config.env_flag("CONTAIN"), pwd=args.pwd,
-        cleanenv=args.cleanenv or containall or config.env_flag("CLEANENV"),
-        env=tuple(args.env), env_files=tuple(args.env_file),
-        fakeroot=args.fakeroot or config.env_flag("FAKEROOT"),
-        pid=args.pid or containall or config.env_flag("PID"), ipc=args.ipc or containall,
-        uts=args.uts, hostname=args.hostname, net=args.net, writable=args.writable,
-        writable_tmpfs=args.writable_tmpfs or config.env_flag("WRITABLE_TMPFS"),
-        overlay=args.overlay or config.env("OVERLAY"), tmpfs_size_mib=args.tmpfs_size,
-        unsquash=args.unsquash or config.env_flag("UNSQUASH"), shell=args.shell,
+        image, action=verb, argv=tuple(args), binds=tuple(specs),
+        home=_text(values, "home") or config.env("HOME"),
+        no_home=_flag(values, "no-home", "NO_HOME"), no_mount=tuple(no_mount),
+        contain=containall or _flag(values, "contain", "CONTAIN"), pwd=_text(values, "pwd"),
+        cleanenv=containall or _flag(values, "cleanenv", "CLEANENV"),
+        env=tuple(_list(values, "env")), env_files=tuple(_list(values, "env-file")),
+        fakeroot=_flag(values, "fakeroot", "FAKEROOT"),
+        pid=containall or _flag(values, "pid", "PID"), ipc=containall or _flag(values, "ipc"),
+        uts=_flag(values, "uts"), hostname=_text(values, "hostname"), net=_flag(values, "net"),
+        writable=_flag(values, "writable"),
+        writable_tmpfs=_flag(values, "writable-tmpfs", "WRITABLE_TMPFS"),
+        overlay=_text(values, "overlay") or config.env("OVERLAY"),
+        tmpfs_size_mib=int(size) if size else None,
+        unsquash=_flag(values, "unsquash", "UNSQUASH"), shell=_text(values, "shell"),
     )
     launch(opts)
     return 255  # not reached: launch() replaces this process

@@ -23,7 +23,7 @@ def run(verb: str, argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     from capsid.image import convert
-    from capsid.image.locate import Kind, locate
+    from capsid.image.locate import SANDBOX, locate
 
     source, output = args.source, Path(args.output)
     scheme = source.split("://", 1)[0] if "://" in source else ""
@@ -36,7 +36,7 @@ def run(verb: str, argv: list[str]) -> int:
     image = locate(source)
     if args.sandbox:
         convert.image_to_sandbox(Path(source), output, force=args.force)
-    elif image.kind is Kind.SANDBOX:
+    elif image.kind == SANDBOX:
         convert.sandbox_to_sif(Path(source), output, compression=args.compression,
                                force=args.force)
     elif output.resolve() == Path(source).resolve():

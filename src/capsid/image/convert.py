@@ -16,7 +16,7 @@ from pathlib import Path
 from capsid import log
 from capsid.errors import UsageError
 from capsid.image import meta, output, sandbox, sif, squashfs
-from capsid.image.locate import Kind, locate
+from capsid.image.locate import SANDBOX, SIF, locate
 
 LOG = log.get(__name__)
 
@@ -112,18 +112,18 @@ def sandbox_to_sif(src: Path, out: Path, *, compression: str = "zstd",
 def image_to_sandbox(src: Path, out: Path, *, force: bool = False) -> None:
     """Unpack the root filesystem of SIF or squashfs *src* into directory *out*."""
     image = locate(src)
-    if image.kind is Kind.SANDBOX:
+    if image.kind == SANDBOX:
         raise UsageError(f"{src} is already a sandbox directory",
                          "copy it with 'cp -a' if you need a second one")
     with output.atomic_dir(out, force) as tmp:
-        squashfs.extract(image.path, tmp, image.offset)
+        squashfs.extract(Path(image.path), tmp, image.offset)
     LOG.info("unpacked %s into %s", src, out)
 
 
 def image_to_sif(src: Path, out: Path, *, force: bool = False) -> None:
     """Copy SIF *src*, or wrap bare squashfs *src* in a SIF, as *out*."""
     image = locate(src)
-    if image.kind is Kind.SIF:
+    if image.kind == SIF:
         with output.atomic_file(out, force) as tmp:
             shutil.copyfile(src, tmp)
         return

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from capsid.image import meta, sif, squashfs
-from capsid.image.locate import Image, Kind
+from capsid.image.locate import SANDBOX, SQUASHFS, Image
 
 
 def metadata(image: Image) -> meta.Metadata:
     """The metadata of *image*, read from SIF objects or its ``/.singularity.d``."""
-    if image.kind is Kind.SANDBOX:
-        return meta.Metadata.from_tree(squashfs.read_dir(image.path / meta.ROOT))
-    if image.kind is Kind.SQUASHFS:
+    if image.kind == SANDBOX:
+        return meta.Metadata.from_tree(squashfs.read_dir(Path(image.path) / meta.ROOT))
+    if image.kind == SQUASHFS:
         return _from_squashfs(image)
     with sif.SifImage(image.path) as f:
         stored = f.find(sif.DataType.GENERIC_JSON, "inspect-metadata.json")
@@ -31,5 +32,5 @@ def metadata(image: Image) -> meta.Metadata:
 
 
 def _from_squashfs(image: Image) -> meta.Metadata:
-    return meta.Metadata.from_tree(squashfs.read_tree(image.path, "/" + meta.ROOT,
+    return meta.Metadata.from_tree(squashfs.read_tree(Path(image.path), "/" + meta.ROOT,
                                                       image.offset))

@@ -1,71 +1,83 @@
-"""Telling what kind of image a path names: a SIF file, a bare squashfs or a sandbox."""
+"""Telling what kind of image a path names: a SIF file, a bare squashfs or a sandbox.
+
+On every container start, so it reads a few bytes with ``os`` and ``struct`` only.
+"""
 
 from __future__ import annotations
 
-import enum
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 from capsid.errors import ImageFormatError, ImageNotFoundError
-from capsid.image import sif, squashfs
+from capsid.image import siftable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO
+
+SIF, SQUASHFS, SANDBOX = "sif", "squashfs", "sandbox"
+SQUASHFS_MAGIC = b"hsqs"
 
 
-class Kind(enum.Enum):
-    SIF = "sif"
-    SQUASHFS = "squashfs"
-    SANDBOX = "sandbox"
-
-
-@dataclass(frozen=True)
 class Image:
-    """An image on disk and where its root filesystem lies in it."""
+    """An image on disk, and where its squashfs root filesystem lies in it."""
 
-    path: Path
-    kind: Kind
-    #: Byte offset and size of the squashfs root filesystem (SIF and squashfs kinds).
-    offset: int = 0
-    size: int = 0
+    __slots__ = ("kind", "offset", "path", "size")
+
+    def __init__(self, path: str, kind: str, offset: int = 0, size: int = 0) -> None:
+        self.path = path
+        self.kind = kind  #: SIF, SQUASHFS or SANDBOX
+        self.offset = offset
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"Image({self.path!r}, {self.kind!r}, offset={self.offset}, size={self.size})"
 
 
 def locate(path: str | os.PathLike[str]) -> Image:
     """Identify the image at *path*; raise a clear error when it is none."""
-    p = Path(path)
+    p = os.fspath(path)
     if not os.path.lexists(p):
         raise ImageNotFoundError(f"image {p} does not exist", "check the path and try again")
-    if p.is_dir():
-        return Image(p, Kind.SANDBOX)
+    if os.path.isdir(p):
+        return Image(p, SANDBOX)
     try:
         with open(p, "rb") as f:
             head = f.read(1024)
+            if head[32:41] == siftable.MAGIC:
+                f.seek(0)
+                return _sif(f, p)
     except PermissionError:
         raise ImageFormatError(f"cannot read image {p}: permission denied",
                                "ask its owner to make it readable") from None
-    if head[32:41] == sif.MAGIC:
-        with sif.SifImage(p) as image:
-            part = image.primary_partition()
-            if part is None:
-                raise ImageFormatError(f"{p} has no primary system partition",
-                                       "it holds no root filesystem to run; rebuild it")
-            fs_type = part.partition()[0]
-            if fs_type != sif.FsType.SQUASHFS:
-                label = sif.FS_TYPE_LABELS.get(fs_type, str(fs_type))
-                raise ImageFormatError(f"{p} has a {label} root filesystem",
-                                       "capsid runs squashfs root filesystems only")
-            return Image(p, Kind.SIF, part.offset, part.size)
     offset = _squashfs_offset(head)
     if offset is not None:
-        return Image(p, Kind.SQUASHFS, offset, p.stat().st_size - offset)
+        return Image(p, SQUASHFS, offset, os.path.getsize(p) - offset)
     raise ImageFormatError(f"{p} is not a container image",
                            "give a .sif file, a squashfs file or a sandbox directory")
 
 
+def _sif(f: BinaryIO, path: str) -> Image:
+    _, descriptors = siftable.read_table(f, path)
+    for d in descriptors:
+        if d[0] != siftable.DATA_PARTITION:
+            continue
+        fs_type, part_type, _ = siftable.partition_types(d)
+        if part_type != siftable.PART_PRIMARY_SYSTEM:
+            continue
+        if fs_type != siftable.FS_SQUASHFS:
+            raise ImageFormatError(f"{path} has a root filesystem of type {fs_type}, "
+                                   "not squashfs", "capsid runs squashfs root filesystems only")
+        return Image(path, SIF, d[5], d[6])
+    raise ImageFormatError(f"{path} has no primary system partition",
+                           "it holds no root filesystem to run; rebuild it")
+
+
 def _squashfs_offset(head: bytes) -> int | None:
-    if head[:4] == squashfs.MAGIC:
+    if head[:4] == SQUASHFS_MAGIC:
         return 0
     # A squashfs may follow a launch line such as "#!/usr/bin/env run-singularity".
     if head[:2] == b"#!":
         newline = head.find(b"\n")
-        if newline != -1 and head[newline + 1:newline + 5] == squashfs.MAGIC:
+        if newline != -1 and head[newline + 1:newline + 5] == SQUASHFS_MAGIC:
             return newline + 1
     return None

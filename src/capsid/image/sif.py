@@ -23,20 +23,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from capsid.errors import ImageFormatError
+from capsid.image.siftable import DESCRIPTOR, HEADER, MAGIC, VERSION, cstr, read_table
 
-# --- layout -------------------------------------------------------------------------------
+# --- layout (the table itself is read by siftable) ------------------------------------------
 
-#: launch script[32] magic[10] version[3] arch[3] id[16] then 8 int64:
-#: created_at, modified_at, descriptors_free, descriptors_total, descriptors_offset,
-#: descriptors_size, data_offset, data_size  (128 bytes)
-HEADER = struct.Struct("<32s10s3s3s16s8q")
-#: data_type(int32) used(bool) id group_id linked_id (uint32 each) then 7 int64:
-#: offset, size, size_with_padding, created_at, modified_at, uid, gid;
-#: name[128] extra[384]  (585 bytes)
-DESCRIPTOR = struct.Struct("<iBIIIqqqqqqq128s384s")
-
-MAGIC = b"SIF_MAGIC"
-VERSION = "01"
 LAUNCH_SCRIPT = "#!/usr/bin/env run-singularity\n"
 DEFAULT_DESCRIPTORS = 48
 DESCRIPTORS_OFFSET = 4096
@@ -116,10 +106,6 @@ ARCH_CODES = {"00": "unknown", "01": "386", "02": "amd64", "03": "arm", "04": "a
 ARCH_BY_NAME = {name: code for code, name in ARCH_CODES.items()}
 
 
-def _cstr(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode(errors="replace")
-
-
 def _pad(text: bytes, size: int) -> bytes:
     if len(text) > size:
         raise ValueError(f"{text!r} is longer than {size} bytes")
@@ -179,12 +165,6 @@ class Descriptor:
     name: str
     extra: bytes
 
-    @classmethod
-    def unpack(cls, raw: bytes) -> Descriptor:
-        f = DESCRIPTOR.unpack(raw)
-        return cls(f[0], bool(f[1]), f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10],
-                   f[11], _cstr(f[12]), f[13])
-
     def pack(self) -> bytes:
         return DESCRIPTOR.pack(
             self.data_type, int(self.used), self.id, self.raw_group_id, self.raw_linked_id,
@@ -214,7 +194,7 @@ class Descriptor:
     def partition(self) -> tuple[int, int, str]:
         """(filesystem type, partition type, arch name) of a partition object."""
         fs, part, arch = struct.unpack_from("<ii3s", self.extra)
-        return fs, part, ARCH_CODES.get(_cstr(arch), "unknown")
+        return fs, part, ARCH_CODES.get(cstr(arch), "unknown")
 
     def signature(self) -> tuple[int, bytes]:
         """(hash type, signing entity fingerprint) of a signature object."""
@@ -230,7 +210,7 @@ class Descriptor:
         return int(struct.unpack_from("<i", self.extra)[0])
 
     def oci_digest(self) -> str:
-        return _cstr(self.extra)
+        return cstr(self.extra)
 
     def details(self) -> str:
         """The type and its metadata as ``sif list`` shows it: ``FS (Squashfs/*System/amd64)``."""
@@ -274,39 +254,11 @@ class SifImage:
             self._file.close()
             raise
 
-    def _bad(self, what: str) -> ImageFormatError:
-        return ImageFormatError(f"{self.path} is not a valid SIF image: {what}",
-                                "rebuild or download the image again")
-
     def _load(self) -> tuple[Header, list[Descriptor]]:
-        size = os.fstat(self._file.fileno()).st_size
-        raw = self._file.read(HEADER.size)
-        if len(raw) < HEADER.size:
-            raise self._bad(f"the file is {len(raw)} bytes, shorter than a SIF header")
-        f = HEADER.unpack(raw)
-        if _cstr(f[1]).encode() != MAGIC:
-            raise self._bad("the SIF magic is missing")
-        version = _cstr(f[2])
-        if version != VERSION:
-            raise self._bad(f"SIF version {version!r} is not supported (only {VERSION})")
-        header = Header(_cstr(f[0]), version, _cstr(f[3]), uuid.UUID(bytes=f[4]), *f[5:])
-        total, offset = header.descriptors_total, header.descriptors_offset
-        if total < 0 or offset < HEADER.size or total > 1 << 24:
-            raise self._bad("the descriptor table is malformed")
-        if offset + total * DESCRIPTOR.size > size:
-            raise self._bad("the file is truncated inside the descriptor table")
-        self._file.seek(offset)
-        table = self._file.read(total * DESCRIPTOR.size)
-        descriptors = []
-        for i in range(total):
-            d = Descriptor.unpack(table[i * DESCRIPTOR.size:(i + 1) * DESCRIPTOR.size])
-            if not d.used:
-                continue
-            if d.offset < 0 or d.size < 0 or d.offset + d.size > size:
-                raise self._bad(f"object {d.id} lies beyond the end of the file "
-                                f"({d.offset}+{d.size} > {size} bytes): the file is truncated")
-            descriptors.append(d)
-        return header, descriptors
+        raw, used = read_table(self._file, str(self.path))
+        header = Header(cstr(raw[0]), cstr(raw[2]), cstr(raw[3]), uuid.UUID(bytes=raw[4]),
+                        *raw[5:])
+        return header, [Descriptor(d[0], bool(d[1]), *d[2:12], cstr(d[12]), d[13]) for d in used]
 
     def close(self) -> None:
         self._file.close()
@@ -350,7 +302,8 @@ class SifImage:
         while left:
             block = self._file.read(min(chunk, left))
             if not block:
-                raise self._bad(f"object {d.id} ends early")
+                raise ImageFormatError(f"{self.path}: object {d.id} ends early",
+                                       "the file is truncated; download or build it again")
             out.write(block)
             left -= len(block)
 
@@ -395,7 +348,7 @@ class NewObject:
     def arch_code(self) -> str:
         if self.data_type == DataType.PARTITION and struct.unpack_from("<i", self.extra, 4)[0] \
                 == PartType.PRIMARY_SYSTEM:
-            return _cstr(self.extra[8:11])
+            return cstr(self.extra[8:11])
         return ""
 
 

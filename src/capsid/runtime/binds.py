@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-import csv
 import os
-from dataclasses import dataclass
 
 from capsid.errors import UsageError
 
 
-@dataclass(frozen=True)
 class BindSpec:
     """One host path to bind into the container."""
 
-    source: str
-    destination: str
-    readonly: bool = False
+    __slots__ = ("destination", "readonly", "source")
+
+    def __init__(self, source: str, destination: str, readonly: bool = False) -> None:
+        self.source = source
+        self.destination = destination
+        self.readonly = readonly
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BindSpec) and (self.source, self.destination, self.readonly) \
+            == (other.source, other.destination, other.readonly)
+
+    def __hash__(self) -> int:
+        return hash((self.source, self.destination, self.readonly))
+
+    def __repr__(self) -> str:
+        return f"BindSpec({self.source!r}, {self.destination!r}, readonly={self.readonly})"
 
 
 def parse_bind(text: str) -> list[BindSpec]:
@@ -46,6 +56,8 @@ def parse_bind(text: str) -> list[BindSpec]:
 
 def parse_mount(text: str) -> BindSpec:
     """Parse one ``--mount`` value: ``type=bind,src=…,dst=…[,ro]`` (CSV-quoted)."""
+    import csv
+
     fields = next(csv.reader([text]))
     values: dict[str, str] = {}
     readonly = False

@@ -10,18 +10,18 @@ as its child did.
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import sys
-from dataclasses import dataclass, field
-from typing import NoReturn
 
-from capsid import config, log
+from capsid import config, log, tools
 from capsid.errors import RuntimeSetupError, UsageError
-from capsid.image.locate import Image, Kind, locate
+from capsid.image.locate import SANDBOX, SIF, Image, locate
 from capsid.runtime import env as envmod
 from capsid.runtime import identity, linux, mounts
 from capsid.runtime.binds import BindSpec
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 LOG = log.get(__name__)
 
@@ -30,51 +30,51 @@ _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/l
                 "/proc", "/root", "/run", "/sbin", "/sys", "/usr", "/var")
 
 
-@dataclass(frozen=True)
 class ExecOptions:
-    """How to run: everything the action verbs' flags decide."""
+    """How to run: everything the action verbs' flags decide (keyword arguments only)."""
 
     image: str
-    action: str = "exec"
+    action = "exec"
     argv: tuple[str, ...] = ()
     binds: tuple[BindSpec, ...] = ()
     home: str | None = None
-    no_home: bool = False
+    no_home = False
     no_mount: tuple[str, ...] = ()
-    contain: bool = False
+    contain = False
     pwd: str | None = None
-    cleanenv: bool = False
+    cleanenv = False
     env: tuple[str, ...] = ()
     env_files: tuple[str, ...] = ()
-    fakeroot: bool = False
-    pid: bool = False
-    ipc: bool = False
-    uts: bool = False
+    fakeroot = False
+    pid = False
+    ipc = False
+    uts = False
     hostname: str | None = None
-    net: bool = False
-    writable: bool = False
-    writable_tmpfs: bool = False
+    net = False
+    writable = False
+    writable_tmpfs = False
     overlay: str | None = None
     tmpfs_size_mib: int | None = None
-    unsquash: bool = False
+    unsquash = False
     shell: str | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __init__(self, image: str, **options: object) -> None:
+        self.image = image
+        for name, value in options.items():
+            if not hasattr(ExecOptions, name):
+                raise TypeError(f"ExecOptions has no option {name!r}")
+            setattr(self, name, value)
 
 
-@dataclass
 class _Plan:
     """Decisions taken on the host, before any namespace exists."""
 
-    image: Image
-    user: identity.User
-    userns: bool
-    home_source: str | None
-    home_dest: str
-    binds: list[BindSpec]
-    cwd: str
-    bind_cwd: bool
-    site: config.SiteConfig
-    oci_env: list[str]
+    def __init__(self, image: Image, user: identity.User, userns: bool,
+                 home_source: str | None, home_dest: str, binds: list[BindSpec], cwd: str,
+                 bind_cwd: bool, site: config.SiteConfig, oci_env: list[str]) -> None:
+        self.image, self.user, self.userns = image, user, userns
+        self.home_source, self.home_dest, self.binds = home_source, home_dest, binds
+        self.cwd, self.bind_cwd, self.site, self.oci_env = cwd, bind_cwd, site, oci_env
 
 
 def _userns_error(err: OSError) -> RuntimeSetupError:
@@ -88,9 +88,9 @@ def _userns_error(err: OSError) -> RuntimeSetupError:
 def _plan(opts: ExecOptions) -> _Plan:
     site = config.load()
     image = locate(opts.image)
-    if opts.writable and image.kind is not Kind.SANDBOX:
+    if opts.writable and image.kind != SANDBOX:
         raise UsageError(f"--writable needs a sandbox directory, and {opts.image} is a "
-                         f"{image.kind.value} image",
+                         f"{image.kind} image",
                          "use --writable-tmpfs, or --overlay DIR for changes that persist")
     user = identity.User.current()
     userns = os.geteuid() != 0 or opts.fakeroot
@@ -132,13 +132,13 @@ def _enter_user_namespace(plan: _Plan, fakeroot: bool) -> None:
 
 
 def _open_image(image: Image) -> int:
-    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if image.kind is Kind.SANDBOX else 0)
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if image.kind == SANDBOX else 0)
     return os.open(image.path, flags)
 
 
 def _mount_image(plan: _Plan, opts: ExecOptions, fd: int, helper: object | None) -> None:
     image = plan.image
-    if image.kind is Kind.SANDBOX:
+    if image.kind == SANDBOX:
         mounts.bind_sandbox(fd)
     elif helper is not None:
         from capsid.runtime import fuse
@@ -152,9 +152,9 @@ def _mount_image(plan: _Plan, opts: ExecOptions, fd: int, helper: object | None)
 
 
 def _start_fuse(plan: _Plan, opts: ExecOptions) -> object | None:
-    if plan.image.kind is Kind.SANDBOX or not plan.userns or opts.unsquash:
+    if plan.image.kind == SANDBOX or not plan.userns or opts.unsquash:
         return None
-    if shutil.which("squashfuse_ll") is None:
+    if tools.find("squashfuse_ll") is None:
         LOG.warning("squashfuse_ll is not installed: unpacking the image into memory instead "
                     "(apt-get install squashfuse for faster starts)")
         return None
@@ -170,16 +170,22 @@ def _start_fuse(plan: _Plan, opts: ExecOptions) -> object | None:
 def _exit_like(status: int) -> NoReturn:
     """Exit the way a process with wait *status* did: the same code, or the same signal."""
     if os.WIFSIGNALED(status):
+        import _signal  # type: ignore[import-not-found]
+
         signum = os.WTERMSIG(status)
-        signal.signal(signum, signal.SIG_DFL)
+        _signal.signal(signum, _signal.SIG_DFL)
         os.kill(os.getpid(), signum)
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
 def _forward_signals(pid: int) -> None:
-    for forwarded in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                      signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT, signal.SIGALRM):
-        signal.signal(forwarded, lambda s, _f: os.kill(pid, s))
+    # _signal, not signal: it is built into the interpreter, so it imports even
+    # after the container's root has hidden the host's standard library.
+    import _signal
+
+    for forwarded in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT,
+                      _signal.SIGUSR1, _signal.SIGUSR2, _signal.SIGCONT, _signal.SIGALRM):
+        _signal.signal(forwarded, lambda s, _f: os.kill(pid, s))
 
 
 def _supervise(child: int, status_pipe: int) -> NoReturn:
@@ -256,6 +262,22 @@ def _default_mounts(plan: _Plan, opts: ExecOptions) -> None:
             mounts.bind_into(os.path.realpath(src), dst or src, required=False)
 
 
+def _mount_points(plan: _Plan, opts: ExecOptions) -> list[tuple[str, bool]]:
+    """Where the mounts of _container_mounts will land: (path, is a directory)."""
+    points = [("/proc", True), ("/sys", True), ("/dev", True), (plan.home_dest, True),
+              ("/tmp", True), ("/var/tmp", True), ("/etc/passwd", False),
+              ("/etc/group", False), ("/etc/resolv.conf", False)]
+    for spec in plan.site.bind_paths:
+        src, _, dst = spec.partition(":")
+        points.append((dst or src, os.path.isdir(f"{mounts.OLD}{src}")))
+    points += [(b.destination, os.path.isdir(f"{mounts.OLD}{b.source}")) for b in plan.binds]
+    if opts.hostname:
+        points.append(("/etc/hostname", False))
+    if plan.bind_cwd:
+        points.append((plan.cwd, True))
+    return points
+
+
 def _container_mounts(plan: _Plan, opts: ExecOptions) -> None:
     _default_mounts(plan, opts)
     if plan.home_source is not None:
@@ -321,7 +343,6 @@ def _exec(plan: _Plan, opts: ExecOptions) -> NoReturn:
         "SINGULARITY_CONTAINER": str(os.path.abspath(opts.image)),
         "SINGULARITY_NAME": os.path.basename(os.path.normpath(opts.image)),
         "SINGULARITY_COMMAND": opts.action,
-        **opts.extra_env,
     }
     env_options = envmod.EnvOptions(opts.cleanenv, opts.env, opts.env_files, plan.home_dest,
                                     extra)
@@ -339,8 +360,7 @@ def _exec(plan: _Plan, opts: ExecOptions) -> NoReturn:
         if use_shell:
             os.execve("/bin/sh", ["/bin/sh", "-c", envmod.PRELUDE, "capsid", *argv],
                       environment)
-        path = argv[0] if "/" in argv[0] else shutil.which(argv[0],
-                                                             path=environment["PATH"])
+        path = argv[0] if "/" in argv[0] else tools.find(argv[0], environment["PATH"])
         if path is None:
             raise RuntimeSetupError(f"{argv[0]}: command not found in the container",
                                     "check the name and the PATH inside the image")
@@ -352,20 +372,25 @@ def _exec(plan: _Plan, opts: ExecOptions) -> NoReturn:
 
 def _oci_env(image: Image) -> list[str]:
     """The OCI ``Env`` stored in a SIF, for images without a shell to source env scripts."""
-    if image.kind is not Kind.SIF:
+    if image.kind != SIF:
         return []
-    from capsid.image import sif
+    from capsid.image import siftable
 
-    with sif.SifImage(image.path) as f:
-        obj = f.find(sif.DataType.GENERIC_JSON, "oci-config.json")
-        if obj is None:
+    with open(image.path, "rb") as f:
+        _, descriptors = siftable.read_table(f, image.path)
+        for d in descriptors:
+            if d[0] == siftable.DATA_GENERIC_JSON and siftable.cstr(d[12]) == "oci-config.json":
+                f.seek(d[5])
+                raw = f.read(d[6])
+                break
+        else:
             return []
-        import json
+    import json
 
-        try:
-            doc = json.loads(f.read(obj))
-        except ValueError:
-            return []
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return []
     value = doc.get("Env") or doc.get("config", {}).get("Env") or []
     return [str(v) for v in value]
 
@@ -395,7 +420,7 @@ def launch(opts: ExecOptions) -> NoReturn:
             os.close(status_pipe)
             _supervise(child, reader)
         os.close(reader)
-        linux.parent_death_signal(signal.SIGKILL)
+        linux.parent_death_signal(9)  # SIGKILL: die with the supervisor
     if opts.hostname:
         _set_hostname(opts.hostname)
     if opts.net:
@@ -406,6 +431,8 @@ def launch(opts: ExecOptions) -> NoReturn:
     os.close(fd)
     mounts.enter_session()
     overlay = f"{mounts.OLD}{os.path.realpath(opts.overlay)}" if opts.overlay else None
+    if overlay is None and not opts.writable:
+        mounts.prepare_upper(_mount_points(plan, opts))
     mounts.make_root(overlay, userns=plan.userns, writable_image=opts.writable)
     _container_mounts(plan, opts)
     readonly = not (opts.writable or opts.writable_tmpfs or opts.overlay)

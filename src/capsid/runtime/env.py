@@ -13,13 +13,10 @@ Images without ``/bin/sh`` get the OCI ``Env`` list applied here instead.
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, field
 
 from capsid.errors import UsageError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: Always passed, even with --cleanenv.
 _ALWAYS = ("TERM", "http_proxy", "https_proxy", "no_proxy", "all_proxy", "ftp_proxy",
            "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "FTP_PROXY")
@@ -57,13 +54,21 @@ exec "$@"
 """
 
 
-@dataclass(frozen=True)
+def is_name(key: str) -> bool:
+    """Whether *key* is a valid shell variable name."""
+    return key.isidentifier() and key.isascii()
+
+
 class EnvOptions:
-    cleanenv: bool = False
-    env: tuple[str, ...] = ()
-    env_files: tuple[str, ...] = ()
-    home: str = "/"
-    extra: dict[str, str] = field(default_factory=dict)
+    """The environment flags of an action command."""
+
+    __slots__ = ("cleanenv", "env", "env_files", "extra", "home")
+
+    def __init__(self, cleanenv: bool = False, env: tuple[str, ...] = (),
+                 env_files: tuple[str, ...] = (), home: str = "/",
+                 extra: dict[str, str] | None = None) -> None:
+        self.cleanenv, self.env, self.env_files, self.home = cleanenv, env, env_files, home
+        self.extra = extra or {}
 
 
 def parse_assignments(items: list[str], where: str) -> dict[str, str]:
@@ -75,7 +80,7 @@ def parse_assignments(items: list[str], where: str) -> dict[str, str]:
         for piece in pieces:
             key, sep, value = piece.partition("=")
             key = key.strip()
-            if not sep or not _NAME.fullmatch(key):
+            if not sep or not is_name(key):
                 raise UsageError(f"{where} {piece!r} is not NAME=VALUE",
                                  "write variables as NAME=VALUE")
             result[key] = value
@@ -97,7 +102,7 @@ def read_env_file(path: str) -> dict[str, str]:
             continue
         line = line.removeprefix("export ").strip()
         key, sep, value = line.partition("=")
-        if not sep or not _NAME.fullmatch(key.strip()):
+        if not sep or not is_name(key.strip()):
             raise UsageError(f"{path}:{number}: {raw!r} is not NAME=VALUE",
                              "fix the env file")
         value = value.strip()
@@ -112,7 +117,7 @@ def forced_values(opts: EnvOptions, host: dict[str, str]) -> dict[str, str]:
     forced: dict[str, str] = {}
     for prefix in reversed(_ENV_PREFIXES):
         for key, value in host.items():
-            if key.startswith(prefix) and _NAME.fullmatch(key[len(prefix):]):
+            if key.startswith(prefix) and is_name(key[len(prefix):]):
                 forced[key[len(prefix):]] = value
     for path in opts.env_files:
         forced.update(read_env_file(path))
@@ -143,7 +148,7 @@ def container_env(opts: EnvOptions, host: dict[str, str] | None = None,
     else:
         kept = {k: v for k, v in host.items()
                 if k not in _BLOCKED and k not in final and not k.startswith(_BLOCKED_PREFIXES)
-                and _NAME.fullmatch(k)}
+                and is_name(k)}
     for key, target in _PATH_KEYS.items():
         if key in forced:
             final[target] = forced.pop(key)
@@ -152,7 +157,7 @@ def container_env(opts: EnvOptions, host: dict[str, str] | None = None,
         final.update(kept)
         for item in oci_env or ():
             key, sep, value = item.partition("=")
-            if sep and _NAME.fullmatch(key):
+            if sep and is_name(key):
                 final[key] = value
         final.update(forced)
         return final

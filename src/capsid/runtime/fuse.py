@@ -12,8 +12,8 @@ reports the disconnect and squashfuse exits by itself — after ``kill -9`` too.
 from __future__ import annotations
 
 import _socket
-import array
 import os
+import struct
 
 from capsid import tools
 from capsid.errors import RuntimeSetupError
@@ -34,9 +34,7 @@ def start_helper(image: str, offset: int) -> _socket.socket:
             _, ancillary, _, _ = theirs.recvmsg(1, _socket.CMSG_LEN(4))
             if not ancillary:
                 os._exit(0)  # the launch gave up before mounting
-            fds = array.array("i")
-            fds.frombytes(ancillary[0][2][:4])
-            fd = fds[0]
+            (fd,) = struct.unpack("i", ancillary[0][2][:4])
             os.set_inheritable(fd, True)
             null = os.open("/dev/null", os.O_RDWR)
             for std in (0, 1, 2):
@@ -64,7 +62,7 @@ def mount(helper: _socket.socket, target: str, uid: int, gid: int) -> None:
                     f"fd={fd},rootmode=40000,user_id={uid},group_id={gid},allow_other,"
                     "default_permissions")
         helper.sendmsg([b"m"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                                 array.array("i", [fd]).tobytes())])
+                                 struct.pack("i", fd))])
     finally:
         os.close(fd)
         helper.close()

@@ -5,18 +5,17 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
 class User:
-    uid: int
-    gid: int
-    name: str
-    group: str
-    gecos: str
-    home: str
-    shell: str
+    """The person running capsid, as the host knows them."""
+
+    __slots__ = ("gecos", "gid", "group", "home", "name", "shell", "uid")
+
+    def __init__(self, uid: int, gid: int, name: str, group: str, gecos: str, home: str,
+                 shell: str) -> None:
+        self.uid, self.gid, self.name, self.group = uid, gid, name, group
+        self.gecos, self.home, self.shell = gecos, home, shell
 
     @classmethod
     def current(cls) -> User:

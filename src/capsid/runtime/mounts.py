@@ -17,7 +17,6 @@ becomes ``/`` and the session and the host root are detached.
 from __future__ import annotations
 
 import os
-import subprocess
 
 from capsid import log, tools
 from capsid.errors import RuntimeSetupError
@@ -48,6 +47,8 @@ def enter_session() -> None:
 
 def mount_kernel_squashfs(fd: int, offset: int) -> None:
     """Mount the squashfs on a loop device (needs real privileges)."""
+    import subprocess
+
     target = f"{SESSION}{IMAGE}"
     mount_bin = tools.which("mount")
     proc = subprocess.run([mount_bin, "-t", "squashfs", "-o",
@@ -62,6 +63,8 @@ def unpack_image(fd: int, offset: int) -> None:
 
     The tmpfs vanishes with the namespace, so nothing is left on disk, even after kill -9.
     """
+    import subprocess
+
     target = f"{SESSION}{IMAGE}"
     linux.mount("capsid-unpacked", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
                 "mode=0755")
@@ -76,6 +79,43 @@ def unpack_image(fd: int, offset: int) -> None:
 
 def bind_sandbox(fd: int) -> None:
     linux.mount(f"/proc/self/fd/{fd}", f"{SESSION}{IMAGE}", None, linux.MS_BIND | linux.MS_REC)
+
+
+def prepare_upper(targets: list[tuple[str, bool]]) -> None:
+    """Create missing mount points in the session's upper layer before the overlay exists.
+
+    The upper layer is our own tmpfs, so this works where the image's directory
+    belongs to someone else, and costs a mkdir instead of the mounts of a mirror.
+    Paths are resolved in the image first, so its symlinks are followed, not shadowed.
+    """
+    for path, is_dir in targets:
+        inside = resolve_in(IMAGE, path)[len(IMAGE):] or "/"
+        if os.path.lexists(IMAGE + inside):
+            continue
+        parent = os.path.dirname(inside)
+        try:
+            _mkdirs_like(parent)
+            if is_dir:
+                os.mkdir(f"/upper{inside}", 0o755)
+            else:
+                with open(f"/upper{inside}", "a"):
+                    pass
+        except OSError as err:
+            LOG.debug("cannot prepare %s: %s", path, err.strerror)
+
+
+def _mkdirs_like(path: str) -> None:
+    """mkdir -p *path* in /upper, each directory with the mode it has in the image."""
+    current = ""
+    for part in filter(None, path.split("/")):
+        current += "/" + part
+        upper = f"/upper{current}"
+        if os.path.isdir(upper):
+            continue
+        lower = IMAGE + current
+        mode = os.stat(lower).st_mode & 0o7777 if os.path.isdir(lower) else 0o755
+        os.mkdir(upper)
+        os.chmod(upper, mode)
 
 
 def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool) -> None:

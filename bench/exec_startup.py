@@ -1,0 +1,128 @@
+"""Container start-up, side by side: capsid (SIF) vs ch-run and bwrap (same image as a directory).
+
+Run as an ordinary user (as root it re-runs itself as CAPSID_TEST_USER, default capsid-test):
+
+    .venv/bin/python bench/exec_startup.py [--runs 30]
+
+Prints the median and 90th percentile of ``/bin/true`` and ``python3 -c pass`` in each
+tool, the ratio of capsid to ch-run, and the memory that stays resident beside the
+command while a capsid container runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CAPSID = Path(sys.executable).parent / "capsid"
+CACHE = Path(os.environ.get("CAPSID_TEST_CACHE", "/var/cache/capsid-test"))
+TARGET_RATIO = 10.0
+
+
+def timed(argv: list[str], runs: int) -> list[float]:
+    subprocess.run(argv, check=True, capture_output=True)  # warm the page cache
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float]) -> tuple[float, float]:
+    ordered = sorted(times)
+    return statistics.median(ordered), ordered[int(0.9 * (len(ordered) - 1))]
+
+
+def resident_beside_command(image: Path) -> dict[str, int]:
+    """RSS (KiB) of the processes a running capsid container keeps besides its command."""
+    proc = subprocess.Popen([str(CAPSID), "exec", str(image), "sleep", "3"])
+    time.sleep(1.5)
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(image) not in cmdline and int(entry.name) != proc.pid:
+            continue
+        name = next(line.split()[1] for line in status.splitlines() if line.startswith("Name:"))
+        rss = next((int(line.split()[1]) for line in status.splitlines()
+                    if line.startswith("VmRSS:")), 0)
+        found[f"{name} (pid {entry.name})"] = rss
+    proc.wait()
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    if os.geteuid() == 0:
+        user = os.environ.get("CAPSID_TEST_USER", "capsid-test")
+        os.execvp("runuser", ["runuser", "-u", user, "--", "env", f"CAPSID_TEST_CACHE={CACHE}",
+                              sys.executable, __file__, "--runs", str(args.runs)])
+    missing = [t for t in ("ch-run", "bwrap") if shutil.which(t) is None]
+    if missing:
+        print(f"bench: needs {', '.join(missing)}: run scripts/setup.sh", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="capsid-bench-") as tmp:
+        rootfs = Path(tmp) / "busybox"
+        subprocess.run([str(REPO / "scripts" / "busybox-sandbox.sh"), str(rootfs)], check=True)
+        sif = Path(tmp) / "busybox.sif"
+        subprocess.run([str(CAPSID), "build", str(sif), str(rootfs)], check=True)
+        cases: list[tuple[str, str, list[str]]] = [
+            ("/bin/true", "capsid exec (SIF)", [str(CAPSID), "exec", str(sif), "/bin/true"]),
+            ("/bin/true", "ch-run (directory)", ["ch-run", str(rootfs), "--", "/bin/true"]),
+            ("/bin/true", "bwrap (directory)",
+             ["bwrap", "--unshare-user", "--bind", str(rootfs), "/", "--proc", "/proc",
+              "--dev", "/dev", "/bin/true"]),
+        ]
+        debian_dir, debian_sif = CACHE / "debian-python3", CACHE / "debian-python3.sif"
+        if debian_sif.is_file() and debian_dir.is_dir():
+            cases += [
+                ("python3 -c pass", "capsid exec (SIF)",
+                 [str(CAPSID), "exec", str(debian_sif), "python3", "-c", "pass"]),
+                ("python3 -c pass", "ch-run (directory)",
+                 ["ch-run", str(debian_dir), "--", "python3", "-c", "pass"]),
+            ]
+        results: dict[tuple[str, str], tuple[float, float]] = {}
+        print(f"{'command':<17} {'runner':<20} {'median ms':>10} {'p90 ms':>8}")
+        for command, runner, argv in cases:
+            median, p90 = summary(timed(argv, args.runs))
+            results[(command, runner)] = (median, p90)
+            print(f"{command:<17} {runner:<20} {median * 1000:>10.1f} {p90 * 1000:>8.1f}")
+        print()
+        for command in dict.fromkeys(c for c, _, _ in cases):
+            ours = results[(command, "capsid exec (SIF)")][0]
+            peer = results[(command, "ch-run (directory)")][0]
+            print(f"ratio capsid / ch-run, {command}: {ours / peer:.1f}x")
+        ours_true = results[("/bin/true", "capsid exec (SIF)")][0]
+        bwrap = results[("/bin/true", "bwrap (directory)")][0]
+        print(f"ratio capsid / bwrap, /bin/true: {ours_true / bwrap:.1f}x")
+        print("\nresident while `capsid exec busybox.sif sleep 3` runs (KiB):")
+        for name, rss in resident_beside_command(sif).items():
+            print(f"  {name:<30} {rss:>8}")
+        ratio = results[("/bin/true", "capsid exec (SIF)")][0] / \
+            results[("/bin/true", "ch-run (directory)")][0]
+        verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
+        print(f"\n/bin/true start-up {verdict} the target of <= {TARGET_RATIO:.0f}x ch-run "
+              f"({ratio:.1f}x)")
+        return 0 if ratio <= TARGET_RATIO else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
