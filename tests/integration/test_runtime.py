@@ -335,3 +335,60 @@ def test_command_not_found_and_bad_images(busybox_sif: Path, tmp_path: Path) -> 
     junk.write_text("junk")
     bad = run_capsid("exec", junk, "true")
     assert bad.returncode == 255 and "is not a container image" in bad.stderr
+
+
+def test_fakeroot_maps_subordinate_ids_when_granted(busybox_sif: Path) -> None:
+    import getpass
+
+    granted = any(line.split(":")[0] in (getpass.getuser(), str(os.getuid()))
+                  for line in Path("/etc/subuid").read_text().splitlines() if line.strip()) \
+        if Path("/etc/subuid").exists() else False
+    if ROOT or not granted:
+        pytest.skip("needs an ordinary user with an /etc/subuid entry")
+    result = capsid_exec(busybox_sif, "--fakeroot", "cat", "/proc/self/uid_map")
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert rows[0] == ["0", str(os.getuid()), "1"], result.stderr
+    assert len(rows) == 2 and rows[1][0] == "1" and int(rows[1][2]) >= 65536
+
+
+def test_site_config_bind_paths(busybox_sif: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "site-data"
+    shared.mkdir()
+    (shared / "f").write_text("from the site\n")
+    conf = tmp_path / "capsid.conf"
+    conf.write_text(f"# site configuration\nbind path = {shared}:/site\nmount tmp = no\n")
+    env = dict(os.environ, CAPSID_CONFIG=str(conf))
+    assert capsid_exec(busybox_sif, "cat", "/site/f", env=env).stdout == "from the site\n"
+    conf.write_text("mount home = maybe\n")
+    bad = capsid_exec(busybox_sif, "true", env=env)
+    assert bad.returncode == 255 and "is not yes or no" in bad.stderr
+
+
+@pytest.mark.skipif(not ROOT, reason="changes /dev/fuse, which needs root")
+def test_unusable_dev_fuse_falls_back_to_unpacking(busybox_sif: Path) -> None:
+    import shutil
+    import tempfile
+
+    user = os.environ.get("CAPSID_TEST_USER", "capsid-test")
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        pytest.skip(f"no user {user}")
+    shared = Path(tempfile.mkdtemp(prefix="capsid-fuse-test-", dir="/var/tmp"))
+    shared.chmod(0o755)
+    image = shared / "image.sif"
+    shutil.copyfile(busybox_sif, image)
+    image.chmod(0o644)
+    mode = os.stat("/dev/fuse").st_mode & 0o777
+    os.chmod("/dev/fuse", 0o600)
+    try:
+        result = subprocess.run(["runuser", "-u", user, "--", str(CAPSID), "exec", str(image),
+                                 "echo", "still runs"], capture_output=True, text=True,
+                                cwd="/", check=False)
+    finally:
+        os.chmod("/dev/fuse", mode)
+        shutil.rmtree(shared)
+    assert result.stdout == "still runs\n", result.stderr
+    assert result.stderr == ("WARNING: /dev/fuse is not usable by you: unpacking the image into "
+                             "memory instead (ask an administrator to make /dev/fuse mode "
+                             "0666)\n")

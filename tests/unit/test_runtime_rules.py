@@ -1,0 +1,102 @@
+"""Runtime rules that need no namespaces: flags, binds, environment, config, messages."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from capsid import config
+from capsid.cli import actions
+from capsid.errors import UsageError
+from capsid.runtime import binds, container, env, identity
+
+
+def test_action_flags_follow_pflag_rules() -> None:
+    values, image, args = actions.parse("exec", [
+        "-B", "/a:/b", "--bind=/c", "-ec", "--env", "X=1", "--cwd", "/w", "img.sif", "ls",
+        "-la", "--bind", "x"])
+    assert image == "img.sif" and args == ["ls", "-la", "--bind", "x"]
+    assert values["bind"] == ["/a:/b", "/c"]
+    assert values["cleanenv"] is True and values["contain"] is True
+    assert values["env"] == ["X=1"] and values["pwd"] == "/w"
+    values, image, _ = actions.parse("exec", ["-B/x", "--", "-weird-image"])
+    assert values["bind"] == ["/x"] and image == "-weird-image"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--bogus", "img"], "unknown flag --bogus"),
+    (["-Z", "img"], "unknown flag -Z"),
+    (["--bind"], "--bind needs a value"),
+    (["--pid=yes", "img"], "--pid takes no value"),
+])
+def test_bad_action_flags(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        actions.parse("exec", argv)
+
+
+def test_bind_specs() -> None:
+    assert binds.parse_bind("/data") == [binds.BindSpec("/data", "/data")]
+    assert binds.parse_bind("/a:/b:ro,/c:rw") == [binds.BindSpec("/a", "/b", True),
+                                                   binds.BindSpec("/c", "/c", False)]
+    assert binds.parse_mount("type=bind,src=/a,dst=/b,ro") == binds.BindSpec("/a", "/b", True)
+    with pytest.raises(UsageError, match="not an absolute path"):
+        binds.parse_bind("/a:relative")
+    with pytest.raises(UsageError, match="unknown bind option"):
+        binds.parse_bind("/a:/b:rx")
+    with pytest.raises(UsageError, match="only type=bind"):
+        binds.parse_mount("type=tmpfs,dst=/x")
+
+
+def test_container_env_blocks_and_forwards() -> None:
+    host = {"HOME": "/h", "PATH": "/host/bin", "LD_LIBRARY_PATH": "/l", "FOO": "bar",
+            "APPTAINER_BIND": "/x", "APPTAINERENV_INJ": "1", "SINGULARITYENV_OLD": "2",
+            "TERM": "xterm", "bad-name": "x"}
+    result = env.container_env(env.EnvOptions(home="/home/me", env=("A=1,B=2",)), host)
+    assert result["PATH"] == env.DEFAULT_PATH and result["HOME"] == "/home/me"
+    assert result["CAPSID_HOSTVARS"].split() == ["FOO"]
+    assert result["CAPSID_H_FOO"] == "bar" and "CAPSID_H_LD_LIBRARY_PATH" not in result
+    assert sorted(result["CAPSID_FORCED"].split()) == ["A", "B", "INJ", "OLD"]
+    assert result["TERM"] == "xterm"
+    clean = env.container_env(env.EnvOptions(cleanenv=True), host)
+    assert clean["CAPSID_HOSTVARS"] == "" and clean["LANG"] == "C"
+
+
+def test_prepend_path_goes_to_the_runtime_script() -> None:
+    result = env.container_env(env.EnvOptions(env=("PREPEND_PATH=/opt/bin",)), {})
+    assert result["SING_USER_DEFINED_PREPEND_PATH"] == "/opt/bin"
+
+
+def test_env_file(tmp_path: Path) -> None:
+    f = tmp_path / "e"
+    f.write_text("A=1\nexport B='two words'\n# c\n")
+    assert env.read_env_file(str(f)) == {"A": "1", "B": "two words"}
+    f.write_text("not an assignment\n")
+    with pytest.raises(UsageError, match="is not NAME=VALUE"):
+        env.read_env_file(str(f))
+
+
+def test_userns_error_names_the_sysctl() -> None:
+    err = container._userns_error(OSError(errno.EPERM, "Operation not permitted"))
+    assert "user.max_user_namespaces" in err.hint
+    assert "kernel.unprivileged_userns_clone" in err.hint
+
+
+def test_site_config(tmp_path: Path) -> None:
+    conf = tmp_path / "c.conf"
+    conf.write_text("bind path = /scratch\nbind path = /a:/b\nmount home = no\n"
+                    "sessiondir max size = 2048\n")
+    site = config.load(str(conf))
+    assert site.bind_paths == ("/scratch", "/a:/b")
+    assert site.mount_home is False and site.tmpfs_size_mib == 2048
+    assert config.load(str(tmp_path / "absent")).bind_paths == config.DEFAULT_BIND_PATHS
+
+
+def test_passwd_and_group_generation() -> None:
+    user = identity.User(1234, 1234, "alice", "alice", "Alice", "/home/alice", "/bin/bash")
+    out = identity.passwd(b"root:x:0:0:root:/root:/bin/sh\n", user, "/home/alice").decode()
+    assert out.splitlines()[-1] == "alice:x:1234:1234:Alice:/home/alice:/bin/bash"
+    again = identity.passwd(out.encode(), user, "/elsewhere").decode()
+    assert again.count("alice") == 1 and ":/elsewhere:" in again
+    assert identity.group(b"root:x:0:\n", user).decode().endswith("alice:x:1234:alice\n")
