@@ -392,3 +392,30 @@ def test_unusable_dev_fuse_falls_back_to_unpacking(busybox_sif: Path) -> None:
     assert result.stderr == ("WARNING: /dev/fuse is not usable by you: unpacking the image into "
                              "memory instead (ask an administrator to make /dev/fuse mode "
                              "0666)\n")
+
+
+def test_image_without_a_shell_gets_its_oci_env(tmp_path: Path) -> None:
+    """No /bin/sh to source env scripts: the OCI Env kept in the SIF is applied directly."""
+    from capsid.image import sif
+
+    root = tmp_path / "static"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "busybox").write_bytes(Path("/bin/busybox").read_bytes())
+    (root / "bin" / "busybox").chmod(0o755)
+    plain = tmp_path / "plain.sif"
+    run_capsid("build", plain, root, check=True)
+    part = tmp_path / "part.sqfs"
+    with sif.SifImage(plain) as f, open(part, "wb") as out:
+        primary = f.primary_partition()
+        assert primary is not None
+        f.copy_to(primary, out)
+    image = tmp_path / "oci.sif"
+    with open(image, "wb") as out:
+        sif.write(out, [sif.NewObject(sif.DataType.GENERIC_JSON,
+                                      b'{"Env": ["GREETING=hello", "PATH=/bin"]}',
+                                      "oci-config.json"),
+                        sif.NewObject.partition(part, "amd64")], created_at=0)
+    result = capsid_exec(image, "--env", "FORCED=yes", "/bin/busybox", "env")
+    lines = result.stdout.splitlines()
+    assert "GREETING=hello" in lines and "PATH=/bin" in lines and "FORCED=yes" in lines, \
+        result.stderr

@@ -21,13 +21,16 @@ SQUASHFS_MAGIC = b"hsqs"
 class Image:
     """An image on disk, and where its squashfs root filesystem lies in it."""
 
-    __slots__ = ("kind", "offset", "path", "size")
+    __slots__ = ("kind", "oci_config", "offset", "path", "size")
 
-    def __init__(self, path: str, kind: str, offset: int = 0, size: int = 0) -> None:
+    def __init__(self, path: str, kind: str, offset: int = 0, size: int = 0,
+                 oci_config: tuple[int, int] | None = None) -> None:
         self.path = path
         self.kind = kind  #: SIF, SQUASHFS or SANDBOX
         self.offset = offset
         self.size = size
+        #: (offset, size) of the SIF's oci-config.json object, if it has one
+        self.oci_config = oci_config
 
     def __repr__(self) -> str:
         return f"Image({self.path!r}, {self.kind!r}, offset={self.offset}, size={self.size})"
@@ -58,6 +61,8 @@ def locate(path: str | os.PathLike[str]) -> Image:
 
 def _sif(f: BinaryIO, path: str) -> Image:
     _, descriptors = siftable.read_table(f, path)
+    oci_config = next(((d[5], d[6]) for d in descriptors if d[0] == siftable.DATA_GENERIC_JSON
+                       and siftable.cstr(d[12]) == "oci-config.json"), None)
     for d in descriptors:
         if d[0] != siftable.DATA_PARTITION:
             continue
@@ -67,7 +72,7 @@ def _sif(f: BinaryIO, path: str) -> Image:
         if fs_type != siftable.FS_SQUASHFS:
             raise ImageFormatError(f"{path} has a root filesystem of type {fs_type}, "
                                    "not squashfs", "capsid runs squashfs root filesystems only")
-        return Image(path, SIF, d[5], d[6])
+        return Image(path, SIF, d[5], d[6], oci_config)
     raise ImageFormatError(f"{path} has no primary system partition",
                            "it holds no root filesystem to run; rebuild it")
 

@@ -14,7 +14,7 @@ import sys
 
 from capsid import config, log, tools
 from capsid.errors import RuntimeSetupError, UsageError
-from capsid.image.locate import SANDBOX, SIF, Image, locate
+from capsid.image.locate import SANDBOX, Image, locate
 from capsid.runtime import env as envmod
 from capsid.runtime import identity, linux, mounts
 from capsid.runtime.binds import BindSpec
@@ -436,19 +436,12 @@ def _exec(plan: _Plan, opts: ExecOptions) -> NoReturn:
 
 def _oci_env(image: Image) -> list[str]:
     """The OCI ``Env`` stored in a SIF, for images without a shell to source env scripts."""
-    if image.kind != SIF:
+    if image.oci_config is None:
         return []
-    from capsid.image import siftable
-
+    offset, size = image.oci_config
     with open(image.path, "rb") as f:
-        _, descriptors = siftable.read_table(f, image.path)
-        for d in descriptors:
-            if d[0] == siftable.DATA_GENERIC_JSON and siftable.cstr(d[12]) == "oci-config.json":
-                f.seek(d[5])
-                raw = f.read(d[6])
-                break
-        else:
-            return []
+        f.seek(offset)
+        raw = f.read(size)
     import json
 
     try:
