@@ -206,13 +206,20 @@ def test_image_environment_wins_over_host_but_not_over_env_flag(
         == "flag\n"
 
 
-def test_image_without_a_shell_runs(tmp_path: Path) -> None:
+@pytest.fixture
+def shell_less_sif(tmp_path: Path) -> Path:
+    """An image holding only a static busybox: no /bin/sh to source env scripts with."""
     root = tmp_path / "static"
     (root / "bin").mkdir(parents=True)
     (root / "bin" / "busybox").write_bytes(Path("/bin/busybox").read_bytes())
     (root / "bin" / "busybox").chmod(0o755)
     image = tmp_path / "static.sif"
     run_capsid("build", image, root, check=True)
+    return image
+
+
+def test_image_without_a_shell_runs(shell_less_sif: Path) -> None:
+    image = shell_less_sif
     assert capsid_exec(image, "/bin/busybox", "echo", "no shell needed").stdout == \
         "no shell needed\n"
 
@@ -394,16 +401,11 @@ def test_unusable_dev_fuse_falls_back_to_unpacking(busybox_sif: Path) -> None:
                              "0666)\n")
 
 
-def test_image_without_a_shell_gets_its_oci_env(tmp_path: Path) -> None:
+def test_image_without_a_shell_gets_its_oci_env(shell_less_sif: Path, tmp_path: Path) -> None:
     """No /bin/sh to source env scripts: the OCI Env kept in the SIF is applied directly."""
     from capsid.image import sif
 
-    root = tmp_path / "static"
-    (root / "bin").mkdir(parents=True)
-    (root / "bin" / "busybox").write_bytes(Path("/bin/busybox").read_bytes())
-    (root / "bin" / "busybox").chmod(0o755)
-    plain = tmp_path / "plain.sif"
-    run_capsid("build", plain, root, check=True)
+    plain = shell_less_sif
     part = tmp_path / "part.sqfs"
     with sif.SifImage(plain) as f, open(part, "wb") as out:
         primary = f.primary_partition()
