@@ -15,9 +15,15 @@ cd "$(dirname "$0")/.."
 #   bubblewrap charliecloud-runtime          peers for the benchmarks
 #   python3-venv       the venv, made from Debian's /usr/bin/python3 so ordinary users can run it
 #   mmdebstrap         a Debian+python3 root filesystem for the runtime tests and benchmarks
+#   docker-registry apache2-utils openssl   a real registry (TLS, htpasswd) for the OCI tests
+#   buildah umoci skopeo golang-github-containers-common
+#                      real tools that write the OCI images, archives and layouts capsid reads,
+#                      and read what capsid pushes; skopeo+umoci are also Apptainer's path
+#   charliecloud-builders                    ch-image/ch-convert, a peer in the pull benchmark
 packages=(squashfs-tools-ng squashfs-tools squashfuse fuse3 fuse-overlayfs uidmap
           busybox-static golang-go golang-github-sylabs-sif-dev bubblewrap charliecloud-runtime
-          python3-venv util-linux procps mmdebstrap)
+          python3-venv util-linux procps mmdebstrap docker-registry apache2-utils openssl
+          buildah umoci skopeo golang-github-containers-common charliecloud-builders)
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -167,6 +167,11 @@ def run(verb: str, argv: list[str]) -> int:
         raise UsageError(f"--tmpfs-size {size!r} is not a number of MiB",
                          "give a whole number, e.g. --tmpfs-size 2048")
 
+    if image.startswith(("docker://", "oras://")):
+        from capsid.oci.sources import cached_for_run
+
+        image = cached_for_run(image)
+
     from capsid.runtime import binds
     from capsid.runtime.container import ExecOptions, launch
 

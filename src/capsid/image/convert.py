@@ -54,7 +54,7 @@ def _missing_skeleton(names: set[str], dirs: set[str], mtime: int) -> Iterable[t
         yield info
 
 
-def _sif_objects(metadata: meta.Metadata, partition: Path, arch: str,
+def sif_objects(metadata: meta.Metadata, partition: Path, arch: str,
                  oci_config: bytes | None = None) -> list[sif.NewObject]:
     objects = []
     if metadata.deffile:
@@ -69,7 +69,7 @@ def _sif_objects(metadata: meta.Metadata, partition: Path, arch: str,
     return objects
 
 
-def _scratch_file(beside: Path, suffix: str) -> Path:
+def scratch_file(beside: Path, suffix: str) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{beside.name}.", suffix=suffix, dir=beside.parent)
     os.close(fd)
     return Path(name)
@@ -82,7 +82,7 @@ def sandbox_to_sif(src: Path, out: Path, *, compression: str = "zstd",
     squashfs.check_compression(compression)
     arch = sandbox.detect_arch(src)
     with output.atomic_file(out, force) as tmp:
-        part = _scratch_file(out, ".sqfs.capsid-tmp")
+        part = scratch_file(out, ".sqfs.capsid-tmp")
         try:
             with squashfs.create(part, compression) as tar:
                 names, dirs, newest = sandbox.add_tree(tar, src)
@@ -103,7 +103,7 @@ def sandbox_to_sif(src: Path, out: Path, *, compression: str = "zstd",
             files.update(squashfs.read_dir(src / meta.ROOT))
             metadata = meta.Metadata.from_tree(files)
             with open(tmp, "wb") as f:
-                sif.write(f, _sif_objects(metadata, part, arch), created_at=stamp)
+                sif.write(f, sif_objects(metadata, part, arch), created_at=stamp)
         finally:
             part.unlink(missing_ok=True)
     LOG.info("wrote %s (%s, %s)", out, arch, compression)
@@ -132,12 +132,12 @@ def image_to_sif(src: Path, out: Path, *, force: bool = False) -> None:
     info = metadata(image)
     stamp = source_date_epoch() or int(src.stat().st_mtime)
     with output.atomic_file(out, force) as tmp:
-        part = _scratch_file(out, ".sqfs.capsid-tmp")
+        part = scratch_file(out, ".sqfs.capsid-tmp")
         try:
             with open(src, "rb") as f_in, open(part, "wb") as f_out:
                 f_in.seek(image.offset)
                 shutil.copyfileobj(f_in, f_out, 1 << 20)
             with open(tmp, "wb") as f:
-                sif.write(f, _sif_objects(info, part, sandbox.host_arch()), created_at=stamp)
+                sif.write(f, sif_objects(info, part, sandbox.host_arch()), created_at=stamp)
         finally:
             part.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from capsid import log, tools
 from capsid.errors import ImageFormatError, UsageError
@@ -37,11 +38,11 @@ def check_compression(name: str) -> str:
 
 
 @contextlib.contextmanager
-def create(out: Path, compression: str = "zstd") -> Iterator[tarfile.TarFile]:
-    """Yield a streaming TarFile; whatever is added to it becomes squashfs *out*.
+def writer(out: Path, compression: str = "zstd") -> Iterator[BinaryIO]:
+    """Yield a pipe; the tar stream written to it becomes squashfs *out*.
 
-    The tar stream goes straight into ``tar2sqfs`` on a pipe. If the block
-    raises, tar2sqfs is killed and *out* is removed.
+    The stream goes straight into ``tar2sqfs``. If the block raises, tar2sqfs
+    is killed and *out* is removed.
     """
     check_compression(compression)
     argv = [tools.which("tar2sqfs"), "--quiet", "--force", "--no-skip",
@@ -52,12 +53,10 @@ def create(out: Path, compression: str = "zstd") -> Iterator[tarfile.TarFile]:
     LOG.debug("running %s", " ".join(argv))
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=errors)
+                                stderr=errors, bufsize=1 << 20)
         assert proc.stdin is not None
         try:
-            with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT,
-                              bufsize=1 << 20) as tar:
-                yield tar
+            yield proc.stdin  # type: ignore[misc]
             proc.stdin.close()
         except BrokenPipeError:
             proc.wait()
@@ -73,6 +72,15 @@ def create(out: Path, compression: str = "zstd") -> Iterator[tarfile.TarFile]:
             errors.seek(0)
             out.unlink(missing_ok=True)
             raise tools.failure("tar2sqfs", proc.returncode, errors.read())
+
+
+@contextlib.contextmanager
+def create(out: Path, compression: str = "zstd") -> Iterator[tarfile.TarFile]:
+    """Yield a streaming TarFile; whatever is added to it becomes squashfs *out*."""
+    with writer(out, compression) as pipe, \
+            tarfile.open(fileobj=pipe, mode="w|", format=tarfile.PAX_FORMAT,
+                         bufsize=1 << 20) as tar:
+        yield tar
 
 
 def check_magic(path: Path, offset: int = 0) -> None:

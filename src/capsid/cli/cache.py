@@ -1,0 +1,42 @@
+"""``capsid cache list|clean``: the blob and SIF cache under $CAPSID_CACHEDIR."""
+
+from __future__ import annotations
+
+import sys
+
+from capsid.cli.parser import parser
+
+
+def run(verb: str, argv: list[str]) -> int:
+    p = parser("cache", "list|clean [options]",
+               "Show or empty the cache of downloaded blobs and converted SIFs "
+               "($CAPSID_CACHEDIR, default ~/.cache/capsid).")
+    p.add_argument("action", choices=("list", "clean"))
+    p.add_argument("-D", "--days", type=float,
+                   help="clean: only what has not been used for this many days")
+    p.add_argument("-n", "--dry-run", action="store_true", help="clean: only show what would go")
+    p.add_argument("-v", "--verbose", action="store_true", help="list: every file")
+    args = p.parse_args(argv)
+    from capsid.oci.store import Store
+
+    store = Store()
+    if args.action == "clean":
+        removed = store.clean(args.days, args.dry_run)
+        if args.dry_run:
+            for path in removed:
+                sys.stdout.write(f"would remove {path}\n")
+        sys.stderr.write(f"{'would remove' if args.dry_run else 'removed'} {len(removed)} "
+                         f"files from {store.root}\n")
+        return 0
+    totals: dict[str, list[int]] = {}
+    for kind, path, st in store.entries():
+        count_size = totals.setdefault(kind, [0, 0])
+        count_size[0] += 1
+        count_size[1] += st.st_size
+        if args.verbose:
+            sys.stdout.write(f"{kind:8} {st.st_size:>14,} {path.name}\n")
+    for kind in ("blob", "sif", "partial"):
+        count, size = totals.get(kind, [0, 0])
+        sys.stdout.write(f"{kind + 's':9} {count:6} files {size / (1 << 20):10.1f} MiB\n")
+    sys.stdout.write(f"location  {store.root}\n")
+    return 0

@@ -1,0 +1,1 @@
+"""OCI images: references, registries, the blob cache, archives, layers → SIF."""

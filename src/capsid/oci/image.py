@@ -1,0 +1,154 @@
+"""OCI image manifests and indexes: media types, platform choice, the parts of an image.
+
+Every source (a registry, ``docker save`` archives, OCI archives and layouts)
+ends as a :class:`SourceImage`: its config and its layers, each a function that
+opens the layer's bytes plus the digest those bytes must have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from capsid.errors import CapsidError, ImageFormatError
+
+#: Opens a layer's bytes for reading.
+Opener = Callable[[], BinaryIO]
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = OCI_LAYER + "+gzip"
+OCI_LAYER_ZSTD = OCI_LAYER + "+zstd"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+DOCKER_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
+                  "application/vnd.docker.distribution.manifest.v1+prettyjws")
+SIF_CONFIG = "application/vnd.sylabs.sif.config.v1+json"
+SIF_LAYER = "application/vnd.sylabs.sif.layer.v1.sif"
+TITLE = "org.opencontainers.image.title"
+
+INDEXES = (OCI_INDEX, DOCKER_LIST)
+MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
+ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
+
+#: uname machine → OCI architecture (and default variant)
+_MACHINES = {"x86_64": ("amd64", ""), "aarch64": ("arm64", "v8"), "armv7l": ("arm", "v7"),
+             "armv6l": ("arm", "v6"), "ppc64le": ("ppc64le", ""), "s390x": ("s390x", ""),
+             "riscv64": ("riscv64", ""), "i686": ("386", ""), "i386": ("386", "")}
+
+
+def host_platform() -> tuple[str, str]:
+    """(architecture, variant) of this machine in OCI terms."""
+    machine = os.uname().machine
+    return _MACHINES.get(machine, (machine, ""))
+
+
+def parse_platform(arch: str | None) -> tuple[str, str]:
+    """``--arch`` (``arm64``, ``arm64/v8``, ``linux/arm/v7``) → (architecture, variant)."""
+    if not arch:
+        return host_platform()
+    parts = arch.strip("/").split("/")
+    if parts[0] == "linux":
+        parts = parts[1:]
+    if not parts or not parts[0]:
+        raise CapsidError(f"--arch {arch!r} names no architecture",
+                          "use e.g. --arch amd64, --arch arm64 or --arch arm/v7")
+    architecture = {"x86_64": "amd64", "aarch64": "arm64"}.get(parts[0], parts[0])
+    variant = parts[1] if len(parts) > 1 else dict(_MACHINES.values()).get(architecture, "")
+    return architecture, variant
+
+
+def load_json(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ImageFormatError(f"the {what} is not valid JSON",
+                               "the image is damaged; pull or save it again") from None
+    if not isinstance(value, dict):
+        raise ImageFormatError(f"the {what} is not a JSON object",
+                               "the image is damaged; pull or save it again")
+    return dict(value)
+
+
+def media_type(doc: dict[str, Any], fallback: str = "") -> str:
+    value = doc.get("mediaType") or fallback
+    if not value and "manifests" in doc:
+        return OCI_INDEX
+    if not value and "layers" in doc:
+        return OCI_MANIFEST
+    return str(value)
+
+
+def choose_platform(index: dict[str, Any], platform: tuple[str, str], name: str) -> dict[str, Any]:
+    """The descriptor in *index* for *platform*; a clear error listing what there is."""
+    arch, variant = platform
+    candidates = []
+    for desc in index.get("manifests") or []:
+        p = desc.get("platform") or {}
+        if p.get("os", "linux") != "linux" or p.get("architecture") != arch:
+            continue
+        candidates.append((desc, p.get("variant", "")))
+    for desc, var in candidates:
+        if var == variant or (not var and variant in ("", "v8")):
+            return dict(desc)
+    if len(candidates) == 1 or (candidates and not variant):
+        return dict(candidates[0][0])
+    available = sorted({
+        "/".join(x for x in (d.get("platform", {}).get("architecture", "?"),
+                             d.get("platform", {}).get("variant", "")) if x)
+        for d in index.get("manifests") or [] if isinstance(d, dict)})
+    wanted = f"{arch}/{variant}" if variant else arch
+    raise CapsidError(f"{name} has no image for linux/{wanted}",
+                      f"it has: {', '.join(available) or 'none'}; choose one with --arch")
+
+
+class Layer:
+    """One layer: how to open its bytes, and the digest they must hash to."""
+
+    __slots__ = ("digest", "media_type", "opener", "size", "verify_uncompressed")
+
+    def __init__(self, digest: str, size: int, media_type: str,
+                 opener: Opener, verify_uncompressed: bool = False) -> None:
+        self.digest = digest
+        self.size = size
+        self.media_type = media_type
+        self.opener = opener
+        #: True when *digest* is of the uncompressed tar (a docker-save diff ID).
+        self.verify_uncompressed = verify_uncompressed
+
+
+class SourceImage:
+    """An image ready to convert: config and layers (oldest first)."""
+
+    def __init__(self, name: str, config: dict[str, Any], layers: list[Layer],
+                 manifest_digest: str | None = None, config_raw: bytes = b"") -> None:
+        self.name = name
+        self.config = config
+        self.layers = layers
+        self.manifest_digest = manifest_digest
+        self.config_raw = config_raw
+
+    @property
+    def architecture(self) -> str:
+        return str(self.config.get("architecture") or host_platform()[0])
+
+
+def manifest_parts(manifest: dict[str, Any],
+                   name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(config descriptor, layer descriptors) of an image manifest."""
+    kind = media_type(manifest)
+    if kind in DOCKER_SCHEMA1 or manifest.get("schemaVersion") == 1:
+        raise CapsidError(f"{name} uses Docker's schema 1 manifest, which capsid does not read",
+                          "push the image again with a current Docker, Podman or skopeo")
+    config = manifest.get("config")
+    layers = manifest.get("layers")
+    if not isinstance(config, dict) or not isinstance(layers, list):
+        raise ImageFormatError(f"the manifest of {name} has no config or layers",
+                               "the image is damaged or not a container image")
+    return config, [d for d in layers if isinstance(d, dict)]

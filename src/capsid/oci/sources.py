@@ -1,0 +1,130 @@
+"""Image URIs capsid understands, and turning each into a SIF.
+
+``docker://REF`` (a registry, through the cache), ``docker-archive:PATH[:TAG]``,
+``oci-archive:PATH[:TAG]``, ``oci:DIR[:TAG]`` (each also with ``://``) and
+``oras://REF`` (a SIF stored in a registry).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from capsid import log
+from capsid.errors import CapsidError, UsageError
+from capsid.image import output
+from capsid.oci import archive, image, reference
+
+LOG = log.get(__name__)
+
+SCHEMES = ("docker", "docker-archive", "oci-archive", "oci", "oras")
+
+
+def split(uri: str) -> tuple[str, str] | None:
+    """(scheme, rest) if *uri* names one of :data:`SCHEMES`, else None."""
+    scheme, sep, rest = uri.partition(":")
+    if not sep or scheme not in SCHEMES:
+        return None
+    return scheme, rest[2:] if rest.startswith("//") else rest
+
+
+def is_uri(text: str) -> bool:
+    return split(text) is not None
+
+
+class Options:
+    """What pull and build share: platform, transport, compression, cache use."""
+
+    def __init__(self, arch: str | None = None, nohttps: bool = False,
+                 compression: str = "zstd", disable_cache: bool = False) -> None:
+        self.platform = image.parse_platform(arch)
+        self.nohttps = nohttps
+        self.compression = compression
+        self.disable_cache = disable_cache
+
+
+def to_sif(uri: str, out: Path, opts: Options, force: bool = False) -> None:
+    """Write SIF *out* from *uri*."""
+    from capsid.oci import tosif
+
+    parsed = split(uri)
+    if parsed is None:
+        raise UsageError(f"{uri!r} is not an image URI",
+                         f"use one of {', '.join(s + '://' for s in SCHEMES)}")
+    scheme, rest = parsed
+    if scheme == "docker-archive":
+        tosif.write_sif(archive.docker_archive(rest, opts.platform), out,
+                        compression=opts.compression, force=force)
+    elif scheme in ("oci-archive", "oci"):
+        tosif.write_sif(archive.oci_layout(rest, opts.platform, f"{scheme}:"), out,
+                        compression=opts.compression, force=force)
+    elif scheme == "docker":
+        output.check_target(out, force)
+        from capsid.oci.pull import Puller
+
+        ref = reference.parse(rest)
+        with Puller(nohttps=opts.nohttps) as puller:
+            if opts.disable_cache:
+                source = puller.fetch(puller.resolve(ref, opts.platform))
+                tosif.write_sif(source, out, compression=opts.compression, force=force,
+                                verified=True)
+                return
+            cached = puller.cached_sif(ref, opts.platform, opts.compression)
+        with output.atomic_file(out, force) as tmp:
+            shutil.copyfile(cached, tmp)
+    else:
+        pull_oras(reference.parse(rest), out, opts, force)
+
+
+def pull_oras(ref: reference.Reference, out: Path, opts: Options, force: bool) -> None:
+    """Fetch the SIF stored as an ORAS artifact at *ref*."""
+    from capsid.oci.pull import Puller
+
+    output.check_target(out, force)
+    with Puller(nohttps=opts.nohttps) as puller:
+        resolved = puller.resolve(ref, opts.platform)
+        _config, layers = image.manifest_parts(resolved.manifest, str(ref))
+        sifs = [d for d in layers if d.get("mediaType") == image.SIF_LAYER]
+        if not sifs:
+            raise CapsidError(f"{ref} is not a SIF stored with ORAS",
+                              f"for container images use docker://{ref}")
+        blob = puller.blob(resolved, str(sifs[0]["digest"]))
+    with output.atomic_file(out, force) as tmp:
+        shutil.copyfile(blob, tmp)
+
+
+def default_name(uri: str) -> str:
+    """Apptainer's default output name for ``pull``: ``NAME_TAG.sif``."""
+    parsed = split(uri)
+    if parsed and parsed[0] in ("docker", "oras"):
+        return reference.parse(parsed[1]).sif_name()
+    if parsed:
+        stem = Path(archive.split_ref(parsed[1])[0]).name
+        return stem.split(".", 1)[0] + ".sif" if stem else "image.sif"
+    raise UsageError(f"{uri!r} is not an image URI",
+                     f"use one of {', '.join(s + '://' for s in SCHEMES)}")
+
+
+def cached_for_run(uri: str) -> str:
+    """The cached SIF to run for a ``docker://`` or ``oras://`` image."""
+    from capsid.oci.pull import Puller
+
+    scheme, rest = split(uri) or ("", uri)
+    ref = reference.parse(rest)
+    opts = Options(nohttps=_env_nohttps())
+    with Puller(nohttps=opts.nohttps) as puller:
+        if scheme == "oras":
+            resolved = puller.resolve(ref, opts.platform)
+            _config, layers = image.manifest_parts(resolved.manifest, str(ref))
+            sifs = [d for d in layers if d.get("mediaType") == image.SIF_LAYER]
+            if not sifs:
+                raise CapsidError(f"{ref} is not a SIF stored with ORAS",
+                                  f"for container images use docker://{ref}")
+            return str(puller.blob(resolved, str(sifs[0]["digest"])))
+        return str(puller.cached_sif(ref, opts.platform))
+
+
+def _env_nohttps() -> bool:
+    from capsid import config
+
+    return config.env_flag("NOHTTPS") or config.env_flag("NO_HTTPS")

@@ -1,0 +1,200 @@
+"""The cache: an OCI image layout of blobs, plus SIFs converted from them.
+
+Layout under ``$CAPSID_CACHEDIR`` (default ``~/.cache/capsid``)::
+
+    oci/               an OCI image layout (oci-layout, index.json, blobs/sha256/…)
+    sif/sha256-HEX.sif a SIF made from the image whose manifest has that digest
+    partial/           downloads in progress (resumed by the next process)
+    locks/             one lock file per blob or SIF being made
+
+Safe for many processes at once (an MPI job's ranks pulling one image): a
+blob or SIF is made under an exclusive ``flock`` on its lock file, by one
+process, into a temporary name, then renamed into place. A file under
+``blobs/`` or ``sif/`` is therefore always complete; kill -9 at any moment
+leaves at worst a partial download that the next process resumes, and the
+kernel drops a dead process's locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from capsid import config
+from capsid.errors import CapsidError, ImageFormatError
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+REF_ANNOTATION = "org.opencontainers.image.ref.name"
+
+
+def check_digest(digest: str) -> str:
+    """*digest* if it is a well-formed sha256 digest (so it is safe in a path)."""
+    if not _DIGEST.fullmatch(digest):
+        raise ImageFormatError(f"unsupported or malformed digest {digest[:80]!r}",
+                               "only sha256 digests are supported")
+    return digest
+
+
+def default_root() -> Path:
+    explicit = config.env("CACHEDIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "capsid" if xdg else Path.home() / ".cache" / "capsid"
+
+
+def fsync_rename(tmp: Path, final: Path) -> None:
+    """Make *tmp* durable, then atomically give it the name *final*."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, final)
+
+
+class Store:
+    """Content-addressed blobs and converted SIFs on disk."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or default_root()
+        self.layout = self.root / "oci"
+        self.blobs = self.layout / "blobs" / "sha256"
+        self.sifs = self.root / "sif"
+        self.partials = self.root / "partial"
+        self.locks = self.root / "locks"
+
+    def prepare(self) -> Store:
+        try:
+            for d in (self.blobs, self.sifs, self.partials, self.locks):
+                d.mkdir(parents=True, exist_ok=True)
+            marker = self.layout / "oci-layout"
+            if not marker.exists():
+                self._write_atomic(marker, b'{"imageLayoutVersion":"1.0.0"}')
+        except OSError as e:
+            raise CapsidError(f"cannot use the cache directory {self.root}: {e.strerror}",
+                              "set CAPSID_CACHEDIR to a writable directory") from None
+        return self
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs / check_digest(digest).split(":", 1)[1]
+
+    def has(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def partial_path(self, digest: str) -> Path:
+        return self.partials / check_digest(digest).split(":", 1)[1]
+
+    def commit(self, partial: Path, digest: str) -> Path:
+        final = self.blob_path(digest)
+        fsync_rename(partial, final)
+        return final
+
+    def put(self, data: bytes) -> str:
+        """Store small *data* (a manifest, a config) and return its digest."""
+        import hashlib
+
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if not self.has(digest):
+            self._write_atomic(self.blob_path(digest), data)
+        return digest
+
+    def read(self, digest: str) -> bytes:
+        return self.blob_path(digest).read_bytes()
+
+    def _write_atomic(self, final: Path, data: bytes) -> None:
+        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=final.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            fsync_rename(Path(name), final)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+
+    # -- locks ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold the exclusive lock called *name* (blocks while another process has it)."""
+        fd = os.open(self.locks / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- references (index.json) -----------------------------------------------------------
+
+    def tag(self, ref: str, manifest_digest: str, media_type: str, size: int) -> None:
+        """Record that *ref* pointed at *manifest_digest* (so it works offline later)."""
+        with self.lock("index.json"):
+            index = self._index()
+            manifests = [m for m in index["manifests"]
+                         if m.get("annotations", {}).get(REF_ANNOTATION) != ref]
+            manifests.append({"mediaType": media_type, "digest": manifest_digest, "size": size,
+                              "annotations": {REF_ANNOTATION: ref}})
+            index["manifests"] = manifests
+            self._write_atomic(self.layout / "index.json",
+                               json.dumps(index, indent=1, sort_keys=True).encode())
+
+    def lookup(self, ref: str) -> str | None:
+        """The manifest digest *ref* last resolved to, if the cache has it."""
+        for m in self._index()["manifests"]:
+            if m.get("annotations", {}).get(REF_ANNOTATION) == ref and self.has(m["digest"]):
+                return str(m["digest"])
+        return None
+
+    def _index(self) -> dict[str, Any]:
+        try:
+            loaded = json.loads((self.layout / "index.json").read_bytes())
+            if isinstance(loaded, dict) and isinstance(loaded.get("manifests"), list):
+                return loaded
+        except (OSError, ValueError):
+            pass
+        return {"schemaVersion": 2, "manifests": []}
+
+    # -- converted images --------------------------------------------------------------------
+
+    def sif_path(self, manifest_digest: str, compression: str) -> Path:
+        hexpart = check_digest(manifest_digest).split(":", 1)[1]
+        suffix = "" if compression == "zstd" else f"-{compression}"
+        return self.sifs / f"sha256-{hexpart}{suffix}.sif"
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    def entries(self) -> Iterator[tuple[str, Path, os.stat_result]]:
+        """(kind, path, stat) for every blob, SIF and partial download."""
+        for kind, d in (("blob", self.blobs), ("sif", self.sifs), ("partial", self.partials)):
+            if not d.is_dir():
+                continue
+            for entry in sorted(d.iterdir()):
+                if entry.name.startswith(".tmp-"):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    yield kind, entry, entry.stat()
+
+    def clean(self, older_than_days: float | None = None, dry_run: bool = False) -> list[Path]:
+        """Remove cached files (only those unused for *older_than_days*, if given)."""
+        cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+        removed = []
+        for _kind, path, st in list(self.entries()):
+            if cutoff is not None and max(st.st_atime, st.st_mtime) > cutoff:
+                continue
+            if not dry_run:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            removed.append(path)
+        if cutoff is None and not dry_run:
+            (self.layout / "index.json").unlink(missing_ok=True)
+        return removed
