@@ -12,6 +12,7 @@ scripts/setup.sh
 if [ "$(id -u)" = 0 ]; then
     CAPSID_TEST_CACHE=$(scripts/debian-image.sh)
     export CAPSID_TEST_CACHE
+    scripts/oci-images.sh >/dev/null
 fi
 
 shared=${CAPSID_SHARED:-$(cd .. && pwd)/shared}

@@ -121,3 +121,55 @@ def live_squashfuse(image: Path | None = None) -> list[str]:
         if "squashfuse" in cmdline and state != "Z" and (image is None or str(image) in cmdline):
             found.append(f"{proc.name}: {cmdline}")
     return found
+
+
+@pytest.fixture(scope="session")
+def oci_images() -> Path:
+    """OCI archives and layouts written by buildah/umoci (scripts/oci-images.sh, run as root)."""
+    cache = Path(os.environ.get("CAPSID_TEST_CACHE", "/var/cache/capsid-test")) / "oci"
+    if not (cache / ".complete-2").exists():
+        pytest.skip("OCI test images are absent (scripts/oci-images.sh makes them as root)")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    need("openssl")
+    from tests.support.registry import make_pki
+
+    d = tmp_path_factory.mktemp("pki")
+    make_pki(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def registry(pki: Path, oci_images: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A TLS + htpasswd docker-registry holding test/busybox:1, test/debian-python3:12 and
+    hub/library/debian-python3:12 (the docker.io mirror's copy), all pushed by skopeo."""
+    need("docker-registry", "skopeo", "htpasswd")
+    from tests.support.registry import Registry
+
+    reg = Registry(tmp_path_factory.mktemp("registry"), pki)
+    try:
+        reg.skopeo_copy(f"oci-archive:{oci_images}/busybox.oci.tar", "test/busybox:1")
+        reg.skopeo_copy(f"oci-archive:{oci_images}/debian-python3.oci.tar",
+                        "test/debian-python3:12")
+        reg.skopeo_copy(f"oci-archive:{oci_images}/debian-python3.oci.tar",
+                        "hub/library/debian-python3:12")
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
+def oci_env(tmp_path: Path, pki: Path) -> dict[str, str]:
+    """An environment with its own cache, home and config, trusting the test CA."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CAPSID_DOCKER", "APPTAINER_DOCKER", "REGISTRY_AUTH",
+                                "XDG_CONFIG", "XDG_CACHE"))}
+    env.update(HOME=str(home), SSL_CERT_FILE=str(pki / "ca.crt"),
+               CAPSID_CACHEDIR=str(tmp_path / "cache"), CAPSID_RETRY_DELAY="0.05",
+               CAPSID_REGISTRIES_CONF=str(tmp_path / "registries.conf"))
+    return env

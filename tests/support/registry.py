@@ -136,6 +136,7 @@ class Registry:
 
     def __init__(self, root: Path, pki: Path, auth: str = "htpasswd",
                  tls: bool = True, anonymous_pull: bool = False) -> None:
+        """Start it; its log (level info: one line per request) is ``root/registry.log``."""
         self.root = root
         self.pki = pki
         self.tls = tls
@@ -143,7 +144,7 @@ class Registry:
         self.token: TokenService | None = None
         root.mkdir(parents=True, exist_ok=True)
         config: dict[str, object] = {
-            "version": 0.1, "log": {"level": "error", "accesslog": {"disabled": True}},
+            "version": 0.1, "log": {"level": "info", "accesslog": {"disabled": True}},
             "storage": {"filesystem": {"rootdirectory": str(root / "data")},
                         "delete": {"enabled": True}},
             "http": {"addr": f"127.0.0.1:{self.port}", "secret": secrets.token_hex(8)},
@@ -193,6 +194,13 @@ class Registry:
         argv += ["--dest-creds", f"{USER}:{PASSWORD}"]
         env = {**os.environ, "TMPDIR": str(self.root)}
         subprocess.run(argv, check=True, capture_output=True, env=env)
+
+    def blob_gets(self, digest: str) -> int:
+        """How many successful GETs of blob *digest* the registry has served."""
+        text = (self.root / "registry.log").read_text(errors="replace")
+        return sum(1 for line in text.splitlines()
+                   if "http.request.method=GET" in line and f"/blobs/{digest}" in line
+                   and "http.response.status=200" in line)
 
     def cert_dir(self) -> Path:
         d = self.root / "certs.d"

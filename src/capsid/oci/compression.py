@@ -48,7 +48,7 @@ def _gunzip(raw: Iterator[bytes]) -> Iterator[bytes]:
         while chunk:
             try:
                 out = inflater.decompress(chunk)
-            except (zlib.error, ValueError, OSError) as e:
+            except Exception as e:  # zlib.error or isal's IsalError: the data is bad
                 raise ImageFormatError(f"a gzip layer is corrupt ({e})",
                                        "pull or save the image again") from None
             if out:

@@ -1,0 +1,327 @@
+"""OCI images to SIF: archives and layouts by buildah/umoci, a real TLS registry with auth,
+mirrors, the cache under concurrency and kill -9, a failing network, and pushing back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from capsid.image.sif import DataType, SifImage
+from tests.conftest import CAPSID, need, run_capsid
+from tests.support.registry import PASSWORD, USER, CuttingProxy, Registry
+
+CREDS = {"CAPSID_DOCKER_USERNAME": USER, "CAPSID_DOCKER_PASSWORD": PASSWORD}
+
+
+def ok(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
+       **kw: object) -> subprocess.CompletedProcess[str]:
+    return run_capsid(*args, check=True, env=env, **kw)
+
+
+def fails(*args: str | os.PathLike[str], env: dict[str, str] | None = None) -> str:
+    """Run capsid expecting its own failure; return the one-line error."""
+    proc = run_capsid(*args, env=env)
+    assert proc.returncode == 255, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("capsid: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def oci_config(image: Path) -> dict[str, object]:
+    with SifImage(image) as s:
+        found = s.find(DataType.GENERIC_JSON, "oci-config.json")
+        assert found is not None
+        return dict(json.loads(s.read(found)))
+
+
+# -- archives and layouts ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["docker-archive:{d}/busybox.docker.tar",
+                                    "oci-archive://{d}/busybox.oci.tar",
+                                    "oci:{d}/busybox-layout:1"])
+def test_archives_and_layouts_become_runnable_sifs(source: str, oci_images: Path,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "busybox.sif"
+    ok("build", out, source.format(d=oci_images))
+    assert ok("run", out).stdout == "hello from /bin/sh\n"  # CMD kept, with its $0
+    assert ok("run", out, "echo", "args replace CMD").stdout == "args replace CMD\n"
+    assert ok("exec", out, "sh", "-c", "echo $GREETING").stdout == "bonjour\n"  # OCI Env
+    assert "org.capsid.test: busybox" in ok("inspect", out).stdout
+    config = oci_config(out)
+    assert config["Cmd"] == ["/bin/sh", "-c", "echo hello from $0"]
+    assert config["WorkingDir"] == "/tmp"
+
+
+def test_the_same_archive_gives_the_same_bytes(oci_images: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.sif", tmp_path / "b.sif"
+    ok("build", a, f"docker-archive:{oci_images}/busybox.docker.tar")
+    ok("build", b, f"docker-archive:{oci_images}/busybox.docker.tar")
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_whiteouts_written_by_umoci_remove_files(oci_images: Path, tmp_path: Path) -> None:
+    need("unsquashfs")
+    out, tree = tmp_path / "two.sif", tmp_path / "tree"
+    ok("build", out, f"oci:{oci_images}/busybox2-layout:2")
+    ok("build", "--sandbox", tree, out)
+    assert not (tree / "home").exists()  # .wh.home
+    assert not (tree / "etc" / "group").exists()  # .wh.group
+    assert (tree / "opt" / "added" / "file").read_text() == "layer2\n"
+    assert (tree / "bin" / "busybox").is_file()  # the lower layer shows through
+
+
+def test_archive_mistakes_are_one_line_errors(oci_images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "x.sif"
+    assert "does not exist" in fails("build", out, f"docker-archive:{tmp_path}/none.tar")
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar" * 100)
+    assert "not a tar archive" in fails("build", out, f"oci-archive:{junk}")
+    assert "no image tagged" in fails("build", out, f"oci:{oci_images}/busybox-layout:nope")
+    assert not out.exists()
+
+
+def test_a_damaged_layer_is_caught_by_its_digest(oci_images: Path, tmp_path: Path) -> None:
+    import shutil
+
+    layout = tmp_path / "layout"
+    shutil.copytree(oci_images / "busybox-layout", layout)
+    biggest = max((layout / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[-100] ^= 0x55  # inside the gzip stream's data, not its header
+    biggest.chmod(0o644)
+    biggest.write_bytes(bytes(data))
+    out = tmp_path / "bad.sif"
+    error = fails("build", out, f"oci:{layout}:1")
+    assert "does not match its digest" in error or "corrupt" in error
+    assert not out.exists()
+
+
+# -- a registry with TLS and htpasswd ------------------------------------------------------------
+
+
+def test_pull_needs_credentials_and_trust(registry: Registry, oci_env: dict[str, str],
+                                          tmp_path: Path) -> None:
+    uri = f"docker://{registry.host}/test/busybox:1"
+    assert "requires authentication" in fails("pull", tmp_path / "a.sif", uri, env=oci_env)
+    untrusting = {k: v for k, v in oci_env.items() if k != "SSL_CERT_FILE"}
+    assert "not trusted" in fails("pull", tmp_path / "a.sif", uri, env={**untrusting, **CREDS})
+    wrong = {**oci_env, "CAPSID_DOCKER_USERNAME": USER, "CAPSID_DOCKER_PASSWORD": "nope"}
+    assert "denied" in fails("pull", tmp_path / "a.sif", uri, env=wrong)
+    assert "not found" in fails("pull", tmp_path / "a.sif",
+                                f"docker://{registry.host}/test/missing:1",
+                                env={**oci_env, **CREDS})
+
+
+def test_login_then_pull_with_the_default_name(registry: Registry, oci_env: dict[str, str],
+                                               tmp_path: Path) -> None:
+    home = Path(oci_env["HOME"])
+    ok("registry", "login", "-u", USER, "--password-stdin", registry.host, env=oci_env,
+       input=PASSWORD + "\n")
+    stored = home / ".config" / "capsid" / "auth.json"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert registry.host in json.loads(stored.read_text())["auths"]
+    assert "rejected" in fails("registry", "login", "-u", USER, "-p", "wrong", registry.host,
+                               env=oci_env)
+    ok("pull", f"docker://{registry.host}/test/busybox:1", env=oci_env, cwd=tmp_path)
+    assert ok("run", tmp_path / "busybox_1.sif").stdout == "hello from /bin/sh\n"
+    assert "already exists" in fails("pull", tmp_path / "busybox_1.sif",
+                                     f"docker://{registry.host}/test/busybox:1", env=oci_env)
+    ok("pull", "--force", tmp_path / "busybox_1.sif", f"docker://{registry.host}/test/busybox:1",
+       env=oci_env)
+    ok("registry", "logout", registry.host, env=oci_env)
+    assert registry.host not in json.loads(stored.read_text())["auths"]
+
+
+def test_docker_io_through_a_mirror_runs_python(registry: Registry, oci_env: dict[str, str],
+                                                tmp_path: Path) -> None:
+    """docker://debian-python3:12 means docker.io/library/…; the site mirror serves it."""
+    Path(oci_env["CAPSID_REGISTRIES_CONF"]).write_text(
+        f'[[registry]]\nprefix = "docker.io"\n[[registry.mirror]]\n'
+        f'location = "{registry.host}/hub"\n')
+    out = tmp_path / "py.sif"
+    ok("pull", out, "docker://debian-python3:12", env={**oci_env, **CREDS})
+    assert ok("exec", out, "python3", "-c", "print(6*9)").stdout == "54\n"
+    assert "bootstrap: docker\nfrom: docker.io/library/debian-python3:12" in \
+        ok("inspect", "--deffile", out).stdout
+
+
+def test_exec_docker_uri_converts_once(registry: Registry, oci_env: dict[str, str]) -> None:
+    env = {**oci_env, **CREDS}
+    uri = f"docker://{registry.host}/test/busybox:1"
+    assert ok("exec", uri, "echo", "first", env=env).stdout == "first\n"
+    sifs = list((Path(oci_env["CAPSID_CACHEDIR"]) / "sif").iterdir())
+    assert len(sifs) == 1
+    made = sifs[0].stat().st_mtime_ns
+    assert ok("run", uri, env=env).stdout == "hello from /bin/sh\n"
+    assert sifs[0].stat().st_mtime_ns == made
+    listing = ok("cache", "list", env=env).stdout
+    assert "sifs" in listing and "blobs" in listing
+    ok("cache", "clean", env=env)
+    assert not list((Path(oci_env["CAPSID_CACHEDIR"]) / "sif").iterdir())
+
+
+# -- token auth ----------------------------------------------------------------------------------
+
+
+def test_bearer_token_flow(pki: Path, oci_images: Path, oci_env: dict[str, str],
+                           tmp_path: Path) -> None:
+    need("docker-registry", "skopeo")
+    reg = Registry(tmp_path / "token-registry", pki, auth="token")
+    try:
+        reg.skopeo_copy(f"oci-archive:{oci_images}/busybox.oci.tar", "team/busybox:1")
+        uri = f"docker://{reg.host}/team/busybox:1"
+        assert "requires authentication" in fails("pull", tmp_path / "a.sif", uri, env=oci_env)
+        before = reg.token.requests if reg.token else 0
+        ok("pull", tmp_path / "b.sif", uri, env={**oci_env, **CREDS})
+        assert reg.token is not None and reg.token.requests > before
+        assert ok("run", tmp_path / "b.sif").stdout == "hello from /bin/sh\n"
+        ok("push", tmp_path / "b.sif", f"oras://{reg.host}/team/busybox-sif:1",
+           env={**oci_env, **CREDS})
+    finally:
+        reg.stop()
+
+
+# -- failures on the way: retry and resume ---------------------------------------------------------
+
+
+def test_downloads_resume_after_the_connection_drops(registry: Registry, oci_env: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    proxy = CuttingProxy(registry.port, after=4 << 20, cuts=3)
+    try:
+        out = tmp_path / "py.sif"
+        ok("pull", out, f"docker://127.0.0.1:{proxy.port}/test/debian-python3:12",
+           env={**oci_env, **CREDS})
+        assert proxy.cuts_done == 3
+        blobs = Path(oci_env["CAPSID_CACHEDIR"]) / "oci" / "blobs" / "sha256"
+        layer_bytes = max(p.stat().st_size for p in blobs.iterdir())
+        # resumed with Range, not restarted: little more than the layer crossed the proxy
+        assert proxy.bytes_down < layer_bytes * 1.2, (proxy.bytes_down, layer_bytes)
+        assert not list((Path(oci_env["CAPSID_CACHEDIR"]) / "partial").iterdir())
+        assert ok("exec", out, "python3", "-c", "print(6*9)").stdout == "54\n"
+    finally:
+        proxy.stop()
+
+
+# -- the cache under concurrency and kill -9 ------------------------------------------------------
+
+
+def _layer_digest(registry: Registry, repo: str, env: dict[str, str]) -> str:
+    out = subprocess.run(["skopeo", "inspect", "--cert-dir", str(registry.cert_dir()), "--creds",
+                          f"{USER}:{PASSWORD}", f"docker://{registry.host}/{repo}"],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    return str(json.loads(out)["Layers"][0])
+
+
+def test_32_ranks_pulling_at_once_download_each_blob_once(registry: Registry,
+                                                          oci_env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    env = {**oci_env, **CREDS}
+    layer = _layer_digest(registry, "test/busybox:1", env)
+    before = registry.blob_gets(layer)
+    procs = [subprocess.Popen([str(CAPSID), "pull", str(tmp_path / f"rank{i}.sif"),
+                               f"docker://{registry.host}/test/busybox:1"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(32)]
+    results = [(p.wait(180), p.stderr.read() if p.stderr else "") for p in procs]
+    assert all(rc == 0 for rc, _ in results), results
+    assert registry.blob_gets(layer) - before == 1
+    first = (tmp_path / "rank0.sif").read_bytes()
+    assert all((tmp_path / f"rank{i}.sif").read_bytes() == first for i in range(32))
+    cache = Path(oci_env["CAPSID_CACHEDIR"])
+    assert len(list((cache / "sif").iterdir())) == 1
+    assert not list((cache / "partial").iterdir())
+
+
+def _cache_is_consistent(cache: Path) -> None:
+    for blob in (cache / "oci" / "blobs" / "sha256").iterdir():
+        if blob.name.startswith(".tmp-"):
+            continue
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name, blob
+    for sif in (cache / "sif").glob("*.sif"):
+        with SifImage(sif) as s:
+            part = s.primary_partition()
+            assert part is not None and part.offset + part.size <= sif.stat().st_size
+
+
+def test_kill_9_at_any_point_leaves_the_cache_usable(registry: Registry, oci_env: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    env = {**oci_env, **CREDS}
+    uri = f"docker://{registry.host}/test/debian-python3:12"
+    cache = Path(oci_env["CAPSID_CACHEDIR"])
+    rng = random.Random(1234)
+    for attempt in range(5):
+        proc = subprocess.Popen([str(CAPSID), "pull", str(tmp_path / f"k{attempt}.sif"), uri],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        time.sleep(rng.uniform(0.2, 2.0))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _cache_is_consistent(cache)
+        assert not (tmp_path / f"k{attempt}.sif").exists() or proc.returncode == 0
+    out = tmp_path / "final.sif"
+    ok("pull", out, uri, env=env)
+    _cache_is_consistent(cache)
+    assert ok("exec", out, "python3", "-c", "print(6*9)").stdout == "54\n"
+
+
+# -- pushing ---------------------------------------------------------------------------------------
+
+
+def test_push_oras_round_trips_the_sif(registry: Registry, oci_env: dict[str, str],
+                                       busybox_sif: Path, tmp_path: Path) -> None:
+    env = {**oci_env, **CREDS}
+    ref = f"{registry.host}/test/busybox-sif:1"
+    ok("push", busybox_sif, f"oras://{ref}", env=env)
+    manifest = json.loads(subprocess.run(
+        ["skopeo", "inspect", "--raw", "--cert-dir", str(registry.cert_dir()), "--creds",
+         f"{USER}:{PASSWORD}", f"docker://{ref}"], capture_output=True, text=True,
+        check=True).stdout)
+    assert manifest["config"]["mediaType"] == "application/vnd.sylabs.sif.config.v1+json"
+    assert manifest["layers"][0]["mediaType"] == "application/vnd.sylabs.sif.layer.v1.sif"
+    assert manifest["layers"][0]["annotations"]["org.opencontainers.image.title"] == \
+        busybox_sif.name
+    ok("pull", tmp_path / "back.sif", f"oras://{ref}", env=env)
+    assert (tmp_path / "back.sif").read_bytes() == busybox_sif.read_bytes()
+    assert ok("exec", f"oras://{ref}", "echo", "via oras", env=env).stdout == "via oras\n"
+
+
+def test_push_docker_makes_an_image_other_tools_read(registry: Registry, oci_env: dict[str, str],
+                                                     oci_images: Path, tmp_path: Path) -> None:
+    env = {**oci_env, **CREDS}
+    src = tmp_path / "src.sif"
+    ok("build", src, f"oci-archive:{oci_images}/busybox.oci.tar")
+    ref = f"{registry.host}/test/pushed:1"
+    ok("push", src, f"docker://{ref}", env=env)
+    info = json.loads(subprocess.run(
+        ["skopeo", "inspect", "--cert-dir", str(registry.cert_dir()), "--creds",
+         f"{USER}:{PASSWORD}", f"docker://{ref}"], capture_output=True, text=True,
+        check=True).stdout)
+    assert info["Architecture"] == "amd64" and len(info["Layers"]) == 1
+    assert "GREETING=bonjour" in info["Env"]
+    copied = tmp_path / "copied"
+    subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet", "--src-cert-dir",
+                    str(registry.cert_dir()), "--src-creds", f"{USER}:{PASSWORD}",
+                    f"docker://{ref}", f"oci:{copied}:1"], check=True, capture_output=True,
+                   env={**env, "TMPDIR": str(tmp_path)})
+    out = tmp_path / "again.sif"
+    ok("build", out, f"oci:{copied}:1")
+    assert ok("run", out).stdout == "hello from /bin/sh\n"
+    if os.geteuid() == 0 and subprocess.run(["which", "buildah"],
+                                            capture_output=True).returncode == 0:
+        pulled = subprocess.run(["buildah", "pull", "--quiet", "--cert-dir",
+                                 str(registry.cert_dir()), "--creds", f"{USER}:{PASSWORD}",
+                                 f"docker://{ref}"], capture_output=True, text=True,
+                                env={**env, "STORAGE_DRIVER": "vfs"})
+        assert pulled.returncode == 0, pulled.stderr
+        subprocess.run(["buildah", "rmi", pulled.stdout.strip()], capture_output=True,
+                       env={**env, "STORAGE_DRIVER": "vfs"})
