@@ -75,7 +75,7 @@ class TokenService:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 service.requests += 1
                 from urllib.parse import parse_qs, urlparse
 

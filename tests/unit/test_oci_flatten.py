@@ -106,9 +106,9 @@ def test_hostile_names_do_not_leave_the_image_root() -> None:
 
 def test_long_names_and_gnu_headers_pass_through() -> None:
     long = "deep/" * 40 + "file"
-    members, contents, _ = flatten(layer((long, b"L"), fmt=tarfile.GNU_FORMAT))
+    _, contents, _ = flatten(layer((long, b"L"), fmt=tarfile.GNU_FORMAT))
     assert contents[long] == b"L"
-    members, contents, _ = flatten(layer((long, b"P"), fmt=tarfile.PAX_FORMAT))
+    _, contents, _ = flatten(layer((long, b"P"), fmt=tarfile.PAX_FORMAT))
     assert contents[long] == b"P"
 
 
