@@ -325,3 +325,26 @@ def test_push_docker_makes_an_image_other_tools_read(registry: Registry, oci_env
         assert pulled.returncode == 0, pulled.stderr
         subprocess.run(["buildah", "rmi", pulled.stdout.strip()], capture_output=True,
                        env={**env, "STORAGE_DRIVER": "vfs"})
+
+
+def test_docker_25_save_format_is_read(oci_images: Path, tmp_path: Path) -> None:
+    """Docker ≥ 25 saves an OCI layout plus the legacy manifest.json pointing into blobs/."""
+    import tarfile
+
+    layout = oci_images / "busybox-layout"
+    index = json.loads((layout / "index.json").read_text())
+    manifest_digest = index["manifests"][0]["digest"].split(":", 1)[1]
+    manifest = json.loads((layout / "blobs" / "sha256" / manifest_digest).read_text())
+    legacy = [{"Config": "blobs/sha256/" + manifest["config"]["digest"].split(":", 1)[1],
+               "RepoTags": ["capsid-test/busybox:25"],
+               "Layers": ["blobs/sha256/" + d["digest"].split(":", 1)[1]
+                          for d in manifest["layers"]]}]
+    (tmp_path / "manifest.json").write_text(json.dumps(legacy))
+    archive = tmp_path / "saved.tar"
+    with tarfile.open(archive, "w") as tar:
+        for item in ("blobs", "index.json", "oci-layout"):
+            tar.add(layout / item, item)
+        tar.add(tmp_path / "manifest.json", "manifest.json")
+    out = tmp_path / "d25.sif"
+    ok("build", out, f"docker-archive:{archive}:capsid-test/busybox:25")
+    assert ok("run", out).stdout == "hello from /bin/sh\n"

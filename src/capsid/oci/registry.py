@@ -64,12 +64,13 @@ def _delay(attempt: int, retry_after: str | None = None) -> float:
 class Client:
     """Talks to registries; one per command, shared by its download threads."""
 
-    def __init__(self, progress: Callable[[int], None] | None = None) -> None:
+    def __init__(self, progress: Callable[[int], None] | None = None,
+                 transport: httpx.BaseTransport | None = None) -> None:
         import httpx
 
         self._http = httpx.Client(verify=ssl_context(), follow_redirects=True, trust_env=True,
                                   timeout=httpx.Timeout(60.0, connect=15.0),
-                                  headers={"User-Agent": "capsid"})
+                                  headers={"User-Agent": "capsid"}, transport=transport)
         self._tokens: dict[tuple[str, str], str] = {}
         self.progress = progress
 

@@ -1,0 +1,115 @@
+"""The registry client's retry and auth logic, and platform and compression handling,
+against in-process fakes (the real servers are in tests/integration/test_oci.py)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import zstandard
+
+from capsid.errors import CapsidError
+from capsid.oci import compression
+from capsid.oci.image import choose_platform, parse_platform
+from capsid.oci.reference import parse
+from capsid.oci.registries import Endpoint
+from capsid.oci.registry import Client, RegistryError
+from capsid.oci.store import Store
+
+MANIFEST = json.dumps({"schemaVersion": 2, "layers": []}).encode()
+DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CAPSID_RETRY_DELAY", "0.001")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("CAPSID_DOCKER_USERNAME", "CAPSID_DOCKER_PASSWORD", "REGISTRY_AUTH_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def endpoint() -> Endpoint:
+    return Endpoint(parse("registry.test/team/app:1"))
+
+
+def test_429_and_503_are_retried_and_bearer_tokens_fetched() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        if request.url.path == "/token":
+            assert request.url.params["scope"] == "repository:team/app:pull"
+            return httpx.Response(200, json={"token": "t0k"})
+        if request.headers.get("authorization") != "Bearer t0k":
+            return httpx.Response(401, headers={"www-authenticate":
+                                                'Bearer realm="https://auth.test/token",'
+                                                'service="registry.test"'})
+        if seen.count("GET /v2/team/app/manifests/1") < 4:
+            return httpx.Response(429 if len(seen) % 2 else 503, headers={"retry-after": "0"})
+        media = "application/vnd.oci.image.manifest.v1+json"
+        return httpx.Response(200, content=MANIFEST, headers={"content-type": media})
+
+    with Client(transport=httpx.MockTransport(handler)) as client:
+        raw, media, digest = client.manifest(endpoint(), "1")
+    assert raw == MANIFEST and digest == DIGEST and media.endswith("manifest.v1+json")
+    assert seen.count("GET /token") == 1
+
+
+def test_persistent_failure_is_one_clear_error() -> None:
+    with Client(transport=httpx.MockTransport(lambda r: httpx.Response(503))) as client, \
+            pytest.raises(RegistryError, match="HTTP 503"):
+        client.manifest(endpoint(), "1")
+
+
+def test_a_blob_that_does_not_match_its_digest_never_enters_the_cache(tmp_path: Path) -> None:
+    good = b"layer bytes"
+    digest = "sha256:" + hashlib.sha256(good).hexdigest()
+
+    class Body(httpx.SyncByteStream):  # streamed like a real socket, not pre-read
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            yield b"evil "
+            yield b"bytes"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Body())
+
+    store = Store(tmp_path / "cache").prepare()
+    with Client(transport=httpx.MockTransport(handler)) as client, \
+            pytest.raises(RegistryError, match="could not download"):
+        client.fetch_blob(endpoint(), digest, store)
+    assert not store.has(digest)
+
+
+def test_platforms_are_chosen_from_an_index_with_arm_variants() -> None:
+    index = {"manifests": [
+        {"digest": "sha256:amd", "platform": {"os": "linux", "architecture": "amd64"}},
+        {"digest": "sha256:v7", "platform": {"os": "linux", "architecture": "arm",
+                                             "variant": "v7"}},
+        {"digest": "sha256:v8", "platform": {"os": "linux", "architecture": "arm64",
+                                             "variant": "v8"}},
+        {"digest": "sha256:win", "platform": {"os": "windows", "architecture": "amd64"}},
+    ]}
+    assert choose_platform(index, parse_platform("amd64"), "x")["digest"] == "sha256:amd"
+    assert choose_platform(index, parse_platform("linux/arm64"), "x")["digest"] == "sha256:v8"
+    assert choose_platform(index, parse_platform("arm/v7"), "x")["digest"] == "sha256:v7"
+    with pytest.raises(CapsidError, match="has no image for linux/ppc64le"):
+        choose_platform(index, parse_platform("ppc64le"), "x")
+
+
+@pytest.mark.parametrize("pack", [
+    lambda b: b,
+    lambda b: gzip.compress(b[:1000]) + gzip.compress(b[1000:]),  # two gzip members
+    lambda b: zstandard.ZstdCompressor().compress(b),
+])
+def test_layers_decompress_by_content_and_hash_the_raw_bytes(pack) -> None:  # type: ignore[no-untyped-def]
+    data = bytes(range(256)) * 4000
+    raw = pack(data)
+    hasher = hashlib.sha256()
+    out = b"".join(compression.ahead(compression.decompressed(io.BytesIO(raw), hasher)))
+    assert out == data
+    assert hasher.hexdigest() == hashlib.sha256(raw).hexdigest()
