@@ -57,31 +57,12 @@ def run(verb: str, argv: list[str]) -> int:
 
 
 def _check(host: str, username: str, password: str, nohttps: bool) -> None:
-    """Try the credentials against the registry's /v2/ endpoint before saving them."""
-    import base64
-
-    from capsid.errors import CapsidError
+    """Try the credentials against the registry before saving them."""
     from capsid.oci import reference
     from capsid.oci.registries import Endpoint, Registries
     from capsid.oci.registry import Client
 
     insecure = nohttps or Registries.load().insecure_host(host)
-    ep = Endpoint(reference.Reference(host, "capsid-login-check"), insecure)
     with Client() as client:
-        url = f"{client.base_url(ep)}/v2/"
-        basic = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
-        response = client._send("GET", url, headers={"Authorization": basic}, host=host)
-        if response.status_code == 401 and "bearer" in \
-                response.headers.get("www-authenticate", "").lower():
-            import os
-
-            os.environ["CAPSID_DOCKER_USERNAME"] = username
-            os.environ["CAPSID_DOCKER_PASSWORD"] = password
-            try:
-                client._authenticate(host, response.headers["www-authenticate"], "")
-            finally:
-                del os.environ["CAPSID_DOCKER_USERNAME"], os.environ["CAPSID_DOCKER_PASSWORD"]
-            return
-        if response.status_code in (401, 403):
-            raise CapsidError(f"{host} rejected the username or password",
-                              "check them and try again")
+        client.check_login(Endpoint(reference.Reference(host, "login"), insecure), username,
+                           password)

@@ -161,19 +161,12 @@ def oci_layout(spec: str, platform: tuple[str, str], scheme: str = "oci:") -> oc
     elif not entries:
         raise ImageFormatError(f"{path} holds no image", "save or copy an image into it first")
     else:
-        indexed = oci.load_json(b'{"manifests": ' + _json(entries) + b"}", "OCI index")
         try:
-            desc = oci.choose_platform(indexed, platform, str(path))
+            desc = oci.choose_platform({"manifests": entries}, platform, str(path))
         except CapsidError:
             raise CapsidError(f"{path} holds {len(entries)} images",
                               f"name one: {scheme}{path}:TAG") from None
     return _from_descriptor(files, desc, platform, f"{scheme}{spec}")
-
-
-def _json(value: object) -> bytes:
-    import json
-
-    return json.dumps(value).encode()
 
 
 def _from_descriptor(files: Files, desc: dict[str, Any], platform: tuple[str, str],

@@ -160,9 +160,15 @@ class Puller:
         return oci.SourceImage(f"docker://{ref}", oci.load_json(config_raw, "image config"),
                                layers, resolved.digest, config_raw)
 
-    def blob(self, resolved: Resolved, digest: str) -> Path:
-        """One blob of the resolved artifact, through the cache (used for ORAS)."""
-        check_digest(digest)
+    def oras_sif(self, ref: Reference, platform: tuple[str, str]) -> Path:
+        """The SIF stored as an ORAS artifact at *ref*, downloaded into the cache."""
+        resolved = self.resolve(ref, platform)
+        _config, layers = oci.manifest_parts(resolved.manifest, str(ref))
+        sifs = [d for d in layers if d.get("mediaType") == oci.SIF_LAYER]
+        if not sifs:
+            raise CapsidError(f"{ref} is not a SIF stored with ORAS",
+                              f"for container images use docker://{ref}")
+        digest = check_digest(str(sifs[0]["digest"]))
         return self.client.fetch_blob(resolved.endpoint, digest, self.store)
 
     # -- conversion --------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -138,7 +137,3 @@ def push_docker(client: Client, image: Path, ref: Reference, insecure: bool) -> 
     client.put_manifest(ep, raw, oci.OCI_MANIFEST)
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
-
-def copy_file(src: Path, dst: Path) -> None:
-    """Copy with the kernel's help where it can (reflinks, copy_file_range)."""
-    shutil.copyfile(src, dst)

@@ -140,8 +140,9 @@ class Client:
             self._tokens[(host, scope)] = self._authenticate(host, challenge, scope)
         raise AssertionError("not reached")
 
-    def _authenticate(self, host: str, challenge: str, scope: str) -> str:
-        creds = auth.credentials(host)
+    def _authenticate(self, host: str, challenge: str, scope: str,
+                      creds: tuple[str, str] | None = None) -> str:
+        creds = creds or auth.credentials(host)
         kind = challenge.split(" ", 1)[0].lower()
         if kind == "basic":
             if creds is None:
@@ -179,6 +180,26 @@ class Client:
         if not token:
             raise RegistryError(f"{host}'s token service sent no token", "try again later")
         return f"Bearer {token}"
+
+    def check_login(self, ep: Endpoint, username: str, password: str) -> None:
+        """Raise RegistryError unless the registry accepts these credentials."""
+        basic = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+        response = self._send("GET", f"{self.base_url(ep)}/v2/",
+                              headers={"Authorization": basic}, host=ep.ref.registry)
+        response.close()
+        challenge = response.headers.get("www-authenticate", "")
+        if response.status_code == 401 and challenge.lower().startswith("bearer"):
+            # the token service is the one that judges the credentials
+            try:
+                self._authenticate(ep.ref.registry, challenge, "", (username, password))
+            except RegistryError as e:
+                if "denied" not in e.message:
+                    raise
+                raise RegistryError(f"{ep.ref.registry} rejected the username or password",
+                                    "check them and try again") from None
+        elif response.status_code in (401, 403):
+            raise RegistryError(f"{ep.ref.registry} rejected the username or password",
+                                "check them and try again")
 
     # -- reading ---------------------------------------------------------------------------
 

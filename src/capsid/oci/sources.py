@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from capsid import log
-from capsid.errors import CapsidError, UsageError
+from capsid.errors import UsageError
 from capsid.image import output
 from capsid.oci import archive, image, reference
 
@@ -82,13 +82,7 @@ def pull_oras(ref: reference.Reference, out: Path, opts: Options, force: bool) -
 
     output.check_target(out, force)
     with Puller(nohttps=opts.nohttps) as puller:
-        resolved = puller.resolve(ref, opts.platform)
-        _config, layers = image.manifest_parts(resolved.manifest, str(ref))
-        sifs = [d for d in layers if d.get("mediaType") == image.SIF_LAYER]
-        if not sifs:
-            raise CapsidError(f"{ref} is not a SIF stored with ORAS",
-                              f"for container images use docker://{ref}")
-        blob = puller.blob(resolved, str(sifs[0]["digest"]))
+        blob = puller.oras_sif(ref, opts.platform)
     with output.atomic_file(out, force) as tmp:
         shutil.copyfile(blob, tmp)
 
@@ -114,13 +108,7 @@ def cached_for_run(uri: str) -> str:
     opts = Options(nohttps=_env_nohttps())
     with Puller(nohttps=opts.nohttps) as puller:
         if scheme == "oras":
-            resolved = puller.resolve(ref, opts.platform)
-            _config, layers = image.manifest_parts(resolved.manifest, str(ref))
-            sifs = [d for d in layers if d.get("mediaType") == image.SIF_LAYER]
-            if not sifs:
-                raise CapsidError(f"{ref} is not a SIF stored with ORAS",
-                                  f"for container images use docker://{ref}")
-            return str(puller.blob(resolved, str(sifs[0]["digest"])))
+            return str(puller.oras_sif(ref, opts.platform))
         return str(puller.cached_sif(ref, opts.platform))
 
 
