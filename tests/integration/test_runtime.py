@@ -7,6 +7,7 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -421,3 +422,38 @@ def test_image_without_a_shell_gets_its_oci_env(shell_less_sif: Path, tmp_path: 
     lines = result.stdout.splitlines()
     assert "GREETING=hello" in lines and "PATH=/bin" in lines and "FORCED=yes" in lines, \
         result.stderr
+
+
+_WITHOUT_NEW_MOUNT_API = """
+import errno, sys
+from capsid.runtime import linux
+
+def no_fsopen(*args, **kwargs):
+    raise OSError(errno.ENOSYS, "fsopen: Function not implemented")
+
+linux.fs_mount = no_fsopen
+from capsid.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(ROOT, reason="root mounts squashfs with the kernel, not FUSE")
+def test_fuse_without_the_new_mount_api(busybox_sif: Path) -> None:
+    """Kernels before 5.2: the fd is mounted in the container, the helper waits for it."""
+    argv = [sys.executable, "-c", _WITHOUT_NEW_MOUNT_API, "-d", "exec", str(busybox_sif),
+            "sh", "-c", "sleep 0.2 & wait; cat /etc/hostname >/dev/null; echo done"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done"
+    assert "no detached FUSE mount" in proc.stderr
+    time.sleep(0.5)
+    assert live_squashfuse(busybox_sif) == []
+
+
+@pytest.mark.skipif(ROOT, reason="root mounts squashfs with the kernel, not FUSE")
+def test_squashfuse_is_not_the_commands_child(busybox_sif: Path) -> None:
+    """A bare `wait` in the container must not wait for the image's server."""
+    script = ("for s in /proc/[0-9]*/stat; do read -r line < $s; set -- $line; "
+              "[ \"$4\" = $$ ] && echo \"child $2\"; done; echo checked")
+    result = capsid_exec(busybox_sif, "sh", "-c", script, check=True, timeout=20)
+    assert result.stdout.strip() == "checked", result.stdout

@@ -10,7 +10,7 @@ import pytest
 from capsid import config
 from capsid.cli import actions
 from capsid.errors import UsageError
-from capsid.runtime import binds, container, env, identity
+from capsid.runtime import binds, env, identity, userns
 
 
 def test_action_flags_follow_pflag_rules() -> None:
@@ -78,7 +78,7 @@ def test_env_file(tmp_path: Path) -> None:
 
 
 def test_userns_error_names_the_sysctl() -> None:
-    err = container._userns_error(OSError(errno.EPERM, "Operation not permitted"))
+    err = userns._userns_error(OSError(errno.EPERM, "Operation not permitted"))
     assert "user.max_user_namespaces" in err.hint
     assert "kernel.unprivileged_userns_clone" in err.hint
 

@@ -172,6 +172,16 @@ def run(verb: str, argv: list[str]) -> int:
 
         image = cached_for_run(image)
 
+    # The user namespace and the image's server first, so that squashfuse starts
+    # while the rest of the runtime is imported and the container planned.
+    from capsid.runtime import early
+
+    fakeroot = _flag(values, "fakeroot", "FAKEROOT")
+    unsquash = _flag(values, "unsquash", "UNSQUASH")
+    started = early.start(image, fakeroot=fakeroot, unsquash=unsquash,
+                          first_programs=early.programs(verb, tuple(args),
+                                                        _text(values, "shell")))
+
     from capsid.runtime import binds
     from capsid.runtime.container import ExecOptions, launch
 
@@ -193,14 +203,14 @@ def run(verb: str, argv: list[str]) -> int:
         contain=containall or _flag(values, "contain", "CONTAIN"), pwd=_text(values, "pwd"),
         cleanenv=containall or _flag(values, "cleanenv", "CLEANENV"),
         env=tuple(_list(values, "env")), env_files=tuple(_list(values, "env-file")),
-        fakeroot=_flag(values, "fakeroot", "FAKEROOT"),
+        fakeroot=fakeroot,
         pid=containall or _flag(values, "pid", "PID"), ipc=containall or _flag(values, "ipc"),
         uts=_flag(values, "uts"), hostname=_text(values, "hostname"), net=_flag(values, "net"),
         writable=_flag(values, "writable"),
         writable_tmpfs=_flag(values, "writable-tmpfs", "WRITABLE_TMPFS"),
         overlay=_text(values, "overlay") or config.env("OVERLAY"),
         tmpfs_size_mib=int(size) if size else None,
-        unsquash=_flag(values, "unsquash", "UNSQUASH"), shell=_text(values, "shell"),
+        unsquash=unsquash, shell=_text(values, "shell"),
     )
-    launch(opts)
+    launch(opts, started)
     return 255  # not reached: launch() replaces this process

@@ -14,14 +14,15 @@ import sys
 
 from capsid import config, log, tools
 from capsid.errors import RuntimeSetupError, UsageError
-from capsid.image.locate import SANDBOX, Image, locate
+from capsid.image.locate import SANDBOX, Image
+from capsid.runtime import early, identity, linux, mounts, prefetch
 from capsid.runtime import env as envmod
-from capsid.runtime import identity, linux, mounts
 from capsid.runtime.binds import BindSpec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
+
 
 LOG = log.get(__name__)
 
@@ -77,23 +78,13 @@ class _Plan:
         self.cwd, self.bind_cwd, self.site, self.oci_env = cwd, bind_cwd, site, oci_env
 
 
-def _userns_error(err: OSError) -> RuntimeSetupError:
-    return RuntimeSetupError(
-        f"cannot create a user namespace: {err.strerror}",
-        "unprivileged user namespaces are disabled on this host; an administrator can enable "
-        "them with sysctl user.max_user_namespaces=15000 (Debian: kernel."
-        "unprivileged_userns_clone=1; Ubuntu: kernel.apparmor_restrict_unprivileged_userns=0)")
-
-
-def _plan(opts: ExecOptions) -> _Plan:
+def _plan(opts: ExecOptions, started: early.Started) -> _Plan:
     site = config.load()
-    image = locate(opts.image)
+    image, user, userns = started.image, started.user, started.userns
     if opts.writable and image.kind != SANDBOX:
         raise UsageError(f"--writable needs a sandbox directory, and {opts.image} is a "
                          f"{image.kind} image",
                          "use --writable-tmpfs, or --overlay DIR for changes that persist")
-    user = identity.User.current()
-    userns = os.geteuid() != 0 or opts.fakeroot
     home_dest = "/root" if opts.fakeroot and not opts.home else user.home
     home_source: str | None = user.home
     if opts.home:
@@ -121,112 +112,34 @@ def _plan(opts: ExecOptions) -> _Plan:
                  _oci_env(image))
 
 
-def _subordinate_range(user: identity.User, path: str) -> tuple[int, int] | None:
-    """The first range of at least 65536 ids that *path* (/etc/subuid or /etc/subgid) grants."""
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.strip().split(":")
-        if len(fields) == 3 and fields[0] in (user.name, str(user.uid)) \
-                and fields[1].isdigit() and fields[2].isdigit() and int(fields[2]) >= 65536:
-            return int(fields[1]), int(fields[2])
-    return None
-
-
-def _enter_user_namespace(plan: _Plan, fakeroot: bool) -> None:
-    """A new user namespace: the user as themself, or as root with --fakeroot.
-
-    With --fakeroot and subordinate ids granted in /etc/subuid and /etc/subgid, ids
-    1… map onto that range through newuidmap/newgidmap, so package managers can
-    create their users; otherwise only root exists inside.
-    """
-    uid, gid = plan.user.uid, plan.user.gid
-    ranges = None
-    if fakeroot and plan.user.uid != 0:
-        subuid = _subordinate_range(plan.user, "/etc/subuid")
-        subgid = _subordinate_range(plan.user, "/etc/subgid")
-        newuidmap, newgidmap = tools.find("newuidmap"), tools.find("newgidmap")
-        if subuid and subgid and newuidmap and newgidmap:
-            ranges = (subuid, subgid, (newuidmap, newgidmap))
-    if ranges is None:
-        try:
-            linux.unshare(linux.CLONE_NEWUSER)
-        except OSError as err:
-            raise _userns_error(err) from None
-        inside_uid, inside_gid = (0, 0) if fakeroot else (uid, gid)
-        linux.write_id_maps(f"{inside_uid} {uid} 1\n", f"{inside_gid} {gid} 1\n")
-        return
-    (uid_start, uid_count), (gid_start, gid_count), (newuidmap, newgidmap) = ranges
-    ready_r, ready_w = os.pipe()
-    target = os.getpid()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(ready_w)
-            if os.read(ready_r, 1) != b"u":
-                os._exit(1)
-            for exe, own, start, count in ((newuidmap, uid, uid_start, uid_count),
-                                           (newgidmap, gid, gid_start, gid_count)):
-                pid = os.fork()
-                if pid == 0:
-                    os.execv(exe, [exe, str(target), "0", str(own), "1", "1", str(start),
-                                   str(count)])
-                if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
-                    os._exit(2)
-            os._exit(0)
-        finally:
-            os._exit(3)
-    os.close(ready_r)
-    try:
-        linux.unshare(linux.CLONE_NEWUSER)
-    except OSError as err:
-        os.close(ready_w)
-        os.waitpid(child, 0)
-        raise _userns_error(err) from None
-    os.write(ready_w, b"u")
-    os.close(ready_w)
-    if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) != 0:
-        raise RuntimeSetupError("newuidmap/newgidmap could not map your subordinate ids",
-                                "check /etc/subuid and /etc/subgid, or run without --fakeroot")
-
-
 def _open_image(image: Image) -> int:
     flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if image.kind == SANDBOX else 0)
     return os.open(image.path, flags)
 
 
-def _mount_image(plan: _Plan, opts: ExecOptions, fd: int, helper: object | None) -> None:
-    image = plan.image
+def _mount_image(plan: _Plan, opts: ExecOptions, fd: int, started: early.Started) -> None:
+    image, fuse_mount = plan.image, started.fuse_mount
+    target = f"{mounts.SESSION}{mounts.IMAGE}"
     if image.kind == SANDBOX:
         mounts.bind_sandbox(fd)
-    elif helper is not None:
-        from capsid.runtime import fuse
+    elif fuse_mount is not None:
+        from capsid.runtime import fuse  # imported by early.start, before /tmp was covered
 
-        uid, gid = (0, 0) if opts.fakeroot else (plan.user.uid, plan.user.gid)
-        fuse.mount(helper, f"{mounts.SESSION}{mounts.IMAGE}", uid, gid)  # type: ignore[arg-type]
+        if isinstance(fuse_mount, fuse.Served):
+            fuse_mount.attach(target)
+            return
+        uid, gid = _fuse_owner(plan, opts)
+        fuse.mount(fuse_mount, target, uid, gid)
+        prefetch.start(os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
+                       started.first_programs)
     elif not plan.userns and not opts.unsquash:
         mounts.mount_kernel_squashfs(fd, image.offset)
     else:
         mounts.unpack_image(fd, image.offset)
 
 
-def _start_fuse(plan: _Plan, opts: ExecOptions) -> object | None:
-    if plan.image.kind == SANDBOX or not plan.userns or opts.unsquash:
-        return None
-    if tools.find("squashfuse_ll") is None:
-        LOG.warning("squashfuse_ll is not installed: unpacking the image into memory instead "
-                    "(apt-get install squashfuse for faster starts)")
-        return None
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        LOG.warning("/dev/fuse is not usable by you: unpacking the image into memory instead "
-                    "(ask an administrator to make /dev/fuse mode 0666)")
-        return None
-    from capsid.runtime import fuse
-
-    return fuse.start_helper(str(os.path.realpath(plan.image.path)), plan.image.offset)
+def _fuse_owner(plan: _Plan, opts: ExecOptions) -> tuple[int, int]:
+    return (0, 0) if opts.fakeroot else (plan.user.uid, plan.user.gid)
 
 
 def _exit_like(status: int) -> NoReturn:
@@ -452,12 +365,20 @@ def _oci_env(image: Image) -> list[str]:
     return [str(v) for v in value]
 
 
-def launch(opts: ExecOptions) -> NoReturn:
-    """Run the container described by *opts* in place of this process."""
-    plan = _plan(opts)
-    if plan.userns:
-        _enter_user_namespace(plan, opts.fakeroot)
-    helper = _start_fuse(plan, opts)
+def start_early(opts: ExecOptions) -> early.Started:
+    """The first steps of :func:`launch` (see :mod:`capsid.runtime.early`)."""
+    return early.start(opts.image, fakeroot=opts.fakeroot, unsquash=opts.unsquash,
+                       first_programs=early.programs(opts.action, opts.argv, opts.shell))
+
+
+def launch(opts: ExecOptions, started: early.Started | None = None) -> NoReturn:
+    """Run the container described by *opts* in place of this process.
+
+    *started* is what :func:`capsid.runtime.early.start` returned, if the caller
+    ran it already (it should, as early as it can).
+    """
+    started = started or start_early(opts)
+    plan = _plan(opts, started)
     flags = linux.CLONE_NEWNS
     flags |= linux.CLONE_NEWPID if opts.pid else 0
     flags |= linux.CLONE_NEWIPC if opts.ipc else 0
@@ -484,7 +405,7 @@ def launch(opts: ExecOptions) -> NoReturn:
         _loopback_up()
     fd = _open_image(plan.image)  # now, so that a sandbox is in this mount namespace
     mounts.start_session(opts.tmpfs_size_mib or plan.site.tmpfs_size_mib)
-    _mount_image(plan, opts, fd, helper)
+    _mount_image(plan, opts, fd, started)
     os.close(fd)
     mounts.enter_session()
     overlay = f"{mounts.OLD}{os.path.realpath(opts.overlay)}" if opts.overlay else None
@@ -505,4 +426,6 @@ def launch(opts: ExecOptions) -> NoReturn:
         if command:
             _init(command, status_pipe)
         os.close(status_pipe)
+    if started.fuse_mount is not None:
+        started.fuse_mount.reap()
     _exec(plan, opts)

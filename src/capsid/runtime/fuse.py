@@ -1,68 +1,178 @@
-"""Mounting squashfs without privileges: a FUSE fd handed to ``squashfuse_ll``.
+"""Mounting squashfs without privileges: a FUSE mount served by ``squashfuse_ll``.
 
-Inside a fresh user namespace the process may mount a ``fuse`` filesystem
-itself, from an fd of ``/dev/fuse``. The server that answers on that fd is
-``squashfuse_ll``, started as a double-forked helper *before* the mount
-namespace is unshared: it belongs to nobody, holds no reference to the
-container's mount namespace, and keeps none of the container's stdio open. When
-the container's last process exits the namespace and the mount go away, the fd
-reports the disconnect and squashfuse exits by itself — after ``kill -9`` too.
+Inside a fresh user namespace a process may mount a ``fuse`` filesystem itself,
+from an fd of ``/dev/fuse`` opened in that namespace; ``squashfuse_ll`` answers on
+the fd. Who runs the server, and where, matters:
+
+- It must not live in the container's mount namespace. A server there keeps that
+  namespace, and so its own mount, alive: it would never exit.
+- It must not stay a child of this process, which becomes the command: a shell's
+  bare ``wait`` in the container would wait for it forever.
+- It must not be a ``fork`` of this process. Until the child execs, every page
+  Python writes here is copied on write: over a thousand page faults.
+- It should start as early as possible: its start (exec, libraries, the
+  superblock) and its first reads overlap with the rest of the set-up.
+
+With the new mount API (Linux 5.2) the filesystem is created as a *detached*
+mount in a throw-away mount namespace, the server is spawned there at once, and
+the container's own namespace is unshared from that one; the mount is attached
+there later by fd. The throw-away namespace never holds the mount, so when the
+container's last process exits the mount goes away, the fd reports the
+disconnect and squashfuse exits by itself — after ``kill -9`` too.
+
+On older kernels the fd is mounted with ``mount(2)`` inside the container's
+namespace, so the server, spawned before that namespace exists, waits on a pipe
+until the fd is mounted.
+
+The server is started by a small ``/bin/sh`` (``posix_spawn``: no copy of this
+process) in a session of its own, which puts it in the background and exits.
 """
 
 from __future__ import annotations
 
-import _socket
 import os
-import struct
 
-from capsid import tools
+from capsid import log, tools
 from capsid.errors import RuntimeSetupError
 from capsid.runtime import linux
 
+LOG = log.get(__name__)
 
-def start_helper(image: str, offset: int) -> _socket.socket:
-    """Fork the helper that will serve *image*; return our end of its socket."""
-    exe = tools.which("squashfuse_ll")
-    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        try:
-            ours.close()
-            if os.fork() != 0:
-                os._exit(0)
-            os.setsid()
-            _, ancillary, _, _ = theirs.recvmsg(1, _socket.CMSG_LEN(4))
-            if not ancillary:
-                os._exit(0)  # the launch gave up before mounting
-            (fd,) = struct.unpack("i", ancillary[0][2][:4])
-            os.set_inheritable(fd, True)
-            null = os.open("/dev/null", os.O_RDWR)
-            for std in (0, 1, 2):
-                os.dup2(null, std)
-            argv = [exe, "-f", "-o", f"offset={offset}", image, f"/dev/fd/{fd}"]
-            os.execv(exe, argv)
-        finally:
-            os._exit(127)
-    theirs.close()
-    os.waitpid(pid, 0)
-    return ours
+#: Run by the spawned shell: $1 is the pipe's fd, the rest is squashfuse's command line.
+_WAIT_THEN_SERVE = 'fd=$1; shift; (read -r _ <&"$fd" && exec "$@") & exit 0'
+_SERVE = '"$@" & exit 0'
+#: Serve blocks from the heap, and keep it, rather than mapping memory per read.
+_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=8388608:glibc.malloc.trim_threshold=67108864"
 
 
-def mount(helper: _socket.socket, target: str, uid: int, gid: int) -> None:
-    """Mount a FUSE filesystem on *target* and hand its fd to the helper."""
+def _open_device() -> int:
     try:
-        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        return os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as err:
         raise RuntimeSetupError(
             f"cannot open /dev/fuse: {err.strerror}",
             "ask your administrator to make /dev/fuse mode 0666, or run with --unsquash") from None
+
+
+def _server_env() -> dict[str, str]:
+    """The environment for squashfuse: ours, with glibc's allocator told to keep memory.
+
+    squashfuse allocates and frees buffers of a block or more for every read; by
+    default glibc maps and unmaps each one, and the page faults that follow cost
+    more than the decompression on some machines.
+    """
+    env = dict(os.environ)
+    tunables = [env["GLIBC_TUNABLES"]] if env.get("GLIBC_TUNABLES") else []
+    env["GLIBC_TUNABLES"] = ":".join([*tunables, _MALLOC_TUNABLES])
+    return env
+
+
+def _spawn(script: str, args: list[str], fds: tuple[int, ...]) -> int:
+    """Run ``sh -c script`` with *args* in a new session, with *fds* inherited."""
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    try:
+        null = [(os.POSIX_SPAWN_OPEN, std, "/dev/null", os.O_RDWR, 0) for std in (0, 1, 2)]
+        return os.posix_spawn("/bin/sh", ["/bin/sh", "-c", script, "capsid-fuse", *args],
+                              _server_env(), file_actions=null, setsid=True)
+    finally:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+
+
+def _reap(pid: int) -> None:
+    try:  # noqa: SIM105 - contextlib costs milliseconds to import
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # with --pid this process is a fork: the shell is its parent's child
+
+
+class Served:
+    """A FUSE mount whose server is running, detached until :meth:`attach`."""
+
+    def __init__(self, mount_fd: int, shell: int) -> None:
+        self.mount_fd, self.shell = mount_fd, shell
+
+    def attach(self, target: str) -> None:
+        linux.attach(self.mount_fd, target)
+        os.close(self.mount_fd)
+
+    def reap(self) -> None:
+        """Collect the shell that started the server (it exits at once)."""
+        _reap(self.shell)
+
+
+def serve_detached(image: str, offset: int, uid: int, gid: int) -> Served | None:
+    """Create the image's FUSE mount detached and start its server now.
+
+    Call in the user namespace, before unsharing the container's mount namespace:
+    this process moves to a throw-away mount namespace, where the server stays.
+    None when the kernel lacks the new mount API; use :func:`start_helper` then.
+    """
+    exe = tools.which("squashfuse_ll")
+    linux.unshare(linux.CLONE_NEWNS)
+    fuse_fd = _open_device()
+    try:
+        try:
+            mount_fd = linux.fs_mount("fuse", {
+                "source": "squashfuse", "subtype": "squashfuse", "fd": str(fuse_fd),
+                "rootmode": "40000", "user_id": str(uid), "group_id": str(gid),
+                "allow_other": None, "default_permissions": None,
+            }, linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV)
+        except OSError as err:
+            LOG.debug("no detached FUSE mount (%s); mounting it in the container", err.strerror)
+            return None
+        # Without -f, squashfuse daemonizes itself: it forks, starts a session,
+        # and the process spawned here exits once the server runs.
+        os.set_inheritable(fuse_fd, True)
+        null = [(os.POSIX_SPAWN_OPEN, std, "/dev/null", os.O_RDWR, 0) for std in (0, 1, 2)]
+        launcher = os.posix_spawn(exe, [exe, "-o", f"offset={offset}", image,
+                                        f"/dev/fd/{fuse_fd}"], _server_env(), file_actions=null)
+        return Served(mount_fd, launcher)
+    finally:
+        os.close(fuse_fd)
+
+
+class Helper:
+    """A server waiting to be let go, and what this process still holds for it."""
+
+    def __init__(self, fuse_fd: int, go: int, shell: int) -> None:
+        self.fuse_fd, self.go, self.shell = fuse_fd, go, shell
+
+    def release(self) -> None:
+        """Let the server start (if the fd was mounted); it no longer needs this process."""
+        os.close(self.go)
+        os.close(self.fuse_fd)
+
+    def reap(self) -> None:
+        """Collect the shell that started the server (it exits at once)."""
+        _reap(self.shell)
+
+
+def start_helper(image: str, offset: int) -> Helper:
+    """Open ``/dev/fuse`` and spawn the server that will answer on it, waiting."""
+    exe = tools.which("squashfuse_ll")
+    fuse_fd = _open_device()
+    wait_fd, go = os.pipe()
+    try:
+        shell = _spawn(_WAIT_THEN_SERVE, [str(wait_fd), exe, "-f", "-o", f"offset={offset}",
+                                          image, f"/dev/fd/{fuse_fd}"], (fuse_fd, wait_fd))
+    except BaseException:
+        os.close(fuse_fd)
+        os.close(go)
+        raise
+    finally:
+        os.close(wait_fd)
+    return Helper(fuse_fd, go, shell)
+
+
+def mount(helper: Helper, target: str, uid: int, gid: int) -> None:
+    """Mount the helper's FUSE fd on *target*, then let the helper serve it."""
     try:
         linux.mount("squashfuse", target, "fuse.squashfuse",
                     linux.MS_NOSUID | linux.MS_NODEV | linux.MS_RDONLY,
-                    f"fd={fd},rootmode=40000,user_id={uid},group_id={gid},allow_other,"
-                    "default_permissions")
-        helper.sendmsg([b"m"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                                 struct.pack("i", fd))])
+                    f"fd={helper.fuse_fd},rootmode=40000,user_id={uid},group_id={gid},"
+                    "allow_other,default_permissions")
+        os.write(helper.go, b"\n")
     finally:
-        os.close(fd)
-        helper.close()
+        helper.release()

@@ -1,0 +1,85 @@
+"""What a container start does first: the user namespace, and the image's FUSE server.
+
+The rest of capsid's start (importing the runtime, checking options, planning the
+mounts) is a few milliseconds of pure Python. Doing these two things before it lets
+squashfuse start, and read ahead the programs the container will run, on another
+CPU meanwhile. So this module imports little, and the CLI calls it before it
+imports :mod:`capsid.runtime.container`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from capsid import log, tools
+from capsid.image.locate import SANDBOX, Image, locate
+from capsid.runtime import identity, prefetch, userns
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from capsid.runtime.fuse import Helper, Served
+
+LOG = log.get(__name__)
+
+
+class Started:
+    """What :func:`start` did, for the launch to go on from."""
+
+    def __init__(self, image: Image, user: identity.User, userns: bool,
+                 fuse_mount: Helper | Served | None, first_programs: list[str]) -> None:
+        self.image, self.user, self.userns, self.fuse_mount = image, user, userns, fuse_mount
+        self.first_programs = first_programs
+
+
+def programs(action: str, argv: tuple[str, ...], shell: str | None) -> list[str]:
+    """What the container will start first: the shell of the env prelude, then the command."""
+    first = ["/bin/sh"]
+    if action == "exec" and argv:
+        first.append(argv[0])
+    elif action == "shell":
+        first.append(shell or "/bin/bash")
+    return first
+
+
+def start(image_path: str, *, fakeroot: bool, unsquash: bool,
+          first_programs: list[str]) -> Started:
+    """Find the image, enter the user namespace, and start serving the image if FUSE will.
+
+    The server is spawned before anything that can wait: the user's passwd entry
+    (``--fakeroot`` needs it first, for its subordinate ids) is looked up after.
+    """
+    image = locate(image_path)
+    in_userns = os.geteuid() != 0 or fakeroot
+    user = identity.User.current() if fakeroot else None
+    if in_userns:
+        userns.enter(user or identity.User.ids(), fakeroot)
+    fuse_mount = None
+    if in_userns and image.kind != SANDBOX and not unsquash and _fuse_usable():
+        owner = (0, 0) if fakeroot else (os.getuid(), os.getgid())
+        fuse_mount = _serve(image, owner, first_programs)
+    return Started(image, user or identity.User.current(), in_userns, fuse_mount,
+                   first_programs)
+
+
+def _fuse_usable() -> bool:
+    if tools.find("squashfuse_ll") is None:
+        LOG.warning("squashfuse_ll is not installed: unpacking the image into memory instead "
+                    "(apt-get install squashfuse for faster starts)")
+        return False
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        LOG.warning("/dev/fuse is not usable by you: unpacking the image into memory instead "
+                    "(ask an administrator to make /dev/fuse mode 0666)")
+        return False
+    return True
+
+
+def _serve(image: Image, owner: tuple[int, int], first_programs: list[str]) -> Helper | Served:
+    """A running server and its detached mount, or else a helper waiting for the mount."""
+    from capsid.runtime import fuse
+
+    path = os.path.realpath(image.path)
+    served = fuse.serve_detached(path, image.offset, *owner)
+    if served is None:
+        return fuse.start_helper(path, image.offset)
+    prefetch.start(os.dup(served.mount_fd), first_programs)
+    return served

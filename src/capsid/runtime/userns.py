@@ -1,0 +1,89 @@
+"""Entering a user namespace: the user as themself, or as root with --fakeroot."""
+
+from __future__ import annotations
+
+import os
+
+from capsid import tools
+from capsid.errors import RuntimeSetupError
+from capsid.runtime import identity, linux
+
+
+def _userns_error(err: OSError) -> RuntimeSetupError:
+    return RuntimeSetupError(
+        f"cannot create a user namespace: {err.strerror}",
+        "unprivileged user namespaces are disabled on this host; an administrator can enable "
+        "them with sysctl user.max_user_namespaces=15000 (Debian: kernel."
+        "unprivileged_userns_clone=1; Ubuntu: kernel.apparmor_restrict_unprivileged_userns=0)")
+
+
+def subordinate_range(user: identity.User, path: str) -> tuple[int, int] | None:
+    """The first range of at least 65536 ids that *path* (/etc/subuid or /etc/subgid) grants."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[0] in (user.name, str(user.uid)) \
+                and fields[1].isdigit() and fields[2].isdigit() and int(fields[2]) >= 65536:
+            return int(fields[1]), int(fields[2])
+    return None
+
+
+def enter(user: identity.User, fakeroot: bool) -> None:
+    """A new user namespace: *user* as themself, or as root with *fakeroot*.
+
+    With --fakeroot and subordinate ids granted in /etc/subuid and /etc/subgid, ids
+    1… map onto that range through newuidmap/newgidmap, so package managers can
+    create their users; otherwise only root exists inside.
+    """
+    uid, gid = user.uid, user.gid
+    ranges = None
+    if fakeroot and user.uid != 0:
+        subuid = subordinate_range(user, "/etc/subuid")
+        subgid = subordinate_range(user, "/etc/subgid")
+        newuidmap, newgidmap = tools.find("newuidmap"), tools.find("newgidmap")
+        if subuid and subgid and newuidmap and newgidmap:
+            ranges = (subuid, subgid, (newuidmap, newgidmap))
+    if ranges is None:
+        try:
+            linux.unshare(linux.CLONE_NEWUSER)
+        except OSError as err:
+            raise _userns_error(err) from None
+        inside_uid, inside_gid = (0, 0) if fakeroot else (uid, gid)
+        linux.write_id_maps(f"{inside_uid} {uid} 1\n", f"{inside_gid} {gid} 1\n")
+        return
+    (uid_start, uid_count), (gid_start, gid_count), (newuidmap, newgidmap) = ranges
+    ready_r, ready_w = os.pipe()
+    target = os.getpid()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(ready_w)
+            if os.read(ready_r, 1) != b"u":
+                os._exit(1)
+            for exe, own, start, count in ((newuidmap, uid, uid_start, uid_count),
+                                           (newgidmap, gid, gid_start, gid_count)):
+                pid = os.fork()
+                if pid == 0:
+                    os.execv(exe, [exe, str(target), "0", str(own), "1", "1", str(start),
+                                   str(count)])
+                if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+                    os._exit(2)
+            os._exit(0)
+        finally:
+            os._exit(3)
+    os.close(ready_r)
+    try:
+        linux.unshare(linux.CLONE_NEWUSER)
+    except OSError as err:
+        os.close(ready_w)
+        os.waitpid(child, 0)
+        raise _userns_error(err) from None
+    os.write(ready_w, b"u")
+    os.close(ready_w)
+    if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) != 0:
+        raise RuntimeSetupError("newuidmap/newgidmap could not map your subordinate ids",
+                                "check /etc/subuid and /etc/subgid, or run without --fakeroot")
