@@ -457,3 +457,34 @@ def test_squashfuse_is_not_the_commands_child(busybox_sif: Path) -> None:
               "[ \"$4\" = $$ ] && echo \"child $2\"; done; echo checked")
     result = capsid_exec(busybox_sif, "sh", "-c", script, check=True, timeout=20)
     assert result.stdout.strip() == "checked", result.stdout
+
+
+_WITH_SHELL_PRELUDE = """
+import sys
+from capsid.runtime import env
+
+env.finished_env = lambda *args, **kwargs: None
+from capsid.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env_lines(text: str) -> dict[str, str]:
+    """`env` output, without what each shell sets its own way (prompt, nesting level)."""
+    pairs = (line.partition("=") for line in text.splitlines())
+    return {k: v for k, _, v in pairs if k not in ("PS1", "SHLVL", "_")}
+
+
+def test_starting_without_the_shell_gives_the_shells_environment(busybox_sif: Path) -> None:
+    """Stock env scripts are applied in Python; the result must be what the shell makes."""
+    host = {**os.environ, "FOO": "bar", "APPTAINERENV_PREPEND_PATH": "/pre",
+            "APPTAINERENV_X": "forced", "LD_LIBRARY_PATH": "/host/lib"}
+    direct = capsid_exec(busybox_sif, "--env", "Y=1", "env", env=host, check=True)
+    shell = subprocess.run([sys.executable, "-c", _WITH_SHELL_PRELUDE, "exec", "--env", "Y=1",
+                            str(busybox_sif), "env"], env=host, capture_output=True, text=True,
+                           timeout=30)
+    assert shell.returncode == 0, shell.stderr
+    assert _env_lines(direct.stdout) == _env_lines(shell.stdout)
+    values = _env_lines(direct.stdout)
+    assert values["PATH"].startswith("/pre:") and values["X"] == "forced"
+    assert values["FOO"] == "bar" and values["LD_LIBRARY_PATH"] == "/.singularity.d/libs"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from capsid import config, log, tools
+from capsid import config, log
 from capsid.errors import RuntimeSetupError, UsageError
 from capsid.image.locate import SANDBOX, Image
 from capsid.runtime import early, identity, linux, mounts, prefetch
@@ -328,23 +328,59 @@ def _exec(plan: _Plan, opts: ExecOptions) -> NoReturn:
         env_options = envmod.EnvOptions(opts.cleanenv, ("PS1=Capsid> ", *opts.env),
                                         opts.env_files, plan.home_dest, extra)
     use_shell = os.access("/bin/sh", os.X_OK)
-    environment = envmod.container_env(env_options, use_prelude=use_shell,
-                                       oci_env=plan.oci_env)
+    finished = None
+    if use_shell:
+        scripts = _env_scripts()
+        finished = envmod.finished_env(env_options, scripts) if scripts is not None else None
+    if finished is not None:
+        environment = finished
+        environment["PWD"] = os.getcwd()  # as the shell would have exported it
+    else:
+        environment = envmod.container_env(env_options, use_prelude=use_shell,
+                                           oci_env=plan.oci_env)
     linux.no_new_privs()
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        if use_shell:
+        if use_shell and finished is None:
             os.execve("/bin/sh", ["/bin/sh", "-c", envmod.PRELUDE, "capsid", *argv],
                       environment)
-        path = argv[0] if "/" in argv[0] else tools.find(argv[0], environment["PATH"])
+        path = argv[0] if "/" in argv[0] else _search(argv[0], environment["PATH"])
         if path is None:
             raise RuntimeSetupError(f"{argv[0]}: command not found in the container",
-                                    "check the name and the PATH inside the image")
+                                    "check the name and the PATH inside the image "
+                                    f"({environment['PATH']})")
         os.execve(path, argv, environment)
     except OSError as err:
         raise RuntimeSetupError(f"cannot run {argv[0]}: {err.strerror}",
                                 "check that it is an executable for this machine") from None
+
+
+def _env_scripts() -> dict[str, bytes] | None:
+    """The image's /.singularity.d/env/*.sh (name → content); None if one cannot be read."""
+    try:
+        names = [n for n in os.listdir("/.singularity.d/env") if n.endswith(".sh")]
+    except FileNotFoundError:
+        return {}
+    except OSError:
+        return None
+    scripts = {}
+    for name in names:
+        try:
+            with open(f"/.singularity.d/env/{name}", "rb") as f:
+                scripts[name] = f.read(65536)
+        except OSError:
+            return None
+    return scripts
+
+
+def _search(name: str, path: str) -> str | None:
+    """*name* on the container's *path*, as ``execvp`` would find it."""
+    for directory in path.split(":"):
+        candidate = f"{directory or '.'}/{name}"
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
 
 
 def _oci_env(image: Image) -> list[str]:

@@ -32,13 +32,17 @@ class Started:
 
 
 def programs(action: str, argv: tuple[str, ...], shell: str | None) -> list[str]:
-    """What the container will start first: the shell of the env prelude, then the command."""
-    first = ["/bin/sh"]
+    """What the container will start: the command, then the shell of the env prelude.
+
+    Images whose environment scripts are all capsid's own start the command
+    directly; others source them with the image's /bin/sh first.
+    """
+    first = []
     if action == "exec" and argv:
         first.append(argv[0])
     elif action == "shell":
         first.append(shell or "/bin/bash")
-    return first
+    return [*first, "/bin/sh"]
 
 
 def start(image_path: str, *, fakeroot: bool, unsquash: bool,

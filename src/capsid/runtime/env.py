@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from capsid.errors import UsageError
+from capsid.image.stock import ENV_SCRIPTS
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Always passed, even with --cleanenv.
@@ -128,15 +129,10 @@ def forced_values(opts: EnvOptions, host: dict[str, str]) -> dict[str, str]:
     return forced
 
 
-def container_env(opts: EnvOptions, host: dict[str, str] | None = None,
-                  *, use_prelude: bool = True, oci_env: list[str] | None = None
-                  ) -> dict[str, str]:
-    """The environment to execve with (the prelude then finishes it inside).
-
-    Without the prelude (no shell in the image) the precedence is applied here:
-    host values, then the image's OCI ``Env`` (*oci_env*), then forced values.
-    """
-    host = dict(os.environ if host is None else host)
+def _prepare(opts: EnvOptions, host: dict[str, str]
+             ) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """(the environment the image's scripts see, host values they may not override,
+    values the user forced)."""
     forced = forced_values(opts, host)
     final: dict[str, str] = {"PATH": DEFAULT_PATH, "HOME": opts.home}
     for key in _ALWAYS:
@@ -153,6 +149,18 @@ def container_env(opts: EnvOptions, host: dict[str, str] | None = None,
         if key in forced:
             final[target] = forced.pop(key)
     final.update(opts.extra)
+    return final, kept, forced
+
+
+def container_env(opts: EnvOptions, host: dict[str, str] | None = None,
+                  *, use_prelude: bool = True, oci_env: list[str] | None = None
+                  ) -> dict[str, str]:
+    """The environment to execve with (the prelude then finishes it inside).
+
+    Without the prelude (no shell in the image) the precedence is applied here:
+    host values, then the image's OCI ``Env`` (*oci_env*), then forced values.
+    """
+    final, kept, forced = _prepare(opts, dict(os.environ if host is None else host))
     if not use_prelude:
         final.update(kept)
         for item in oci_env or ():
@@ -168,3 +176,95 @@ def container_env(opts: EnvOptions, host: dict[str, str] | None = None,
         final[f"CAPSID_F_{key}"] = value
     final["CAPSID_FORCED"] = " ".join(forced)
     return final
+
+
+def finished_env(opts: EnvOptions, scripts: dict[str, bytes],
+                 host: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The environment the prelude would leave, worked out here; None unless it can be.
+
+    *scripts* are the image's ``/.singularity.d/env`` files (name → content). When
+    each is one capsid writes (:mod:`capsid.image.stock`, or an OCI ``Env`` script
+    of its own making), their effect is known, and the command can be started
+    without a shell: Apptainer, too, evaluates these scripts itself. Anything else
+    (an image's own ``%environment``, scripts from other tools) needs the shell.
+    """
+    final, kept, forced = _prepare(opts, dict(os.environ if host is None else host))
+    if not apply_stock_scripts(scripts, final):
+        return None
+    final.update(forced)
+    for key, value in kept.items():
+        final.setdefault(key, value)
+    if not final.get("PATH"):
+        final["PATH"] = DEFAULT_PATH
+    return final
+
+
+def apply_stock_scripts(scripts: dict[str, bytes], env: dict[str, str]) -> bool:
+    """Apply *scripts*, in the shell's order, to *env*; False if one is not a stock one."""
+    for name in sorted(scripts):
+        text = scripts[name].decode(errors="replace")
+        if name == "10-docker2singularity.sh":
+            if not _apply_docker_env(text, env):
+                return False
+        elif ENV_SCRIPTS.get(name) != text:
+            return False
+        elif name == "95-apps.sh" and env.get("SINGULARITY_APPNAME"):
+            return False  # an app to set up: leave it to the script
+        elif name == "99-base.sh":
+            library_path = env.get("LD_LIBRARY_PATH")
+            env["LD_LIBRARY_PATH"] = (f"{library_path}:" if library_path else "") \
+                + "/.singularity.d/libs"
+            env["PS1"] = env.get("PS1") or "Apptainer> "
+        elif name == "99-runtimevars.sh":
+            prepend, append, path = (env.pop(k, "") for k in (
+                "SING_USER_DEFINED_PREPEND_PATH", "SING_USER_DEFINED_APPEND_PATH",
+                "SING_USER_DEFINED_PATH"))
+            current = env.get("PATH", "")
+            if prepend:
+                current = f"{prepend}:{current}"
+            if append:
+                current = f"{current}:{append}"
+            env["PATH"] = path or current
+    return True
+
+
+def _apply_docker_env(text: str, env: dict[str, str]) -> bool:
+    """10-docker2singularity.sh as :func:`capsid.image.meta.docker_env_script` writes it."""
+    lines = text.split("\n")
+    if lines[0] != "#!/bin/sh" or lines[-1] != "":
+        return False
+    for line in lines[1:-1]:
+        key, sep, rest = line.removeprefix("export ").partition("=")
+        if not line.startswith("export ") or not sep or not is_name(key):
+            return False
+        if key == "PATH":
+            quoted = rest
+        else:
+            head, tail = f'"${{{key}:-', '}"'
+            if not (rest.startswith(head) and rest.endswith(tail)):
+                return False
+            quoted = rest[len(head):-len(tail)]
+        value = _unquote(quoted)
+        if value is None:
+            return False
+        if key == "PATH" or not env.get(key):
+            env[key] = value
+    return True
+
+
+def _unquote(quoted: str) -> str | None:
+    """The value of a double-quoted shell word without expansions; None if it has any."""
+    if len(quoted) < 2 or quoted[0] != '"' or quoted[-1] != '"':
+        return None
+    out, chars = [], iter(quoted[1:-1])
+    for char in chars:
+        if char == "\\":
+            escaped = next(chars, "")
+            if escaped not in ('"', "$", "`", "\\"):
+                return None
+            out.append(escaped)
+        elif char in '"$`':
+            return None
+        else:
+            out.append(char)
+    return "".join(out)
