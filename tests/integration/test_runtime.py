@@ -488,3 +488,18 @@ def test_starting_without_the_shell_gives_the_shells_environment(busybox_sif: Pa
     values = _env_lines(direct.stdout)
     assert values["PATH"].startswith("/pre:") and values["X"] == "forced"
     assert values["FOO"] == "bar" and values["LD_LIBRARY_PATH"] == "/.singularity.d/libs"
+
+
+def test_damaged_squashfs_is_a_clear_error(busybox_sif: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.sif"
+    data = bytearray(busybox_sif.read_bytes())
+    offset = data.find(b"hsqs")
+    data[offset:offset + 4] = b"XXXX"
+    damaged.write_bytes(bytes(data))
+    result = capsid_exec(damaged, "true", timeout=30)
+    assert result.returncode == 255
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("capsid: error:"), result.stderr
+    assert "internal error" not in result.stderr
+    time.sleep(0.5)
+    assert live_squashfuse(damaged) == []

@@ -138,6 +138,18 @@ def _mount_image(plan: _Plan, opts: ExecOptions, fd: int, started: early.Started
         mounts.unpack_image(fd, image.offset)
 
 
+def _check_served(image: Image) -> None:
+    """Fail clearly if squashfuse could not serve the image (it waits for the server)."""
+    try:
+        os.stat(f"{mounts.SESSION}{mounts.IMAGE}")
+    except OSError as err:
+        raise RuntimeSetupError(
+            f"squashfuse could not read {image.path} ({err.strerror}): its squashfs "
+            "filesystem is damaged or of a kind squashfuse does not know",
+            f"check it with 'unsquashfs -s -o {image.offset} {image.path}', or rebuild it"
+        ) from None
+
+
 def _fuse_owner(plan: _Plan, opts: ExecOptions) -> tuple[int, int]:
     return (0, 0) if opts.fakeroot else (plan.user.uid, plan.user.gid)
 
@@ -443,6 +455,8 @@ def launch(opts: ExecOptions, started: early.Started | None = None) -> NoReturn:
     mounts.start_session(opts.tmpfs_size_mib or plan.site.tmpfs_size_mib)
     _mount_image(plan, opts, fd, started)
     os.close(fd)
+    if started.fuse_mount is not None:
+        _check_served(plan.image)
     mounts.enter_session()
     overlay = f"{mounts.OLD}{os.path.realpath(opts.overlay)}" if opts.overlay else None
     if overlay is None and not opts.writable:

@@ -24,8 +24,9 @@ On older kernels the fd is mounted with ``mount(2)`` inside the container's
 namespace, so the server, spawned before that namespace exists, waits on a pipe
 until the fd is mounted.
 
-The server is started by a small ``/bin/sh`` (``posix_spawn``: no copy of this
-process) in a session of its own, which puts it in the background and exits.
+Either way the server is started with ``posix_spawn`` (no copy of this process):
+squashfuse daemonizes itself (a session of its own, reparented to init); on older
+kernels a small ``/bin/sh`` waits on the pipe in the background instead.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ LOG = log.get(__name__)
 
 #: Run by the spawned shell: $1 is the pipe's fd, the rest is squashfuse's command line.
 _WAIT_THEN_SERVE = 'fd=$1; shift; (read -r _ <&"$fd" && exec "$@") & exit 0'
-_SERVE = '"$@" & exit 0'
 #: Serve blocks from the heap, and keep it, rather than mapping memory per read.
 _MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=8388608:glibc.malloc.trim_threshold=67108864"
 
@@ -67,14 +67,13 @@ def _server_env() -> dict[str, str]:
     return env
 
 
-def _spawn(script: str, args: list[str], fds: tuple[int, ...]) -> int:
-    """Run ``sh -c script`` with *args* in a new session, with *fds* inherited."""
+def _spawn(argv: list[str], fds: tuple[int, ...], *, setsid: bool = False) -> int:
+    """Start *argv* with *fds* inherited, stdio on /dev/null, and the server's environment."""
     for fd in fds:
         os.set_inheritable(fd, True)
     try:
         null = [(os.POSIX_SPAWN_OPEN, std, "/dev/null", os.O_RDWR, 0) for std in (0, 1, 2)]
-        return os.posix_spawn("/bin/sh", ["/bin/sh", "-c", script, "capsid-fuse", *args],
-                              _server_env(), file_actions=null, setsid=True)
+        return os.posix_spawn(argv[0], argv, _server_env(), file_actions=null, setsid=setsid)
     finally:
         for fd in fds:
             os.set_inheritable(fd, False)
@@ -84,22 +83,22 @@ def _reap(pid: int) -> None:
     try:  # noqa: SIM105 - contextlib costs milliseconds to import
         os.waitpid(pid, 0)
     except ChildProcessError:
-        pass  # with --pid this process is a fork: the shell is its parent's child
+        pass  # with --pid this process is a fork: the child is its parent's
 
 
 class Served:
     """A FUSE mount whose server is running, detached until :meth:`attach`."""
 
-    def __init__(self, mount_fd: int, shell: int) -> None:
-        self.mount_fd, self.shell = mount_fd, shell
+    def __init__(self, mount_fd: int, launcher: int) -> None:
+        self.mount_fd, self.launcher = mount_fd, launcher
 
     def attach(self, target: str) -> None:
         linux.attach(self.mount_fd, target)
         os.close(self.mount_fd)
 
     def reap(self) -> None:
-        """Collect the shell that started the server (it exits at once)."""
-        _reap(self.shell)
+        """Collect the process spawned here (it exits once the server has daemonized)."""
+        _reap(self.launcher)
 
 
 def serve_detached(image: str, offset: int, uid: int, gid: int) -> Served | None:
@@ -124,10 +123,8 @@ def serve_detached(image: str, offset: int, uid: int, gid: int) -> Served | None
             return None
         # Without -f, squashfuse daemonizes itself: it forks, starts a session,
         # and the process spawned here exits once the server runs.
-        os.set_inheritable(fuse_fd, True)
-        null = [(os.POSIX_SPAWN_OPEN, std, "/dev/null", os.O_RDWR, 0) for std in (0, 1, 2)]
-        launcher = os.posix_spawn(exe, [exe, "-o", f"offset={offset}", image,
-                                        f"/dev/fd/{fuse_fd}"], _server_env(), file_actions=null)
+        launcher = _spawn([exe, "-o", f"offset={offset}", image, f"/dev/fd/{fuse_fd}"],
+                          (fuse_fd,))
         return Served(mount_fd, launcher)
     finally:
         os.close(fuse_fd)
@@ -155,8 +152,9 @@ def start_helper(image: str, offset: int) -> Helper:
     fuse_fd = _open_device()
     wait_fd, go = os.pipe()
     try:
-        shell = _spawn(_WAIT_THEN_SERVE, [str(wait_fd), exe, "-f", "-o", f"offset={offset}",
-                                          image, f"/dev/fd/{fuse_fd}"], (fuse_fd, wait_fd))
+        shell = _spawn(["/bin/sh", "-c", _WAIT_THEN_SERVE, "capsid-fuse", str(wait_fd),
+                        exe, "-f", "-o", f"offset={offset}", image, f"/dev/fd/{fuse_fd}"],
+                       (fuse_fd, wait_fd), setsid=True)
     except BaseException:
         os.close(fuse_fd)
         os.close(go)
