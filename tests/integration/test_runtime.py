@@ -503,3 +503,16 @@ def test_damaged_squashfs_is_a_clear_error(busybox_sif: Path, tmp_path: Path) ->
     assert "internal error" not in result.stderr
     time.sleep(0.5)
     assert live_squashfuse(damaged) == []
+
+
+def test_the_command_gets_all_the_cpus_it_was_given(busybox_sif: Path) -> None:
+    """The start runs on one CPU beside squashfuse; the command must not inherit that."""
+    allowed = os.sched_getaffinity(0)
+    result = capsid_exec(busybox_sif, "grep", "Cpus_allowed_list", "/proc/self/status",
+                         check=True)
+    listed = result.stdout.split(":", 1)[1].strip()
+    inside: set[int] = set()
+    for part in listed.split(","):
+        low, _, high = part.partition("-")
+        inside |= set(range(int(low), int(high or low) + 1))
+    assert inside == allowed

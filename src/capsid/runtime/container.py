@@ -478,4 +478,6 @@ def launch(opts: ExecOptions, started: early.Started | None = None) -> NoReturn:
         os.close(status_pipe)
     if started.fuse_mount is not None:
         started.fuse_mount.reap()
+    if started.affinity is not None:
+        os.sched_setaffinity(0, started.affinity)
     _exec(plan, opts)

@@ -63,6 +63,7 @@ _mount = _libc("mount", _Text, _Text, _Text, _ULong, _Text)
 _umount2 = _libc("umount2", _Text, _Int)
 _unshare = _libc("unshare", _Int)
 _prctl = _libc("prctl", _Int, _ULong, _ULong, _ULong, _ULong)
+_sched_getcpu = _libc("sched_getcpu")
 _syscall = _libc("syscall", _ULong, _Text, _Text)
 # The new mount API (Linux 5.2), by number: glibc before 2.36 has no wrappers.
 # Numbers from 424 on are the same on every architecture.
@@ -195,6 +196,11 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 def unshare(flags: int) -> None:
     _check(_unshare(flags), "unshare")
+
+
+def current_cpu() -> int:
+    """The CPU this thread runs on now (-1 if unknown)."""
+    return int(_sched_getcpu())
 
 
 def no_new_privs() -> None:
