@@ -42,9 +42,13 @@ def which(tool: str) -> str:
 
 
 def find(tool: str, path: str | None = None) -> str | None:
-    """Like ``shutil.which`` (which costs milliseconds to import): *tool* on PATH, or None."""
-    search = path if path is not None else os.environ.get("PATH", os.defpath)
-    for directory in [*search.split(os.pathsep), "/usr/sbin", "/sbin"]:
+    """Like ``shutil.which`` (which costs milliseconds to import): *tool* on *path*, or None.
+
+    Without *path*: the host's PATH, then /usr/sbin and /sbin, where admin tools live.
+    """
+    dirs = path.split(os.pathsep) if path is not None else \
+        [*os.environ.get("PATH", os.defpath).split(os.pathsep), "/usr/sbin", "/sbin"]
+    for directory in dirs:
         candidate = os.path.join(directory or ".", tool)
         if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
             return candidate

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from capsid import config, log
+from capsid import config, log, tools
 from capsid.errors import RuntimeSetupError, UsageError
 from capsid.image.locate import SANDBOX, Image
 from capsid.runtime import early, identity, linux, mounts, prefetch
@@ -128,8 +128,7 @@ def _mount_image(plan: _Plan, opts: ExecOptions, fd: int, started: early.Started
         if isinstance(fuse_mount, fuse.Served):
             fuse_mount.attach(target)
             return
-        uid, gid = _fuse_owner(plan, opts)
-        fuse.mount(fuse_mount, target, uid, gid)
+        fuse.mount(fuse_mount, target)
         prefetch.start(os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
                        started.first_programs)
     elif not plan.userns and not opts.unsquash:
@@ -148,10 +147,6 @@ def _check_served(image: Image) -> None:
             "filesystem is damaged or of a kind squashfuse does not know",
             f"check it with 'unsquashfs -s -o {image.offset} {image.path}', or rebuild it"
         ) from None
-
-
-def _fuse_owner(plan: _Plan, opts: ExecOptions) -> tuple[int, int]:
-    return (0, 0) if opts.fakeroot else (plan.user.uid, plan.user.gid)
 
 
 def _exit_like(status: int) -> NoReturn:
@@ -357,7 +352,7 @@ def _exec(plan: _Plan, opts: ExecOptions) -> NoReturn:
         if use_shell and finished is None:
             os.execve("/bin/sh", ["/bin/sh", "-c", envmod.PRELUDE, "capsid", *argv],
                       environment)
-        path = argv[0] if "/" in argv[0] else _search(argv[0], environment["PATH"])
+        path = argv[0] if "/" in argv[0] else tools.find(argv[0], environment["PATH"])
         if path is None:
             raise RuntimeSetupError(f"{argv[0]}: command not found in the container",
                                     "check the name and the PATH inside the image "
@@ -384,15 +379,6 @@ def _env_scripts() -> dict[str, bytes] | None:
         except OSError:
             return None
     return scripts
-
-
-def _search(name: str, path: str) -> str | None:
-    """*name* on the container's *path*, as ``execvp`` would find it."""
-    for directory in path.split(":"):
-        candidate = f"{directory or '.'}/{name}"
-        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
-            return candidate
-    return None
 
 
 def _oci_env(image: Image) -> list[str]:

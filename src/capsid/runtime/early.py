@@ -26,11 +26,12 @@ class Started:
     """What :func:`start` did, for the launch to go on from."""
 
     def __init__(self, image: Image, user: identity.User, userns: bool,
-                 fuse_mount: Helper | Served | None, first_programs: list[str]) -> None:
+                 fuse_mount: Helper | Served | None, first_programs: list[str],
+                 affinity: set[int] | None) -> None:
         self.image, self.user, self.userns, self.fuse_mount = image, user, userns, fuse_mount
         self.first_programs = first_programs
         #: this process's CPUs before the start pinned it, to give back to the command
-        self.affinity: set[int] | None = None
+        self.affinity = affinity
 
 
 def programs(action: str, argv: tuple[str, ...], shell: str | None) -> list[str]:
@@ -65,10 +66,8 @@ def start(image_path: str, *, fakeroot: bool, unsquash: bool,
         affinity = _share_one_cpu()
         owner = (0, 0) if fakeroot else (os.getuid(), os.getgid())
         fuse_mount = _serve(image, owner, first_programs)
-    started = Started(image, user or identity.User.current(), in_userns, fuse_mount,
-                      first_programs)
-    started.affinity = affinity
-    return started
+    return Started(image, user or identity.User.current(), in_userns, fuse_mount,
+                   first_programs, affinity)
 
 
 def _share_one_cpu() -> set[int] | None:
@@ -108,6 +107,6 @@ def _serve(image: Image, owner: tuple[int, int], first_programs: list[str]) -> H
     path = os.path.realpath(image.path)
     served = fuse.serve_detached(path, image.offset, *owner)
     if served is None:
-        return fuse.start_helper(path, image.offset)
+        return fuse.start_helper(path, image.offset, *owner)
     prefetch.start(os.dup(served.mount_fd), first_programs)
     return served

@@ -133,8 +133,8 @@ def serve_detached(image: str, offset: int, uid: int, gid: int) -> Served | None
 class Helper:
     """A server waiting to be let go, and what this process still holds for it."""
 
-    def __init__(self, fuse_fd: int, go: int, shell: int) -> None:
-        self.fuse_fd, self.go, self.shell = fuse_fd, go, shell
+    def __init__(self, fuse_fd: int, go: int, shell: int, owner: tuple[int, int]) -> None:
+        self.fuse_fd, self.go, self.shell, self.owner = fuse_fd, go, shell, owner
 
     def release(self) -> None:
         """Let the server start (if the fd was mounted); it no longer needs this process."""
@@ -146,8 +146,11 @@ class Helper:
         _reap(self.shell)
 
 
-def start_helper(image: str, offset: int) -> Helper:
-    """Open ``/dev/fuse`` and spawn the server that will answer on it, waiting."""
+def start_helper(image: str, offset: int, uid: int, gid: int) -> Helper:
+    """Open ``/dev/fuse`` and spawn the server that will answer on it, waiting.
+
+    The filesystem will belong to *uid* and *gid* (as seen in the user namespace).
+    """
     exe = tools.which("squashfuse_ll")
     fuse_fd = _open_device()
     wait_fd, go = os.pipe()
@@ -161,11 +164,12 @@ def start_helper(image: str, offset: int) -> Helper:
         raise
     finally:
         os.close(wait_fd)
-    return Helper(fuse_fd, go, shell)
+    return Helper(fuse_fd, go, shell, (uid, gid))
 
 
-def mount(helper: Helper, target: str, uid: int, gid: int) -> None:
+def mount(helper: Helper, target: str) -> None:
     """Mount the helper's FUSE fd on *target*, then let the helper serve it."""
+    uid, gid = helper.owner
     try:
         linux.mount("squashfuse", target, "fuse.squashfuse",
                     linux.MS_NOSUID | linux.MS_NODEV | linux.MS_RDONLY,
