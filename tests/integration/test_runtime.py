@@ -268,10 +268,14 @@ def test_setuid_binary_in_image_gives_no_privilege(debian_sif: Path) -> None:
 
 def test_mounts_are_nosuid(busybox_sif: Path, tmp_path: Path) -> None:
     result = capsid_exec(busybox_sif, "-B", f"{tmp_path}:/data", "cat", "/proc/self/mountinfo")
+    assert result.returncode == 0, result.stderr
+    seen = set()
     for line in result.stdout.splitlines():
         fields = line.split()
         if fields[4] in ("/", "/data"):
+            seen.add(fields[4])
             assert "nosuid" in fields[5].split(","), line
+    assert seen == {"/", "/data"}, result.stdout
 
 
 @pytest.mark.skipif(ROOT, reason="root may write anywhere on the host")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from capsid.runtime import prefetch
+from capsid.runtime import inroot, prefetch
 
 
 def _elf(interp: bytes | None) -> bytes:
@@ -58,7 +58,7 @@ def root(tmp_path: Path) -> Path:
 def _read(root: Path, path: str) -> bytes | None:
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
     try:
-        fd = prefetch.open_in(root_fd, path)
+        fd = inroot.open_file(root_fd, path)
         if fd is None:
             return None
         with os.fdopen(fd, "rb") as f:
@@ -79,10 +79,10 @@ def test_only_regular_files_are_read_ahead(root: Path) -> None:
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
     try:
         seen: set[tuple[int, int]] = set()
-        directory = prefetch.open_in(root_fd, "/bin")
-        assert directory is not None
+        assert inroot.open_file(root_fd, "/bin") is None  # only files are opened
+        directory = os.open(root / "bin", os.O_RDONLY)
         assert prefetch._read_ahead(directory, seen) is None and seen == set()
-        program = prefetch.open_in(root_fd, "/bin/sh")
+        program = inroot.open_file(root_fd, "/bin/sh")
         assert program is not None
         prefetch._read_ahead(program, seen)
         assert len(seen) == 1

@@ -133,19 +133,6 @@ def add_tree(tar: tarfile.TarFile, root: Path) -> tuple[set[str], set[str], int]
     return names, dirs, newest
 
 
-def _resolve_in(root: Path, rel: str, depth: int = 0) -> Path | None:
-    """Follow symlinks under *root* as the container would see them."""
-    path = root / rel
-    if depth > 8 or not os.path.lexists(path):
-        return None
-    if path.is_symlink():
-        target = os.readlink(path)
-        base = "" if target.startswith("/") else str(Path(rel).parent)
-        return _resolve_in(root, os.path.normpath(os.path.join(base, target.lstrip("/"))),
-                           depth + 1)
-    return path if path.is_file() else None
-
-
 def elf_arch(header: bytes) -> str | None:
     """The Go architecture name of an ELF header, or None if it is not ELF."""
     if len(header) < 20 or header[:4] != b"\x7fELF":
@@ -170,15 +157,22 @@ def host_arch() -> str:
 
 def detect_arch(root: Path) -> str:
     """The architecture of the binaries in sandbox *root*; the host's if none is found."""
-    for probe in _PROBES:
-        path = _resolve_in(root, probe)
-        if path is None:
-            continue
-        try:
-            with open(path, "rb") as f:
-                arch = elf_arch(f.read(64))
-        except OSError:
-            continue
-        if arch:
-            return arch
+    from capsid.runtime import inroot
+
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for probe in _PROBES:
+            fd = inroot.open_file(root_fd, probe)
+            if fd is None:
+                continue
+            try:
+                arch = elf_arch(os.pread(fd, 64, 0))
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            if arch:
+                return arch
+    finally:
+        os.close(root_fd)
     return host_arch()

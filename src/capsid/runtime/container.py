@@ -15,7 +15,7 @@ import sys
 from capsid import config, log, tools
 from capsid.errors import RuntimeSetupError, UsageError
 from capsid.image.locate import SANDBOX, Image
-from capsid.runtime import early, identity, linux, mounts, prefetch
+from capsid.runtime import early, identity, inroot, linux, mounts, prefetch
 from capsid.runtime import env as envmod
 from capsid.runtime.binds import BindSpec
 
@@ -289,11 +289,15 @@ def _container_mounts(plan: _Plan, opts: ExecOptions) -> None:
 
 
 def _read_image_file(path: str) -> bytes | None:
+    root = os.open(mounts.FINAL, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with open(mounts.resolve_in(mounts.FINAL, path), "rb") as f:
-            return f.read()
-    except OSError:
+        fd = inroot.open_file(root, path)
+    finally:
+        os.close(root)
+    if fd is None:
         return None
+    with open(fd, "rb") as f:
+        return f.read(1 << 24)
 
 
 def _command(opts: ExecOptions) -> list[str]:

@@ -17,10 +17,11 @@ becomes ``/`` and the session and the host root are detached.
 from __future__ import annotations
 
 import os
+import stat
 
 from capsid import log, tools
 from capsid.errors import RuntimeSetupError
-from capsid.runtime import linux
+from capsid.runtime import inroot, linux
 
 LOG = log.get(__name__)
 
@@ -86,36 +87,42 @@ def prepare_upper(targets: list[tuple[str, bool]]) -> None:
 
     The upper layer is our own tmpfs, so this works where the image's directory
     belongs to someone else, and costs a mkdir instead of the mounts of a mirror.
-    Paths are resolved in the image first, so its symlinks are followed, not shadowed.
+    Paths are resolved in the image first, so its symlinks are followed, not shadowed;
+    one that cannot be resolved is left to :func:`ensure_target` to report.
     """
     for path, is_dir in targets:
-        inside = resolve_in(IMAGE, path)[len(IMAGE):] or "/"
-        if os.path.lexists(IMAGE + inside):
-            continue
-        parent = os.path.dirname(inside)
         try:
-            _mkdirs_like(parent)
-            if is_dir:
-                os.mkdir(f"/upper{inside}", 0o755)
-            else:
-                with open(f"/upper{inside}", "a"):
-                    pass
-        except OSError as err:
-            LOG.debug("cannot prepare %s: %s", path, err.strerror)
+            with inroot.walk_path(IMAGE, path) as found:
+                if not found.missing:
+                    continue
+                _mkdirs_like(found.inside)
+                upper = "/upper" + found.inside.rstrip("/")
+                for part in found.missing[:-1]:
+                    upper += "/" + part
+                    os.makedirs(upper, 0o755, exist_ok=True)
+                _create(f"{upper}/{found.missing[-1]}", is_dir)
+        except (OSError, inroot.Unresolvable) as err:
+            LOG.debug("cannot prepare %s: %s", path, err)
 
 
 def _mkdirs_like(path: str) -> None:
-    """mkdir -p *path* in /upper, each directory with the mode it has in the image."""
+    """mkdir -p *path* (free of symlinks) in /upper, each with the mode it has in the image."""
     current = ""
     for part in filter(None, path.split("/")):
         current += "/" + part
         upper = f"/upper{current}"
         if os.path.isdir(upper):
             continue
-        lower = IMAGE + current
-        mode = os.stat(lower).st_mode & 0o7777 if os.path.isdir(lower) else 0o755
         os.mkdir(upper)
-        os.chmod(upper, mode)
+        os.chmod(upper, os.stat(IMAGE + current).st_mode & 0o7777)
+
+
+def _create(target: str, is_dir: bool) -> None:
+    if is_dir:
+        os.mkdir(target, 0o755)
+    else:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644))
 
 
 def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool) -> None:
@@ -139,25 +146,6 @@ def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool) 
         LOG.info("kernel overlayfs is unavailable (%s); the image root stays as it is",
                  err.strerror)
         linux.bind(IMAGE, FINAL, readonly=True)
-
-
-def resolve_in(root: str, path: str, depth: int = 0) -> str:
-    """*path* inside the tree at *root*, following symlinks as the container will."""
-    parts = [p for p in path.split("/") if p and p != "."]
-    current = ""
-    for index, part in enumerate(parts):
-        if part == "..":
-            current = os.path.dirname(current)
-            continue
-        candidate = f"{current}/{part}"
-        full = root + candidate
-        if os.path.islink(full) and depth < 40:
-            target = os.readlink(full)
-            base = "" if target.startswith("/") else current
-            rest = "/".join(parts[index + 1:])
-            return resolve_in(root, f"{base}/{target}/{rest}", depth + 1)
-        current = candidate
-    return root + (current or "/")
 
 
 _mirrors = 0
@@ -194,35 +182,53 @@ def _mirror(directory: str) -> None:
     linux.mount(stage, directory, None, linux.MS_MOVE)
 
 
-def _create(target: str, is_dir: bool) -> None:
-    if is_dir:
-        os.makedirs(target, exist_ok=True)
-    elif not os.path.lexists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "a"):
-            pass
+def _create_in(found: inroot.Walk, is_dir: bool) -> None:
+    """Create the missing components of *found*: directories, and a *is_dir* leaf."""
+    for index, part in enumerate(found.missing):
+        leaf = index == len(found.missing) - 1
+        if leaf and not is_dir:
+            os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o644, dir_fd=found.fd))
+        else:
+            os.mkdir(part, 0o755, dir_fd=found.fd)
+        found.fds.append(os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=found.fd))
+        found.trail.append(part)
+    found.missing.clear()
 
 
-def ensure_target(root: str, path: str, is_dir: bool) -> str | None:
-    """The mount point for *path* under *root*, created if missing; None if impossible."""
-    target = resolve_in(root, path)
+def ensure_target(root: str, path: str, is_dir: bool, *, required: bool = False) -> str | None:
+    """The mount point for *path* under *root*, created if missing.
+
+    The path is resolved inside *root* only (:mod:`capsid.runtime.inroot`), and
+    whatever is created lies under it. Where that is impossible, a *required* mount
+    point raises an error; others are skipped with a warning (None).
+    """
     try:
-        try:
-            _create(target, is_dir)
-        except PermissionError:
-            existing = os.path.dirname(target)
-            while not os.path.isdir(existing):
-                existing = os.path.dirname(existing)
-            _mirror(existing)
-            _create(target, is_dir)
-    except OSError as err:
-        LOG.warning("cannot create %s in the container (%s); skipping it", path, err.strerror)
-        return None
-    if os.path.isdir(target) != is_dir:
-        LOG.warning("%s is a %s in the image but the source is not; skipping it", path,
-                    "directory" if os.path.isdir(target) else "file")
-        return None
-    return target
+        for attempt in (1, 2):
+            with inroot.walk_path(root, path) as found:
+                try:
+                    _create_in(found, is_dir)
+                except PermissionError:
+                    if attempt == 2:
+                        raise
+                    _mirror(root + found.inside)  # a directory we may not write to
+                    continue
+                if stat.S_ISDIR(os.fstat(found.fd).st_mode) != is_dir:
+                    kinds = ("a file", "a directory") if is_dir else ("a directory", "a file")
+                    raise RuntimeSetupError(
+                        f"{path} is {kinds[0]} in the image, and what is bound there is "
+                        f"{kinds[1]}", "bind it somewhere else inside the container")
+                return root + found.inside
+    except (OSError, RuntimeSetupError) as err:
+        if required:
+            if isinstance(err, RuntimeSetupError):
+                raise
+            raise RuntimeSetupError(f"cannot create {path} in the container: {err.strerror}",
+                                    "bind it somewhere else inside the container") from None
+        LOG.warning("skipping %s in the container: %s", path,
+                    err.strerror if isinstance(err, OSError) else err.message)
+    return None
 
 
 def bind_into(source: str, destination: str, *, readonly: bool = False, nodev: bool = True,
@@ -234,7 +240,7 @@ def bind_into(source: str, destination: str, *, readonly: bool = False, nodev: b
             raise RuntimeSetupError(f"bind source {source} does not exist",
                                     "create it or fix the --bind argument")
         return False
-    target = ensure_target(FINAL, destination, os.path.isdir(host))
+    target = ensure_target(FINAL, destination, os.path.isdir(host), required=required)
     if target is None:
         return False
     if nodev:

@@ -18,6 +18,8 @@ import _thread
 import os
 import stat
 
+from capsid.runtime import inroot
+
 #: Pieces the kernel asks FUSE for at a time (its readahead window).
 _PIECE = 128 * 1024
 #: Never read more than this of one file: a program's start touches far less.
@@ -38,11 +40,11 @@ def _run(root_fd: int, programs: list[str]) -> None:
     try:
         for program in programs:
             for path in _candidates(program):
-                fd = open_in(root_fd, path)
+                fd = inroot.open_file(root_fd, path)
                 if fd is not None:
                     interpreter = _read_ahead(fd, seen)
                     if interpreter:
-                        interp_fd = open_in(root_fd, interpreter)
+                        interp_fd = inroot.open_file(root_fd, interpreter)
                         if interp_fd is not None:
                             _read_ahead(interp_fd, seen)
                     break
@@ -90,47 +92,3 @@ def elf_interpreter(head: bytes) -> str | None:
                 return None
             return head[offset:offset + size].rstrip(b"\0").decode(errors="replace")
     return None
-
-
-def open_in(root_fd: int, path: str, hops: int = 0) -> int | None:
-    """Open *path* for reading inside the tree at *root_fd*, following its symlinks there."""
-    parts = [p for p in path.split("/") if p and p != "."]
-    directory = os.dup(root_fd)
-    trail: list[str] = []
-    try:
-        for index, part in enumerate(parts):
-            if part == "..":
-                trail = trail[:-1]
-                os.close(directory)
-                directory = _open_dir(root_fd, trail)
-                continue
-            info = os.lstat(part, dir_fd=directory)
-            if stat.S_ISLNK(info.st_mode):
-                if hops >= 40:
-                    return None
-                target = os.readlink(part, dir_fd=directory)
-                base = "" if target.startswith("/") else "/".join(trail)
-                rest = "/".join(parts[index + 1:])
-                return open_in(root_fd, f"{base}/{target}/{rest}", hops + 1)
-            if index == len(parts) - 1:
-                return os.open(part, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=directory)
-            following = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW,
-                                dir_fd=directory)
-            os.close(directory)
-            directory = following
-            trail.append(part)
-        return None
-    except OSError:
-        return None
-    finally:
-        os.close(directory)
-
-
-def _open_dir(root_fd: int, trail: list[str]) -> int:
-    directory = os.dup(root_fd)
-    for part in trail:
-        following = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW,
-                            dir_fd=directory)
-        os.close(directory)
-        directory = following
-    return directory

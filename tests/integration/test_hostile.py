@@ -1,0 +1,150 @@
+"""Hostile images and careless input (#10): nothing outside the container or the output
+changes, and every failure is one clear line, never an internal error.
+
+Run as root and as an ordinary user (scripts/test.sh runs the suite both ways).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_capsid
+
+pytestmark = pytest.mark.unprivileged
+
+
+def listing(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Every path under *roots* with its type and size: what 'nothing changed' compares."""
+    seen = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                seen[path] = (st.st_mode, st.st_size if not os.path.isdir(path) else 0)
+    return seen
+
+
+def one_clear_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """A failure reported as exactly one 'capsid: error:' line naming *words*."""
+    assert result.returncode == 255, (result.returncode, result.stdout, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("capsid: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+@pytest.fixture
+def make_image(busybox_sandbox: Path, tmp_path: Path) -> Callable[..., Path]:
+    """A SIF of the busybox sandbox after *change* was applied to a copy of it."""
+    count = 0
+
+    def make(change: Callable[[Path], None]) -> Path:
+        nonlocal count
+        count += 1
+        root = tmp_path / f"rootfs{count}"
+        shutil.copytree(busybox_sandbox, root, symlinks=True)
+        change(root)
+        out = tmp_path / f"hostile{count}.sif"
+        run_capsid("build", out, root, check=True)
+        return out
+
+    return make
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Path:
+    """A host directory that no container may change: it must stay as it is."""
+    d = tmp_path / "sentinel"
+    d.mkdir()
+    (d / "keep").write_text("host file\n")
+    os.chmod(tmp_path, 0o755)  # reachable for the checks, as /tmp is
+    return d
+
+
+def _chain(root: Path, start: str, length: int, target: str, absolute: bool) -> None:
+    """/start -> n0 -> n1 -> ... -> n{length-1} -> target."""
+    def name(i: int) -> str:
+        return f"/n{i}" if absolute else f"n{i}"
+    (root / start).symlink_to(name(0))
+    for i in range(length - 1):
+        (root / f"n{i}").symlink_to(name(i + 1))
+    (root / f"n{length - 1}").symlink_to(target)
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["relative", "absolute"])
+@pytest.mark.parametrize("overlay", [False, True], ids=["tmpfs", "overlay-dir"])
+def test_long_symlink_chain_cannot_reach_the_host(make_image: Callable[..., Path],
+                                                  sentinel: Path, tmp_path: Path,
+                                                  absolute: bool, overlay: bool) -> None:
+    """#10.1: a bind destination behind 46 links ending in ../oldroot/<host dir>."""
+    image = make_image(lambda root: _chain(root, "data", 46, f"../oldroot{sentinel}",
+                                           absolute))
+    source = tmp_path / "src"
+    source.mkdir()
+    before = listing(sentinel)
+    options = ["-B", f"{source}:/data/newdir"]
+    if overlay:
+        (tmp_path / "ov").mkdir()
+        options += ["--overlay", str(tmp_path / "ov")]
+    result = run_capsid("exec", *options, image, "true")
+    one_clear_error(result, "/data/newdir", "too many levels of symbolic links")
+    assert listing(sentinel) == before
+    assert listing(source) == {}
+
+
+def test_short_chain_to_oldroot_stays_inside(make_image: Callable[..., Path], sentinel: Path,
+                                            tmp_path: Path) -> None:
+    """Within the link limit, '..' stops at the container's root: the bind lands inside it."""
+    image = make_image(lambda root: _chain(root, "data", 5, f"../oldroot{sentinel}", False))
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "mark").write_text("bound\n")
+    before = listing(sentinel)
+    result = run_capsid("exec", "-B", f"{source}:/data/newdir", image, "cat",
+                        f"/oldroot{sentinel}/newdir/mark", "/data/newdir/mark")
+    assert (result.returncode, result.stdout) == (0, "bound\nbound\n"), result.stderr
+    assert listing(sentinel) == before
+
+
+@pytest.mark.parametrize("link", ["loop", "/data", "pong/x"])
+def test_symlink_loops_are_refused(make_image: Callable[..., Path], tmp_path: Path,
+                                   link: str) -> None:
+    def change(root: Path) -> None:
+        (root / "data").symlink_to(link)
+        (root / "ping").symlink_to("pong")
+        (root / "pong").symlink_to("ping")
+        (root / "loop").symlink_to("loop")
+    image = make_image(change)
+    result = run_capsid("exec", "-B", f"{tmp_path}:/data", image, "true")
+    one_clear_error(result, "/data", "too many levels")
+
+
+def test_default_mounts_through_hostile_links_are_skipped(make_image: Callable[..., Path],
+                                                          sentinel: Path) -> None:
+    """/etc/passwd and /etc/resolv.conf behind hostile links: skipped or kept inside."""
+    def change(root: Path) -> None:
+        (root / "etc" / "resolv.conf").unlink()
+        _chain(root, "etc/resolv.conf", 45, f"../oldroot{sentinel}/keep", False)
+        (root / "etc" / "passwd").unlink()
+        (root / "etc" / "passwd").symlink_to(f"../../oldroot{sentinel}/keep")
+    image = make_image(change)
+    before = listing(sentinel)
+    result = run_capsid("exec", image, "sh", "-c", "id -un; cat /etc/passwd")
+    assert result.returncode == 0, result.stderr
+    assert "host file" not in result.stdout  # the host's file was never read for it
+    assert "internal error" not in result.stderr
+    assert listing(sentinel) == before
+
+
+def test_bind_onto_a_file_where_the_source_is_a_directory(busybox_sif: Path,
+                                                         tmp_path: Path) -> None:
+    result = run_capsid("exec", "-B", f"{tmp_path}:/bin/busybox", busybox_sif, "true")
+    one_clear_error(result, "/bin/busybox", "is a file in the image")
