@@ -148,3 +148,37 @@ def test_bind_onto_a_file_where_the_source_is_a_directory(busybox_sif: Path,
                                                          tmp_path: Path) -> None:
     result = run_capsid("exec", "-B", f"{tmp_path}:/bin/busybox", busybox_sif, "true")
     one_clear_error(result, "/bin/busybox", "is a file in the image")
+
+
+def _peak_rss_mib(argv: list[str]) -> tuple[int, float, str]:
+    """(exit status, peak RSS in MiB of the command and what it waited for, stderr)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return proc.returncode, usage.ru_maxrss / 1024, err.read().decode()
+
+
+@pytest.mark.parametrize("kind", ["zstd", "gzip"])
+def test_decompression_bombs_convert_in_bounded_memory(busybox_sandbox: Path, tmp_path: Path,
+                                                       kind: str) -> None:
+    """#10.2: a 1 GiB-of-zeros layer (33 KB as zstd, 1 MB as gzip) used to take 1 GiB of
+    memory (an 8 GiB zstd one: MemoryError). scripts/bombs.sh runs the full sizes."""
+    from tests.support.bombs import MEDIA, bomb_layer, make_layout, tar_of
+
+    size = 1 << 30
+    layout = tmp_path / "layout"
+    make_layout(layout, [(tar_of(busybox_sandbox), MEDIA["plain"]),
+                         (bomb_layer(size, kind), MEDIA[kind])])
+    out = tmp_path / "bomb.sif"
+    from tests.conftest import CAPSID
+
+    status, peak, stderr = _peak_rss_mib([str(CAPSID), "build", str(out), f"oci:{layout}"])
+    assert status == 0, stderr
+    assert peak < 256, f"peak RSS {peak:.0f} MiB"
+    check = run_capsid("exec", out, "sh", "-c",
+                       "stat -c %s /zeros; tail -c 65536 /zeros | tr -d '\\000' | wc -c")
+    assert check.stdout.split() == [str(size), "0"], check.stderr

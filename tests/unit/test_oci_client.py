@@ -113,3 +113,24 @@ def test_layers_decompress_by_content_and_hash_the_raw_bytes(pack) -> None:  # t
     out = b"".join(compression.ahead(compression.decompressed(io.BytesIO(raw), hasher)))
     assert out == data
     assert hasher.hexdigest() == hashlib.sha256(raw).hexdigest()
+
+
+def test_read_ahead_thread_never_outlives_its_consumer() -> None:
+    """#10.12: an error in the producer while the queue was full made close() wait forever."""
+    import threading
+    import time
+
+    from capsid.oci.compression import ahead
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b"one"
+        yield b"two"  # fills the queue of depth 1
+        raise ValueError("the layer broke")
+
+    stream = ahead(chunks(), depth=1)
+    assert next(stream) == b"one"
+    time.sleep(0.3)  # the producer is now blocked on the full queue with its error
+    closer = threading.Thread(target=stream.close, daemon=True)
+    closer.start()
+    closer.join(timeout=5)
+    assert not closer.is_alive(), "closing the stream hung"

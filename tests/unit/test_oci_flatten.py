@@ -133,3 +133,31 @@ def test_truncated_and_corrupt_layers_are_errors_not_crashes() -> None:
 def test_duplicate_entries_in_one_layer_are_written_once() -> None:
     members, contents, _ = flatten(layer(("f", b"first"), ("f", b"second")))
     assert contents["f"] == b"first" and len(members) == 1
+
+
+def _pax_layer(records: dict[str, str], name: str = "f", data: bytes = b"abc") -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.pax_headers = records
+    return info.tobuf(tarfile.PAX_FORMAT) + data + bytes(512 - len(data)) + bytes(1024)
+
+
+@pytest.mark.parametrize("size", ["notanumber", "-5", "1e3", " 3", "٣"])
+def test_a_pax_size_that_is_not_a_number_is_refused(size: str) -> None:
+    """#10.5: pax size=notanumber was an internal error (ValueError)."""
+    with pytest.raises(LayerError, match="not a number"):
+        Flattener(io.BytesIO().write).add_layer([_pax_layer({"size": size})])
+
+
+def test_a_newer_file_below_an_older_symlink_makes_a_directory() -> None:
+    """#10.11: a -> /etc in an older layer, a/passwd in a newer one: as Docker's overlay
+    storage shows it, 'a' is a directory holding passwd; the old link is dropped, and said."""
+    older = layer(("etc", None), ("etc/passwd", b"image's"), ("a", "->/etc"))
+    newer = layer(("a/passwd", b"newer"))
+    members, contents, flat = flatten(newer, older)
+    assert contents["a/passwd"] == b"newer" and contents["etc/passwd"] == b"image's"
+    assert "a" not in members or members["a"].isdir()
+    assert any("'a'" in s for s in flat.skipped)
+    # An older *directory* at that path still gives its metadata.
+    members, _, flat = flatten(newer, layer(("a", None)))
+    assert members["a"].isdir() and not flat.skipped

@@ -25,9 +25,10 @@ def metadata(image: Image) -> meta.Metadata:
             result.deffile = f.read(deffile).decode(errors="replace")
         if config is not None:
             try:
-                result.oci_config = json.loads(f.read(config))
+                loaded = json.loads(f.read(config))
             except ValueError:
-                result.oci_config = None
+                loaded = None
+            result.oci_config = loaded if isinstance(loaded, dict) else None
     return result
 
 

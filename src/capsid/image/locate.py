@@ -6,6 +6,7 @@ On every container start, so it reads a few bytes with ``os`` and ``struct`` onl
 from __future__ import annotations
 
 import os
+import stat
 
 from capsid.errors import ImageFormatError, ImageNotFoundError
 from capsid.image import siftable
@@ -36,6 +37,34 @@ class Image:
         return f"Image({self.path!r}, {self.kind!r}, offset={self.offset}, size={self.size})"
 
 
+def open_file(path: str, what: str = "image") -> int:
+    """A read-only fd of *path*, refused with one clear line unless it is a regular file.
+
+    FIFOs, sockets and devices are refused before anything reads them, so a FIFO
+    given by mistake cannot hang capsid (the open itself does not block).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageNotFoundError(f"{what} {path} does not exist",
+                                 "check the path and try again") from None
+    except PermissionError:
+        raise ImageFormatError(f"cannot read {what} {path}: permission denied",
+                               "ask its owner to make it readable") from None
+    except OSError as err:
+        raise ImageFormatError(f"cannot open {what} {path}: {err.strerror}",
+                               "check the path and try again") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device")
+        raise ImageFormatError(f"{what} {path} is {kind}, not a file",
+                               "give the path of a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def locate(path: str | os.PathLike[str]) -> Image:
     """Identify the image at *path*; raise a clear error when it is none."""
     p = os.fspath(path)
@@ -43,18 +72,15 @@ def locate(path: str | os.PathLike[str]) -> Image:
         raise ImageNotFoundError(f"image {p} does not exist", "check the path and try again")
     if os.path.isdir(p):
         return Image(p, SANDBOX)
-    try:
-        with open(p, "rb") as f:
-            head = f.read(1024)
-            if head[32:41] == siftable.MAGIC:
-                f.seek(0)
-                return _sif(f, p)
-    except PermissionError:
-        raise ImageFormatError(f"cannot read image {p}: permission denied",
-                               "ask its owner to make it readable") from None
+    with open(open_file(p), "rb") as f:
+        head = f.read(1024)
+        if head[32:41] == siftable.MAGIC:
+            f.seek(0)
+            return _sif(f, p)
+        size = os.fstat(f.fileno()).st_size
     offset = _squashfs_offset(head)
     if offset is not None:
-        return Image(p, SQUASHFS, offset, os.path.getsize(p) - offset)
+        return Image(p, SQUASHFS, offset, size - offset)
     raise ImageFormatError(f"{p} is not a container image",
                            "give a .sif file, a squashfs file or a sandbox directory")
 

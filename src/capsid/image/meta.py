@@ -200,14 +200,33 @@ class Metadata:
 
     @classmethod
     def from_inspect_json(cls, raw: bytes) -> Metadata:
-        attrs = json.loads(raw).get("data", {}).get("attributes", {})
-        env = attrs.get("environment") or {}
-        return cls(deffile=attrs.get("deffile"),
-                   labels={str(k): str(v) for k, v in (attrs.get("labels") or {}).items()},
-                   runscript=attrs.get("runscript"), startscript=attrs.get("startscript"),
-                   test=attrs.get("test"), helpfile=attrs.get("helpfile"),
+        """Read it from a SIF's ``inspect-metadata.json``; fields of the wrong type are left out."""
+        try:
+            doc = json.loads(raw)
+        except ValueError:  # UnicodeDecodeError too
+            from capsid.errors import ImageFormatError
+
+            raise ImageFormatError("the image's inspect-metadata.json object is not valid "
+                                   "JSON", "the SIF is damaged; rebuild or download it again"
+                                   ) from None
+        attrs = _object(_object(_object(doc).get("data")).get("attributes"))
+
+        def text(key: str) -> str | None:
+            value = attrs.get(key)
+            return value if isinstance(value, str) else None
+
+        env = _object(attrs.get("environment"))
+        return cls(deffile=text("deffile"),
+                   labels={str(k): str(v) for k, v in _object(attrs.get("labels")).items()},
+                   runscript=text("runscript"), startscript=text("startscript"),
+                   test=text("test"), helpfile=text("helpfile"),
                    environment={str(k): str(v) for k, v in env.items()
                                 if str(k).rsplit("/", 1)[-1] not in BASE_ENV_SCRIPTS})
+
+
+def _object(value: object) -> dict[str, object]:
+    """*value* if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
 
 
 def skeleton(runscript: str | None = None) -> dict[str, tuple[int, bytes | str | None]]:

@@ -238,16 +238,9 @@ class SifImage:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        try:
-            self._file: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()
-        except FileNotFoundError:
-            from capsid.errors import ImageNotFoundError
+        from capsid.image.locate import open_file
 
-            raise ImageNotFoundError(f"image {self.path} does not exist",
-                                     "check the path and try again") from None
-        except IsADirectoryError:
-            raise ImageFormatError(f"{self.path} is a directory, not a SIF file",
-                                   "give the path of a .sif file") from None
+        self._file: BinaryIO = open(open_file(str(self.path)), "rb")  # noqa: SIM115
         try:
             self.header, self.descriptors = self._load()
         except BaseException:

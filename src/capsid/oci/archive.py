@@ -57,11 +57,14 @@ class Files:
         self._members: dict[str, tuple[int, int]] | None = None
         if path.is_dir():
             return
+        from capsid.image.locate import open_file
+
         try:
-            with tarfile.open(path, "r:") as tar:
+            with open(open_file(str(path), "archive"), "rb") as f, \
+                    tarfile.open(fileobj=f, mode="r:") as tar:
                 members = {m.name.lstrip("./") if m.name.startswith("./") else m.name: m
                            for m in tar.getmembers()}
-        except (tarfile.TarError, OSError) as e:
+        except (tarfile.TarError, OSError, ValueError) as e:
             raise ImageFormatError(f"{path} is not a tar archive ({e})",
                                    "give a file made by 'docker save', 'podman save' or "
                                    "'skopeo copy … oci-archive:'") from None
@@ -183,7 +186,7 @@ def _from_descriptor(files: Files, desc: dict[str, Any], platform: tuple[str, st
         layers = [oci.Layer(str(d["digest"]), int(d.get("size", 0)),
                             str(d.get("mediaType", "")), _blob_opener(files, str(d["digest"])))
                   for d in layer_descs]
-        return oci.SourceImage(name, oci.load_json(config_raw, "image config"), layers,
+        return oci.SourceImage(name, oci.image_config(config_raw), layers,
                                digest, config_raw)
     raise ImageFormatError(f"{name}: indexes nested too deeply", "the layout is damaged")
 
@@ -219,6 +222,11 @@ def docker_archive(spec: str, platform: tuple[str, str]) -> oci.SourceImage:
         entries = None
     if not isinstance(entries, list) or not entries:
         raise ImageFormatError(f"{path}: manifest.json lists no image", "save the image again")
+    for e in entries:
+        if not (isinstance(e, dict) and isinstance(e.get("Config"), str)
+                and oci.strings(e.get("Layers")) and oci.strings(e.get("RepoTags") or [])):
+            raise ImageFormatError(f"{path}: manifest.json has an entry that is not an object "
+                                   'with "Config" and "Layers"', "save the image again")
     entry = entries[0]
     if tag:
         wanted = {tag, f"{tag}:latest", f"docker.io/library/{tag}", f"localhost/{tag}"}
@@ -233,7 +241,7 @@ def docker_archive(spec: str, platform: tuple[str, str]) -> oci.SourceImage:
         raise CapsidError(f"{path} holds {len(entries)} images",
                           f"name one: docker-archive:{path}:{tags[0] if tags else 'REPO:TAG'}")
     config_raw = files.read(str(entry.get("Config", "")))
-    config = oci.load_json(config_raw, "image config")
+    config = oci.image_config(config_raw)
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
     layer_paths = [str(p) for p in entry.get("Layers") or []]
     if len(diff_ids) != len(layer_paths):

@@ -43,11 +43,12 @@ def _inflater() -> Any:
 
 
 def _gunzip(raw: Iterator[bytes]) -> Iterator[bytes]:
+    """Inflate, at most :data:`CHUNK` bytes out at a time whatever the ratio (bombs)."""
     inflater = _inflater()
     for chunk in raw:
         while chunk:
             try:
-                out = inflater.decompress(chunk)
+                out = inflater.decompress(chunk, CHUNK)
             except Exception as e:  # zlib.error or isal's IsalError: the data is bad
                 raise ImageFormatError(f"a gzip layer is corrupt ({e})",
                                        "pull or save the image again") from None
@@ -57,24 +58,49 @@ def _gunzip(raw: Iterator[bytes]) -> Iterator[bytes]:
                 chunk = inflater.unused_data
                 inflater = _inflater()
             else:
-                chunk = b""
+                chunk = inflater.unconsumed_tail
     tail = inflater.flush()
     if tail:
         yield tail
 
 
+class _ChunkReader:
+    """A file-like ``read`` over an iterator of chunks, for zstandard's stream reader."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._rest = b""
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._rest:
+            self._rest = next(self._chunks, b"")
+        if size < 0 or size >= len(self._rest):
+            data, self._rest = self._rest, b""
+        else:
+            data, self._rest = self._rest[:size], self._rest[size:]
+        return data
+
+
+#: Largest zstd window accepted: zstd's own default limit (128 MiB); larger needs --long.
+ZSTD_MAX_WINDOW = 1 << 27
+
+
 def _unzstd(raw: Iterator[bytes]) -> Iterator[bytes]:
+    """Decompress zstd frames, at most :data:`CHUNK` bytes out at a time (bombs)."""
     import zstandard
 
-    decompressor = zstandard.ZstdDecompressor().decompressobj()
-    for chunk in raw:
+    reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(
+        _ChunkReader(raw), read_size=CHUNK, read_across_frames=True)  # type: ignore[arg-type]
+    while True:
         try:
-            out = decompressor.decompress(chunk)
+            out = reader.read(CHUNK)
         except zstandard.ZstdError as e:
-            raise ImageFormatError(f"a zstd layer is corrupt ({e})",
+            raise ImageFormatError(f"a zstd layer is corrupt or needs more than "
+                                   f"{ZSTD_MAX_WINDOW >> 20} MiB to decompress ({e})",
                                    "pull or save the image again") from None
-        if out:
-            yield out
+        if not out:
+            return
+        yield out
 
 
 def decompressed(f: BinaryIO, hasher: Hasher | None = None) -> Iterator[bytes]:
@@ -101,20 +127,24 @@ def ahead(chunks: Iterator[bytes], depth: int = 4) -> Iterator[bytes]:
     q: queue.Queue[tuple[int, Any]] = queue.Queue(depth)
     stop = threading.Event()
 
+    def put(item: tuple[int, Any]) -> bool:
+        """Queue *item* unless the consumer has gone; never block past its leaving."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for chunk in chunks:
-                while not stop.is_set():
-                    try:
-                        q.put((0, chunk), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((0, chunk)):
                     return
-            q.put((1, None))
+            put((1, None))
         except BaseException as e:  # handed to the consumer
-            q.put((2, e))
+            put((2, e))
 
     thread = threading.Thread(target=produce, name="capsid-decompress", daemon=True)
     thread.start()

@@ -62,6 +62,14 @@ def _number(field: bytes) -> int:
                          "the layer is damaged; rebuild the image") from None
 
 
+def _pax_number(value: str, key: str) -> int:
+    """A pax record's decimal number (``size``): digits only, as POSIX requires."""
+    if not value.isascii() or not value.isdigit():
+        raise LayerError(f"a layer has a pax header with {key}={value[:40]!r}, not a number",
+                         "the layer is damaged; rebuild the image")
+    return int(value)
+
+
 def _checksum_ok(block: bytes) -> bool:
     stored = _number(block[148:156])
     computed = sum(block[:148]) + 8 * 32 + sum(block[156:])
@@ -178,6 +186,7 @@ class Flattener:
         self._seen: dict[str, bool] = {}  # path → is a directory
         self._hidden: set[str] = set()  # whited-out paths (and all below)
         self._opaque: set[str] = set()  # directories whose older contents are hidden
+        self._implied: set[str] = set()  # parents of written paths that no entry made yet
         self._links: list[tuple[str, str, bytes]] = []  # (path, target, header blocks)
         self.skipped: list[str] = []
 
@@ -262,7 +271,8 @@ class Flattener:
             if block is None or block == ZERO_BLOCK:
                 break
             kind = block[156:157]
-            size = int(pax["size"]) if "size" in pax else _number(block[124:136])
+            size = _pax_number(pax["size"], "size") if "size" in pax \
+                else _number(block[124:136])
             has_data = kind in _HAS_DATA_UNKNOWN or kind not in _KNOWN
             if "path" in pax:
                 name = pax["path"]
@@ -291,6 +301,11 @@ class Flattener:
                 keep = False  # duplicate inside one layer: the first copy stands
             elif not (self.visible(path) if path else self._root_visible(path)):
                 keep = False
+            elif path in self._implied and kind != b"5":
+                # A newer layer has entries below this path, so it is a directory there
+                # (as in Docker's overlay storage, where the newer directory hides it).
+                self._skip(f"{label}: {name!r} (a newer layer has a directory there)")
+                keep = False
             if not keep:
                 reader.copy(data_size, None)
                 continue
@@ -311,16 +326,26 @@ class Flattener:
                 if target_raw != target:
                     rewrite["linkpath"] = target
                 self._seen[path] = False
+                self._imply_parents(path)
                 headers = self._headers(ext, pax, block, rewrite)
                 body = reader.read(data_size) if data_size else None
                 self._links.append((path, target, headers + (body or b"")))
                 continue
             self._seen[path] = kind == b"5"
+            self._imply_parents(path)
             write(self._headers(ext, pax, block, rewrite))
             reader.copy(data_size, write)
         reader.drain()
         self._hidden.update(whiteouts)
         self._opaque.update(opaque)
+
+    def _imply_parents(self, path: str) -> None:
+        """Record that *path*'s parents must be directories, unless an entry made them."""
+        self._implied.discard(path)
+        parent = path.rpartition("/")[0]
+        while parent and parent not in self._seen and parent not in self._implied:
+            self._implied.add(parent)
+            parent = parent.rpartition("/")[0]
 
     @staticmethod
     def _headers(ext: bytearray, pax: dict[str, str], block: bytes,

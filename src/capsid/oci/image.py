@@ -76,6 +76,59 @@ def load_json(raw: bytes, what: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _bad(what: str, field: str, wanted: str) -> ImageFormatError:
+    return ImageFormatError(f"the {what}'s {field} is not {wanted}",
+                            "the image is damaged or hostile; pull or save it again")
+
+
+def strings(value: object) -> bool:
+    """Whether *value* is a JSON list of strings."""
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _labels(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _object(value: object) -> bool:
+    return isinstance(value, dict)
+
+
+#: Fields of an image config's "config": the check of its JSON shape, and its name.
+_RUN_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "Env": (strings, "a list of strings"), "Entrypoint": (strings, "a list of strings"),
+    "Cmd": (strings, "a list of strings"), "Labels": (_labels, "an object of strings"),
+    "WorkingDir": (_text, "a string"), "User": (_text, "a string"),
+    "StopSignal": (_text, "a string"), "ExposedPorts": (_object, "an object"),
+    "Volumes": (_object, "an object"),
+}
+
+
+def image_config(raw: bytes) -> dict[str, Any]:
+    """An image config, with every field capsid reads checked for its JSON type."""
+    what = "image config"
+    config = load_json(raw, what)
+    for key in ("architecture", "os", "created", "variant"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise _bad(what, key, "a string")
+    run = config.get("config")
+    if run is not None and not isinstance(run, dict):
+        raise _bad(what, '"config"', "an object")
+    for key, (check, wanted) in _RUN_FIELDS.items():
+        value = (run or {}).get(key)
+        if value is not None and not check(value):
+            raise _bad(what, key, wanted)
+    rootfs = config.get("rootfs")
+    if rootfs is not None and not (isinstance(rootfs, dict)
+                                   and strings(rootfs.get("diff_ids") or [])):
+        raise _bad(what, "rootfs", 'an object with a list of "diff_ids"')
+    return config
+
+
 def media_type(doc: dict[str, Any], fallback: str = "") -> str:
     value = doc.get("mediaType") or fallback
     if not value and "manifests" in doc:
@@ -151,4 +204,11 @@ def manifest_parts(manifest: dict[str, Any],
     if not isinstance(config, dict) or not isinstance(layers, list):
         raise ImageFormatError(f"the manifest of {name} has no config or layers",
                                "the image is damaged or not a container image")
-    return config, [d for d in layers if isinstance(d, dict)]
+    for desc in [config, *layers]:
+        if not (isinstance(desc, dict) and isinstance(desc.get("digest"), str)
+                and isinstance(desc.get("size", 0), int)
+                and isinstance(desc.get("mediaType", ""), str)):
+            raise ImageFormatError(f"the manifest of {name} has a descriptor without a "
+                                   "digest string and a size number",
+                                   "the image is damaged or hostile; pull or save it again")
+    return config, layers

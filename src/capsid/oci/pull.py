@@ -157,7 +157,7 @@ class Puller:
         layers = [oci.Layer(str(d["digest"]), int(d.get("size", 0)), str(d.get("mediaType", "")),
                             _opener(self.store.blob_path(str(d["digest"]))))
                   for d in layer_descs]
-        return oci.SourceImage(f"docker://{ref}", oci.load_json(config_raw, "image config"),
+        return oci.SourceImage(f"docker://{ref}", oci.image_config(config_raw),
                                layers, resolved.digest, config_raw)
 
     def oras_sif(self, ref: Reference, platform: tuple[str, str]) -> Path:

@@ -399,8 +399,10 @@ def _oci_env(image: Image) -> list[str]:
         doc = json.loads(raw)
     except ValueError:
         return []
-    value = doc.get("Env") or doc.get("config", {}).get("Env") or []
-    return [str(v) for v in value]
+    if isinstance(doc, dict) and isinstance(doc.get("config"), dict) and "Env" not in doc:
+        doc = doc["config"]
+    value = doc.get("Env") if isinstance(doc, dict) else None
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
 def start_early(opts: ExecOptions) -> early.Started:
