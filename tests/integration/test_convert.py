@@ -204,21 +204,89 @@ def test_ctrl_c_leaves_no_partial_image(busybox_sandbox: Path, tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
 
 
-def test_full_disk_leaves_no_partial_image(busybox_sandbox: Path, tmp_path: Path) -> None:
+def _in_small_filesystem(tmp_path: Path, command: str) -> subprocess.CompletedProcess[str]:
+    """Run *command* with {small} a 3 MiB tmpfs (in a user+mount namespace), then list it."""
     need("unshare")
-    noise = tmp_path / "src"
-    shutil.copytree(busybox_sandbox, noise, symlinks=True)
-    (noise / "noise").write_bytes(os.urandom(6 << 20))
-    small = tmp_path / "small"
-    small.mkdir()
-    script = (f'mount -t tmpfs -o size=3m none "{small}" && '
-              f'"{CAPSID}" build "{small}/out.sif" "{noise}"; echo "rc=$?"; ls -A "{small}"')
     probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
     if probe.returncode != 0:
         pytest.skip("unprivileged user namespaces are unavailable")
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True,
+    small = tmp_path / "small"
+    small.mkdir()
+    script = (f'mount -t tmpfs -o size=3m none "{small}" && '
+              + command.format(small=small) + f'; echo "rc=$?"; ls -A "{small}"')
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True,
                           text=True, check=False)
-    lines = done.stdout.splitlines()
-    assert lines == ["rc=255"], (done.stdout, done.stderr)
-    assert "capsid: error: tar2sqfs failed" in done.stderr
+
+
+def test_full_disk_leaves_no_partial_image(busybox_sandbox: Path, tmp_path: Path) -> None:
+    """#10.10: the error says the file system is full and where, not 'tar2sqfs: I/O error'."""
+    noise = tmp_path / "src"
+    shutil.copytree(busybox_sandbox, noise, symlinks=True)
+    (noise / "noise").write_bytes(os.urandom(6 << 20))
+    done = _in_small_filesystem(tmp_path, f'"{CAPSID}" build "{{small}}/out.sif" "{noise}"')
+    assert done.stdout.splitlines() == ["rc=255"], (done.stdout, done.stderr)
+    assert done.stderr.startswith(f"capsid: error: the file system of {tmp_path}/small is full")
     assert done.stderr.count("\n") == 1
+
+
+def test_full_disk_during_a_sandbox_build_leaves_nothing(busybox_sandbox: Path,
+                                                         tmp_path: Path) -> None:
+    """#10.4: a failed sandbox build left its temporary directory behind."""
+    noise = tmp_path / "src"
+    shutil.copytree(busybox_sandbox, noise, symlinks=True)
+    (noise / "noise").write_bytes(os.urandom(6 << 20))
+    image = tmp_path / "noise.sif"
+    run_capsid("build", image, noise, check=True)
+    done = _in_small_filesystem(tmp_path, f'"{CAPSID}" build --sandbox "{{small}}/sb" "{image}"')
+    assert done.stdout.splitlines() == ["rc=255"], (done.stdout, done.stderr)
+    assert "is full" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_force_over_a_sandbox_with_directory_symlinks(busybox_sif: Path, tmp_path: Path) -> None:
+    """#10.4: --force over such a sandbox was an internal error (chmod follow_symlinks) and left
+    the old sandbox in a temporary directory."""
+    out = tmp_path / "sb"
+    run_capsid("build", "--sandbox", out, busybox_sif, check=True)
+    (out / "linked").symlink_to("/usr")       # directory symlinks, one out of the tree
+    (out / "inner").symlink_to("bin")
+    (out / "ro").mkdir()
+    (out / "ro" / "f").write_text("x")
+    (out / "ro").chmod(0o555)                 # and a read-only directory
+    result = run_capsid("build", "--force", "--sandbox", out, busybox_sif)
+    assert result.returncode == 0, result.stderr
+    assert not (out / "linked").exists() and (out / "bin" / "busybox").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sb"]
+    assert os.path.isdir("/usr/bin")  # the link's target was not touched
+
+
+@pytest.mark.parametrize("sandbox", [False, True], ids=["sif", "sandbox"])
+def test_kill_9_leftovers_are_removed_by_the_next_build(busybox_sandbox: Path, tmp_path: Path,
+                                                        sandbox: bool) -> None:
+    """#10.9: kill -9 during a build left .out.*.capsid-tmp files that stayed for ever."""
+    big = tmp_path / "big"
+    shutil.copytree(busybox_sandbox, big, symlinks=True)
+    with open(big / "noise", "wb") as f:
+        for _ in range(24):
+            f.write(os.urandom(8 << 20))
+    source = big
+    if sandbox:
+        source = tmp_path / "big.sif"
+        run_capsid("build", source, big, check=True)
+    out = tmp_path / "out"
+    argv = [str(CAPSID), "build", *(["--sandbox"] if sandbox else []), str(out), str(source)]
+    proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not [p for p in tmp_path.iterdir() if p.name.endswith(".capsid-tmp")]:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    if not sandbox:
+        time.sleep(0.3)  # into tar2sqfs's work
+    proc.kill()
+    proc.wait()
+    left = [p.name for p in tmp_path.iterdir() if p.name.endswith(".capsid-tmp")]
+    assert left, "the kill came too late to leave anything"
+    time.sleep(2.1)  # temporaries younger than 2 s may be a live writer's, about to be locked
+    run_capsid("build", *(["--sandbox"] if sandbox else []), tmp_path / "next",
+               busybox_sandbox if not sandbox else source, check=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".capsid-tmp")]
+    assert not out.exists()

@@ -182,3 +182,76 @@ def test_decompression_bombs_convert_in_bounded_memory(busybox_sandbox: Path, tm
     check = run_capsid("exec", out, "sh", "-c",
                        "stat -c %s /zeros; tail -c 65536 /zeros | tr -d '\\000' | wc -c")
     assert check.stdout.split() == [str(size), "0"], check.stderr
+
+
+@pytest.fixture
+def special_files(tmp_path: Path) -> dict[str, Path]:
+    """A FIFO with no writer (opening it for reading the usual way blocks) and a socket."""
+    import socket
+
+    fifo = tmp_path / "image.fifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "image.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    return {"FIFO": fifo, "socket": sock_path}
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "socket"])
+@pytest.mark.parametrize("command", [
+    "exec {} true", "inspect {}", "sif list {}", "sif info 1 {}", "sif dump 1 {}",
+    "sif header {}", "build --sandbox {out} {}", "build {out} {}",
+    "build {out} docker-archive:{}", "build {out} oci-archive:{}", "run {}",
+])
+def test_special_files_as_images_are_refused_not_waited_on(
+        special_files: dict[str, Path], tmp_path: Path, kind: str, command: str) -> None:
+    """#10.3: a FIFO given as an image or archive hung every command."""
+    out = tmp_path / "out"
+    argv = command.format(special_files[kind], out=out).split()
+    result = run_capsid(*argv, timeout=20)
+    one_clear_error(result, kind)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_unreadable_sif_is_one_line_for_every_command(busybox_sif: Path,
+                                                      tmp_path: Path) -> None:
+    """#10.6: 'sif list' of an unreadable file was an internal error (PermissionError)."""
+    image = tmp_path / "locked.sif"
+    shutil.copy(busybox_sif, image)
+    image.chmod(0)
+    for argv in (["sif", "list"], ["sif", "header"], ["inspect"], ["exec"],
+                 ["build", "--sandbox", str(tmp_path / "sb")]):
+        extra = ["true"] if argv == ["exec"] else []
+        one_clear_error(run_capsid(*argv, image, *extra), "permission denied")
+
+
+def _patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_bad_sif_metadata_objects(busybox_sif: Path, tmp_path: Path) -> None:
+    """#10.6: inspect of a SIF whose JSON holds 0xff bytes, or overlaps the filesystem."""
+    from capsid.image import sif
+    from capsid.image.siftable import DESCRIPTOR
+
+    with sif.SifImage(busybox_sif) as s:
+        meta = s.find(sif.DataType.GENERIC_JSON, "inspect-metadata.json")
+        part = s.primary_partition()
+        table = s.header.descriptors_offset
+        index = s.descriptors.index(meta) if meta else -1
+    assert meta is not None and part is not None
+    garbled = tmp_path / "ff.sif"
+    shutil.copy(busybox_sif, garbled)
+    _patch(garbled, meta.offset, b"\xff" * min(meta.size, 64))
+    one_clear_error(run_capsid("inspect", garbled), "inspect-metadata.json")
+    # The descriptor's offset moved into the squashfs partition (offset field at byte 17).
+    overlapping = tmp_path / "overlap.sif"
+    shutil.copy(busybox_sif, overlapping)
+    _patch(overlapping, table + index * DESCRIPTOR.size + 17,
+           part.offset.to_bytes(8, "little"))
+    one_clear_error(run_capsid("inspect", "--all", overlapping), "inspect-metadata.json")
+    # The image itself still runs: the metadata is not on the start path.
+    assert run_capsid("exec", overlapping, "true").returncode == 0

@@ -9,7 +9,6 @@ import io
 import os
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -69,43 +68,33 @@ def sif_objects(metadata: meta.Metadata, partition: Path, arch: str,
     return objects
 
 
-def scratch_file(beside: Path, suffix: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{beside.name}.", suffix=suffix, dir=beside.parent)
-    os.close(fd)
-    return Path(name)
-
-
 def sandbox_to_sif(src: Path, out: Path, *, compression: str = "zstd",
                    force: bool = False) -> None:
     """Make SIF *out* from sandbox directory *src*, adding any missing ``/.singularity.d``."""
     sandbox.check_dir(src)
     squashfs.check_compression(compression)
     arch = sandbox.detect_arch(src)
-    with output.atomic_file(out, force) as tmp:
-        part = scratch_file(out, ".sqfs.capsid-tmp")
-        try:
-            with squashfs.create(part, compression) as tar:
-                names, dirs, newest = sandbox.add_tree(tar, src)
-                epoch = source_date_epoch()
-                stamp = newest if epoch is None else epoch
-                skeleton = meta.skeleton()
-                for info in _missing_skeleton(names, dirs, stamp):
-                    content = skeleton[info.name][1]
-                    if isinstance(content, bytes):
-                        tar.addfile(info, io.BytesIO(content))
-                    else:
-                        tar.addfile(info)
-            files: dict[str, bytes | str] = {
-                rel[len(meta.ROOT) + 1:]: content
-                for rel, (_mode, content) in skeleton.items()
-                if rel.startswith(meta.ROOT + "/") and content is not None
-            }
-            files.update(squashfs.read_dir(src / meta.ROOT))
-            metadata = meta.Metadata.from_tree(files)
-            with open(tmp, "wb") as f:
-                sif.write(f, sif_objects(metadata, part, arch), created_at=stamp)
-        finally:
-            part.unlink(missing_ok=True)
+    with output.atomic_file(out, force) as tmp, output.scratch(out, "sqfs") as part:
+        with squashfs.create(part, compression) as tar:
+            names, dirs, newest = sandbox.add_tree(tar, src)
+            epoch = source_date_epoch()
+            stamp = newest if epoch is None else epoch
+            skeleton = meta.skeleton()
+            for info in _missing_skeleton(names, dirs, stamp):
+                content = skeleton[info.name][1]
+                if isinstance(content, bytes):
+                    tar.addfile(info, io.BytesIO(content))
+                else:
+                    tar.addfile(info)
+        files: dict[str, bytes | str] = {
+            rel[len(meta.ROOT) + 1:]: content
+            for rel, (_mode, content) in skeleton.items()
+            if rel.startswith(meta.ROOT + "/") and content is not None
+        }
+        files.update(squashfs.read_dir(src / meta.ROOT))
+        metadata = meta.Metadata.from_tree(files)
+        with open(tmp, "wb") as f:
+            sif.write(f, sif_objects(metadata, part, arch), created_at=stamp)
     LOG.info("wrote %s (%s, %s)", out, arch, compression)
 
 
@@ -131,13 +120,9 @@ def image_to_sif(src: Path, out: Path, *, force: bool = False) -> None:
 
     info = metadata(image)
     stamp = source_date_epoch() or int(src.stat().st_mtime)
-    with output.atomic_file(out, force) as tmp:
-        part = scratch_file(out, ".sqfs.capsid-tmp")
-        try:
-            with open(src, "rb") as f_in, open(part, "wb") as f_out:
-                f_in.seek(image.offset)
-                shutil.copyfileobj(f_in, f_out, 1 << 20)
-            with open(tmp, "wb") as f:
-                sif.write(f, sif_objects(info, part, sandbox.host_arch()), created_at=stamp)
-        finally:
-            part.unlink(missing_ok=True)
+    with output.atomic_file(out, force) as tmp, output.scratch(out, "sqfs") as part:
+        with open(src, "rb") as f_in, open(part, "wb") as f_out:
+            f_in.seek(image.offset)
+            shutil.copyfileobj(f_in, f_out, 1 << 20)
+        with open(tmp, "wb") as f:
+            sif.write(f, sif_objects(info, part, sandbox.host_arch()), created_at=stamp)

@@ -51,18 +51,30 @@ def open_file(path: str, what: str = "image") -> int:
     except PermissionError:
         raise ImageFormatError(f"cannot read {what} {path}: permission denied",
                                "ask its owner to make it readable") from None
-    except OSError as err:
+    except OSError as err:  # a socket (ENXIO), a device without its driver, ...
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        _refuse_special(path, mode, what)
         raise ImageFormatError(f"cannot open {what} {path}: {err.strerror}",
                                "check the path and try again") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    try:
+        _refuse_special(path, os.fstat(fd).st_mode, what)
+    except BaseException:
         os.close(fd)
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "a device")
-        raise ImageFormatError(f"{what} {path} is {kind}, not a file",
-                               "give the path of a regular file")
+        raise
     os.set_blocking(fd, True)
     return fd
+
+
+def _refuse_special(path: str, mode: int, what: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
+    raise ImageFormatError(f"{what} {path} is {kind}, not a file",
+                           "give the path of a regular file")
 
 
 def locate(path: str | os.PathLike[str]) -> Image:

@@ -1,19 +1,36 @@
 """Atomic outputs: write beside the target under a temporary name, then rename.
 
 An interrupted or failed write (Ctrl-C, a full disk, a tool error) leaves the
-target as it was: absent, or the old version when ``--force`` was given.
+target as it was: absent, or the old version when ``--force`` was given. Each
+temporary is named ``.TARGET.XXXX[.KIND].capsid-tmp`` and holds an ``flock`` for as
+long as its writer lives, so what a killed run (``kill -9``) left behind is
+recognised and removed by the next run that writes into the same directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from capsid.errors import CapsidError, OutputExistsError
+from capsid import log
+from capsid.errors import CapsidError, OutputExistsError, ToolError
+
+LOG = log.get(__name__)
+
+SUFFIX = ".capsid-tmp"
+#: A temporary this young is left alone even when unlocked: its writer may be about to lock it.
+_GRACE_SECONDS = 2
+#: Less free space than this (or than an eighth of a small file system) after a failed
+#: write means the file system is full.
+_FULL_BYTES = 4 << 20
 
 
 def check_target(target: Path, force: bool) -> None:
@@ -29,37 +46,131 @@ def check_target(target: Path, force: bool) -> None:
                           "choose an output path in a directory you can write to")
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        # A sandbox may hold read-only directories: make them writable to delete them.
-        for root, dirs, _files in os.walk(path):
-            for d in dirs:
-                with contextlib.suppress(OSError):
-                    os.chmod(os.path.join(root, d), 0o700, follow_symlinks=False)
-        shutil.rmtree(path, ignore_errors=True)
-    else:
+def remove(path: Path) -> None:
+    """Remove a file or a whole tree, read-only directories included; never follow links."""
+    if not (path.is_dir() and not path.is_symlink()):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        return
+
+    def writable_parent(_func: object, failed: str, _exc: object) -> None:
+        # A sandbox may hold read-only directories: open the parent up, then retry once.
+        with contextlib.suppress(OSError):
+            parent = os.path.dirname(failed)
+            os.chmod(parent, stat.S_IMODE(os.lstat(parent).st_mode) | stat.S_IRWXU)
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                remove(Path(failed))
+            else:
+                os.unlink(failed)
+
+    with contextlib.suppress(OSError):
+        os.chmod(path, stat.S_IRWXU)
+    shutil.rmtree(path, onerror=writable_parent)
+
+
+class Temporary:
+    """A file or directory beside a target, locked while this process may still use it."""
+
+    def __init__(self, beside: Path, kind: str = "", directory: bool = False) -> None:
+        clean_stale(beside.parent)
+        suffix = (f".{kind}" if kind else "") + SUFFIX
+        prefix = f".{beside.name}."
+        if directory:
+            self.path = Path(tempfile.mkdtemp(suffix, prefix, beside.parent))
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            self._fd, name = tempfile.mkstemp(suffix, prefix, beside.parent)
+            self.path = Path(name)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def discard(self) -> None:
+        """Remove it (if still there) and drop the lock."""
+        remove(self.path)
+        self.release()
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def clean_stale(directory: Path) -> None:
+    """Remove the temporaries in *directory* whose writers are gone (their lock is free)."""
+    try:
+        entries = [e for e in os.scandir(directory)
+                   if e.name.startswith(".") and e.name.endswith(SUFFIX)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime < _GRACE_SECONDS:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its writer is alive
+        else:
+            LOG.info("removing %s, left by an interrupted run", entry.path)
+            with contextlib.suppress(OSError):
+                remove(Path(entry.path))
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def scratch(beside: Path, kind: str) -> Iterator[Path]:
+    """A locked scratch file beside *beside*, removed afterwards whatever happens."""
+    temp = Temporary(beside, kind)
+    try:
+        with _explained(beside):  # here, while what filled the disk is still there
+            yield temp.path
+    finally:
+        temp.discard()
+
+
+@contextlib.contextmanager
+def _explained(target: Path) -> Iterator[None]:
+    """Say that the disk is full when that is why a write failed (tools hide it)."""
+    try:
+        yield
+    except (OSError, ToolError) as err:
+        if isinstance(err, OSError) and err.errno == errno.EDQUOT:
+            raise CapsidError(f"your disk quota on the file system of {target.parent} is "
+                              "exhausted", "free some space or write the output elsewhere"
+                              ) from None
+        try:
+            fs = os.statvfs(target.parent)
+        except OSError:
+            raise err from None
+        free = (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) * fs.f_frsize
+        nearly_empty = min(_FULL_BYTES, fs.f_blocks * fs.f_frsize // 8)
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or free < nearly_empty:
+            raise CapsidError(f"the file system of {target.parent} is full "
+                              f"({free >> 20} MiB free) while writing {target.name}",
+                              "free some space or write the output elsewhere") from None
+        raise
 
 
 @contextlib.contextmanager
 def atomic_file(target: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside *target*; on success fsync it and rename it over."""
     check_target(target, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".capsid-tmp",
-                               dir=target.parent)
-    os.close(fd)
-    path = Path(tmp)
+    temp = Temporary(target)
     try:
-        yield path
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(path, 0o666 & ~_umask())
+        with _explained(target):
+            yield temp.path
+            with open(temp.path, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(temp.path, 0o666 & ~_umask())
         if target.is_dir() and not target.is_symlink():
-            _remove(target)
-        os.replace(path, target)
+            remove(target)
+        os.replace(temp.path, target)
+        temp.release()
     except BaseException:
-        _remove(path)
+        temp.discard()
         raise
 
 
@@ -67,18 +178,33 @@ def atomic_file(target: Path, force: bool = False) -> Iterator[Path]:
 def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory path (not yet created) beside *target*; rename on success."""
     check_target(target, force)
-    holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".capsid-tmp",
-                                   dir=target.parent))
-    path = holder / "rootfs"
+    holder = Temporary(target, directory=True)
+    path = holder.path / "rootfs"
     try:
-        yield path
-        old = None
+        with _explained(target):
+            yield path
         if os.path.lexists(target):
-            old = holder / "old"
-            os.rename(target, old)
+            os.rename(target, holder.path / "old")
         os.rename(path, target)
     finally:
-        _remove(holder)
+        holder.discard()
+
+
+def write_bytes(target: Path, data: bytes, mode: int | None = None) -> None:
+    """Write small *data* to *target* atomically and durably (a cache entry, credentials)."""
+    temp = Temporary(target)
+    try:
+        with open(temp.path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(temp.path, mode)
+        os.replace(temp.path, target)
+        temp.release()
+    except BaseException:
+        temp.discard()
+        raise
 
 
 def _umask() -> int:

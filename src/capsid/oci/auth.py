@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -85,17 +84,10 @@ def credentials(host: str) -> tuple[str, str] | None:
 
 
 def _save(path: Path, data: dict[str, Any]) -> None:
+    from capsid.image import output
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".auth-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent="\t")
-            f.write("\n")
-        os.chmod(name, 0o600)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    output.write_bytes(path, (json.dumps(data, indent="\t") + "\n").encode(), 0o600)
 
 
 def store(host: str, username: str, password: str, path: Path | None = None) -> Path:

@@ -22,7 +22,6 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from capsid import config
 from capsid.errors import CapsidError, ImageFormatError
+from capsid.image import output
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -78,7 +78,7 @@ class Store:
                 d.mkdir(parents=True, exist_ok=True)
             marker = self.layout / "oci-layout"
             if not marker.exists():
-                self._write_atomic(marker, b'{"imageLayoutVersion":"1.0.0"}')
+                output.write_bytes(marker, b'{"imageLayoutVersion":"1.0.0"}')
         except OSError as e:
             raise CapsidError(f"cannot use the cache directory {self.root}: {e.strerror}",
                               "set CAPSID_CACHEDIR to a writable directory") from None
@@ -106,21 +106,11 @@ class Store:
 
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if not self.has(digest):
-            self._write_atomic(self.blob_path(digest), data)
+            output.write_bytes(self.blob_path(digest), data)
         return digest
 
     def read(self, digest: str) -> bytes:
         return self.blob_path(digest).read_bytes()
-
-    def _write_atomic(self, final: Path, data: bytes) -> None:
-        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=final.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            fsync_rename(Path(name), final)
-        except BaseException:
-            Path(name).unlink(missing_ok=True)
-            raise
 
     # -- locks ---------------------------------------------------------------------------
 
@@ -145,7 +135,7 @@ class Store:
             manifests.append({"mediaType": media_type, "digest": manifest_digest, "size": size,
                               "annotations": {REF_ANNOTATION: ref}})
             index["manifests"] = manifests
-            self._write_atomic(self.layout / "index.json",
+            output.write_bytes(self.layout / "index.json",
                                json.dumps(index, indent=1, sort_keys=True).encode())
 
     def lookup(self, ref: str) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any
 from capsid import log
 from capsid.errors import ImageFormatError
 from capsid.image import meta, output, sif, squashfs
-from capsid.image.convert import scratch_file, sif_objects, source_date_epoch
+from capsid.image.convert import sif_objects, source_date_epoch
 from capsid.oci import compression as comp
 from capsid.oci.flatten import Flattener
 from capsid.oci.image import Layer, SourceImage
@@ -135,38 +135,34 @@ def write_sif(source: SourceImage, out: Path, *, compression: str = "zstd",
     stamp = epoch if epoch is not None else _created(source.config)
     generated = generated_files(source)
     runscript = generated["runscript"].decode()
-    with output.atomic_file(out, force) as tmp:
-        part = scratch_file(out, ".sqfs.capsid-tmp")
-        try:
-            with squashfs.writer(part, compression) as pipe:
-                flat = Flattener(pipe.write)
-                for info, data in _members(generated, stamp):
-                    flat.add_member(info, data)
-                for index, layer in enumerate(reversed(source.layers)):
-                    chunks, hasher = _layer_chunks(layer, verified)
-                    flat.add_layer(chunks, f"layer {len(source.layers) - index}")
-                    digest = "sha256:" + hasher.hexdigest() if hasher is not None else None
-                    if digest is not None and digest != layer.digest:
-                        raise ImageFormatError(
-                            f"layer {layer.digest[:19]}… does not match its digest "
-                            f"(got {digest[:19]}…)", "the image is damaged; get it again")
-                for info, data in _skeleton_members(runscript, stamp):
-                    flat.add_member(info, data)
-                flat.finish()
-            files: dict[str, bytes | str] = {
-                rel[len(meta.ROOT) + 1:]: content
-                for rel, (_mode, content) in meta.skeleton(runscript).items()
-                if rel.startswith(meta.ROOT + "/") and content is not None
-            }
-            files.update(generated)
-            metadata = meta.Metadata.from_tree(files)
-            oci_config = json.dumps(source.config.get("config") or {},
-                                    separators=(",", ":")).encode()
-            arch = source.architecture
-            with open(tmp, "wb") as f:
-                sif.write(f, sif_objects(metadata, part, arch, oci_config), created_at=stamp,
-                          image_id=_image_id(source, compression))
-        finally:
-            part.unlink(missing_ok=True)
+    with output.atomic_file(out, force) as tmp, output.scratch(out, "sqfs") as part:
+        with squashfs.writer(part, compression) as pipe:
+            flat = Flattener(pipe.write)
+            for info, data in _members(generated, stamp):
+                flat.add_member(info, data)
+            for index, layer in enumerate(reversed(source.layers)):
+                chunks, hasher = _layer_chunks(layer, verified)
+                flat.add_layer(chunks, f"layer {len(source.layers) - index}")
+                digest = "sha256:" + hasher.hexdigest() if hasher is not None else None
+                if digest is not None and digest != layer.digest:
+                    raise ImageFormatError(
+                        f"layer {layer.digest[:19]}… does not match its digest "
+                        f"(got {digest[:19]}…)", "the image is damaged; get it again")
+            for info, data in _skeleton_members(runscript, stamp):
+                flat.add_member(info, data)
+            flat.finish()
+        files: dict[str, bytes | str] = {
+            rel[len(meta.ROOT) + 1:]: content
+            for rel, (_mode, content) in meta.skeleton(runscript).items()
+            if rel.startswith(meta.ROOT + "/") and content is not None
+        }
+        files.update(generated)
+        metadata = meta.Metadata.from_tree(files)
+        oci_config = json.dumps(source.config.get("config") or {},
+                                separators=(",", ":")).encode()
+        arch = source.architecture
+        with open(tmp, "wb") as f:
+            sif.write(f, sif_objects(metadata, part, arch, oci_config), created_at=stamp,
+                      image_id=_image_id(source, compression))
     LOG.info("wrote %s (%s, %d layers, %s)", out, source.architecture, len(source.layers),
              compression)
