@@ -24,6 +24,21 @@ def env(name: str, default: str | None = None) -> str | None:
     return default
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A CAPSID_<name> time in seconds (a tuning knob; not an Apptainer variable)."""
+    text = os.environ.get(f"CAPSID_{name}")
+    if text is None or not text.strip():
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 3600:
+        raise CapsidError(f"CAPSID_{name}={text!r} is not a number of seconds",
+                          f"set it to e.g. {default}, or unset it")
+    return value
+
+
 def env_flag(name: str) -> bool:
     value = env(name)
     return value is not None and value.strip().lower() not in ("", "0", "false", "no")
@@ -84,13 +99,20 @@ def load(path: str | None = None) -> SiteConfig:
         else:
             values[key] = value
     size = values.get("sessiondir max size")
+    if size is not None and not size.isdigit():
+        raise CapsidError(f"{path}: 'sessiondir max size = {size}' is not a number of MiB",
+                          "fix the site configuration file")
+    mount_dev = values.get("mount dev", "yes").lower()
+    if mount_dev not in ("yes", "no", "minimal"):
+        raise CapsidError(f"{path}: 'mount dev = {values['mount dev']}' is not yes, no or "
+                          "minimal", "fix the site configuration file")
     return SiteConfig(
         bind_paths=tuple(binds) if binds else DEFAULT_BIND_PATHS,
         mount_home=_yes(values.get("mount home", "yes"), "mount home", path),
         mount_tmp=_yes(values.get("mount tmp", "yes"), "mount tmp", path),
         mount_proc=_yes(values.get("mount proc", "yes"), "mount proc", path),
         mount_sys=_yes(values.get("mount sys", "yes"), "mount sys", path),
-        mount_dev=values.get("mount dev", "yes").lower(),
-        tmpfs_size_mib=int(size) if size and size.isdigit() else None,
+        mount_dev=mount_dev,
+        tmpfs_size_mib=int(size) if size else None,
         values=values,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_capsid
+from tests.conftest import CAPSID, run_capsid
 
 pytestmark = pytest.mark.unprivileged
 
@@ -174,8 +174,6 @@ def test_decompression_bombs_convert_in_bounded_memory(busybox_sandbox: Path, tm
     make_layout(layout, [(tar_of(busybox_sandbox), MEDIA["plain"]),
                          (bomb_layer(size, kind), MEDIA[kind])])
     out = tmp_path / "bomb.sif"
-    from tests.conftest import CAPSID
-
     status, peak, stderr = _peak_rss_mib([str(CAPSID), "build", str(out), f"oci:{layout}"])
     assert status == 0, stderr
     assert peak < 256, f"peak RSS {peak:.0f} MiB"
@@ -255,3 +253,88 @@ def test_bad_sif_metadata_objects(busybox_sif: Path, tmp_path: Path) -> None:
     one_clear_error(run_capsid("inspect", "--all", overlapping), "inspect-metadata.json")
     # The image itself still runs: the metadata is not on the start path.
     assert run_capsid("exec", overlapping, "true").returncode == 0
+
+
+@pytest.mark.parametrize("target", ["missing", "file", "root", "slash", "others"])
+def test_odd_overlay_targets(busybox_sif: Path, tmp_path: Path, target: str) -> None:
+    """#10.7: --overlay on a file, /, a root-owned or another user's directory was an internal
+    error; a missing directory was created silently."""
+    paths = {"missing": tmp_path / "nowhere", "file": tmp_path / "file", "root": Path("/etc"),
+             "slash": Path("/"), "others": tmp_path / "others"}
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "others").mkdir(mode=0o555)  # a directory the user may not write to
+    if target in ("root", "others") and os.geteuid() == 0:
+        pytest.skip("root may write to it")
+    words = {"missing": "does not exist", "file": "not a directory", "root": "cannot write",
+             "slash": "cannot be /", "others": "cannot write"}[target]
+    result = run_capsid("exec", "--overlay", paths[target], busybox_sif, "true")
+    one_clear_error(result, words)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_hostile_cli_input(busybox_sif: Path, tmp_path: Path) -> None:
+    """#10.8: --hostname of 300 characters; a non-UTF-8 --env-file (its bytes pass through)."""
+    one_clear_error(run_capsid("exec", "--hostname", "h" * 300, busybox_sif, "true"),
+                    "--hostname", "64")
+    env_file = tmp_path / "env"
+    env_file.write_bytes(b"LATIN=caf\xe9\nPLAIN=yes\n")
+    result = subprocess.run([str(CAPSID), "exec", "--env-file", str(env_file),
+                             str(busybox_sif), "sh", "-c", 'printf "%s|%s" "$LATIN" "$PLAIN"'],
+                            capture_output=True, check=False)
+    assert (result.returncode, result.stdout) == (0, b"caf\xe9|yes"), result.stderr
+
+
+@pytest.mark.parametrize(("name", "value", "command"), [
+    ("CAPSID_RETRY_DELAY", "abc", ["pull", "{out}", "docker://127.0.0.1:9/x:1"]),
+    ("CAPSID_RETRY_DELAY", "-1", ["pull", "{out}", "docker://127.0.0.1:9/x:1"]),
+])
+def test_bad_tuning_variables(tmp_path: Path, name: str, value: str,
+                              command: list[str]) -> None:
+    env = dict(os.environ, **{name: value}, CAPSID_CACHEDIR=str(tmp_path / "cache"))
+    argv = [c.format(out=tmp_path / "out.sif") for c in command]
+    one_clear_error(run_capsid(*argv, env=env, timeout=30), name)
+
+
+@pytest.mark.parametrize("line", ["mount dev = sometimes", "sessiondir max size = big",
+                                  "mount home = perhaps", "no equals sign here"])
+def test_bad_site_configuration_is_refused(busybox_sif: Path, tmp_path: Path,
+                                           line: str) -> None:
+    """#10.8: 'mount dev = sometimes' was accepted silently."""
+    conf = tmp_path / "capsid.conf"
+    conf.write_text(f"# site\n{line}\n")
+    result = run_capsid("exec", busybox_sif, "true", env=dict(os.environ,
+                                                              CAPSID_CONFIG=str(conf)))
+    one_clear_error(result, str(conf))
+
+
+def test_damaged_data_blocks_say_the_image_is_damaged(busybox_sif: Path,
+                                                      tmp_path: Path) -> None:
+    """#10.11: 'cannot run /bin/true: Input/output error; check that it is an executable'."""
+    from capsid.image.locate import locate
+
+    image = locate(busybox_sif)
+    damaged = tmp_path / "damaged.sif"
+    data = bytearray(busybox_sif.read_bytes())
+    # Data blocks come first after the superblock, busybox's among them; the tables that
+    # mounting needs lie at the end. Garble the first half of the data.
+    start = image.offset + 512
+    data[start:image.offset + image.size // 2] = bytes(image.size // 2 - 512)
+    damaged.write_bytes(bytes(data))
+    one_clear_error(run_capsid("exec", damaged, "/bin/true", timeout=30), "damaged")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may read /proc/1/root")
+def test_unreachable_bind_source_says_permission_denied(busybox_sif: Path) -> None:
+    """#10.11: '-B /proc/1/root:/host' said 'does not exist'."""
+    one_clear_error(run_capsid("exec", "-B", "/proc/1/root:/host", busybox_sif, "true"),
+                    "/proc/1/root", "permission denied")
+
+
+@pytest.mark.parametrize("options", [["-B", "{tmp}:/"], ["--home", "{tmp}:/"]])
+def test_replacing_the_root_is_warned_about(busybox_sif: Path, tmp_path: Path,
+                                            options: list[str]) -> None:
+    """#10.11: -B /:/ and --home / replaced the container's root silently."""
+    argv = [o.format(tmp=tmp_path) for o in options]
+    result = run_capsid("exec", *argv, busybox_sif, "true")
+    assert "replaces the container's whole root" in result.stderr, result.stderr
+    assert "internal error" not in result.stderr

@@ -162,6 +162,10 @@ def run(verb: str, argv: list[str]) -> int:
     if _text(values, "network") not in (None, "none"):
         raise CapsidError(f"--network {_text(values, 'network')} is not supported",
                           "use --net --network none for an isolated network")
+    hostname = _text(values, "hostname")
+    if hostname is not None and not 0 < len(hostname.encode()) <= 64:
+        raise UsageError(f"--hostname must have 1 to 64 characters, not {len(hostname)}",
+                         "choose a shorter host name")
     size = _text(values, "tmpfs-size")
     if size is not None and not size.isdigit():
         raise UsageError(f"--tmpfs-size {size!r} is not a number of MiB",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import random
 import re
 import ssl
@@ -21,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from capsid import log
+from capsid import config, log
 from capsid.errors import CapsidError, ImageFormatError, ImageNotFoundError
 from capsid.oci import auth
 from capsid.oci.image import ACCEPT
@@ -54,10 +53,10 @@ def ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-def _delay(attempt: int, retry_after: str | None = None) -> float:
+def _delay(base: float, attempt: int, retry_after: str | None = None) -> float:
+    """Seconds to wait before retry *attempt*: exponential from *base*, jittered."""
     if retry_after and retry_after.isdigit():
         return min(float(retry_after), 30.0)
-    base = float(os.environ.get("CAPSID_RETRY_DELAY", "0.5"))
     return float(min(base * (2 ** attempt), 20.0) * (0.5 + random.random() / 2))
 
 
@@ -73,6 +72,8 @@ class Client:
                                   headers={"User-Agent": "capsid"}, transport=transport)
         self._tokens: dict[tuple[str, str], str] = {}
         self.progress = progress
+        #: first retry's delay (CAPSID_RETRY_DELAY; tests make it short)
+        self.retry_delay = config.env_seconds("RETRY_DELAY", 0.5)
 
     def close(self) -> None:
         self._http.close()
@@ -106,12 +107,12 @@ class Client:
             except httpx.TransportError as e:
                 last = e
                 LOG.debug("%s %s: %s (attempt %d)", method, url, e, attempt + 1)
-                time.sleep(_delay(attempt))
+                time.sleep(_delay(self.retry_delay, attempt))
                 continue
             if response.status_code in RETRY_STATUS and attempt + 1 < ATTEMPTS:
                 LOG.debug("%s %s: HTTP %d (attempt %d)", method, url, response.status_code,
                           attempt + 1)
-                wait = _delay(attempt, response.headers.get("retry-after"))
+                wait = _delay(self.retry_delay, attempt, response.headers.get("retry-after"))
                 response.close()
                 time.sleep(wait)
                 continue
@@ -239,7 +240,7 @@ class Client:
                         return store.commit(partial, digest)
                 except _Interrupted as e:
                     LOG.debug("blob %s interrupted at %d bytes: %s", digest[:19], e.at, e.cause)
-                    time.sleep(_delay(attempt))
+                    time.sleep(_delay(self.retry_delay, attempt))
                     continue
                 partial.unlink(missing_ok=True)  # wrong content: start afresh once
             raise RegistryError(f"could not download blob {digest[:19]}… from {ep.ref.registry}",

@@ -85,6 +85,8 @@ def _plan(opts: ExecOptions, started: early.Started) -> _Plan:
         raise UsageError(f"--writable needs a sandbox directory, and {opts.image} is a "
                          f"{image.kind} image",
                          "use --writable-tmpfs, or --overlay DIR for changes that persist")
+    if opts.overlay:
+        _check_overlay(opts.overlay)
     home_dest = "/root" if opts.fakeroot and not opts.home else user.home
     home_source: str | None = user.home
     if opts.home:
@@ -96,10 +98,15 @@ def _plan(opts: ExecOptions, started: early.Started) -> _Plan:
         home_source = user.home if not (opts.no_home or opts.contain) else None
     binds = []
     for b in opts.binds:
-        if not os.path.exists(b.source):
-            raise RuntimeSetupError(f"bind source {b.source} does not exist",
-                                    "create it first or fix the --bind argument")
+        _check_source(b.source)
         binds.append(BindSpec(os.path.realpath(b.source), b.destination, b.readonly))
+        if b.destination == "/":
+            LOG.warning("binding %s onto / replaces the container's whole root filesystem "
+                        "with it; bind it somewhere below / instead", b.source)
+    if home_dest == "/" and home_source is not None:
+        LOG.warning("--home %s puts the home directory on / and so replaces the container's "
+                    "whole root filesystem with it; give a destination such as %s:/home/me",
+                    opts.home, home_source)
     if home_source is not None and not os.path.isdir(home_source):
         LOG.warning("home directory %s does not exist; not binding it", home_source)
         home_source = None
@@ -110,6 +117,36 @@ def _plan(opts: ExecOptions, started: early.Started) -> _Plan:
                                            for d in _SYSTEM_DIRS + tuple(bound)))
     return _Plan(image, user, userns, home_source, home_dest, binds, cwd, bind_cwd, site,
                  _oci_env(image))
+
+
+def _check_source(path: str) -> None:
+    """A bind source must exist and be reachable by the user: say which it is not."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise RuntimeSetupError(f"bind source {path} does not exist",
+                                "create it first or fix the --bind argument") from None
+    except OSError as err:
+        raise RuntimeSetupError(f"cannot bind {path}: {(err.strerror or str(err)).lower()}",
+                                "bind a path you can reach") from None
+
+
+def _check_overlay(path: str) -> None:
+    """An --overlay must be an existing directory of the user's, not the host's root."""
+    real = os.path.realpath(path)
+    if not os.path.lexists(real):
+        raise UsageError(f"overlay directory {path} does not exist",
+                         f"create it first (mkdir -p {path}): changes to the image are kept "
+                         "there")
+    if not os.path.isdir(real):
+        raise UsageError(f"overlay {path} is not a directory",
+                         "capsid keeps overlays in directories; give an empty directory")
+    if real == "/":
+        raise UsageError("the overlay directory cannot be /",
+                         "give an empty directory of your own")
+    if not os.access(real, os.W_OK | os.X_OK):
+        raise UsageError(f"you cannot write to the overlay directory {path}",
+                         "give a directory of your own")
 
 
 def _open_image(image: Image) -> int:
@@ -363,6 +400,10 @@ def _exec(plan: _Plan, opts: ExecOptions) -> NoReturn:
                                     f"({environment['PATH']})")
         os.execve(path, argv, environment)
     except OSError as err:
+        if err.errno == 5:  # EIO: what squashfuse answers for blocks it cannot decompress
+            raise RuntimeSetupError(
+                f"cannot read {argv[0]} from {opts.image}: the image is damaged "
+                "(input/output error)", "rebuild or download the image again") from None
         raise RuntimeSetupError(f"cannot run {argv[0]}: {err.strerror}",
                                 "check that it is an executable for this machine") from None
 

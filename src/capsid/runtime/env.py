@@ -91,7 +91,8 @@ def parse_assignments(items: list[str], where: str) -> dict[str, str]:
 def read_env_file(path: str) -> dict[str, str]:
     """A ``--env-file``: NAME=VALUE lines, ``export`` and quotes allowed, # comments."""
     try:
-        with open(path) as f:
+        # Values are bytes to the kernel: keep any that are not UTF-8 as they are.
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except OSError as err:
         raise UsageError(f"cannot read env file {path}: {err.strerror}",

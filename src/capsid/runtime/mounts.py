@@ -132,15 +132,21 @@ def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool) 
         return
     upper, work = (f"{overlay_upper}/upper", f"{overlay_upper}/work") if overlay_upper \
         else ("/upper", "/work")
-    for d in (upper, work):
-        os.makedirs(d, exist_ok=True)
+    try:
+        for d in (upper, work):
+            os.makedirs(d, exist_ok=True)
+    except OSError as err:
+        raise RuntimeSetupError(f"cannot use the overlay directory {d.removeprefix(OLD)}: "
+                                f"{err.strerror}",
+                                "give an empty directory of your own") from None
     options = f"lowerdir={IMAGE},upperdir={upper},workdir={work}" + (
         ",userxattr" if userns else "")
     try:
         linux.mount("overlay", FINAL, "overlay", linux.MS_NOSUID | linux.MS_NODEV, options)
     except OSError as err:
         if overlay_upper:
-            raise RuntimeSetupError(f"cannot mount the overlay {overlay_upper}: {err.strerror}",
+            raise RuntimeSetupError(f"cannot mount the overlay {overlay_upper.removeprefix(OLD)}: "
+                                    f"{err.strerror}",
                                     "the overlay directory must be on a local filesystem "
                                     "(ext4, xfs, tmpfs)") from None
         LOG.info("kernel overlayfs is unavailable (%s); the image root stays as it is",
