@@ -7,13 +7,15 @@ missing tool names the Debian package that provides it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from capsid.errors import ToolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
+    from typing import IO
 
 #: Debian package providing each tool capsid runs.
 PACKAGES = {
@@ -75,3 +77,29 @@ def run(argv: Sequence[str], *, input: bytes | None = None) -> bytes:
     if proc.returncode != 0:
         raise failure(argv[0], proc.returncode, proc.stderr)
     return proc.stdout
+
+
+@contextlib.contextmanager
+def reading(argv: Sequence[str]) -> Iterator[IO[bytes]]:
+    """Run *argv* and yield its stdout; raise ToolError if it fails.
+
+    Its stderr goes to a temporary file, never a pipe that could fill and stall it;
+    if the caller's block raises, the tool is killed.
+    """
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen([which(argv[0]), *argv[1:]], stdout=subprocess.PIPE,
+                                stderr=errors)
+        assert proc.stdout is not None
+        try:
+            with proc.stdout:
+                yield proc.stdout
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.wait() != 0:
+            errors.seek(0)
+            raise failure(argv[0], proc.returncode, errors.read())

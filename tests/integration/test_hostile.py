@@ -338,3 +338,68 @@ def test_replacing_the_root_is_warned_about(busybox_sif: Path, tmp_path: Path,
     result = run_capsid("exec", *argv, busybox_sif, "true")
     assert "replaces the container's whole root" in result.stderr, result.stderr
     assert "internal error" not in result.stderr
+
+
+def _docker_archive(path: Path, manifest: object, config: object, layer: bytes) -> None:
+    """A docker save archive with the given manifest.json and config (any JSON)."""
+    import io
+    import json
+    import tarfile
+
+    config_raw = json.dumps(config).encode()
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("manifest.json", json.dumps(manifest).encode()),
+                           ("config.json", config_raw), ("layer/layer.tar", layer)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _good_config(layer: bytes) -> dict[str, object]:
+    import hashlib
+
+    return {"architecture": "amd64", "os": "linux", "config": {"Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers",
+                       "diff_ids": [f"sha256:{hashlib.sha256(layer).hexdigest()}"]}}
+
+
+@pytest.mark.parametrize("case", ["good", "manifest-list-of-numbers", "manifest-object",
+                                  "layers-not-strings", "Env-5", "Labels-list", "config-abc",
+                                  "rootfs-x", "Cmd-string", "created-number"])
+def test_hostile_archive_fields(busybox_sandbox: Path, tmp_path: Path, case: str) -> None:
+    """#10.5: manifest.json of [1,2], "Env": 5, "Labels": [1], "config": "abc", "rootfs": "x"
+    were internal errors."""
+    from tests.support.bombs import tar_of
+
+    layer = tar_of(busybox_sandbox)
+    config: dict[str, object] = _good_config(layer)
+    manifest: object = [{"Config": "config.json", "RepoTags": ["x:1"],
+                         "Layers": ["layer/layer.tar"]}]
+    run = dict(config["config"])  # type: ignore[call-overload]
+    if case == "manifest-list-of-numbers":
+        manifest = [1, 2]
+    elif case == "manifest-object":
+        manifest = {"Config": "config.json"}
+    elif case == "layers-not-strings":
+        manifest = [{"Config": "config.json", "Layers": [7]}]
+    elif case in ("Env-5", "Labels-list", "Cmd-string"):
+        key, value = {"Env-5": ("Env", 5), "Labels-list": ("Labels", [1]),
+                      "Cmd-string": ("Cmd", "sh")}[case]
+        run[key] = value
+    elif case == "config-abc":
+        run = "abc"  # type: ignore[assignment]
+    elif case == "rootfs-x":
+        config["rootfs"] = "x"
+    elif case == "created-number":
+        config["created"] = 12
+    config["config"] = run
+    archive = tmp_path / "x.tar"
+    _docker_archive(archive, manifest, config, layer)
+    result = run_capsid("build", tmp_path / "out.sif", f"docker-archive:{archive}")
+    if case == "good":
+        assert result.returncode == 0, result.stderr
+        return
+    field = case.split("-")[0] if case.split("-")[0] not in ("manifest", "layers") \
+        else "manifest.json"
+    one_clear_error(result, field)
+    assert not (tmp_path / "out.sif").exists()

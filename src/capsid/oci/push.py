@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import tempfile
 import time
 import zlib
@@ -86,12 +85,9 @@ def _layer_from_sif(image: Path, work: Path) -> tuple[Path, str, str, int]:
             remaining -= copied
     layer = work / "layer.tar.gz"
     diff, digest = hashlib.sha256(), hashlib.sha256()
-    proc = subprocess.Popen([tools.which("sqfs2tar"), "--no-skip", str(part)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
     deflate = zlib.compressobj(6, zlib.DEFLATED, 31)
-    with open(layer, "wb") as out:
-        while block := proc.stdout.read(1 << 20):
+    with tools.reading(["sqfs2tar", "--no-skip", str(part)]) as tar, open(layer, "wb") as out:
+        while block := tar.read(1 << 20):
             diff.update(block)
             packed = deflate.compress(block)
             digest.update(packed)
@@ -99,9 +95,6 @@ def _layer_from_sif(image: Path, work: Path) -> tuple[Path, str, str, int]:
         packed = deflate.flush()
         digest.update(packed)
         out.write(packed)
-    errors = proc.stderr.read() if proc.stderr else b""
-    if proc.wait() != 0:
-        raise tools.failure("sqfs2tar", proc.returncode, errors)
     part.unlink()
     return layer, "sha256:" + digest.hexdigest(), "sha256:" + diff.hexdigest(), \
         layer.stat().st_size
@@ -116,7 +109,10 @@ def push_docker(client: Client, image: Path, ref: Reference, insecure: bool) -> 
         arch = s.header.arch
         created = s.header.created_at
         found = s.find(sif.DataType.GENERIC_JSON, "oci-config.json")
-        oci_config = json.loads(s.read(found)) if found else None
+        try:
+            oci_config = json.loads(s.read(found)) if found else None
+        except ValueError:  # a damaged object: push with the defaults
+            oci_config = None
     if not isinstance(oci_config, dict) or not oci_config:
         oci_config = {"Env": [f"PATH={DEFAULT_PATH}"], "Cmd": ["/.singularity.d/runscript"]}
     ep = Endpoint(ref, insecure)
