@@ -76,7 +76,7 @@ def load(path: str | None = None) -> SiteConfig:
     """Read the site configuration; a missing file means the defaults."""
     path = path or env("CONFIG") or DEFAULT_PATH
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         return SiteConfig()

@@ -52,7 +52,14 @@ class Registries:
     def load(cls) -> Registries:
         for path in candidates():
             if path.is_file():
-                return cls.parse(path.read_text(), str(path))
+                try:
+                    text = path.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as err:
+                    raise CapsidError(f"cannot read {path}: "
+                                      f"{getattr(err, 'strerror', None) or 'it is not UTF-8'}",
+                                      "fix the file or point CAPSID_REGISTRIES_CONF elsewhere"
+                                      ) from None
+                return cls.parse(text, str(path))
         return cls()
 
     @classmethod

@@ -1,0 +1,196 @@
+"""Fuzz targets: every parser of untrusted bytes, behind one contract.
+
+For any input, each target either returns (a correct result) or raises one
+:class:`~capsid.errors.CapsidError`; any other exception is a bug. Memory and time
+are bounded by whoever runs them: tests/unit/test_fuzz.py (hypothesis, a bounded
+number of examples in CI) and scripts/fuzz.sh (atheris, coverage-guided, for minutes).
+Inputs that once found a bug live in tests/fuzz/corpus/<target>/ and are replayed
+by the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+CORPUS = Path(__file__).parent / "corpus"
+
+
+@contextlib.contextmanager
+def as_file(data: bytes) -> Iterator[str]:
+    """*data* as a path (a memfd), for APIs that open files by name."""
+    fd = os.memfd_create("capsid-fuzz", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def sif_reader(data: bytes) -> None:
+    """A SIF (or squashfs, or anything) given as an image: locate, list, header, metadata."""
+    from capsid.cli import sif as sif_cli
+    from capsid.image import meta, sif
+    from capsid.image.locate import SIF, locate
+
+    with as_file(data) as path:
+        image = locate(path)
+        if image.kind != SIF:
+            return
+        with sif.SifImage(path) as s:
+            sif_cli.header_text(s)
+            sif_cli.list_text(s)
+            for d in s.descriptors:
+                sif_cli.info_text(d)
+            found = s.find(sif.DataType.GENERIC_JSON, "inspect-metadata.json")
+            if found is not None:
+                meta.Metadata.from_inspect_json(s.read(found))
+
+
+def tar_layer(data: bytes) -> None:
+    """An uncompressed layer through the flattener, in odd-sized chunks."""
+    from capsid.oci.flatten import Flattener
+
+    out = io.BytesIO()
+    flat = Flattener(out.write)
+    flat.add_layer([data[i:i + 700] for i in range(0, len(data), 700)])
+    flat.add_layer([data[: len(data) // 2]])  # the same stream cut short, as an older layer
+    flat.finish()
+
+
+def compressed_layer(data: bytes) -> None:
+    """A layer of any compression: decompressed (bounded) and flattened."""
+    from capsid.oci import compression
+    from capsid.oci.flatten import Flattener
+
+    sink = io.BytesIO()
+    total = 0
+
+    def write(chunk: bytes | memoryview) -> None:
+        nonlocal total
+        total += len(chunk)
+        if total > 64 << 20:
+            raise _Enough
+        sink.seek(0)
+        sink.write(chunk)
+
+    with contextlib.suppress(_Enough):
+        Flattener(write).add_layer(compression.decompressed(io.BytesIO(data)))
+
+
+class _Enough(Exception):
+    """A bomb that inflated past what the target reads (memory stayed bounded)."""
+
+
+def image_json(data: bytes) -> None:
+    """An image config, a manifest and an index, as a registry or an archive serves them."""
+    from capsid.oci import image as oci
+
+    with contextlib.suppress(_capsid_error()):
+        oci.image_config(data)
+    doc = oci.load_json(data, "manifest")
+    if oci.media_type(doc) in oci.INDEXES:
+        oci.choose_platform(doc, ("amd64", ""), "fuzz")
+    else:
+        oci.manifest_parts(doc, "fuzz")
+
+
+def docker_archive(data: bytes) -> None:
+    """A docker save archive whose manifest.json is *data* (and a config from it, if named)."""
+    from capsid.oci import archive
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, content in (("manifest.json", data), ("config.json", data),
+                              ("layer.tar", b"")):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    with as_file(buf.getvalue()) as path:
+        source = archive.docker_archive(path, ("amd64", ""))
+        from capsid.oci.tosif import generated_files
+
+        generated_files(source)
+
+
+def archive_tar(data: bytes) -> None:
+    """*data* itself as a docker or OCI archive (its tar index, then its JSON)."""
+    from capsid.oci import archive
+
+    with as_file(data) as path:
+        for read in (archive.docker_archive, archive.oci_layout):
+            with contextlib.suppress(_capsid_error()):
+                read(path, ("amd64", ""))
+
+
+def registries_conf(data: bytes) -> None:
+    from capsid.oci import reference
+    from capsid.oci.registries import Registries
+
+    conf = Registries.parse(data.decode("utf-8", "replace"))
+    for name in ("docker.io/library/busybox:1", "registry.lab:5000/a/b@sha256:" + "0" * 64):
+        conf.endpoints(reference.parse(name))
+
+
+def bind_specs(data: bytes) -> None:
+    from capsid.runtime import binds
+
+    text = data.decode("utf-8", "surrogateescape")
+    binds.parse_bind(text)
+    binds.parse_mount(text)
+
+
+def env_file(data: bytes) -> None:
+    from capsid.runtime import env
+
+    with as_file(data) as path:
+        env.read_env_file(path)
+    env.parse_assignments(data.decode("utf-8", "surrogateescape").split("\n"), "--env")
+    env.apply_stock_scripts({"10-docker2singularity.sh": data}, {"PATH": "/bin"})
+
+
+def site_config(data: bytes) -> None:
+    from capsid import config
+
+    with as_file(data) as path:
+        config.load(path)
+
+
+def image_reference(data: bytes) -> None:
+    from capsid.oci import reference
+
+    reference.parse(data.decode("utf-8", "surrogateescape"))
+
+
+def _capsid_error() -> type[Exception]:
+    from capsid.errors import CapsidError
+
+    return CapsidError
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "sif_reader": sif_reader, "tar_layer": tar_layer, "compressed_layer": compressed_layer,
+    "image_json": image_json, "docker_archive": docker_archive, "archive_tar": archive_tar,
+    "registries_conf": registries_conf, "bind_specs": bind_specs, "env_file": env_file,
+    "site_config": site_config, "image_reference": image_reference,
+}
+
+
+def check(name: str, data: bytes) -> None:
+    """Run target *name* on *data* under the contract: a result or one CapsidError."""
+    try:
+        TARGETS[name](data)
+    except _capsid_error():
+        pass
+
+
+def seeds(name: str) -> list[bytes]:
+    """The regression corpus of *name*: inputs that once found a bug."""
+    directory = CORPUS / name
+    return [p.read_bytes() for p in sorted(directory.iterdir())] if directory.is_dir() else []
+
+

@@ -1,0 +1,153 @@
+"""Property tests of every parser of untrusted bytes (#10): for any input, a result or one
+CapsidError. A bounded number of examples each here; scripts/fuzz.sh runs them for minutes."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fuzz import targets
+
+EXAMPLES = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["config", "Env", "Labels", "Cmd", "rootfs", "diff_ids",
+                                       "layers", "manifests", "digest", "size", "mediaType",
+                                       "platform", "architecture", "Config", "Layers",
+                                       "RepoTags", "schemaVersion", "created"]) | st.text(
+                                           max_size=8), inner, max_size=5),
+    max_leaves=20)
+
+
+def _mutated(seed: bytes) -> st.SearchStrategy[bytes]:
+    """*seed* with bytes overwritten, cut short or extended."""
+    @st.composite
+    def build(draw: st.DrawFn) -> bytes:
+        data = bytearray(seed)
+        for _ in range(draw(st.integers(0, 8))):
+            if not data:
+                break
+            at = draw(st.integers(0, len(data) - 1))
+            data[at:at + 8] = draw(st.binary(min_size=1, max_size=8))
+        cut = draw(st.integers(0, len(data)))
+        return bytes(data[:cut]) if draw(st.booleans()) else bytes(data)
+    return build()
+
+
+def _sif_seed() -> bytes:
+    from capsid.image import meta, sif
+
+    buf = io.BytesIO()
+    metadata = meta.Metadata(labels={"a": "b"}, runscript="#!/bin/sh\n")
+    sif.write(buf, [sif.NewObject(sif.DataType.DEFFILE, b"bootstrap: scratch\n"),
+                    sif.NewObject(sif.DataType.GENERIC_JSON, metadata.inspect_json(),
+                                  "inspect-metadata.json")], created_at=0)
+    return buf.getvalue()
+
+
+def _tar_seed() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind in (("d", tarfile.DIRTYPE), ("d/f", tarfile.REGTYPE),
+                           (".wh.x", tarfile.REGTYPE), ("l", tarfile.SYMTYPE),
+                           ("h", tarfile.LNKTYPE), ("d/" + "long" * 40, tarfile.REGTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "d/f" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+            data = b"content" if kind == tarfile.REGTYPE else b""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(targets.TARGETS))
+def test_regression_corpus(name: str) -> None:
+    """Every input that once found a bug still gives a result or one CapsidError."""
+    for data in targets.seeds(name):
+        targets.check(name, data)
+
+
+@EXAMPLES
+@given(st.one_of(_mutated(_sif_seed()), st.binary(max_size=2048)))
+def test_sif_reader(data: bytes) -> None:
+    targets.check("sif_reader", data)
+
+
+@EXAMPLES
+@given(st.one_of(_mutated(_tar_seed()), st.binary(max_size=4096)))
+def test_tar_layer(data: bytes) -> None:
+    targets.check("tar_layer", data)
+
+
+@EXAMPLES
+@given(st.sampled_from(["gzip", "zstd"]).flatmap(
+    lambda kind: _mutated(__import__("gzip").compress(_tar_seed()) if kind == "gzip"
+                          else __import__("zstandard").ZstdCompressor().compress(_tar_seed()))))
+def test_compressed_layer(data: bytes) -> None:
+    targets.check("compressed_layer", data)
+
+
+@EXAMPLES
+@given(json_values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=256))
+def test_image_json(data: bytes) -> None:
+    targets.check("image_json", data)
+
+
+@EXAMPLES
+@given(json_values.map(lambda v: json.dumps(v).encode()))
+def test_docker_archive(data: bytes) -> None:
+    targets.check("docker_archive", data)
+
+
+@EXAMPLES
+@given(_mutated(_tar_seed()))
+def test_archive_tar(data: bytes) -> None:
+    targets.check("archive_tar", data)
+
+
+_TOML = st.lists(st.sampled_from([
+    "[[registry]]", 'prefix = "docker.io"', 'location = "mirror:5000/x"', "insecure = true",
+    "blocked = true", "[[registry.mirror]]", 'pull-from-mirror = "digest-only"',
+    'location = ""', "registry = 5", "mirror = 'x'", "[registry]", "prefix = 3"]), max_size=8)
+
+
+@EXAMPLES
+@given(_TOML.map(lambda lines: "\n".join(lines).encode()) | st.binary(max_size=128))
+def test_registries_conf(data: bytes) -> None:
+    targets.check("registries_conf", data)
+
+
+@EXAMPLES
+@given(st.text(alphabet=st.sampled_from("/:,=ab.ro;w\"' \\\0"), max_size=40).map(str.encode))
+def test_bind_specs(data: bytes) -> None:
+    targets.check("bind_specs", data)
+
+
+@EXAMPLES
+@given(st.text(alphabet=st.sampled_from("AB_=\"' #\nexport\\$\xe9"), max_size=60).map(
+    lambda t: t.encode("utf-8")) | st.binary(max_size=64))
+def test_env_file(data: bytes) -> None:
+    targets.check("env_file", data)
+
+
+@EXAMPLES
+@given(st.lists(st.sampled_from(["mount dev = minimal", "mount dev = x", "bind path = /a:/b",
+                                 "mount home = no", "sessiondir max size = 12", "# c", "x",
+                                 "sessiondir max size = -1", " = ", "mount tmp = "]),
+                max_size=6).map(lambda lines: "\n".join(lines).encode()) | st.binary(max_size=64))
+def test_site_config(data: bytes) -> None:
+    targets.check("site_config", data)
+
+
+@EXAMPLES
+@given(st.text(alphabet=st.sampled_from("ab0/:.@-_Asha256"), max_size=80).map(str.encode))
+def test_image_reference(data: bytes) -> None:
+    targets.check("image_reference", data)
