@@ -28,7 +28,7 @@ def main() -> int:
     from tests.fuzz import targets
     corpus = work / "corpus" / name
     corpus.mkdir(parents=True, exist_ok=True)
-    for index, seed in enumerate(targets.seeds(name)):
+    for index, seed in enumerate(targets.starting_points(name)):
         (corpus / f"seed-{index}").write_bytes(seed)
 
     def one_input(data: bytes) -> None:

@@ -194,3 +194,51 @@ def seeds(name: str) -> list[bytes]:
     return [p.read_bytes() for p in sorted(directory.iterdir())] if directory.is_dir() else []
 
 
+def sif_seed() -> bytes:
+    """A small valid SIF with a def file and inspect metadata."""
+    from capsid.image import meta, sif
+
+    buf = io.BytesIO()
+    metadata = meta.Metadata(labels={"a": "b"}, runscript="#!/bin/sh\n")
+    sif.write(buf, [sif.NewObject(sif.DataType.DEFFILE, b"bootstrap: scratch\n"),
+                    sif.NewObject(sif.DataType.GENERIC_JSON, metadata.inspect_json(),
+                                  "inspect-metadata.json")], created_at=0)
+    return buf.getvalue()
+
+
+def tar_seed() -> bytes:
+    """A layer with a directory, a file, a whiteout, links and a long name."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind in (("d", tarfile.DIRTYPE), ("d/f", tarfile.REGTYPE),
+                           (".wh.x", tarfile.REGTYPE), ("l", tarfile.SYMTYPE),
+                           ("h", tarfile.LNKTYPE), ("d/" + "long" * 40, tarfile.REGTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "d/f" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+            data = b"content" if kind == tarfile.REGTYPE else b""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def starting_points(name: str) -> list[bytes]:
+    """Valid inputs for *name* to mutate from, besides its regression corpus."""
+    import gzip
+
+    config = (b'{"architecture":"amd64","os":"linux","config":{"Env":["A=b"],"Labels":{"x":"y"},'
+              b'"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:00"]}}')
+    manifest = (b'[{"Config":"config.json","RepoTags":["a:b"],"Layers":["layer.tar"]}]')
+    points = {
+        "sif_reader": [sif_seed()], "tar_layer": [tar_seed()],
+        "compressed_layer": [gzip.compress(tar_seed())], "image_json": [config],
+        "docker_archive": [manifest], "archive_tar": [tar_seed()],
+        "registries_conf": [b'[[registry]]\nprefix = "docker.io"\n[[registry.mirror]]\n'
+                            b'location = "m:5000/x"\n'],
+        "bind_specs": [b"/a:/b:ro,/c"], "env_file": [b"export A='b'\nC=\"d\"\n"],
+        "site_config": [b"mount dev = minimal\nbind path = /a:/b\n"],
+        "image_reference": [b"registry:5000/a/b:c@sha256:" + b"0" * 64],
+    }
+    return points.get(name, []) + seeds(name)
+
+

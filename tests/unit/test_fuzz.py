@@ -3,9 +3,7 @@ CapsidError. A bounded number of examples each here; scripts/fuzz.sh runs them f
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -42,32 +40,6 @@ def _mutated(seed: bytes) -> st.SearchStrategy[bytes]:
     return build()
 
 
-def _sif_seed() -> bytes:
-    from capsid.image import meta, sif
-
-    buf = io.BytesIO()
-    metadata = meta.Metadata(labels={"a": "b"}, runscript="#!/bin/sh\n")
-    sif.write(buf, [sif.NewObject(sif.DataType.DEFFILE, b"bootstrap: scratch\n"),
-                    sif.NewObject(sif.DataType.GENERIC_JSON, metadata.inspect_json(),
-                                  "inspect-metadata.json")], created_at=0)
-    return buf.getvalue()
-
-
-def _tar_seed() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, kind in (("d", tarfile.DIRTYPE), ("d/f", tarfile.REGTYPE),
-                           (".wh.x", tarfile.REGTYPE), ("l", tarfile.SYMTYPE),
-                           ("h", tarfile.LNKTYPE), ("d/" + "long" * 40, tarfile.REGTYPE)):
-            info = tarfile.TarInfo(name)
-            info.type = kind
-            info.linkname = "d/f" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
-            data = b"content" if kind == tarfile.REGTYPE else b""
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("name", sorted(targets.TARGETS))
 def test_regression_corpus(name: str) -> None:
     """Every input that once found a bug still gives a result or one CapsidError."""
@@ -76,21 +48,28 @@ def test_regression_corpus(name: str) -> None:
 
 
 @EXAMPLES
-@given(st.one_of(_mutated(_sif_seed()), st.binary(max_size=2048)))
+@given(st.one_of(_mutated(targets.sif_seed()), st.binary(max_size=2048)))
 def test_sif_reader(data: bytes) -> None:
     targets.check("sif_reader", data)
 
 
 @EXAMPLES
-@given(st.one_of(_mutated(_tar_seed()), st.binary(max_size=4096)))
+@given(st.one_of(_mutated(targets.tar_seed()), st.binary(max_size=4096)))
 def test_tar_layer(data: bytes) -> None:
     targets.check("tar_layer", data)
 
 
+def _compressed(kind: str) -> bytes:
+    import gzip
+
+    import zstandard
+
+    layer = targets.tar_seed()
+    return gzip.compress(layer) if kind == "gzip" else zstandard.ZstdCompressor().compress(layer)
+
+
 @EXAMPLES
-@given(st.sampled_from(["gzip", "zstd"]).flatmap(
-    lambda kind: _mutated(__import__("gzip").compress(_tar_seed()) if kind == "gzip"
-                          else __import__("zstandard").ZstdCompressor().compress(_tar_seed()))))
+@given(st.sampled_from(["gzip", "zstd"]).flatmap(lambda kind: _mutated(_compressed(kind))))
 def test_compressed_layer(data: bytes) -> None:
     targets.check("compressed_layer", data)
 
@@ -108,7 +87,7 @@ def test_docker_archive(data: bytes) -> None:
 
 
 @EXAMPLES
-@given(_mutated(_tar_seed()))
+@given(_mutated(targets.tar_seed()))
 def test_archive_tar(data: bytes) -> None:
     targets.check("archive_tar", data)
 
