@@ -195,14 +195,20 @@ def seeds(name: str) -> list[bytes]:
 
 
 def sif_seed() -> bytes:
-    """A small valid SIF with a def file and inspect metadata."""
+    """A small valid SIF: a def file, inspect metadata and a (tiny, fake) squashfs partition."""
+    import tempfile
+
     from capsid.image import meta, sif
 
     buf = io.BytesIO()
     metadata = meta.Metadata(labels={"a": "b"}, runscript="#!/bin/sh\n")
-    sif.write(buf, [sif.NewObject(sif.DataType.DEFFILE, b"bootstrap: scratch\n"),
-                    sif.NewObject(sif.DataType.GENERIC_JSON, metadata.inspect_json(),
-                                  "inspect-metadata.json")], created_at=0)
+    with tempfile.NamedTemporaryFile() as part:
+        part.write(b"hsqs" + bytes(92))
+        part.flush()
+        sif.write(buf, [sif.NewObject(sif.DataType.DEFFILE, b"bootstrap: scratch\n"),
+                        sif.NewObject(sif.DataType.GENERIC_JSON, metadata.inspect_json(),
+                                      "inspect-metadata.json"),
+                        sif.NewObject.partition(Path(part.name), "amd64")], created_at=0)
     return buf.getvalue()
 
 
