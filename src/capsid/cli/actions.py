@@ -171,24 +171,10 @@ def run(verb: str, argv: list[str]) -> int:
         raise UsageError(f"--tmpfs-size {size!r} is not a number of MiB",
                          "give a whole number, e.g. --tmpfs-size 2048")
 
-    if image.startswith(("docker://", "oras://")):
-        from capsid.oci.sources import cached_for_run
+    from capsid.runtime import api, binds
+    from capsid.runtime.options import Options
 
-        image = cached_for_run(image)
-
-    # The user namespace and the image's server first, so that squashfuse starts
-    # while the rest of the runtime is imported and the container planned.
-    from capsid.runtime import early
-
-    fakeroot = _flag(values, "fakeroot", "FAKEROOT")
-    unsquash = _flag(values, "unsquash", "UNSQUASH")
-    started = early.start(image, fakeroot=fakeroot, unsquash=unsquash,
-                          first_programs=early.programs(verb, tuple(args),
-                                                        _text(values, "shell")))
-
-    from capsid.runtime import binds
-    from capsid.runtime.container import ExecOptions, launch
-
+    image = api.resolve(image)
     specs: list[binds.BindSpec] = []
     for name in ("BINDPATH", "BIND"):
         if config.env(name):
@@ -200,21 +186,23 @@ def run(verb: str, argv: list[str]) -> int:
             specs.append(binds.parse_mount(text))
     containall = _flag(values, "containall", "CONTAINALL")
     no_mount = [item.strip() for text in _list(values, "no-mount") for item in text.split(",")]
-    opts = ExecOptions(
-        image, action=verb, argv=tuple(args), binds=tuple(specs),
-        home=_text(values, "home") or config.env("HOME"),
-        no_home=_flag(values, "no-home", "NO_HOME"), no_mount=tuple(no_mount),
+    opts = Options(
+        binds=specs, home=_text(values, "home") or config.env("HOME"),
+        no_home=_flag(values, "no-home", "NO_HOME"), no_mount=no_mount,
         contain=containall or _flag(values, "contain", "CONTAIN"), pwd=_text(values, "pwd"),
         cleanenv=containall or _flag(values, "cleanenv", "CLEANENV"),
-        env=tuple(_list(values, "env")), env_files=tuple(_list(values, "env-file")),
-        fakeroot=fakeroot,
+        env=_list(values, "env"), env_files=_list(values, "env-file"),
+        fakeroot=_flag(values, "fakeroot", "FAKEROOT"),
         pid=containall or _flag(values, "pid", "PID"), ipc=containall or _flag(values, "ipc"),
-        uts=_flag(values, "uts"), hostname=_text(values, "hostname"), net=_flag(values, "net"),
+        uts=_flag(values, "uts"), hostname=hostname, net=_flag(values, "net"),
         writable=_flag(values, "writable"),
         writable_tmpfs=_flag(values, "writable-tmpfs", "WRITABLE_TMPFS"),
         overlay=_text(values, "overlay") or config.env("OVERLAY"),
         tmpfs_size_mib=int(size) if size else None,
-        unsquash=unsquash, shell=_text(values, "shell"),
+        unsquash=_flag(values, "unsquash", "UNSQUASH"), shell=_text(values, "shell"),
     )
-    launch(opts, started)
-    return 255  # not reached: launch() replaces this process
+    # The user namespace and the image's server first, so that squashfuse starts
+    # while the rest of the runtime is imported and the container planned.
+    started = api.start(image, opts, verb, args)
+    api.exec_container(image, args, opts, verb, started)
+    return 255  # not reached: exec_container() replaces this process

@@ -24,7 +24,10 @@ def _size(n: int) -> str:
 
 
 def _time(seconds: int) -> str:
-    when = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    try:
+        when = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    except (ValueError, OverflowError, OSError):  # a damaged or hostile header
+        return f"{seconds} seconds after 1970 (out of range)"
     return when.strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
 
 

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
 SIF, SQUASHFS, SANDBOX = "sif", "squashfs", "sandbox"
+#: a root made of stacked directories (a build step's), never a file on disk
+LAYERS = "layers"
 SQUASHFS_MAGIC = b"hsqs"
 
 
@@ -27,7 +29,7 @@ class Image:
     def __init__(self, path: str, kind: str, offset: int = 0, size: int = 0,
                  oci_config: tuple[int, int] | None = None) -> None:
         self.path = path
-        self.kind = kind  #: SIF, SQUASHFS or SANDBOX
+        self.kind = kind  #: SIF, SQUASHFS, SANDBOX or LAYERS
         self.offset = offset
         self.size = size
         #: (offset, size) of the SIF's oci-config.json object, if it has one

@@ -26,9 +26,9 @@ from capsid.oci import image as oci
 from capsid.oci.reference import Reference
 from capsid.oci.registries import Endpoint
 from capsid.oci.registry import Client, file_chunks
+from capsid.runtime.env import DEFAULT_PATH
 
 LOG = log.get(__name__)
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _file_digest(path: Path) -> tuple[str, int]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 
 from capsid import log, tools
-from capsid.image.locate import SANDBOX, Image, locate
+from capsid.image.locate import LAYERS, SANDBOX, Image, locate
 from capsid.runtime import identity, linux, prefetch, userns
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from capsid.runtime.fuse import Helper, Served
+    from capsid.runtime.options import Layers
 
 LOG = log.get(__name__)
 
@@ -27,11 +28,12 @@ class Started:
 
     def __init__(self, image: Image, user: identity.User, userns: bool,
                  fuse_mount: Helper | Served | None, first_programs: list[str],
-                 affinity: set[int] | None) -> None:
+                 affinity: set[int] | None, layers: Layers | None = None) -> None:
         self.image, self.user, self.userns, self.fuse_mount = image, user, userns, fuse_mount
         self.first_programs = first_programs
         #: this process's CPUs before the start pinned it, to give back to the command
         self.affinity = affinity
+        self.layers = layers  #: the layered root, when the image is one
 
 
 def programs(action: str, argv: tuple[str, ...], shell: str | None) -> list[str]:
@@ -48,25 +50,31 @@ def programs(action: str, argv: tuple[str, ...], shell: str | None) -> list[str]
     return [*first, "/bin/sh"]
 
 
-def start(image_path: str, *, fakeroot: bool, unsquash: bool,
-          first_programs: list[str]) -> Started:
+def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
+          first_programs: list[str], subordinate_ids: bool = True) -> Started:
     """Find the image, enter the user namespace, and start serving the image if FUSE will.
 
     The server is spawned before anything that can wait: the user's passwd entry
     (``--fakeroot`` needs it first, for its subordinate ids) is looked up after.
+    A layered root (the builder's) needs no server; its steps run as root inside, mapped
+    to the user alone unless *subordinate_ids*.
     """
-    image = locate(image_path)
+    if not isinstance(image, str):
+        userns.enter(identity.User.current(), True, subordinate_ids=subordinate_ids)
+        return Started(Image(image.name, LAYERS), identity.User.current(), True, None,
+                       first_programs, None, image)
+    located = locate(image)
     in_userns = os.geteuid() != 0 or fakeroot
     user = identity.User.current() if fakeroot else None
     if in_userns:
-        userns.enter(user or identity.User.ids(), fakeroot)
+        userns.enter(user or identity.User.ids(), fakeroot, subordinate_ids=subordinate_ids)
     fuse_mount = None
     affinity = None
-    if in_userns and image.kind != SANDBOX and not unsquash and _fuse_usable():
+    if in_userns and located.kind != SANDBOX and not unsquash and _fuse_usable():
         affinity = _share_one_cpu()
         owner = (0, 0) if fakeroot else (os.getuid(), os.getgid())
-        fuse_mount = _serve(image, owner, first_programs)
-    return Started(image, user or identity.User.current(), in_userns, fuse_mount,
+        fuse_mount = _serve(located, owner, first_programs)
+    return Started(located, user or identity.User.current(), in_userns, fuse_mount,
                    first_programs, affinity)
 
 

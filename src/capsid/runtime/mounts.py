@@ -125,6 +125,42 @@ def _create(target: str, is_dir: bool) -> None:
                          | os.O_CLOEXEC, 0o644))
 
 
+def stack_lowers(lowers: tuple[str, ...]) -> None:
+    """A layered root's read-only directories (newest first): short names, and their merged
+    view at /image (for :func:`prepare_upper` to resolve mount points in).
+
+    The names keep the overlay's option string short (it is limited to a page).
+    """
+    os.mkdir("/L")
+    for index, lower in enumerate(lowers):
+        os.symlink(OLD + lower, f"/L/{index}")
+    if len(lowers) == 1:
+        linux.bind("/L/0", IMAGE, readonly=True)
+    else:
+        _overlay(IMAGE, _lowerdirs(len(lowers)), linux.MS_RDONLY)
+
+
+def _lowerdirs(count: int) -> str:
+    return ":".join(f"/L/{index}" for index in range(count))
+
+
+def _overlay(target: str, options: str, flags: int = 0) -> None:
+    try:
+        linux.mount("overlay", target, "overlay", flags | linux.MS_NOSUID | linux.MS_NODEV,
+                    options + ",userxattr")
+    except OSError as err:
+        raise RuntimeSetupError(f"cannot stack the build's layers with overlayfs: "
+                                f"{err.strerror}", "the build cache must be on a local file "
+                                "system (ext4, xfs, btrfs, tmpfs); set CAPSID_CACHEDIR") from None
+
+
+def mount_layers(upper: str, work: str, count: int) -> None:
+    """/final: the lowers of :func:`stack_lowers` under the mount points of
+    :func:`prepare_upper`, with *upper* (a host directory) receiving every change."""
+    _overlay(FINAL, f"lowerdir=/upper:{_lowerdirs(count)},upperdir={OLD}{upper},"
+                    f"workdir={OLD}{work}")
+
+
 def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool) -> None:
     """Build /final: an overlay on the image, or the image itself when it is writable."""
     if writable_image:

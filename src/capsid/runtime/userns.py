@@ -32,7 +32,7 @@ def subordinate_range(user: identity.User, path: str) -> tuple[int, int] | None:
     return None
 
 
-def enter(user: identity.User, fakeroot: bool) -> None:
+def enter(user: identity.User, fakeroot: bool, *, subordinate_ids: bool = True) -> None:
     """A new user namespace: *user* as themself, or as root with *fakeroot*.
 
     With --fakeroot and subordinate ids granted in /etc/subuid and /etc/subgid, ids
@@ -41,7 +41,7 @@ def enter(user: identity.User, fakeroot: bool) -> None:
     """
     uid, gid = user.uid, user.gid
     ranges = None
-    if fakeroot and user.uid != 0:
+    if fakeroot and user.uid != 0 and subordinate_ids:
         subuid = subordinate_range(user, "/etc/subuid")
         subgid = subordinate_range(user, "/etc/subgid")
         newuidmap, newgidmap = tools.find("newuidmap"), tools.find("newgidmap")

@@ -1,0 +1,105 @@
+"""The runtime as a library: run a container from Python, without the CLI.
+
+    from capsid.runtime import api
+    from capsid.runtime.options import Options
+
+    status = api.run("docker://debian:12", ["cat", "/etc/os-release"], Options(cleanenv=True))
+
+:func:`exec_container` replaces the calling process with the container (what the
+CLI does: exit codes, signals and the terminal pass straight through); :func:`run`
+runs it as a child and returns its exit status (what the builder does for each step).
+Images are anything the CLI takes: a SIF, a squashfs, a sandbox, ``docker://`` or
+``oras://`` (converted once, then cached), or a :class:`~capsid.runtime.options.Layers`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from capsid.runtime import early
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import NoReturn
+
+    from capsid.runtime.options import Layers, Options
+
+ACTIONS = ("exec", "run", "shell", "test")
+
+
+def resolve(image: str) -> str:
+    """The local image to run for *image*: registry images are converted and cached once."""
+    if image.startswith(("docker://", "oras://")):
+        from capsid.oci.sources import cached_for_run
+
+        return cached_for_run(image)
+    return image
+
+
+def start(image: str | Layers, options: Options, action: str = "exec",
+          argv: Sequence[str] = ()) -> early.Started:
+    """The user namespace and the image's server: what a start should do first.
+
+    Callers that can (the CLI) do this before importing the rest of the runtime, so
+    squashfuse starts meanwhile. *image* must be resolved already.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {ACTIONS}, not {action!r}")
+    return early.start(image, fakeroot=options.fakeroot or options.root_emulation,
+                       unsquash=options.unsquash,
+                       first_programs=early.programs(action, tuple(argv), options.shell),
+                       subordinate_ids=not options.root_emulation)
+
+
+def exec_container(image: str | Layers, argv: Sequence[str], options: Options,
+                   action: str = "exec", started: early.Started | None = None) -> NoReturn:
+    """Replace this process with the container running *argv* (or the *action*'s command)."""
+    if isinstance(image, str):
+        image = resolve(image)
+    started = started or start(image, options, action, argv)
+    from capsid.runtime.container import launch
+
+    launch(image, action, tuple(argv), options, started)
+
+
+def run(image: str | Layers, argv: Sequence[str], options: Options,
+        action: str = "exec") -> int:
+    """Run the container as a child process and return its exit status.
+
+    A status above 128 is a death by signal, as a shell reports it; a failure to set
+    the container up is reported on stderr and gives 255.
+    """
+    if isinstance(image, str):
+        image = resolve(image)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child ends in execve or _exit
+        _child(image, argv, options, action)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _child(image: str | Layers, argv: Sequence[str], options: Options,
+           action: str) -> NoReturn:
+    from capsid.errors import CapsidError
+
+    code = 255
+    try:
+        exec_container(image, argv, options, action)
+    except CapsidError as err:
+        print(f"capsid: error: {err}", file=sys.stderr)
+    except BaseException as err:  # the parent must get a status, whatever happened
+        print(f"capsid: error: internal error ({type(err).__name__}: {err})", file=sys.stderr)
+        code = 254
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,82 @@
+"""How to run a container, as typed records: what the action flags decide, and layered roots.
+
+These are the runtime's whole input: the CLI builds an :class:`Options` from its flags,
+the builder builds one for each RUN step, and :mod:`capsid.runtime.api` takes it.
+Plain classes with ``__slots__`` (not dataclasses): this module is on every container's
+start path, where each import counts.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from capsid.runtime.binds import BindSpec
+
+
+class Options:
+    """Everything about a container but its image and command (Apptainer's action flags)."""
+
+    __slots__ = ("binds", "cleanenv", "contain", "env", "env_files", "environment",
+                 "fakeroot", "home", "hostname", "ipc", "net", "no_home", "no_mount",
+                 "overlay", "pid", "pwd", "root_emulation", "shell", "tmpfs_size_mib",
+                 "unsquash", "uts", "writable", "writable_tmpfs")
+
+    def __init__(self, *, binds: Sequence[BindSpec] = (), home: str | None = None,
+                 no_home: bool = False, no_mount: Sequence[str] = (), contain: bool = False,
+                 pwd: str | None = None, cleanenv: bool = False, env: Sequence[str] = (),
+                 env_files: Sequence[str] = (), environment: Mapping[str, str] | None = None,
+                 fakeroot: bool = False, pid: bool = False, ipc: bool = False,
+                 uts: bool = False, hostname: str | None = None, net: bool = False,
+                 writable: bool = False, writable_tmpfs: bool = False,
+                 overlay: str | None = None, tmpfs_size_mib: int | None = None,
+                 unsquash: bool = False, shell: str | None = None,
+                 root_emulation: bool = False) -> None:
+        self.binds = tuple(binds)  #: host paths to bind in (``-B``, ``--mount``)
+        self.home = home  #: ``--home SRC[:DST]``
+        self.no_home = no_home
+        self.no_mount = tuple(no_mount)  #: default mounts left out: proc, sys, dev, home, ...
+        self.contain = contain  #: minimal /dev, no home, /tmp or cwd from the host
+        self.pwd = pwd  #: working directory inside
+        self.cleanenv = cleanenv  #: no host environment
+        self.env = tuple(env)  #: ``--env NAME=VALUE`` items
+        self.env_files = tuple(env_files)
+        #: the command's exact environment: no host variables and no image env scripts
+        self.environment = dict(environment) if environment is not None else None
+        self.fakeroot = fakeroot  #: uid 0 inside
+        self.pid, self.ipc, self.uts, self.net = pid, ipc, uts, net  #: new namespaces
+        self.hostname = hostname
+        self.writable = writable  #: write into a sandbox image
+        self.writable_tmpfs = writable_tmpfs
+        self.overlay = overlay  #: directory keeping changes to the image
+        self.tmpfs_size_mib = tmpfs_size_mib
+        self.unsquash = unsquash  #: unpack the image into memory instead of mounting it
+        self.shell = shell  #: the shell of ``capsid shell``
+        #: root inside may chown and mknod as package managers expect (a seccomp filter
+        #: answers those calls with success); implies fakeroot
+        self.root_emulation = root_emulation
+
+    def __repr__(self) -> str:
+        changed = {name: getattr(self, name) for name in self.__slots__
+                   if getattr(self, name) not in (None, False, ())}
+        return f"Options({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+
+class Layers:
+    """A writable root made of directories: read-only *lowers* (newest first) under *upper*.
+
+    What a build step runs in: the earlier steps' directories stacked by overlayfs,
+    and the step's own *upper* directory receiving its changes (deletions as overlayfs
+    whiteouts). *work* is overlayfs's scratch directory, on the same file system as
+    *upper*. *name* is what the container calls itself (APPTAINER_CONTAINER).
+    """
+
+    __slots__ = ("lowers", "name", "upper", "work")
+
+    def __init__(self, lowers: Sequence[str], upper: str, work: str, name: str = "build") -> None:
+        self.lowers = tuple(lowers)
+        self.upper, self.work, self.name = upper, work, name
+
+    def __repr__(self) -> str:
+        return f"Layers({len(self.lowers)} lowers, upper={self.upper!r})"

@@ -1,0 +1,154 @@
+"""The plan of a container: every decision taken before its mount namespace exists.
+
+Which home, which binds (checked on the host), which working directory, which mount
+points the image needs, and the OCI environment stored in a SIF.
+"""
+
+from __future__ import annotations
+
+import os
+
+from capsid import config, log
+from capsid.errors import RuntimeSetupError, UsageError
+from capsid.image.locate import SANDBOX, Image
+from capsid.runtime import identity
+from capsid.runtime.binds import BindSpec
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from capsid.runtime.early import Started
+    from capsid.runtime.options import Layers, Options
+
+LOG = log.get(__name__)
+
+#: cwd is not bound into the container from these places: the image's own copy wins.
+_SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32",
+                "/proc", "/root", "/run", "/sbin", "/sys", "/usr", "/var")
+
+
+class Plan:
+    """A container to start: what to run, in what, and the decisions about its mounts."""
+
+    __slots__ = ("action", "argv", "bind_cwd", "binds", "cwd", "home_dest", "home_source",
+                 "image", "layers", "name", "oci_env", "options", "site", "user", "userns")
+
+    def __init__(self, *, name: str, action: str, argv: tuple[str, ...], options: Options,
+                 image: Image, layers: Layers | None, user: identity.User, userns: bool,
+                 home_source: str | None, home_dest: str, binds: list[BindSpec], cwd: str,
+                 bind_cwd: bool, site: config.SiteConfig, oci_env: list[str]) -> None:
+        self.name, self.action, self.argv, self.options = name, action, argv, options
+        self.image, self.layers, self.user, self.userns = image, layers, user, userns
+        self.home_source, self.home_dest, self.binds = home_source, home_dest, binds
+        self.cwd, self.bind_cwd, self.site, self.oci_env = cwd, bind_cwd, site, oci_env
+
+    def mount_points(self, old_root: str) -> list[tuple[str, bool]]:
+        """Where the container's mounts land: (path, is a directory). Host paths under
+        *old_root*."""
+        points = [("/proc", True), ("/sys", True), ("/dev", True), (self.home_dest, True),
+                  ("/tmp", True), ("/var/tmp", True), ("/etc/passwd", False),
+                  ("/etc/group", False), ("/etc/resolv.conf", False)]
+        for spec in self.site.bind_paths:
+            src, _, dst = spec.partition(":")
+            points.append((dst or src, os.path.isdir(f"{old_root}{src}")))
+        points += [(b.destination, os.path.isdir(f"{old_root}{b.source}")) for b in self.binds]
+        if self.options.hostname:
+            points.append(("/etc/hostname", False))
+        if self.bind_cwd:
+            points.append((self.cwd, True))
+        return points
+
+
+def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
+         started: Started) -> Plan:
+    """Decide, on the host (inside the user namespace), how the container will look."""
+    site = config.load()
+    image, user, userns = started.image, started.user, started.userns
+    if opts.writable and image.kind != SANDBOX:
+        raise UsageError(f"--writable needs a sandbox directory, and {name} is a "
+                         f"{image.kind} image",
+                         "use --writable-tmpfs, or --overlay DIR for changes that persist")
+    if opts.overlay:
+        _check_overlay(opts.overlay)
+    fakeroot = opts.fakeroot or opts.root_emulation
+    home_dest = "/root" if fakeroot and not opts.home else user.home
+    home_source: str | None = user.home
+    if opts.home:
+        src, _, dst = opts.home.partition(":")
+        home_source, home_dest = os.path.realpath(os.path.expanduser(src)), dst or src
+    if opts.no_home or opts.contain or not site.mount_home or "home" in opts.no_mount:
+        home_source = None
+    if fakeroot and not opts.home:
+        home_source = user.home if not (opts.no_home or opts.contain) else None
+    binds = []
+    for b in opts.binds:
+        _check_source(b.source)
+        binds.append(BindSpec(os.path.realpath(b.source), b.destination, b.readonly))
+        if b.destination == "/":
+            LOG.warning("binding %s onto / replaces the container's whole root filesystem "
+                        "with it; bind it somewhere below / instead", b.source)
+    if home_dest == "/" and home_source is not None:
+        LOG.warning("--home %s puts the home directory on / and so replaces the container's "
+                    "whole root filesystem with it; give a destination such as %s:/home/me",
+                    opts.home, home_source)
+    if home_source is not None and not os.path.isdir(home_source):
+        LOG.warning("home directory %s does not exist; not binding it", home_source)
+        home_source = None
+    cwd = opts.pwd or os.getcwd()
+    bound = [home_dest] + [b.destination for b in binds] + ["/tmp", "/var/tmp"]
+    bind_cwd = (opts.pwd is None and not opts.contain and "cwd" not in opts.no_mount
+                and cwd != "/" and not any(cwd == d or cwd.startswith(d + "/")
+                                           for d in _SYSTEM_DIRS + tuple(bound)))
+    return Plan(name=name, action=action, argv=argv, options=opts, image=image,
+                layers=started.layers, user=user, userns=userns, home_source=home_source,
+                home_dest=home_dest, binds=binds, cwd=cwd, bind_cwd=bind_cwd, site=site,
+                oci_env=_oci_env(image))
+
+
+def _check_source(path: str) -> None:
+    """A bind source must exist and be reachable by the user: say which it is not."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise RuntimeSetupError(f"bind source {path} does not exist",
+                                "create it first or fix the --bind argument") from None
+    except OSError as err:
+        raise RuntimeSetupError(f"cannot bind {path}: {(err.strerror or str(err)).lower()}",
+                                "bind a path you can reach") from None
+
+
+def _check_overlay(path: str) -> None:
+    """An --overlay must be an existing directory of the user's, not the host's root."""
+    real = os.path.realpath(path)
+    if not os.path.lexists(real):
+        raise UsageError(f"overlay directory {path} does not exist",
+                         f"create it first (mkdir -p {path}): changes to the image are kept "
+                         "there")
+    if not os.path.isdir(real):
+        raise UsageError(f"overlay {path} is not a directory",
+                         "capsid keeps overlays in directories; give an empty directory")
+    if real == "/":
+        raise UsageError("the overlay directory cannot be /",
+                         "give an empty directory of your own")
+    if not os.access(real, os.W_OK | os.X_OK):
+        raise UsageError(f"you cannot write to the overlay directory {path}",
+                         "give a directory of your own")
+
+
+def _oci_env(image: Image) -> list[str]:
+    """The OCI ``Env`` stored in a SIF, for images without a shell to source env scripts."""
+    if image.oci_config is None:
+        return []
+    offset, size = image.oci_config
+    with open(image.path, "rb") as f:
+        f.seek(offset)
+        raw = f.read(size)
+    import json
+
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return []
+    if isinstance(doc, dict) and isinstance(doc.get("config"), dict) and "Env" not in doc:
+        doc = doc["config"]
+    value = doc.get("Env") if isinstance(doc, dict) else None
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []

@@ -1,0 +1,48 @@
+"""Root emulation for build steps: the system calls package managers need, answered "done".
+
+A build step runs as root in a user namespace that maps only the invoking user, with
+no /etc/subuid needed. There, changing a file's owner to anyone but root, switching
+to another user or creating a device fails, and ``apt-get``/``dpkg``/``dnf`` stop at the
+first such failure. A seccomp filter (libseccomp, through ``pyseccomp``) makes those
+calls return success without doing anything, as Charliecloud's ``--force=seccomp``
+does: chown and friends, set*id and setgroups, and mknod of character and block
+devices. Everything else is allowed. Files keep the user (root inside) as owner.
+
+The filter is built before ``pivot_root`` (which hides the host's libraries) and loaded
+just before ``execve``, after ``PR_SET_NO_NEW_PRIVS``.
+"""
+
+from __future__ import annotations
+
+import stat
+
+from capsid.errors import CapsidError
+
+#: Answered with success and no effect.
+FAKED = ("chown", "fchown", "lchown", "fchownat", "setuid", "setgid", "setreuid", "setregid",
+         "setresuid", "setresgid", "setgroups", "setfsuid", "setfsgid")
+#: mknod's mode argument: (system call, argument index).
+_MKNOD = (("mknod", 1), ("mknodat", 2))
+
+
+def prepare() -> object:
+    """The filter, ready to load (libseccomp is loaded now)."""
+    try:
+        import pyseccomp as seccomp  # type: ignore[import-untyped]
+    except (ImportError, OSError) as err:
+        raise CapsidError(f"root emulation for build steps needs pyseccomp and libseccomp "
+                          f"({err})", "pip install pyseccomp; apt-get install libseccomp2"
+                          ) from None
+    rules = seccomp.SyscallFilter(seccomp.ALLOW)
+    for call in FAKED:
+        rules.add_rule(seccomp.ERRNO(0), call)
+    for call, index in _MKNOD:
+        for kind in (stat.S_IFCHR, stat.S_IFBLK):
+            rules.add_rule(seccomp.ERRNO(0), call,
+                           seccomp.Arg(index, seccomp.MASKED_EQ, stat.S_IFMT, kind))
+    return rules
+
+
+def load(rules: object) -> None:
+    """Install *rules* (from :func:`prepare`) for this process and what it runs."""
+    rules.load()  # type: ignore[attr-defined]
