@@ -7,14 +7,13 @@ missing tool names the Debian package that provides it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from capsid.errors import ToolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
     from typing import IO
 
 #: Debian package providing each tool capsid runs.
@@ -79,27 +78,36 @@ def run(argv: Sequence[str], *, input: bytes | None = None) -> bytes:
     return proc.stdout
 
 
-@contextlib.contextmanager
-def reading(argv: Sequence[str]) -> Iterator[IO[bytes]]:
-    """Run *argv* and yield its stdout; raise ToolError if it fails.
+class reading:  # lower case: used like a function, `with tools.reading(argv) as out`
+    """Run *argv* and read its stdout in a ``with`` block; raise ToolError if it fails.
 
     Its stderr goes to a temporary file, never a pipe that could fill and stall it;
-    if the caller's block raises, the tool is killed.
+    if the block raises, the tool is killed. (A class, not a contextlib generator: this
+    module is on the container start path, and contextlib is not.)
     """
-    import subprocess
-    import tempfile
 
-    with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen([which(argv[0]), *argv[1:]], stdout=subprocess.PIPE,
-                                stderr=errors)
-        assert proc.stdout is not None
-        try:
-            with proc.stdout:
-                yield proc.stdout
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        if proc.wait() != 0:
-            errors.seek(0)
-            raise failure(argv[0], proc.returncode, errors.read())
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+
+    def __enter__(self) -> IO[bytes]:
+        import subprocess
+        import tempfile
+
+        self._errors = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen([which(self.argv[0]), *self.argv[1:]],
+                                      stdout=subprocess.PIPE, stderr=self._errors)
+        assert self._proc.stdout is not None
+        return self._proc.stdout
+
+    def __exit__(self, kind: type[BaseException] | None, *_exc: object) -> None:
+        proc, errors = self._proc, self._errors
+        with errors:
+            if proc.stdout is not None:
+                proc.stdout.close()
+            if kind is not None:
+                proc.kill()
+                proc.wait()
+                return
+            if proc.wait() != 0:
+                errors.seek(0)
+                raise failure(self.argv[0], proc.returncode, errors.read())
