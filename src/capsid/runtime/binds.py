@@ -58,7 +58,11 @@ def parse_mount(text: str) -> BindSpec:
     """Parse one ``--mount`` value: ``type=bind,src=…,dst=…[,ro]`` (CSV-quoted)."""
     import csv
 
-    fields = next(csv.reader([text]))
+    try:
+        fields = next(csv.reader([text]))
+    except (csv.Error, StopIteration):
+        raise UsageError(f"--mount {text!r} is not a comma-separated list of fields",
+                         "use type=bind,src=PATH,dst=PATH[,ro] on one line") from None
     values: dict[str, str] = {}
     readonly = False
     for f in fields:
