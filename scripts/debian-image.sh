@@ -7,15 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${CAPSID_TEST_CACHE:-/var/cache/capsid-test}
 mkdir -p "$cache"
-if [ ! -f "$cache/debian-python3/.complete-2" ]; then
+if [ ! -f "$cache/debian-python3/.complete-3" ]; then
     rm -rf "$cache/debian-python3"
-    mmdebstrap --quiet --variant=minbase --include=python3-minimal bookworm \
+    mmdebstrap --quiet --variant=minbase --include=python3-minimal,python-is-python3 bookworm \
         "$cache/debian-python3" http://deb.debian.org/debian >&2
     mkdir -p "$cache/debian-python3/usr/local/suid"
     install -m 4755 -o root -g root /bin/busybox "$cache/debian-python3/usr/local/suid/busybox"
-    touch "$cache/debian-python3/.complete-2"
+    touch "$cache/debian-python3/.complete-3"
 fi
-if [ ! -f "$cache/debian-python3.sif" ] || [ "$cache/debian-python3/.complete-2" -nt "$cache/debian-python3.sif" ]; then
+if [ ! -f "$cache/debian-python3.sif" ] || [ "$cache/debian-python3/.complete-3" -nt "$cache/debian-python3.sif" ]; then
     .venv/bin/capsid build --force "$cache/debian-python3.sif" "$cache/debian-python3" >&2
 fi
 chmod a+rx "$cache" && chmod a+r "$cache/debian-python3.sif"

@@ -127,7 +127,7 @@ def live_squashfuse(image: Path | None = None) -> list[str]:
 def oci_images() -> Path:
     """OCI archives and layouts written by buildah/umoci (scripts/oci-images.sh, run as root)."""
     cache = Path(os.environ.get("CAPSID_TEST_CACHE", "/var/cache/capsid-test")) / "oci"
-    if not (cache / ".complete-2").exists():
+    if not (cache / ".complete-3").exists():
         pytest.skip("OCI test images are absent (scripts/oci-images.sh makes them as root)")
     return cache
 
@@ -144,8 +144,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def registry(pki: Path, oci_images: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A TLS + htpasswd docker-registry holding test/busybox:1, test/debian-python3:12 and
-    hub/library/debian-python3:12 (the docker.io mirror's copy), all pushed by skopeo."""
+    """A TLS + htpasswd docker-registry holding test/busybox:1, test/debian-python3:12 and,
+    under hub/ (the docker.io mirror), library/debian-python3:12, library/busybox:1 and the
+    Debian image again as library/python:3.12.0-alpine3.18; all pushed by skopeo."""
     need("docker-registry", "skopeo", "htpasswd")
     from tests.support.registry import Registry
 
@@ -156,6 +157,10 @@ def registry(pki: Path, oci_images: Path, tmp_path_factory: pytest.TempPathFacto
                         "test/debian-python3:12")
         reg.skopeo_copy(f"oci-archive:{oci_images}/debian-python3.oci.tar",
                         "hub/library/debian-python3:12")
+        # The seed's Dockerfile says FROM python:3.12.0-alpine3.18: the mirror serves it.
+        reg.skopeo_copy(f"oci-archive:{oci_images}/debian-python3.oci.tar",
+                        "hub/library/python:3.12.0-alpine3.18")
+        reg.skopeo_copy(f"oci-archive:{oci_images}/busybox.oci.tar", "hub/library/busybox:1")
         yield reg
     finally:
         reg.stop()

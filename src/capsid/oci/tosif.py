@@ -93,7 +93,7 @@ def _hashing(chunks: Iterator[bytes], hasher: hashlib._Hash) -> Iterator[bytes]:
         yield chunk
 
 
-def _layer_chunks(layer: Layer,
+def layer_chunks(layer: Layer,
                   verified: bool) -> tuple[Iterator[bytes], hashlib._Hash | None]:
     """Decompressed chunks of *layer*, and the hash to compare afterwards (or None).
 
@@ -124,16 +124,19 @@ def _image_id(source: SourceImage, compression: str) -> uuid.UUID:
 
 
 def write_sif(source: SourceImage, out: Path, *, compression: str = "zstd",
-              force: bool = False, verified: bool = False) -> None:
+              force: bool = False, verified: bool = False,
+              extra: dict[str, bytes] | None = None) -> None:
     """Convert *source* into SIF *out* (atomically).
 
     With *verified* the layers are trusted to match their digests (the cache
     checked them while downloading); otherwise each is hashed as it streams.
+    *extra* (paths relative to ``/.singularity.d``) replace or add to what is made
+    from the OCI config: a definition file's runscript, environment and labels.
     """
     squashfs.check_compression(compression)
     epoch = source_date_epoch()
     stamp = epoch if epoch is not None else _created(source.config)
-    generated = generated_files(source)
+    generated = {**generated_files(source), **(extra or {})}
     runscript = generated["runscript"].decode()
     with output.atomic_file(out, force) as tmp, output.scratch(out, "sqfs") as part:
         with squashfs.writer(part, compression) as pipe:
@@ -141,7 +144,7 @@ def write_sif(source: SourceImage, out: Path, *, compression: str = "zstd",
             for info, data in _members(generated, stamp):
                 flat.add_member(info, data)
             for index, layer in enumerate(reversed(source.layers)):
-                chunks, hasher = _layer_chunks(layer, verified)
+                chunks, hasher = layer_chunks(layer, verified)
                 flat.add_layer(chunks, f"layer {len(source.layers) - index}")
                 digest = "sha256:" + hasher.hexdigest() if hasher is not None else None
                 if digest is not None and digest != layer.digest:

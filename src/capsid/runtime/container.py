@@ -277,13 +277,19 @@ def _assemble_root(plan: Plan, started: early.Started) -> None:
     """The session, the image, the overlay and every mount, then pivot_root into it."""
     opts = plan.options
     # The image is opened before the session covers /tmp, where it may lie.
-    fd = _open_image(plan.image) if plan.layers is None else -1
+    layers = plan.layers
+    if layers is not None:
+        fds = mounts.open_layers((*layers.lowers, layers.upper, layers.work))
+    else:
+        fd = _open_image(plan.image)
     mounts.start_session(opts.tmpfs_size_mib or plan.site.tmpfs_size_mib)
-    if plan.layers is not None:
+    if layers is not None:
         mounts.enter_session()
-        mounts.stack_lowers(plan.layers.lowers)
+        mounts.stack_lowers(fds[:-2])
         mounts.prepare_upper(plan.mount_points(mounts.OLD))
-        mounts.mount_layers(plan.layers.upper, plan.layers.work, len(plan.layers.lowers))
+        mounts.mount_layers(fds[-2], fds[-1], len(layers.lowers))
+        for each in fds:
+            os.close(each)
     else:
         _mount_image(plan, opts, fd, started)
         os.close(fd)

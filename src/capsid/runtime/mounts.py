@@ -125,28 +125,48 @@ def _create(target: str, is_dir: bool) -> None:
                          | os.O_CLOEXEC, 0o644))
 
 
-def stack_lowers(lowers: tuple[str, ...]) -> None:
-    """A layered root's read-only directories (newest first): short names, and their merged
-    view at /image (for :func:`prepare_upper` to resolve mount points in).
+def open_layers(paths: tuple[str, ...]) -> list[int]:
+    """O_PATH fds of a layered root's directories, taken before the session covers /tmp
+    (where they may lie); the mounts reach them through /proc/self/fd."""
+    fds = []
+    for path in paths:
+        try:
+            fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        except OSError as err:
+            raise RuntimeSetupError(f"cannot open the build layer {path}: {err.strerror}",
+                                    "clean the build cache (capsid cache clean) and build "
+                                    "again") from None
+    return fds
+
+
+def _by_fd(fd: int) -> str:
+    return f"{OLD}/proc/self/fd/{fd}"
+
+
+def stack_lowers(lowers: list[int]) -> None:
+    """A layered root's read-only directories (fds, newest first): short names, and their
+    merged view at /image (for :func:`prepare_upper` to resolve mount points in).
 
     The names keep the overlay's option string short (it is limited to a page).
     """
     os.mkdir("/L")
-    for index, lower in enumerate(lowers):
-        os.symlink(OLD + lower, f"/L/{index}")
+    for index, fd in enumerate(lowers):
+        os.symlink(_by_fd(fd), f"/L/{index}")
     if len(lowers) == 1:
         linux.bind("/L/0", IMAGE, readonly=True)
     else:
-        _overlay(IMAGE, _lowerdirs(len(lowers)), linux.MS_RDONLY)
+        # read-only without MS_RDONLY: with userxattr and no upper layer, that flag
+        # makes overlayfs refuse the mount (Linux 6.18)
+        _overlay(IMAGE, "lowerdir=" + _lowerdirs(len(lowers)))
 
 
 def _lowerdirs(count: int) -> str:
     return ":".join(f"/L/{index}" for index in range(count))
 
 
-def _overlay(target: str, options: str, flags: int = 0) -> None:
+def _overlay(target: str, options: str) -> None:
     try:
-        linux.mount("overlay", target, "overlay", flags | linux.MS_NOSUID | linux.MS_NODEV,
+        linux.mount("overlay", target, "overlay", linux.MS_NOSUID | linux.MS_NODEV,
                     options + ",userxattr")
     except OSError as err:
         raise RuntimeSetupError(f"cannot stack the build's layers with overlayfs: "
@@ -154,11 +174,11 @@ def _overlay(target: str, options: str, flags: int = 0) -> None:
                                 "system (ext4, xfs, btrfs, tmpfs); set CAPSID_CACHEDIR") from None
 
 
-def mount_layers(upper: str, work: str, count: int) -> None:
+def mount_layers(upper: int, work: int, count: int) -> None:
     """/final: the lowers of :func:`stack_lowers` under the mount points of
-    :func:`prepare_upper`, with *upper* (a host directory) receiving every change."""
-    _overlay(FINAL, f"lowerdir=/upper:{_lowerdirs(count)},upperdir={OLD}{upper},"
-                    f"workdir={OLD}{work}")
+    :func:`prepare_upper`, with *upper* (an fd of a host directory) receiving every change."""
+    _overlay(FINAL, f"lowerdir=/upper:{_lowerdirs(count)},upperdir={_by_fd(upper)},"
+                    f"workdir={_by_fd(work)}")
 
 
 def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool) -> None:

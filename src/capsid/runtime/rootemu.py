@@ -23,6 +23,7 @@ FAKED = ("chown", "fchown", "lchown", "fchownat", "setuid", "setgid", "setreuid"
          "setresuid", "setresgid", "setgroups", "setfsuid", "setfsgid")
 #: mknod's mode argument: (system call, argument index).
 _MKNOD = (("mknod", 1), ("mknodat", 2))
+_S_IFMT = 0o170000  #: the file-type bits of a mode
 
 
 def prepare() -> object:
@@ -39,7 +40,7 @@ def prepare() -> object:
     for call, index in _MKNOD:
         for kind in (stat.S_IFCHR, stat.S_IFBLK):
             rules.add_rule(seccomp.ERRNO(0), call,
-                           seccomp.Arg(index, seccomp.MASKED_EQ, stat.S_IFMT, kind))
+                           seccomp.Arg(index, seccomp.MASKED_EQ, _S_IFMT, kind))
     return rules
 
 

@@ -1,0 +1,109 @@
+"""A built stage → a SIF (or a sandbox): the base's layers and the step directories,
+flattened newest first straight into ``tar2sqfs``, with the image's metadata."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from capsid import __version__, log
+from capsid.build import treetar
+from capsid.build.builder import Builder, StageResult
+from capsid.errors import CapsidError
+from capsid.image import output
+from capsid.oci import image as oci
+
+LOG = log.get(__name__)
+
+
+def _config(result: StageResult, epoch: int | None) -> dict[str, Any]:
+    stamp = epoch if epoch is not None else int(time.time())
+    return {"architecture": result.state.get("architecture") or "amd64", "os": "linux",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)),
+            "config": result.state.get("config") or {},
+            "rootfs": {"type": "layers", "diff_ids": []}}
+
+
+def _def_files(result: StageResult, builder: Builder, config: dict[str, Any]
+               ) -> dict[str, bytes]:
+    """What a definition file puts into /.singularity.d, as Apptainer lays it out."""
+    meta = result.stage.metadata
+    if meta is None:
+        return {}
+    labels: dict[str, str] = dict(config["config"].get("Labels") or {})
+    labels.update({"org.label-schema.schema-version": "1.0",
+                   "org.label-schema.build-arch": config["architecture"],
+                   "org.label-schema.build-date": time.strftime(
+                       "%A_%-d_%B_%Y_%H:%M:%S_UTC",
+                       time.gmtime(builder.epoch if builder.epoch is not None
+                                   else time.time())),
+                   "org.label-schema.usage.capsid.version": __version__})
+    for key, value in result.stage.header.items():
+        labels[f"org.label-schema.usage.singularity.deffile.{key}"] = value
+    labels.update(result.state.get("labels") or {})
+    labels.update(meta.labels)
+    files: dict[str, bytes] = {
+        "Singularity": builder.recipe.text.encode(),
+        "labels.json": json.dumps(labels, indent="\t", sort_keys=True).encode(),
+        "env/90-environment.sh": ("#!/bin/sh\n# Custom environment shell code should follow"
+                                  f"\n\n{meta.environment}").encode(),
+    }
+    if result.state.get("env91"):
+        files["env/91-environment.sh"] = str(result.state["env91"]).encode()
+    scripts: dict[str, str | None] = {"runscript": meta.runscript, "test": meta.test,
+                                       "startscript": meta.startscript,
+                                       "runscript.help": meta.help}
+    for name, script in scripts.items():
+        if script is not None:
+            files[name] = script.encode()
+    return files
+
+
+def _opener(diff: str, epoch: int | None) -> oci.Opener:
+    return lambda: treetar.open_tree(diff, epoch)
+
+
+def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = False,
+          force: bool = False, compression: str = "zstd") -> None:
+    """Write the image of *result* to *out*: a SIF file, or a sandbox directory."""
+    from capsid.oci import tosif
+
+    config = _config(result, builder.epoch)
+    layers = list(result.base.output_layers(builder.store))
+    for layer in result.layers:
+        if not layer.empty:
+            layers.append(oci.Layer(f"sha256:{layer.key}", 0, "",
+                                    _opener(str(layer.diff), builder.epoch)))
+    source = oci.SourceImage(f"{builder.recipe.kind}:{builder.recipe.path}", config, layers,
+                             None, json.dumps(config, sort_keys=True).encode())
+    files = _def_files(result, builder, config)
+    if not sandbox:
+        tosif.write_sif(source, out, compression=compression, force=force, verified=True,
+                        extra=files)
+        return
+    from capsid.image import convert
+
+    output.check_target(out, force)
+    with output.scratch(builder.store.tmp / "image", "sif") as image:
+        tosif.write_sif(source, image, compression=compression, force=True, verified=True,
+                        extra=files)
+        convert.image_to_sandbox(image, out, force=force)
+
+
+def run_test(result: StageResult, out: Path, sandbox: bool) -> None:
+    """A definition file's %test, in the finished image; a failure removes the image."""
+    meta = result.stage.metadata
+    if meta is None or meta.test is None:
+        return
+    from capsid.runtime import api
+    from capsid.runtime.options import Options
+
+    print("running %test", file=__import__("sys").stderr, flush=True)
+    status = api.run(str(out), [], Options(cleanenv=True, writable_tmpfs=not sandbox),
+                     action="test")
+    if status != 0:
+        output.remove(out)
+        raise CapsidError(f"%test failed with exit code {status}; {out} was removed",
+                          "fix the test or the image, or build with --notest")

@@ -1,0 +1,203 @@
+"""Where a stage starts: the base image's layers (for the output), its configuration, and
+its files unpacked once into the build cache (for steps to run on)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from capsid import log, tools
+from capsid.build import treetar
+from capsid.build.recipe import Base
+from capsid.build.store import BuildStore, digest
+from capsid.errors import CapsidError, UsageError
+from capsid.image import output
+from capsid.oci import image as oci
+
+LOG = log.get(__name__)
+
+
+class BaseImage:
+    """A stage's starting point."""
+
+    def __init__(self, key: str, config: dict[str, Any], layers: list[oci.Layer] | None,
+                 name: str, unpack: Callable[[Path], None] | None,
+                 rootfs: Path | None = None) -> None:
+        self.key = key  #: identifies the content; part of every step's cache key
+        self.config = config  #: the OCI image config ("config" holds Env, Cmd, ...)
+        #: oldest first, as the output needs them; None: read back from the unpacked files
+        self.layers = layers
+        self.name = name
+        self._unpack = unpack
+        self._rootfs = rootfs
+
+    def output_layers(self, store: BuildStore) -> list[oci.Layer]:
+        """The base's layers for the output image."""
+        if self.layers is not None:
+            return self.layers
+        root = str(self.rootfs(store))
+        return [oci.Layer("", 0, "", lambda: treetar.open_tree(root))]
+
+    def rootfs(self, store: BuildStore) -> Path:
+        """The base's files as a directory (unpacked once, then shared by every build)."""
+        if self._rootfs is not None:
+            return self._rootfs
+        final = store.bases / self.key[:40]
+        if not (final / "rootfs").is_dir():
+            LOG.info("unpacking %s", self.name)
+            temp = output.Temporary(store.tmp / "base", directory=True)
+            try:
+                (temp.path / "rootfs").mkdir()
+                if self._unpack is not None:
+                    self._unpack(temp.path / "rootfs")
+                try:
+                    os.rename(temp.path, final)
+                except OSError:
+                    if not (final / "rootfs").is_dir():
+                        raise
+            finally:
+                temp.discard()
+        self._rootfs = final / "rootfs"
+        return self._rootfs
+
+
+def _extract(layers: list[oci.Layer], verified: bool) -> Callable[[Path], None]:
+    """Unpack *layers* (flattened, newest first) into a directory with GNU tar."""
+    def unpack(target: Path) -> None:
+        from capsid.oci.flatten import Flattener
+        from capsid.oci.tosif import layer_chunks
+
+        argv = [tools.which("tar"), "-x", "-p", "--no-same-owner", "-C", str(target)]
+        errors = open(target.parent / "tar.err", "w+b")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=errors)
+        assert proc.stdin is not None
+        try:
+            flat = Flattener(proc.stdin.write)
+            for index, layer in enumerate(reversed(layers)):
+                chunks, hasher = layer_chunks(layer, verified)
+                flat.add_layer(chunks, f"layer {len(layers) - index}")
+                if hasher is not None and "sha256:" + hasher.hexdigest() != layer.digest:
+                    raise CapsidError(f"layer {layer.digest[:19]}… does not match its digest",
+                                      "the image is damaged; get it again")
+            flat.finish()
+            proc.stdin.close()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            errors.close()
+            raise
+        status = proc.wait()
+        errors.seek(0)
+        problems = [line for line in errors.read().decode(errors="replace").splitlines()
+                    if "Cannot mknod" not in line and "Exiting with failure" not in line]
+        errors.close()
+        if status not in (0, 2) or (status == 2 and problems):
+            raise tools.failure("tar", status, "\n".join(problems))
+    return unpack
+
+
+def _registry(ref: str, platform: tuple[str, str], nohttps: bool) -> BaseImage:
+    from capsid.oci import reference
+    from capsid.oci.pull import Puller
+
+    with Puller(nohttps=nohttps) as puller:
+        resolved = puller.resolve(reference.parse(ref), platform)
+        source = puller.fetch(resolved)
+    return BaseImage(resolved.digest, source.config, source.layers, f"docker://{ref}",
+                     _extract(source.layers, True))
+
+
+def _archive(kind: str, ref: str, platform: tuple[str, str]) -> BaseImage:
+    from capsid.oci import archive
+
+    source = (archive.docker_archive(ref, platform) if kind == "docker-archive"
+              else archive.oci_layout(ref, platform, f"{kind}:"))
+    key = digest(hashlib.sha256(source.config_raw).hexdigest(),
+                 [layer.digest for layer in source.layers])
+    return BaseImage(key, source.config, source.layers, f"{kind}:{ref}",
+                     _extract(source.layers, False))
+
+
+def _local(path: str) -> BaseImage:
+    """A SIF, squashfs or sandbox on disk. A file's tree is unpacked with unsquashfs and
+    read back for the output (owners become root, as when an ordinary user unpacks it)."""
+    from capsid.image import squashfs
+    from capsid.image.locate import SANDBOX, locate
+
+    image = locate(path)
+    real = os.path.realpath(path)
+    info = os.stat(real)
+    if image.kind == SANDBOX:
+        return BaseImage(digest("sandbox", real, info.st_mtime_ns), {}, None, path, None,
+                         Path(real))
+    config: dict[str, Any] = {}
+    if image.oci_config is not None:
+        with open(real, "rb") as f:
+            f.seek(image.oci_config[0])
+            try:
+                run = json.loads(f.read(image.oci_config[1]))
+                config = {"config": run} if isinstance(run, dict) else {}
+            except ValueError:
+                config = {}
+
+    def unpack(target: Path) -> None:
+        target.rmdir()  # unsquashfs makes it
+        squashfs.extract(Path(real), target, image.offset)
+
+    return BaseImage(digest("image", real, info.st_size, info.st_mtime_ns), config, None,
+                     path, unpack)
+
+
+def _scratch(store: BuildStore) -> BaseImage:
+    empty = store.bases / "scratch" / "rootfs"
+    empty.mkdir(parents=True, exist_ok=True)
+    return BaseImage("scratch", {}, [], "scratch", None, empty)
+
+
+def _busybox(store: BuildStore) -> BaseImage:
+    busybox = tools.find("busybox") or "/bin/busybox"
+    if not os.path.exists(busybox):
+        raise CapsidError("Bootstrap: busybox needs the host's static busybox",
+                          "apt-get install busybox-static")
+    with open(busybox, "rb") as f:
+        key = digest("busybox", hashlib.sha256(f.read()).hexdigest())
+
+    def unpack(target: Path) -> None:
+        import shutil
+
+        applets = subprocess.run([busybox, "--list"], capture_output=True, text=True,
+                                 check=True).stdout.split()
+        for d in ("bin", "etc", "root", "tmp", "usr/bin", "usr/sbin", "sbin", "dev", "proc",
+                  "sys", "home", "var/tmp"):
+            (target / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy(busybox, target / "bin" / "busybox")
+        for applet in applets:
+            if not (target / "bin" / applet).exists():
+                (target / "bin" / applet).symlink_to("busybox")
+        (target / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (target / "etc" / "group").write_text("root:x:0:\n")
+        (target / "tmp").chmod(0o1777)
+
+    return BaseImage(key, {}, None, "busybox", unpack)
+
+
+def open_base(base: Base, store: BuildStore, platform: tuple[str, str],
+              nohttps: bool) -> BaseImage:
+    """The image a stage starts from (registry images are resolved now: tags move)."""
+    if base.kind == "docker":
+        return _registry(base.ref.removeprefix("docker://"), platform, nohttps)
+    if base.kind in ("docker-archive", "oci-archive", "oci"):
+        return _archive(base.kind, base.ref, platform)
+    if base.kind == "localimage":
+        return _local(base.ref)
+    if base.kind == "scratch":
+        return _scratch(store)
+    if base.kind == "busybox":
+        return _busybox(store)
+    raise UsageError(f"Bootstrap: {base.kind} is not available in capsid yet",
+                     "start from an image: Bootstrap: docker, From: debian:12")

@@ -1,0 +1,431 @@
+"""Building an image from a recipe, one cached step at a time, without privileges.
+
+Each stage starts from its base image (unpacked once into the cache) and stacks one
+directory per step with overlayfs: RUN and %post run there as root in a user
+namespace with root emulation (:mod:`capsid.runtime.rootemu`); COPY, ADD, %files and
+WORKDIR write into a step's directory from a child with the layers mounted
+(:mod:`capsid.build.mounted`). A step's cache key covers the step before it, its
+expanded text, its environment and the digest of what it copies, so an unchanged
+rebuild reuses every step and an edit reruns from the first step it touches. The
+output streams the base's layers and the step directories through the same flattener
+as ``pull`` into ``tar2sqfs``: no root filesystem is copied on the way to the SIF.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from capsid import log
+from capsid.build import mounted
+from capsid.build.base import BaseImage, open_base
+from capsid.build.context import Context
+from capsid.build.copying import Destination
+from capsid.build.recipe import Config, Copy, Recipe, Run, Setup, Stage, Step
+from capsid.build.store import BuildStore, Layer, Pending, digest
+from capsid.errors import CapsidError, UsageError
+from capsid.oci import image as oci
+from capsid.runtime.binds import BindSpec
+from capsid.runtime.env import DEFAULT_PATH
+from capsid.runtime.options import Layers, Options
+
+LOG = log.get(__name__)
+
+#: apt drops to the _apt user for downloads; with chown faked it cannot tell it did not.
+APT_CONFIG = 'APT::Sandbox::User "root";\n'
+INSIDE = "/.capsid-build"  #: the step's own files inside: script, apt.conf, env, labels
+
+
+class BuildOptions:
+    """What ``capsid build`` takes beside the recipe and the output (all optional)."""
+
+    def __init__(self, *, context: Path | None = None,
+                 build_args: dict[str, str] | None = None, target: str | None = None,
+                 no_cache: bool = False, notest: bool = False,
+                 sections: tuple[str, ...] | None = None, binds: tuple[BindSpec, ...] = (),
+                 arch: str | None = None, nohttps: bool = False, quiet: bool = False,
+                 compression: str = "zstd", cache_root: Path | None = None) -> None:
+        self.context, self.build_args, self.target = context, build_args or {}, target
+        self.no_cache, self.notest, self.sections = no_cache, notest, sections
+        self.binds, self.nohttps, self.quiet = binds, nohttps, quiet
+        self.platform = oci.parse_platform(arch)
+        self.compression, self.cache_root = compression, cache_root
+
+
+class BuildError(CapsidError):
+    """A step failed; the steps before it stay cached."""
+
+
+class StageResult:
+    """A built stage: its base, its layers (oldest first) and its final state."""
+
+    def __init__(self, stage: Stage, base: BaseImage, layers: list[Layer],
+                 state: dict[str, Any], key: str) -> None:
+        self.stage, self.base, self.layers, self.state, self.key = (stage, base, layers,
+                                                                      state, key)
+
+    def lowers(self, store: BuildStore) -> list[str]:
+        """Directories for overlayfs, newest first, ending with the base's files."""
+        return [str(layer.diff) for layer in reversed(self.layers) if not layer.empty] + \
+            [str(self.base.rootfs(store))]
+
+
+class Builder:
+    """Runs a recipe's stages."""
+
+    def __init__(self, recipe: Recipe, opts: BuildOptions) -> None:
+        from capsid.oci.store import default_root
+
+        self.recipe, self.opts = recipe, opts
+        self.store = BuildStore(opts.cache_root or default_root()).prepare()
+        self.context = Context(opts.context or Path(recipe.path).parent, self.store.root.parent)
+        self.results: list[StageResult] = []
+        self.epoch = _epoch()
+        self.total = sum(len(s.steps) + 1 for s in recipe.stages)
+        self.count = 0
+        self.rerun = 0  #: steps that ran (were not cached), for tests and the summary
+
+    # -- progress --------------------------------------------------------------------
+
+    def _say(self, text: str, cached: bool = False) -> None:
+        self.count += 1
+        if self.opts.quiet:
+            return
+        first = text.splitlines()[0] if text else ""
+        if len(first) > 100:
+            first = first[:97] + "..."
+        print(f"[{self.count}/{self.total}] {first}{'  CACHED' if cached else ''}",
+              file=sys.stderr, flush=True)
+
+    # -- stages ----------------------------------------------------------------------
+
+    def run(self) -> StageResult:
+        """Build every stage; the last one's result."""
+        for stage in self.recipe.stages:
+            self.results.append(self._stage(stage))
+        return self.results[-1]
+
+    def _stage(self, stage: Stage) -> StageResult:
+        if stage.base.kind == "stage":
+            index = self.recipe.stage(stage.base.ref)
+            assert index is not None
+            parent = self.results[index]
+            base, layers = parent.base, list(parent.layers)
+            state, key = json.loads(json.dumps(parent.state)), parent.key
+            self._say(f"FROM {stage.base.ref} ({stage.name})", cached=True)
+        else:
+            platform = self.opts.platform
+            self._say(f"FROM {stage.base.ref or stage.base.kind}")
+            try:
+                base = open_base(stage.base, self.store, platform, self.opts.nohttps)
+            except CapsidError as err:
+                raise BuildError(f"{stage.where}: cannot get the base image "
+                                 f"{stage.base.ref or stage.base.kind}: {err.message}",
+                                 err.hint) from None
+            layers = []
+            state = {"config": dict(base.config.get("config") or {}), "env91": "",
+                     "labels": {}, "architecture": base.config.get("architecture")
+                     or platform[0]}
+            key = digest("base", base.key)
+        result = StageResult(stage, base, layers, state, key)
+        for step in stage.steps:
+            if self._skipped(step):
+                continue
+            self._step(result, step)
+        return result
+
+    def _skipped(self, step: Step) -> bool:
+        sections = self.opts.sections
+        if sections is None or self.recipe.kind != "def":
+            return False
+        kind = ("post" if isinstance(step, Run) else "setup" if isinstance(step, Setup)
+                else "files" if isinstance(step, Copy) else "")
+        return bool(kind) and kind not in sections
+
+    def _step(self, result: StageResult, step: Step) -> None:
+        if isinstance(step, Config):
+            _apply(result.state, step)
+            result.key = digest(result.key, "config", step.key, step.value)
+            if step.key != "WorkingDir":
+                self._say(step.text)
+                return
+            # Docker makes the directory: a step of its own (usually an empty one)
+            key = result.key
+            cached = None if self.opts.no_cache else self.store.get(key)
+            self._say(step.text, cached=cached is not None)
+            if cached is None:
+                cached = self._execute(result, step, key)
+            result.layers.append(cached)
+            return
+        inputs: list[object]
+        if isinstance(step, Copy):
+            inputs = self._copy_inputs(step)
+            text = f"{'ADD' if step.extract else 'COPY'} {' '.join(step.sources)} {step.dest}" \
+                if step.dockerish else f"%files {step.sources[0]} {step.dest}"
+        elif isinstance(step, Run):
+            inputs = [self._environment(result, step), [str(m) for m in step.mounts],
+                      [str(b) for b in self.opts.binds]]
+            text = step.text
+        else:
+            inputs, text = [], f"%setup\n{step.script}"
+        key = digest(result.key, type(step).__name__, text, inputs,
+                     result.state.get("config", {}).get("WorkingDir", ""))
+        cached = None if self.opts.no_cache else self.store.get(key)
+        self._say(text, cached=cached is not None)
+        if cached is None:
+            self.rerun += 1
+            cached = self._execute(result, step, key)
+        result.layers.append(cached)
+        result.state = json.loads(json.dumps(cached.state))
+        result.key = key
+
+    def _execute(self, result: StageResult, step: Step, key: str) -> Layer:
+        pending = self.store.begin()
+        try:
+            if isinstance(step, Run):
+                self._run(result, step, pending)
+            elif isinstance(step, Copy):
+                self._copy(result, step, pending)
+            elif isinstance(step, Setup):
+                self._setup(result, step, pending)
+            else:
+                self._mkdir(result, pending)
+            return pending.publish(key, result.state)
+        except BaseException:
+            pending.discard()
+            raise
+
+    # -- RUN / %post -----------------------------------------------------------------
+
+    def _environment(self, result: StageResult, step: Run) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for item in result.state.get("config", {}).get("Env") or []:
+            name, _, value = str(item).partition("=")
+            env[name] = value
+        env.update(step.env)
+        env.setdefault("PATH", DEFAULT_PATH)
+        env.setdefault("HOME", "/root")
+        if self.recipe.kind == "def":
+            env.update(APPTAINER_ENVIRONMENT=f"{INSIDE}/environment",
+                       APPTAINER_LABELS=f"{INSIDE}/labels", APPTAINER_ROOTFS="/",
+                       SINGULARITY_ENVIRONMENT=f"{INSIDE}/environment",
+                       SINGULARITY_ROOTFS="/")
+        return env
+
+    def _run(self, result: StageResult, step: Run, pending: Pending) -> None:
+        scratch = pending.scratch
+        (scratch / "apt.conf").write_text(APT_CONFIG)
+        (scratch / "environment").write_text("")
+        (scratch / "labels").write_text("")
+        if step.script is not None:
+            (scratch / "script").write_text(step.script)
+            (scratch / "script").chmod(0o755)
+        env = self._environment(result, step)
+        env["APT_CONFIG"] = f"{INSIDE}/apt.conf"
+        binds = [BindSpec(str(scratch), INSIDE), *self.opts.binds]
+        for mount in step.mounts:
+            binds.append(self._run_mount(mount, step))
+        workdir = result.state.get("config", {}).get("WorkingDir") or "/"
+        options = Options(binds=binds, contain=True, no_home=True, cleanenv=True,
+                          environment=env, pwd=workdir, root_emulation=True)
+        layers = Layers(result.lowers(self.store), str(pending.diff), str(pending.work),
+                        name=self.recipe.path)
+        from capsid.runtime import api
+
+        status = api.run(layers, step.argv, options)
+        if status != 0:
+            raise BuildError(f"{step.where}: step {self.count}/{self.total} failed with exit "
+                             f"code {status}: {step.text.splitlines()[0][:80]}",
+                             "the steps before it are cached; fix it and build again")
+        added = (scratch / "environment").read_text(errors="replace")
+        if added.strip():
+            result.state["env91"] = result.state.get("env91", "") + added
+        for line in (scratch / "labels").read_text(errors="replace").splitlines():
+            name, _, value = line.strip().partition(" ")
+            if name:
+                result.state.setdefault("labels", {})[name] = value.strip()
+
+    def _run_mount(self, mount: Any, step: Run) -> BindSpec:
+        if mount.kind == "cache":
+            return BindSpec(str(self.store.cache_mount(mount.id)), mount.target)
+        if mount.kind == "tmpfs":
+            path = self.store.tmp / f"tmpfs-{os.getpid()}-{abs(hash(mount.target))}"
+            path.mkdir(exist_ok=True)
+            return BindSpec(str(path), mount.target)
+        if mount.from_stage:
+            raise UsageError(f"{step.where}: RUN --mount=from=... is not supported",
+                             "COPY --from the stage first")
+        source = self.context.sources(mount.source or ".", str(step.where))[0]
+        return BindSpec(str(source), mount.target, readonly=mount.readonly)
+
+    # -- COPY / ADD / %files -----------------------------------------------------------
+
+    def _copy_inputs(self, step: Copy) -> list[object]:
+        if step.from_stage is not None:
+            index = self.recipe.stage(step.from_stage)
+            if index is None or index >= len(self.results):
+                raise UsageError(f"{step.where}: no earlier stage called {step.from_stage!r}",
+                                 "name a stage defined above (FROM ... AS NAME)")
+            return [self.results[index].key, list(step.sources), step.dest,
+                    str(step.chmod), str(step.follow_links)]
+        paths = [p for source in step.sources for p in self.context.sources(
+            source, str(step.where))]
+        return [self.context.digest(paths), list(step.sources), step.dest, str(step.chmod),
+                str(step.extract)]
+
+    def _copy(self, result: StageResult, step: Copy, pending: Pending) -> None:
+        if step.chown and step.chown not in ("0", "root", "0:0", "root:root"):
+            LOG.warning("%s: --chown=%s: files are owned by root in images capsid builds",
+                        step.where, step.chown)
+        roots = [Layers(result.lowers(self.store), str(pending.diff), str(pending.work))]
+        source_root: StageResult | None = None
+        if step.from_stage is not None:
+            index = self.recipe.stage(step.from_stage)
+            assert index is not None
+            source_root = self.results[index]
+            roots.append(Layers(source_root.lowers(self.store), "", ""))
+        workdir = result.state.get("config", {}).get("WorkingDir") or "/"
+        dest = step.dest if step.dest.startswith("/") else os.path.join(workdir, step.dest)
+        if step.dockerish and step.dest.endswith("/"):
+            dest += "/"
+        host_sources = [] if source_root is not None else [
+            str(p) for source in step.sources for p in self.context.sources(source,
+                                                                             str(step.where))]
+        context_root = str(self.context.root)
+
+        def skip(path: str) -> bool:
+            return path.startswith(context_root + "/") and \
+                self.context.ignored(path[len(context_root) + 1:])
+
+        def copy(paths: list[str]) -> None:
+            target = Destination(paths[0], self.epoch, skip if source_root is None else None)
+            try:
+                sources = host_sources if len(paths) == 1 else \
+                    [_inside(paths[1], s, str(step.where)) for s in step.sources]
+                into_dir = dest.endswith("/") or len(sources) > 1 or target.is_dir(dest)
+                for source in sources:
+                    name = os.path.basename(source.rstrip("/"))
+                    if step.extract and os.path.isfile(source) and _is_archive(source):
+                        target.extract(source, dest)
+                    elif os.path.isdir(source) and step.dockerish:
+                        target.copy_contents(source, dest, chmod=step.chmod)
+                    elif into_dir:
+                        target.copy(source, os.path.join(dest, name), chmod=step.chmod,
+                                    follow_top=step.follow_links)
+                    else:
+                        target.copy(source, dest, chmod=step.chmod,
+                                    follow_top=step.follow_links)
+            finally:
+                target.close()
+
+        mounted.call_in(roots, str(pending.scratch), copy)
+
+    def _mkdir(self, result: StageResult, pending: Pending) -> None:
+        workdir = result.state.get("config", {}).get("WorkingDir") or "/"
+        roots = [Layers(result.lowers(self.store), str(pending.diff), str(pending.work))]
+
+        def mkdir(paths: list[str]) -> None:
+            target = Destination(paths[0], self.epoch)
+            try:
+                os.close(target.directory(workdir))
+            finally:
+                target.close()
+
+        mounted.call_in(roots, str(pending.scratch), mkdir)
+
+    # -- %setup ------------------------------------------------------------------------
+
+    def _setup(self, result: StageResult, step: Setup, pending: Pending) -> None:
+        script = pending.scratch / "setup.sh"
+        script.write_text(step.script)
+        roots = [Layers(result.lowers(self.store), str(pending.diff), str(pending.work))]
+        where = str(step.where)
+
+        def setup(paths: list[str]) -> None:
+            import subprocess
+
+            env = dict(os.environ, APPTAINER_ROOTFS=paths[0], SINGULARITY_ROOTFS=paths[0])
+            status = subprocess.run(["/bin/sh", "-ex", str(script)], env=env,
+                                    check=False).returncode
+            if status != 0:
+                raise BuildError(f"{where}: %setup failed with exit code {status}",
+                                 "fix the script and build again")
+
+        mounted.call_in(roots, str(pending.scratch), setup)
+
+
+def _inside(root: str, path: str, where: str) -> str:
+    """Host path of *path* inside the mounted stage *root*, its links resolved in there."""
+    from capsid.runtime import inroot
+
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with inroot.walk(fd, path) as found:
+            if found.missing:
+                raise UsageError(f"{where}: {path} does not exist in that stage",
+                                 "check the path")
+            return root + found.inside
+    finally:
+        os.close(fd)
+
+
+def _is_archive(path: str) -> bool:
+    import tarfile
+
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
+def _epoch() -> int | None:
+    from capsid.image.convert import source_date_epoch
+
+    return source_date_epoch()
+
+
+def _apply(state: dict[str, Any], step: Config) -> None:
+    """A configuration step's effect on the image state."""
+    config = state.setdefault("config", {})
+    key, value = step.key, step.value
+    if key == "Env":
+        env = dict(str(item).partition("=")[::2] for item in config.get("Env") or [])
+        env.update(value)  # type: ignore[call-overload]
+        config["Env"] = [f"{k}={v}" for k, v in env.items()]
+    elif key == "Labels":
+        config["Labels"] = {**(config.get("Labels") or {}), **value}  # type: ignore[dict-item]
+    elif key in ("ExposedPorts", "Volumes"):
+        config[key] = {**(config.get(key) or {}), **value}  # type: ignore[dict-item]
+    elif key == "WorkingDir":
+        current = config.get("WorkingDir") or "/"
+        config["WorkingDir"] = os.path.normpath(os.path.join(current, str(value)))
+    elif key == "Entrypoint":
+        config["Entrypoint"] = value
+        config.pop("Cmd", None)  # an ENTRYPOINT resets an inherited CMD
+    elif key == "Arg":
+        pass  # build arguments are not part of the image
+    elif key == "Healthcheck":
+        config["Healthcheck"] = {"Test": shlex.split(str(value))}
+    elif key == "OnBuild":
+        config["OnBuild"] = [*(config.get("OnBuild") or []), value]
+    else:
+        config[key] = value
+
+
+def build(recipe: Recipe, opts: BuildOptions) -> tuple[StageResult, Builder]:
+    """Build *recipe*; the final stage's result (write it with :mod:`capsid.build.output`)."""
+    start = time.monotonic()
+    builder = Builder(recipe, opts)
+    result = builder.run()
+    if not opts.quiet:
+        print(f"built: {len(recipe.stages)} stages, {builder.count} steps, {builder.rerun} "
+              f"run, {builder.count - builder.rerun} cached or without files, in "
+              f"{time.monotonic() - start:.1f} s", file=sys.stderr)
+    return result, builder
+
+

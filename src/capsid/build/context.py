@@ -1,0 +1,122 @@
+"""The build context: which files a COPY names (globs, ``.dockerignore``) and their digest.
+
+The digest covers names, modes, link targets and contents, so editing a copied file
+(and nothing else) reruns the build from that COPY on.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from capsid.errors import UsageError
+
+
+class Context:
+    """A build context directory and its ignore rules."""
+
+    def __init__(self, root: Path, exclude: Path | None = None) -> None:
+        self.root = root.resolve()
+        #: never part of the context: the build cache, when it lies inside
+        self.exclude = str(exclude.resolve()) if exclude is not None else None
+        if not self.root.is_dir():
+            raise UsageError(f"build context {root} is not a directory",
+                             "give the directory with the files the recipe copies (--context)")
+        self._ignore = self._read_ignore()
+
+    def _read_ignore(self) -> list[tuple[bool, str]]:
+        path = self.root / ".dockerignore"
+        rules = []
+        if path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                negate = line.startswith("!")
+                pattern = os.path.normpath(line.lstrip("!").strip("/"))
+                rules.append((negate, pattern))
+        return rules
+
+    def ignored(self, rel: str) -> bool:
+        """Whether context path *rel* is excluded by ``.dockerignore`` (the last rule wins)."""
+        if self.exclude is not None:
+            full = f"{self.root}/{rel}"
+            if full == self.exclude or full.startswith(self.exclude + "/"):
+                return True
+        excluded = False
+        for negate, pattern in self._ignore:
+            parts = rel.split("/")
+            hit = any(fnmatch.fnmatchcase("/".join(parts[:n]), pattern)
+                      for n in range(1, len(parts) + 1)) or fnmatch.fnmatchcase(rel, pattern)
+            if pattern.startswith("**/"):
+                hit = hit or fnmatch.fnmatchcase(rel, pattern[3:])
+            if hit:
+                excluded = not negate
+        return excluded
+
+    def sources(self, pattern: str, where: str) -> list[Path]:
+        """The context paths *pattern* names (a glob), never outside the context."""
+        rel = os.path.normpath(pattern.lstrip("/"))
+        if rel == ".." or rel.startswith("../"):
+            raise UsageError(f"{where}: {pattern} is outside the build context",
+                             f"copy only files under {self.root}")
+        if glob.has_magic(rel):
+            found = [Path(p) for p in sorted(glob.glob(str(self.root / rel)))]
+        else:
+            found = [self.root / rel] if os.path.lexists(self.root / rel) else []
+        found = [p for p in found if not self.ignored(str(p.relative_to(self.root)))
+                 or p == self.root]
+        for path in found:
+            real = path.resolve()
+            if real != self.root and self.root not in real.parents:
+                raise UsageError(f"{where}: {pattern} leads outside the build context "
+                                 f"(through a symbolic link)", f"copy only files under "
+                                 f"{self.root}")
+        if not found:
+            raise UsageError(f"{where}: {pattern} does not exist in the build context "
+                             f"{self.root}", "check the name, the context (--context) and "
+                             ".dockerignore")
+        return found
+
+    def digest(self, paths: list[Path]) -> str:
+        """A digest of *paths* and everything under them that is not ignored."""
+        h = hashlib.sha256()
+        for path in paths:
+            for entry in self._walk(path):
+                rel = str(entry.relative_to(self.root)) if entry != self.root else "."
+                info = entry.lstat()
+                h.update(f"{rel}\0{stat.S_IMODE(info.st_mode):o}\0{stat.S_IFMT(info.st_mode)}"
+                         "\0".encode())
+                if stat.S_ISLNK(info.st_mode):
+                    h.update(os.readlink(entry).encode())
+                elif stat.S_ISREG(info.st_mode):
+                    with open(entry, "rb") as f:
+                        while block := f.read(1 << 20):
+                            h.update(block)
+                elif stat.S_ISDIR(info.st_mode) and entry == path:
+                    pass
+                h.update(b"\1")
+        return h.hexdigest()
+
+    def _walk(self, path: Path) -> list[Path]:
+        found = [path]
+        target = path.resolve() if path.is_symlink() else path
+        if target.is_dir():
+            negations = any(negate for negate, _ in self._ignore)
+            for dirpath, dirnames, filenames in os.walk(target):
+                kept = []
+                for name in sorted(dirnames + filenames):
+                    full = Path(dirpath) / name
+                    shown = path / full.relative_to(target)
+                    if not self.ignored(str(shown.relative_to(self.root))):
+                        found.append(full)
+                        if name in dirnames:
+                            kept.append(name)
+                    elif name in dirnames and negations:
+                        kept.append(name)  # a later '!' rule may bring files back
+                dirnames[:] = kept
+        return found

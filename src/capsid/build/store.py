@@ -1,0 +1,126 @@
+"""The build cache: each step's result as a directory, keyed by everything that made it.
+
+``$CAPSID_CACHEDIR/build/``::
+
+    layers/<key>/diff/         the step's changes (an overlayfs upper directory)
+    layers/<key>/state.json    the image configuration after the step
+    bases/<key>/rootfs/        a base image unpacked once, to run steps on
+    mounts/<id>/               RUN --mount=type=cache directories
+    tmp/                       steps being built (locked; a killed build's are removed)
+
+A result is built under ``tmp/`` and renamed into place when complete, so a reader
+never sees half a step, two builds of the same step both succeed (the second one's
+rename finds the first's result and discards its own), and ``kill -9`` leaves only
+a locked temporary that the next build removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from capsid.errors import CapsidError
+from capsid.image import output
+
+
+def digest(*parts: object) -> str:
+    """A cache key: the sha256 of *parts* in a canonical JSON form."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Layer:
+    """A finished step: its directory of changes (maybe empty) and the state after it."""
+
+    __slots__ = ("diff", "key", "state")
+
+    def __init__(self, key: str, diff: Path, state: dict[str, Any]) -> None:
+        self.key, self.diff, self.state = key, diff, state
+
+    @property
+    def empty(self) -> bool:
+        return not any(os.scandir(self.diff))
+
+
+class Pending:
+    """A step being built: its upper and work directories, under a lock."""
+
+    def __init__(self, store: BuildStore) -> None:
+        self.store = store
+        self.temp = output.Temporary(store.tmp / "step", directory=True)
+        self.diff = self.temp.path / "diff"
+        self.work = self.temp.path / "work"
+        self.scratch = self.temp.path / "scratch"  # mount points, bound files
+        for d in (self.diff, self.work, self.scratch):
+            d.mkdir()
+
+    def publish(self, key: str, state: dict[str, Any]) -> Layer:
+        """Make the result the cached layer *key* (or take the one another build made)."""
+        (self.temp.path / "state.json").write_text(json.dumps(state, sort_keys=True))
+        for d in (self.work, self.scratch):
+            output.remove(d)
+        final = self.store.layers / key
+        try:
+            os.rename(self.temp.path, final)
+        except OSError:  # another build finished the same step first
+            if not (final / "state.json").is_file():
+                raise
+        self.temp.discard()
+        layer = self.store.get(key)
+        assert layer is not None
+        return layer
+
+    def discard(self) -> None:
+        self.temp.discard()
+
+
+class BuildStore:
+    """Where the builder keeps its layers."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "build"
+        self.layers, self.bases = self.root / "layers", self.root / "bases"
+        self.mounts, self.tmp = self.root / "mounts", self.root / "tmp"
+
+    def prepare(self) -> BuildStore:
+        try:
+            for d in (self.layers, self.bases, self.mounts, self.tmp):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CapsidError(f"cannot use the build cache {self.root}: {err.strerror}",
+                              "set CAPSID_CACHEDIR to a writable directory") from None
+        output.clean_stale(self.tmp)
+        return self
+
+    def get(self, key: str) -> Layer | None:
+        """The cached layer *key*, if a build finished it."""
+        directory = self.layers / key
+        try:
+            state = json.loads((directory / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return Layer(key, directory / "diff", state)
+
+    def begin(self) -> Pending:
+        return Pending(self)
+
+    def cache_mount(self, name: str) -> Path:
+        """The persistent directory of ``RUN --mount=type=cache,id=NAME``."""
+        path = self.mounts / digest(name)[:32]
+        path.mkdir(exist_ok=True)
+        return path
+
+    def entries(self) -> list[tuple[Path, int, float]]:
+        """(layer directory, bytes, last use) of every cached layer, for ``cache list``."""
+        found = []
+        for directory in sorted(self.layers.iterdir()) if self.layers.is_dir() else []:
+            size = 0
+            for dirpath, _dirs, files in os.walk(directory):
+                for name in files:
+                    with contextlib.suppress(OSError):
+                        size += os.lstat(os.path.join(dirpath, name)).st_size
+            found.append((directory, size, directory.stat().st_mtime))
+        return found

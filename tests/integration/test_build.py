@@ -1,0 +1,333 @@
+"""Building from recipes (#11): Dockerfiles and definition files, as whoever runs the suite
+(root and an ordinary user; no /etc/subuid is used), from real base images in the local
+registry, with real Debian packages from the mirror."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_capsid
+from tests.support.registry import PASSWORD, USER, Registry
+
+pytestmark = pytest.mark.unprivileged
+CREDS = {"CAPSID_DOCKER_USERNAME": USER, "CAPSID_DOCKER_PASSWORD": PASSWORD}
+
+
+@pytest.fixture
+def env(registry: Registry, oci_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """docker.io served by the test registry's mirror, a private cache, credentials."""
+    Path(oci_env["CAPSID_REGISTRIES_CONF"]).write_text(
+        f'[[registry]]\nprefix = "docker.io"\n[[registry.mirror]]\n'
+        f'location = "{registry.host}/hub"\n')
+    return {**oci_env, **CREDS}
+
+
+def build(env: dict[str, str], out: Path, recipe: Path, *extra: str,
+          check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = run_capsid("build", *extra, out, recipe, env=env, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stderr
+        assert "internal error" not in result.stderr
+    return result
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def ran(result: subprocess.CompletedProcess[str]) -> int:
+    """How many steps a build ran (were not cached), from its summary line."""
+    line = [x for x in result.stderr.splitlines() if x.startswith("built: ")][-1]
+    return int(line.split(", ")[2].split()[0])
+
+
+def one_error(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert result.returncode == 255, (result.returncode, result.stderr)
+    errors = [x for x in result.stderr.splitlines() if x.startswith("capsid: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+def test_the_seed_workflow_verbatim(env: dict[str, str], tmp_path: Path) -> None:
+    """capsid build fib.sif Dockerfile (FROM python:3.12.0-alpine3.18, COPY fib.py src/),
+    then capsid exec fib.sif python /src/fib.py 10 prints 55."""
+    write(tmp_path, "fib.py", """
+        import sys
+
+        def fib(n):
+            return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+        print(fib(int(sys.argv[1])))
+        """)
+    recipe = write(tmp_path, "Dockerfile", """
+        FROM python:3.12.0-alpine3.18
+        COPY fib.py src/
+        """)
+    result = run_capsid("build", "fib.sif", "Dockerfile", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert recipe.exists()
+    out = run_capsid("exec", tmp_path / "fib.sif", "python", "/src/fib.py", "10", env=env)
+    assert (out.returncode, out.stdout) == (0, "55\n"), out.stderr
+
+
+def test_dockerfile_instructions_and_the_cache(env: dict[str, str], tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    write(ctx, "hello.txt", "hello\n")
+    write(ctx, ".dockerignore", "secret*\n")
+    write(ctx, "secret.key", "do not copy\n")
+    (ctx / "tree").mkdir()
+    write(ctx / "tree", "a", "A\n")
+    recipe = write(ctx, "Dockerfile", """
+        # escape=\\
+        ARG BASE=busybox:1
+        FROM ${BASE} AS first
+        ARG WHO=world
+        ENV GREETING="hello ${WHO}" \\
+            EXTRA=1
+        LABEL org.example.who=$WHO purpose="a test"
+        WORKDIR /app
+        COPY hello.txt ./
+        COPY tree /app/tree/
+        COPY --chmod=0700 . /ctx/
+        RUN echo "$GREETING" > greeting && mkdir -p /gone && rm -rf /home && \\
+            echo "arg=$WHO" > /app/arg
+        RUN <<EOF
+        echo from a heredoc > /app/heredoc
+        EOF
+        USER root
+        EXPOSE 8080
+        ENTRYPOINT ["cat"]
+        CMD ["/app/greeting"]
+
+        FROM first AS second
+        COPY --from=first /app/heredoc /copied
+        """)
+    out = tmp_path / "img.sif"
+    first = build(env, out, recipe, "--build-arg", "WHO=capsid")
+    assert ran(first) >= 6
+    run = run_capsid("run", out, env=env)
+    assert (run.returncode, run.stdout) == (0, "hello capsid\n"), run.stderr
+    check = run_capsid("exec", out, "sh", "-c",
+                       "cat /app/hello.txt /app/tree/a /app/arg /app/heredoc /copied; "
+                       "ls /app; ls -A /ctx; stat -c %a /ctx/hello.txt; "
+                       "test -e /home && echo home-still-there; echo $EXTRA", env=env)
+    assert check.stdout.splitlines() == [
+        "hello", "A", "arg=capsid", "from a heredoc", "from a heredoc",
+        "arg", "greeting", "hello.txt", "heredoc", "tree",
+        ".dockerignore", "Dockerfile", "hello.txt", "tree", "700", "1"], check.stderr
+    labels = run_capsid("inspect", "--labels", out, env=env).stdout
+    assert "org.example.who: capsid" in labels and "purpose: a test" in labels
+    # Unchanged: every step comes from the cache.
+    again = build(env, out, recipe, "--force", "--build-arg", "WHO=capsid")
+    assert ran(again) == 0 and "CACHED" in again.stderr
+    # Another build argument reruns the steps that use it.
+    other = build(env, out, recipe, "--force", "--build-arg", "WHO=else")
+    assert 0 < ran(other) < ran(first) + 1
+    # An edit of a copied file reruns from its COPY on (the later COPYs and the RUNs).
+    write(ctx, "hello.txt", "changed\n")
+    edited = build(env, out, recipe, "--force", "--build-arg", "WHO=capsid")
+    assert ran(edited) == 6, edited.stderr  # its COPY, every later COPY and RUN
+    assert run_capsid("exec", out, "cat", "/app/hello.txt", env=env).stdout == "changed\n"
+    fresh = build(env, out, recipe, "--force", "--no-cache", "--build-arg", "WHO=capsid")
+    assert ran(fresh) == ran(first)
+
+
+def test_apt_get_install_without_subuid(env: dict[str, str], tmp_path: Path) -> None:
+    """Root emulation: dpkg creates the _ssh group and gives ssh-agent its setgid bit."""
+    recipe = write(tmp_path, "Dockerfile", """
+        FROM debian-python3:12
+        RUN apt-get update -qq && \\
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
+                openssh-client >/dev/null && \\
+            rm -rf /var/lib/apt/lists/*
+        """)
+    out = tmp_path / "ssh.sif"
+    build(env, out, recipe)
+    check = run_capsid("exec", out, "sh", "-c",
+                       "ssh -V 2>&1 | cut -c1-7; stat -c %A /usr/bin/ssh-agent; "
+                       "getent group _ssh | cut -d: -f1", env=env)
+    assert check.stdout.splitlines() == ["OpenSSH", "-rwxr-sr-x", "_ssh"], check.stderr
+
+
+def test_multi_stage_c_build(env: dict[str, str], tmp_path: Path) -> None:
+    write(tmp_path, "hello.c", """
+        #include <stdio.h>
+        int main(void) { puts("hello from C"); return 0; }
+        """)
+    recipe = write(tmp_path, "Dockerfile", """
+        FROM debian-python3:12 AS build
+        RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive \\
+            apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null
+        COPY hello.c /src/
+        RUN gcc -O2 -o /src/hello /src/hello.c
+
+        FROM debian-python3:12
+        COPY --from=build /src/hello /usr/local/bin/hello
+        CMD ["hello"]
+        """)
+    out = tmp_path / "c.sif"
+    build(env, out, recipe)
+    result = run_capsid("run", out, env=env)
+    assert (result.returncode, result.stdout) == (0, "hello from C\n"), result.stderr
+    assert run_capsid("exec", out, "sh", "-c", "command -v gcc || echo none",
+                      env=env).stdout == "none\n"
+
+
+def test_definition_file(env: dict[str, str], tmp_path: Path) -> None:
+    write(tmp_path, "data.txt", "data\n")
+    recipe = write(tmp_path, "app.def", """
+        Bootstrap: docker
+        From: busybox:1
+        Stage: final
+
+        %arguments
+            GREETING=hello
+
+        %setup
+            touch ${APPTAINER_ROOTFS}/from-setup
+
+        %files
+            data.txt /opt/data.txt
+
+        %post
+            echo "{{ GREETING }} from post" > /post.txt
+            mkdir -p /srv && chown nobody:nogroup /srv
+            echo 'export FROM_POST=yes' >> $APPTAINER_ENVIRONMENT
+            echo "post.label set-in-post" >> $APPTAINER_LABELS
+
+        %environment
+            export MYVAR="from environment"
+
+        %runscript
+            echo "runscript: $MYVAR $FROM_POST $*"
+
+        %test
+            test -f /post.txt
+
+        %labels
+            Maintainer capsid
+
+        %help
+            Some help.
+        """)
+    out = tmp_path / "app.sif"
+    build(env, out, recipe, "--build-arg", "GREETING=hi")
+    run = run_capsid("run", out, "arg1", env=env)
+    assert run.stdout == "runscript: from environment yes arg1\n", run.stderr
+    files = run_capsid("exec", out, "cat", "/post.txt", "/opt/data.txt", "/from-setup",
+                       env=env)
+    assert files.stdout == "hi from post\ndata\n", files.stderr
+    labels = run_capsid("inspect", "--labels", out, env=env).stdout
+    assert "Maintainer: capsid" in labels and "post.label: set-in-post" in labels
+    assert "org.label-schema.usage.singularity.deffile.bootstrap: docker" in labels
+    assert run_capsid("inspect", "--deffile", out, env=env).stdout.startswith(
+        "Bootstrap: docker")
+    assert "Some help." in run_capsid("inspect", "--helpfile", out, env=env).stdout
+    # A failing %test leaves no image.
+    failing = write(tmp_path, "fail.def", """
+        Bootstrap: docker
+        From: busybox:1
+
+        %test
+            exit 3
+        """)
+    result = build(env, tmp_path / "fail.sif", failing, check=False)
+    one_error(result, "%test failed with exit code 3")
+    assert not (tmp_path / "fail.sif").exists()
+    assert build(env, tmp_path / "fail.sif", failing, "--notest").returncode == 0
+
+
+@pytest.mark.parametrize(("name", "text", "words"), [
+    ("Dockerfile", "FROM busybox:1\nFROBNICATE x\n", ["Dockerfile:2", "unknown instruction"]),
+    ("Dockerfile", "FROM busybox:1\nCOPY nothere /x\n", ["Dockerfile:2", "nothere",
+                                                          "does not exist"]),
+    ("Dockerfile", "FROM nosuchimage:7\n", ["nosuchimage"]),
+    ("Dockerfile", "RUN true\n", ["Dockerfile:1", "before the first FROM"]),
+    ("x.def", "Bootstrap: docker\nFrom: busybox:1\n%post\n  echo {{ nope }}\n",
+     ["x.def:4", "build var nope is not defined"]),
+    ("x.def", "Bootstrap: library\nFrom: alpine\n", ["library", "not supported"]),
+    ("x.def", "Bootstrap: docker\nFrom: busybox:1\n%appinstall foo\n  true\n",
+     ["x.def:3", "SCIF"]),
+    ("x.def", "Bootstrap: docker\nFrom: busybox:1\n%bogus\n", ["x.def:3", "%bogus"]),
+])
+def test_recipe_errors_are_one_line(env: dict[str, str], tmp_path: Path, name: str,
+                                    text: str, words: list[str]) -> None:
+    recipe = tmp_path / name
+    recipe.write_text(text)
+    out = tmp_path / "out.sif"
+    one_error(build(env, out, recipe, check=False), *words)
+    assert not out.exists()
+
+
+def test_a_failing_run_keeps_the_earlier_steps(env: dict[str, str], tmp_path: Path) -> None:
+    write(tmp_path, "f", "x\n")
+    recipe = write(tmp_path, "Dockerfile", """
+        FROM busybox:1
+        COPY f /f
+        RUN echo ok > /ok
+        RUN exit 7
+        """)
+    out = tmp_path / "out.sif"
+    result = build(env, out, recipe, check=False)
+    one_error(result, "Dockerfile:4", "exit code 7")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".capsid-tmp")]
+    recipe.write_text(recipe.read_text().replace("exit 7", "true"))
+    assert ran(build(env, out, recipe)) == 1
+
+
+def test_reproducible_and_sandbox_outputs(env: dict[str, str], tmp_path: Path) -> None:
+    write(tmp_path, "f", "content\n")
+    recipe = write(tmp_path, "Dockerfile", """
+        FROM busybox:1
+        COPY f /f
+        RUN echo built > /built && ln -s /f /link
+        """)
+    digests = []
+    for n in (1, 2):
+        fresh = {**env, "CAPSID_CACHEDIR": str(tmp_path / f"cache{n}"),
+                 "SOURCE_DATE_EPOCH": "1700000000"}
+        out = tmp_path / f"r{n}.sif"
+        build(fresh, out, recipe)
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    sandbox = tmp_path / "sb"
+    build(env, sandbox, recipe, "--sandbox")
+    assert (sandbox / "built").read_text() == "built\n"
+    assert os.readlink(sandbox / "link") == "/f"
+
+
+def test_the_builder_and_runtime_as_a_library(env: dict[str, str], tmp_path: Path) -> None:
+    """capsid.build and capsid.runtime.api work from Python, without the CLI."""
+    write(tmp_path, "Dockerfile", "FROM busybox:1\nRUN echo lib > /lib.txt\n")
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from capsid.build import assemble, builder, dockerfile
+        from capsid.runtime import api
+        from capsid.runtime.options import Options
+
+        recipe = dockerfile.parse(Path("{tmp_path}/Dockerfile").read_text(),
+                                  "{tmp_path}/Dockerfile", {{}})
+        result, made = builder.build(recipe, builder.BuildOptions(quiet=True))
+        assemble.write(result, made, Path("{tmp_path}/lib.sif"))
+        status = api.run("{tmp_path}/lib.sif", ["cat", "/lib.txt"], Options(cleanenv=True))
+        other = api.run("docker://busybox:1", ["true"], Options())
+        print("status", status, other)
+        """)
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=300, check=False)
+    assert result.stdout == "lib\nstatus 0 0\n", result.stderr
