@@ -101,7 +101,7 @@ def test_dockerfile_instructions_and_the_cache(env: dict[str, str], tmp_path: Pa
         COPY hello.txt ./
         COPY tree /app/tree/
         COPY --chmod=0700 . /ctx/
-        RUN echo "$GREETING" > greeting && mkdir -p /gone && rm -rf /home && \\
+        RUN echo "$GREETING" > greeting && mkdir -p /gone && rm -rf /mnt && \\
             echo "arg=$WHO" > /app/arg
         RUN <<EOF
         echo from a heredoc > /app/heredoc
@@ -122,7 +122,7 @@ def test_dockerfile_instructions_and_the_cache(env: dict[str, str], tmp_path: Pa
     check = run_capsid("exec", out, "sh", "-c",
                        "cat /app/hello.txt /app/tree/a /app/arg /app/heredoc /copied; "
                        "ls /app; ls -A /ctx; stat -c %a /ctx/hello.txt; "
-                       "test -e /home && echo home-still-there; echo $EXTRA", env=env)
+                       "test -e /mnt && echo mnt-still-there; echo $EXTRA", env=env)
     assert check.stdout.splitlines() == [
         "hello", "A", "arg=capsid", "from a heredoc", "from a heredoc",
         "arg", "greeting", "hello.txt", "heredoc", "tree",
@@ -151,10 +151,14 @@ def test_apt_get_install_without_subuid(env: dict[str, str], tmp_path: Path) -> 
         RUN apt-get update -qq && \\
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
                 openssh-client >/dev/null && \\
-            rm -rf /var/lib/apt/lists/*
+            rm -rf /var/lib/apt/lists/* && \
+            cat /proc/self/uid_map > /uid_map
         """)
     out = tmp_path / "ssh.sif"
     build(env, out, recipe)
+    # Only the user was mapped (to root): no subordinate ids, whatever /etc/subuid grants.
+    uid_map = run_capsid("exec", out, "cat", "/uid_map", env=env).stdout.split()
+    assert uid_map == ["0", str(os.getuid()), "1"]
     check = run_capsid("exec", out, "sh", "-c",
                        "ssh -V 2>&1 | cut -c1-7; stat -c %A /usr/bin/ssh-agent; "
                        "getent group _ssh | cut -d: -f1", env=env)
