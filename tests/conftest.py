@@ -32,6 +32,10 @@ def run_capsid(*args: str | os.PathLike[str], check: bool = False, **kw: object
                ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([str(CAPSID), *map(str, args)], capture_output=True, text=True,
                           check=False, **kw)  # type: ignore[call-overload]
+    transcript = os.environ.get("CAPSID_TEST_TRANSCRIPT")
+    if transcript:  # every command's output, for a grep over a whole run
+        with open(transcript, "a") as f:
+            f.write(f"$ capsid {' '.join(map(str, args))}\n{proc.stdout}{proc.stderr}\n")
     if check and proc.returncode != 0:
         raise AssertionError(f"capsid {args} failed ({proc.returncode}): {proc.stderr}")
     return proc  # type: ignore[no-any-return]
