@@ -335,3 +335,15 @@ def test_the_builder_and_runtime_as_a_library(env: dict[str, str], tmp_path: Pat
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env=env, timeout=300, check=False)
     assert result.stdout == "lib\nstatus 0 0\n", result.stderr
+
+
+def test_cache_list_and_clean_cover_build_steps(env: dict[str, str], tmp_path: Path) -> None:
+    recipe = write(tmp_path, "Dockerfile", "FROM busybox:1\nRUN echo a > /a\nRUN echo b > /b\n")
+    out = tmp_path / "out.sif"
+    assert ran(build(env, out, recipe)) == 2
+    listing = run_capsid("cache", "list", env=env).stdout
+    layers = [line for line in listing.splitlines() if line.startswith("layers")]
+    assert layers and int(layers[0].split()[1]) >= 2, listing
+    run_capsid("cache", "clean", env=env, check=True)
+    assert "layers         0" in run_capsid("cache", "list", env=env).stdout
+    assert ran(build(env, out, recipe, "--force")) == 2

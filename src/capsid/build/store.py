@@ -102,6 +102,8 @@ class BuildStore:
             state = json.loads((directory / "state.json").read_text())
         except (OSError, ValueError):
             return None
+        with contextlib.suppress(OSError):
+            os.utime(directory)  # last use, for 'capsid cache clean --days'
         return Layer(key, directory / "diff", state)
 
     def begin(self) -> Pending:
@@ -113,14 +115,30 @@ class BuildStore:
         path.mkdir(exist_ok=True)
         return path
 
-    def entries(self) -> list[tuple[Path, int, float]]:
-        """(layer directory, bytes, last use) of every cached layer, for ``cache list``."""
+    def entries(self) -> list[tuple[str, Path, int, float]]:
+        """(kind, directory, bytes, last use) of every cached layer and unpacked base."""
         found = []
-        for directory in sorted(self.layers.iterdir()) if self.layers.is_dir() else []:
-            size = 0
-            for dirpath, _dirs, files in os.walk(directory):
-                for name in files:
-                    with contextlib.suppress(OSError):
-                        size += os.lstat(os.path.join(dirpath, name)).st_size
-            found.append((directory, size, directory.stat().st_mtime))
+        for kind, parent in (("layer", self.layers), ("base", self.bases),
+                             ("mount", self.mounts)):
+            for directory in sorted(parent.iterdir()) if parent.is_dir() else []:
+                size = 0
+                for dirpath, _dirs, files in os.walk(directory):
+                    for name in files:
+                        with contextlib.suppress(OSError):
+                            size += os.lstat(os.path.join(dirpath, name)).st_size
+                found.append((kind, directory, size, directory.stat().st_mtime))
         return found
+
+    def clean(self, older_than_days: float | None = None, dry_run: bool = False) -> list[Path]:
+        """Remove cached layers, bases and cache mounts (those unused for a while, if given)."""
+        import time
+
+        cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+        removed = []
+        for _kind, directory, _size, used in self.entries():
+            if cutoff is not None and used > cutoff:
+                continue
+            if not dry_run:
+                output.remove(directory)
+            removed.append(directory)
+        return removed

@@ -9,7 +9,7 @@ from capsid.cli.parser import parser
 
 def run(verb: str, argv: list[str]) -> int:
     p = parser("cache", "list|clean [options]",
-               "Show or empty the cache of downloaded blobs and converted SIFs "
+               "Show or empty the cache of downloaded blobs, converted SIFs and build steps "
                "($CAPSID_CACHEDIR, default ~/.cache/capsid).")
     p.add_argument("action", choices=("list", "clean"))
     p.add_argument("-D", "--days", type=float,
@@ -17,11 +17,13 @@ def run(verb: str, argv: list[str]) -> int:
     p.add_argument("-n", "--dry-run", action="store_true", help="clean: only show what would go")
     p.add_argument("-v", "--verbose", action="store_true", help="list: every file")
     args = p.parse_args(argv)
+    from capsid.build.store import BuildStore
     from capsid.oci.store import Store
 
     store = Store()
+    builds = BuildStore(store.root)
     if args.action == "clean":
-        removed = store.clean(args.days, args.dry_run)
+        removed = store.clean(args.days, args.dry_run) + builds.clean(args.days, args.dry_run)
         if args.dry_run:
             for path in removed:
                 sys.stdout.write(f"would remove {path}\n")
@@ -35,8 +37,15 @@ def run(verb: str, argv: list[str]) -> int:
         count_size[1] += st.st_size
         if args.verbose:
             sys.stdout.write(f"{kind:8} {st.st_size:>14,} {path.name}\n")
-    for kind in ("blob", "sif", "partial"):
+    for kind, path, size, _used in builds.entries():
+        count_size = totals.setdefault(kind, [0, 0])
+        count_size[0] += 1
+        count_size[1] += size
+        if args.verbose:
+            sys.stdout.write(f"{kind:8} {size:>14,} {path.name}\n")
+    for kind in ("blob", "sif", "partial", "layer", "base", "mount"):
         count, size = totals.get(kind, [0, 0])
-        sys.stdout.write(f"{kind + 's':9} {count:6} files {size / (1 << 20):10.1f} MiB\n")
+        unit = "files" if kind in ("blob", "sif", "partial") else "dirs "
+        sys.stdout.write(f"{kind + 's':9} {count:6} {unit} {size / (1 << 20):10.1f} MiB\n")
     sys.stdout.write(f"location  {store.root}\n")
     return 0
