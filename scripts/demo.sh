@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# capsid's main job, end to end on a built-in example: a root filesystem made from
-# Debian's busybox-static → one SIF file → inspect it → list its objects → run in it,
-# as an ordinary user would, with a directory of theirs bound in; then a `docker save`
-# archive → SIF → run, and a push to and pull from a (local) registry.
+# capsid's main job, end to end on a built-in example: a definition file on Debian's
+# busybox-static → one SIF file (built twice: the second time from the cache) → inspect
+# it → list its objects → run in it, as an ordinary user would, with a directory of theirs
+# bound in; then a `docker save` archive → SIF → run, a push to and pull from a (local)
+# registry, and a Dockerfile built on the pushed image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -11,13 +12,30 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/capsid-demo.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
-scripts/busybox-sandbox.sh "$work/rootfs"
-mkdir -p "$work/rootfs/.singularity.d"
-printf '{"org.capsid.demo": "busybox"}' >"$work/rootfs/.singularity.d/labels.json"
-printf '#!/bin/sh\necho "Hello from $(uname -s) in a capsid container"\n' \
-    >"$work/rootfs/.singularity.d/runscript"
-chmod 755 "$work/rootfs/.singularity.d/runscript"
-step "$capsid" build "$work/busybox.sif" "$work/rootfs"
+# The recipe: an Apptainer definition file on Debian's busybox-static (no network needed).
+mkdir -p "$work/project" && echo "input data" >"$work/project/input.txt"
+cat >"$work/project/busybox.def" <<'DEF'
+Bootstrap: busybox
+
+%files
+    input.txt /opt/demo/input.txt
+
+%post
+    adduser -D -H demo && mkdir -p /opt/demo/out && chown demo /opt/demo/out
+    echo "built by capsid on $(date -u +%F)" > /opt/demo/built
+
+%environment
+    export GREETING="Hello"
+
+%runscript
+    echo "$GREETING from $(uname -s) in a capsid container; $(cat /opt/demo/built)"
+
+%labels
+    org.capsid.demo busybox
+DEF
+(cd "$work/project" && step "$capsid" build "$work/busybox.sif" busybox.def)
+(cd "$work/project" && step "$capsid" build "$work/busybox.sif" busybox.def --force 2>&1 | tail -3)
+scripts/busybox-sandbox.sh "$work/rootfs" >/dev/null
 step "$capsid" inspect "$work/busybox.sif"
 step "$capsid" inspect --runscript "$work/busybox.sif"
 step "$capsid" sif list "$work/busybox.sif"
@@ -48,4 +66,12 @@ for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
 step "$capsid" push --nohttps "$work/from-archive.sif" "docker://127.0.0.1:$port/demo/busybox:1"
 step "$capsid" pull --nohttps "$work/pulled.sif" "docker://127.0.0.1:$port/demo/busybox:1"
 step "$capsid" exec "$work/pulled.sif" sh -c 'echo "$GREETING, pulled back from a registry"'
+
+# A Dockerfile on the image in the registry: build, run as `docker run` would.
+mkdir -p "$work/app" && printf 'echo "args: $*"\n' >"$work/app/hello.sh"
+printf 'FROM 127.0.0.1:%s/demo/busybox:1\nCOPY hello.sh /app/\nRUN chmod +x /app/hello.sh\nENTRYPOINT ["/bin/sh", "/app/hello.sh"]\nCMD ["default"]\n' \
+    "$port" >"$work/app/Dockerfile"
+step "$capsid" build --nohttps "$work/app.sif" "$work/app/Dockerfile"
+step "$capsid" run "$work/app.sif"
+step "$capsid" run "$work/app.sif" given
 echo; echo "demo: done"

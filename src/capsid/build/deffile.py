@@ -214,7 +214,9 @@ def parse(text: str, path: str, build_args: Mapping[str, str]) -> Recipe:
             if not args:
                 stage.steps += _files(args, body, Where(path, number))
         for args, body, number in by_name.get("post", []):
-            stage.steps.append(Run(_script_argv(args), f"%post {args}\n{body}".rstrip(),
+            first = next((line.strip() for line in body.splitlines() if line.strip()), "")
+            title = " ".join(filter(None, ("%post", args))) + (f": {first}" if first else "")
+            stage.steps.append(Run(_script_argv(args), f"{title}\n{body}",
                                    Where(path, number), script=body))
         for _args, body, _ in by_name.get("environment", []):
             meta.environment += body
