@@ -214,8 +214,8 @@ def parse(text: str, path: str, build_args: Mapping[str, str]) -> Recipe:
             if not args:
                 stage.steps += _files(args, body, Where(path, number))
         for args, body, number in by_name.get("post", []):
-            first = next((line.strip() for line in body.splitlines() if line.strip()), "")
-            title = " ".join(filter(None, ("%post", args))) + (f": {first}" if first else "")
+            opening = next((line.strip() for line in body.splitlines() if line.strip()), "")
+            title = " ".join(filter(None, ("%post", args))) + (f": {opening}" if opening else "")
             stage.steps.append(Run(_script_argv(args), f"{title}\n{body}",
                                    Where(path, number), script=body))
         for _args, body, _ in by_name.get("environment", []):
