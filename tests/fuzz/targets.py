@@ -166,6 +166,22 @@ def image_reference(data: bytes) -> None:
     reference.parse(data.decode("utf-8", "surrogateescape"))
 
 
+def dockerfile_recipe(data: bytes) -> None:
+    """A Dockerfile, parsed with a build argument and a target."""
+    from capsid.build import dockerfile
+
+    text = data.decode("utf-8", "surrogateescape")
+    dockerfile.parse(text, "Dockerfile", {"A": "1"})
+    dockerfile.parse(text, "Dockerfile", {}, target="0")
+
+
+def definition_file(data: bytes) -> None:
+    """An Apptainer definition file, parsed with a build argument."""
+    from capsid.build import deffile
+
+    deffile.parse(data.decode("utf-8", "surrogateescape"), "x.def", {"a": "1"})
+
+
 def _capsid_error() -> type[Exception]:
     from capsid.errors import CapsidError
 
@@ -177,6 +193,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "image_json": image_json, "docker_archive": docker_archive, "archive_tar": archive_tar,
     "registries_conf": registries_conf, "bind_specs": bind_specs, "env_file": env_file,
     "site_config": site_config, "image_reference": image_reference,
+    "dockerfile_recipe": dockerfile_recipe, "definition_file": definition_file,
 }
 
 
@@ -244,6 +261,10 @@ def starting_points(name: str) -> list[bytes]:
         "bind_specs": [b"/a:/b:ro,/c"], "env_file": [b"export A='b'\nC=\"d\"\n"],
         "site_config": [b"mount dev = minimal\nbind path = /a:/b\n"],
         "image_reference": [b"registry:5000/a/b:c@sha256:" + b"0" * 64],
+        "dockerfile_recipe": [b"# escape=\\\nARG B=x\nFROM ${B} AS s\nENV A=b C=\"$A\"\n"
+                              b"RUN <<EOF\necho\nEOF\nCOPY --from=s a b\nCMD [\"x\"]\n"],
+        "definition_file": [b"Bootstrap: docker\nFrom: {{ a }}\n%post -c /bin/bash\n echo\n"
+                            b"%files from s\n a b\n%labels\n A b\n"],
     }
     return points.get(name, []) + seeds(name)
 

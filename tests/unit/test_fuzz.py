@@ -130,3 +130,29 @@ def test_site_config(data: bytes) -> None:
 @given(st.text(alphabet=st.sampled_from("ab0/:.@-_Asha256"), max_size=80).map(str.encode))
 def test_image_reference(data: bytes) -> None:
     targets.check("image_reference", data)
+
+
+_DOCKERFILE = st.lists(st.sampled_from([
+    "FROM a", "FROM a AS b", "ARG X=1", "ENV A=$X B=\"c d\"", "RUN echo $A \\", "RUN <<EOF",
+    "EOF", "COPY --from=b x y", "COPY x", "WORKDIR ${A:-w}", "CMD [\"x\"", "SHELL x",
+    "# escape=`", "LABEL a", "ADD --chmod=8 a b", "EXPOSE 80", "RUN --mount=type=cache",
+    "${", "FROM ${NOPE}"]), max_size=10)
+
+
+@EXAMPLES
+@given(_DOCKERFILE.map(lambda lines: "\n".join(lines).encode()) | st.binary(max_size=128))
+def test_dockerfile_recipe(data: bytes) -> None:
+    targets.check("dockerfile_recipe", data)
+
+
+_DEFFILE = st.lists(st.sampled_from([
+    "Bootstrap: docker", "From: {{ a }}", "From: x", "Stage: s", "%post", "%post -c",
+    "%files from", "%files", " a b c", ' "a', "%labels", " K V", "%arguments", " a=2",
+    "%runscript", "#!/bin/bash", "%appinstall x", "Bootstrap: yum", "{{ b }}", "%test",
+    "Include: x \\"]), max_size=10)
+
+
+@EXAMPLES
+@given(_DEFFILE.map(lambda lines: "\n".join(lines).encode()) | st.binary(max_size=128))
+def test_definition_file(data: bytes) -> None:
+    targets.check("definition_file", data)

@@ -208,12 +208,17 @@ def parse(text: str, path: str, build_args: Mapping[str, str]) -> Recipe:
         for args, body, number in by_name.get("files", []):
             if args:
                 stage.steps += _files(args, body, Where(path, number))
-        for _args, body, number in by_name.get("setup", []):
-            stage.steps.append(Setup(body, Where(path, number)))
+        if by_name.get("setup"):  # repeated sections are one, concatenated
+            parts = by_name["setup"]
+            stage.steps.append(Setup("".join(body for _, body, _ in parts),
+                                     Where(path, parts[0][2])))
         for args, body, number in by_name.get("files", []):
             if not args:
                 stage.steps += _files(args, body, Where(path, number))
-        for args, body, number in by_name.get("post", []):
+        if by_name.get("post"):
+            parts = by_name["post"]
+            args, number = parts[0][0], parts[0][2]
+            body = "".join(body for _, body, _ in parts)
             opening = next((line.strip() for line in body.splitlines() if line.strip()), "")
             title = " ".join(filter(None, ("%post", args))) + (f": {opening}" if opening else "")
             stage.steps.append(Run(_script_argv(args), f"{title}\n{body}",

@@ -1,0 +1,162 @@
+"""Recipe parsers: Dockerfiles (BuildKit's rules) and Apptainer definition files."""
+
+from __future__ import annotations
+
+import pytest
+
+from capsid.build import deffile, dockerfile, words
+from capsid.build.recipe import Config, Copy, Run, Setup
+from capsid.errors import UsageError
+
+
+@pytest.mark.parametrize(("word", "expected"), [
+    ("$A", "a"), ("${A}b", "ab"), ("${NONE:-d}", "d"), ("${A:+alt}", "alt"),
+    ("${NONE:+alt}", ""), ("'$A'", "$A"), ('"$A x"', "a x"), ("\\$A", "$A"),
+    ("${EMPTY:-e}", "e"), ("${EMPTY-e}", ""), ("a\\ b", "a b"), ("$", "$"),
+])
+def test_expansion_as_buildkit(word: str, expected: str) -> None:
+    assert words.expand(word, {"A": "a", "EMPTY": ""}) == expected
+
+
+def test_expansion_errors_are_usage_errors() -> None:
+    with pytest.raises(UsageError, match="missing"):
+        words.expand("${A", {})
+    with pytest.raises(UsageError, match="needed"):
+        words.expand("${A:?needed}", {})
+
+
+def test_split_keeps_quoted_blanks() -> None:
+    assert words.split('a="b c" d\\ e \'f g\'') == ['a="b c"', "d\\ e", "'f g'"]
+
+
+def parse(text: str, **args: str) -> list[object]:
+    return dockerfile.parse(text, "Dockerfile", args).stages[-1].steps  # type: ignore[return-value]
+
+
+def test_run_forms_heredocs_and_shell() -> None:
+    steps = parse('FROM a\nRUN echo hi \\\n  there\nRUN ["ls", "-l"]\nSHELL ["/bin/bash", "-c"]\n'
+                  'RUN <<EOF\nset -e\necho x\nEOF\nRUN cat <<END > /f\nbody\nEND\n')
+    runs = [s for s in steps if isinstance(s, Run)]
+    assert runs[0].argv == ("/bin/sh", "-c", "echo hi there")
+    assert runs[1].argv == ("ls", "-l")
+    assert runs[2].argv == ("/bin/bash", "-c", "set -e\necho x\n")
+    assert runs[3].argv == ("/bin/bash", "-c", "cat <<END > /f\nbody\nEND\n")
+
+
+def test_args_env_and_expansion_scopes() -> None:
+    recipe = dockerfile.parse(
+        "ARG TAG=12\nFROM debian:${TAG} AS base\nARG TAG\nARG N=1\n"
+        "ENV A=x B=$A C=${N}\nCOPY $TARGETARCH /d\nFROM base\nARG TARGETARCH\n"
+        "WORKDIR /w/$TARGETARCH\n", "Dockerfile", {"N": "7"}, arch="arm64")
+    first, second = recipe.stages
+    assert first.base.ref == "debian:12" and second.base.kind == "stage"
+    env = next(s for s in first.steps if isinstance(s, Config) and s.key == "Env")
+    assert env.value == {"A": "x", "B": "", "C": "7"}  # B sees A from before the line
+    copy = next(s for s in first.steps if isinstance(s, Copy))
+    assert copy.sources == ("",)  # TARGETARCH not declared in the stage: empty, as Docker
+    workdir = next(s for s in second.steps if isinstance(s, Config) and s.key == "WorkingDir")
+    assert workdir.value == "/w/arm64"
+
+
+def test_escape_directive_and_comments() -> None:
+    steps = parse("# escape=`\nFROM a\n# a comment\nRUN echo a `\n  # inside\n  b\n")
+    assert [s.argv for s in steps if isinstance(s, Run)] == [("/bin/sh", "-c", "echo a b")]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("RUN x\n", "before the first FROM"),
+    ("FROM a\nBOGUS x\n", "Dockerfile:2: unknown instruction BOGUS"),
+    ("FROM a\nCOPY --chmod=9 a b\n", "not an octal mode"),
+    ("FROM a\nCOPY only\n", "a source and a destination"),
+    ("FROM a\nRUN <<EOF\nno end\n", "is not closed"),
+    ("FROM a\nRUN --mount=type=secret,id=x true\n", "not supported"),
+    ("", "no FROM"),
+])
+def test_dockerfile_errors_name_the_line(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        dockerfile.parse(text, "Dockerfile", {})
+
+
+def test_target_stops_at_the_stage() -> None:
+    recipe = dockerfile.parse("FROM a AS one\nFROM b AS two\n", "Dockerfile", {}, target="one")
+    assert [s.name for s in recipe.stages] == ["one"]
+    with pytest.raises(UsageError, match="no stage called"):
+        dockerfile.parse("FROM a\n", "Dockerfile", {}, target="x")
+
+
+DEF = """\
+Bootstrap: docker
+From: {{ base }}:1
+Stage: build
+
+%arguments
+    base=busybox
+
+%setup
+    touch $APPTAINER_ROOTFS/x
+%files
+    a.txt /opt/a
+    "with space" /opt/b
+%post -c /bin/bash
+    echo one
+%post
+    echo two
+%environment
+    export A=1
+%runscript
+    echo run
+%labels
+    Author someone
+%help
+    help text
+
+Bootstrap: localimage
+From: base.sif
+
+%files from build
+    /opt/a /a
+"""
+
+
+def test_definition_file_sections_stages_and_order() -> None:
+    recipe = deffile.parse(DEF, "x.def", {})
+    build, final = recipe.stages
+    assert build.name == "build" and build.base.ref == "busybox:1"
+    kinds = [type(s).__name__ for s in build.steps]
+    assert kinds == ["Setup", "Copy", "Copy", "Run"]  # setup, files, then post
+    copies = [s for s in build.steps if isinstance(s, Copy)]
+    assert (copies[1].sources, copies[1].dest) == (("with space",), "/opt/b")
+    run = next(s for s in build.steps if isinstance(s, Run))
+    # repeated sections are concatenated; the first one's arguments count
+    assert run.argv == ("/bin/bash", Run.SCRIPT)
+    assert run.script == "    echo one\n    echo two\n"
+    assert build.metadata is not None
+    assert build.metadata.runscript == "#!/bin/sh\n\n    echo run\n"
+    assert build.metadata.labels == {"Author": "someone"}
+    assert build.metadata.help == "    help text\n"
+    assert isinstance(build.steps[0], Setup)
+    assert final.base.kind == "localimage"
+    assert isinstance(final.steps[0], Copy) and final.steps[0].from_stage == "build"
+    assert deffile.parse(DEF, "x.def", {"base": "alpine"}).stages[0].base.ref == "alpine:1"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("Bootstrap: docker\nFrom: {{ nope }}\n", "x.def:2: build var nope is not defined"),
+    ("Bootstrap: yum\n", "not supported"),
+    ("Bootstrap: docker\n", "needs a From"),
+    ("Bootstrap: docker\nFrom: a\nColour: blue\n", "invalid header keyword"),
+    ("Bootstrap: docker\nFrom: a\n%weird\n", "invalid section %weird"),
+    ("Bootstrap: docker\nFrom: a\n%apprun foo\n", "SCIF"),
+    ("Bootstrap: docker\nFrom: a\n%files\n  a b c\n", "more than"),
+    ("From: a\n", "no Bootstrap"),
+])
+def test_definition_file_errors(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        deffile.parse(text, "x.def", {})
+
+
+def test_placeholders_in_comments_are_left_alone() -> None:
+    recipe = deffile.parse("Bootstrap: docker\nFrom: a\n%post\n# {{ undefined }}\necho ok\n",
+                           "x.def", {})
+    run = recipe.stages[0].steps[0]
+    assert isinstance(run, Run) and run.script == "# {{ undefined }}\necho ok\n"
