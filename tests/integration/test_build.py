@@ -347,3 +347,43 @@ def test_cache_list_and_clean_cover_build_steps(env: dict[str, str], tmp_path: P
     run_capsid("cache", "clean", env=env, check=True)
     assert "layers         0" in run_capsid("cache", "list", env=env).stdout
     assert ran(build(env, out, recipe, "--force")) == 2
+
+
+def test_kill_9_during_a_step_leaves_a_consistent_cache(env: dict[str, str],
+                                                        tmp_path: Path) -> None:
+    """Nothing outlives the killed build (its RUN dies with it), no output appears, and the
+    next build reuses the steps that were finished and reruns the one that was not."""
+    import signal
+    import time
+
+    from tests.conftest import CAPSID
+
+    write(tmp_path, "f", "x\n")
+    recipe = write(tmp_path, "Dockerfile", """
+        FROM busybox:1
+        COPY f /f
+        RUN touch /started && sleep 30.37 && touch /finished
+        """)
+    out = tmp_path / "out.sif"
+    proc = subprocess.Popen([str(CAPSID), "build", str(out), str(recipe)], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("[3/3]"):
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    sleepers = subprocess.run(["pgrep", "-u", str(os.getuid()), "-f", "sleep 30.37"],
+                              capture_output=True, text=True, check=False).stdout.split()
+    live = [p for p in sleepers if Path(f"/proc/{p}/stat").exists()
+            and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert live == [], "the step's command outlived the build"
+    assert not out.exists()
+    recipe.write_text(recipe.read_text().replace("sleep 30.37", "true"))
+    time.sleep(2.1)  # the killed step's temporary is then recognised as stale
+    rebuilt = build(env, out, recipe)
+    assert ran(rebuilt) == 1  # the COPY came from the cache
+    tmp = Path(env["CAPSID_CACHEDIR"]) / "build" / "tmp"
+    assert not any(tmp.iterdir())

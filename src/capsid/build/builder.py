@@ -231,8 +231,9 @@ class Builder:
         for mount in step.mounts:
             binds.append(self._run_mount(mount, step))
         workdir = result.state.get("config", {}).get("WorkingDir") or "/"
+        # A PID namespace of its own: when the build dies, every process of the step dies.
         options = Options(binds=binds, contain=True, no_home=True, cleanenv=True,
-                          environment=env, pwd=workdir, root_emulation=True)
+                          environment=env, pwd=workdir, root_emulation=True, pid=True)
         layers = Layers(result.lowers(self.store), str(pending.diff), str(pending.work),
                         name=self.recipe.path)
         from capsid.runtime import api

@@ -57,6 +57,7 @@ def call_in(roots: Sequence[Layers], scratch: str, fn: Callable[[list[str]], Non
 
 
 def _child(roots: Sequence[Layers], scratch: str, fn: Callable[[list[str]], None]) -> None:
+    linux.parent_death_signal(9)  # nothing outlives a killed build
     userns.enter(identity.User.current(), True, subordinate_ids=False)
     linux.unshare(linux.CLONE_NEWNS)
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)

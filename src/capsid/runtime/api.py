@@ -92,9 +92,13 @@ def run(image: str | Layers, argv: Sequence[str], options: Options,
 def _child(image: str | Layers, argv: Sequence[str], options: Options,
            action: str) -> NoReturn:
     from capsid.errors import CapsidError
+    from capsid.runtime import linux
 
     code = 255
     try:
+        linux.parent_death_signal(9)  # SIGKILL when the caller dies (kill -9 of a build)
+        if os.getppid() == 1:
+            os._exit(code)  # it died already
         exec_container(image, argv, options, action)
     except CapsidError as err:
         print(f"capsid: error: {err}", file=sys.stderr)
