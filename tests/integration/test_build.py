@@ -387,3 +387,31 @@ def test_kill_9_during_a_step_leaves_a_consistent_cache(env: dict[str, str],
     assert ran(rebuilt) == 1  # the COPY came from the cache
     tmp = Path(env["CAPSID_CACHEDIR"]) / "build" / "tmp"
     assert not any(tmp.iterdir())
+
+
+@pytest.mark.parametrize("syntax", ["docker", "singularity"])
+def test_hpccm_recipes_build_in_both_formats(env: dict[str, str], tmp_path: Path,
+                                             syntax: str) -> None:
+    """hpccm (NVIDIA's HPC Container Maker) writes the recipes many sites start from."""
+    import sys
+
+    hpccm = Path(sys.executable).parent / "hpccm"
+    if not hpccm.exists():
+        pytest.skip("hpccm is not installed (pip install '.[dev]')")
+    write(tmp_path, "recipe.py", """
+        Stage0 += baseimage(image='debian-python3:12', _distro='ubuntu22')
+        Stage0 += shell(commands=['echo built-by-hpccm > /hpccm.txt'])
+        Stage0 += environment(variables={'HPCCM_VAR': 'set'})
+        Stage0 += label(metadata={'maker': 'hpccm'})
+        Stage0 += runscript(commands=['cat /hpccm.txt'])
+        """)
+    text = subprocess.run([str(hpccm), "--recipe", str(tmp_path / "recipe.py"), "--format",
+                           syntax], capture_output=True, text=True, check=True).stdout
+    recipe = tmp_path / ("Dockerfile" if syntax == "docker" else "recipe.def")
+    recipe.write_text(text)
+    out = tmp_path / "hpccm.sif"
+    build(env, out, recipe)
+    assert run_capsid("run", out, env=env).stdout == "built-by-hpccm\n"
+    assert run_capsid("exec", out, "sh", "-c", "echo $HPCCM_VAR",
+                      env=env).stdout == "set\n"
+    assert "maker: hpccm" in run_capsid("inspect", "--labels", out, env=env).stdout

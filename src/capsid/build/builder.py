@@ -133,6 +133,8 @@ class Builder:
                      or platform[0]}
             key = digest("base", base.key)
         result = StageResult(stage, base, layers, state, key)
+        if self.recipe.kind == "def" and stage.base.kind != "stage":
+            self._metadata_dirs(result)
         for step in stage.steps:
             if self._skipped(step):
                 continue
@@ -338,6 +340,57 @@ class Builder:
                 target.close()
 
         mounted.call_in(roots, str(pending.scratch), mkdir)
+
+    def _metadata_dirs(self, result: StageResult) -> None:
+        """/.singularity.d in the root before %post runs, as Apptainer's bootstrap makes it
+        (hpccm's recipes source env/10-docker*.sh there)."""
+        key = digest(result.key, "singularity.d")
+        layer = None if self.opts.no_cache else self.store.get(key)
+        if layer is None:
+            pending = self.store.begin()
+            try:
+                self._write_metadata(result, pending)
+                layer = pending.publish(key, result.state)
+            except BaseException:
+                pending.discard()
+                raise
+        result.layers.append(layer)
+        result.key = key
+
+    def _write_metadata(self, result: StageResult, pending: Pending) -> None:
+        import io
+
+        from capsid.image import meta
+
+        env = [str(e) for e in result.state.get("config", {}).get("Env") or []]
+        tree = meta.skeleton()
+        tree[f"{meta.ENV}/10-docker2singularity.sh"] = (0o755,
+                                                        meta.docker_env_script(env).encode())
+        roots = [Layers(result.lowers(self.store), str(pending.diff), str(pending.work))]
+        epoch = self.epoch
+
+        def write(paths: list[str]) -> None:
+            target = Destination(paths[0], epoch)
+            try:
+                for rel, (mode, content) in sorted(tree.items()):
+                    parent, name = os.path.split("/" + rel)
+                    if content is None:
+                        os.close(target.directory("/" + rel, mode))
+                        continue
+                    parent_fd = target.directory(parent)
+                    try:
+                        if os.path.lexists(f"/proc/self/fd/{parent_fd}/{name}"):
+                            continue  # the image's own wins
+                        if isinstance(content, str):
+                            os.symlink(content, name, dir_fd=parent_fd)
+                        else:
+                            target.write(io.BytesIO(content), parent_fd, name, mode)
+                    finally:
+                        os.close(parent_fd)
+            finally:
+                target.close()
+
+        mounted.call_in(roots, str(pending.scratch), write)
 
     # -- %setup ------------------------------------------------------------------------
 
