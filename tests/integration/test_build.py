@@ -415,3 +415,37 @@ def test_hpccm_recipes_build_in_both_formats(env: dict[str, str], tmp_path: Path
     assert run_capsid("exec", out, "sh", "-c", "echo $HPCCM_VAR",
                       env=env).stdout == "set\n"
     assert "maker: hpccm" in run_capsid("inspect", "--labels", out, env=env).stdout
+
+
+def test_add_unpacks_local_archives_and_fetches_urls(env: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    import http.server
+    import tarfile
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "remote.txt").write_text("from a URL\n")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(  # noqa: E731
+        *a, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ctx = tmp_path / "ctx"
+        (ctx / "pkg" / "bin").mkdir(parents=True)
+        (ctx / "pkg" / "bin" / "tool").write_text("#!/bin/sh\necho tool\n")
+        with tarfile.open(ctx / "pkg.tar.gz", "w:gz") as tar:
+            tar.add(ctx / "pkg", arcname="pkg")
+        port = server.server_address[1]
+        recipe = write(ctx, "Dockerfile", f"""
+            FROM busybox:1
+            ADD pkg.tar.gz /opt/
+            ADD http://127.0.0.1:{port}/remote.txt /data/
+            """)
+        out = tmp_path / "add.sif"
+        build(env, out, recipe)
+        check = run_capsid("exec", out, "sh", "-c", "cat /opt/pkg/bin/tool /data/remote.txt; "
+                           "stat -c %a /data/remote.txt", env=env)
+        assert check.stdout == "#!/bin/sh\necho tool\nfrom a URL\n600\n", check.stderr
+    finally:
+        server.shutdown()

@@ -29,6 +29,7 @@ from capsid.build.copying import Destination
 from capsid.build.recipe import Config, Copy, Recipe, Run, Setup, Stage, Step
 from capsid.build.store import BuildStore, Layer, Pending, digest
 from capsid.errors import CapsidError, UsageError
+from capsid.image import output
 from capsid.oci import image as oci
 from capsid.runtime.binds import BindSpec
 from capsid.runtime.env import DEFAULT_PATH
@@ -89,6 +90,13 @@ class Builder:
         self.total = sum(len(s.steps) + 1 for s in recipe.stages)
         self.count = 0
         self.rerun = 0  #: steps that ran (were not cached), for tests and the summary
+        self.downloads: dict[str, Path] = {}  #: ADD's URLs, fetched once a build
+        self.temporaries: list[output.Temporary] = []
+
+    def close(self) -> None:
+        """Remove what the build downloaded."""
+        for temp in self.temporaries:
+            temp.discard()
 
     # -- progress --------------------------------------------------------------------
 
@@ -276,10 +284,39 @@ class Builder:
                                  "name a stage defined above (FROM ... AS NAME)")
             return [self.results[index].key, list(step.sources), step.dest,
                     str(step.chmod), str(step.follow_links)]
-        paths = [p for source in step.sources for p in self.context.sources(
-            source, str(step.where))]
-        return [self.context.digest(paths), list(step.sources), step.dest, str(step.chmod),
-                str(step.extract)]
+        urls = [src for src in step.sources if _is_url(src)]
+        if urls and not step.extract:
+            raise UsageError(f"{step.where}: COPY takes files from the context, not URLs",
+                             "use ADD for a URL")
+        paths = [p for source in step.sources if not _is_url(source)
+                 for p in self.context.sources(source, str(step.where))]
+        fetched = [self._download(url, str(step.where)) for url in urls]
+        return [self.context.digest(paths), [_file_digest(p) for p in fetched],
+                list(step.sources), step.dest, str(step.chmod), str(step.extract)]
+
+    def _download(self, url: str, where: str) -> Path:
+        """ADD's URL, fetched once per build into the build's scratch space."""
+        if url in self.downloads:
+            return self.downloads[url]
+        import httpx
+
+        from capsid.oci.registry import ssl_context
+
+        temp = output.Temporary(self.store.tmp / "download")
+        self.temporaries.append(temp)
+        try:
+            with httpx.stream("GET", url, follow_redirects=True, timeout=60,
+                              verify=ssl_context()) as response, open(temp.path, "wb") as f:
+                if response.status_code != 200:
+                    raise UsageError(f"{where}: ADD {url}: the server answered "
+                                     f"{response.status_code}", "check the URL")
+                for chunk in response.iter_bytes(1 << 20):
+                    f.write(chunk)
+        except httpx.HTTPError as err:
+            raise UsageError(f"{where}: ADD {url}: {err}", "check the URL and the network"
+                             ) from None
+        self.downloads[url] = temp.path
+        return temp.path
 
     def _copy(self, result: StageResult, step: Copy, pending: Pending) -> None:
         if step.chown and step.chown not in ("0", "root", "0:0", "root:root"):
@@ -296,9 +333,15 @@ class Builder:
         dest = step.dest if step.dest.startswith("/") else os.path.join(workdir, step.dest)
         if step.dockerish and step.dest.endswith("/"):
             dest += "/"
-        host_sources = [] if source_root is not None else [
-            str(p) for source in step.sources for p in self.context.sources(source,
-                                                                             str(step.where))]
+        host_sources: list[tuple[str, str]] = []  # (path on the host, name in the image)
+        for source in step.sources if source_root is None else ():
+            if _is_url(source):
+                name = os.path.basename(source.split("?")[0].rstrip("/")) or "index.html"
+                host_sources.append((str(self._download(source, str(step.where))), name))
+            else:
+                host_sources += [(str(p), p.name) for p in self.context.sources(
+                    source, str(step.where))]
+        downloaded = set(map(str, self.downloads.values()))
         context_root = str(self.context.root)
 
         def skip(path: str) -> bool:
@@ -308,12 +351,15 @@ class Builder:
         def copy(paths: list[str]) -> None:
             target = Destination(paths[0], self.epoch, skip if source_root is None else None)
             try:
-                sources = host_sources if len(paths) == 1 else \
-                    [_inside(paths[1], s, str(step.where)) for s in step.sources]
+                sources = host_sources if len(paths) == 1 else [
+                    (_inside(paths[1], s, str(step.where)), os.path.basename(s.rstrip("/")))
+                    for s in step.sources]
                 into_dir = dest.endswith("/") or len(sources) > 1 or target.is_dir(dest)
-                for source in sources:
-                    name = os.path.basename(source.rstrip("/"))
-                    if step.extract and os.path.isfile(source) and _is_archive(source):
+                for source, name in sources:
+                    if source in downloaded:  # a URL's file: mode 600 as Docker, no unpacking
+                        path = os.path.join(dest, name) if into_dir else dest
+                        target.copy(source, path, chmod=step.chmod or 0o600)
+                    elif step.extract and os.path.isfile(source) and _is_archive(source):
                         target.extract(source, dest)
                     elif os.path.isdir(source) and step.dockerish:
                         target.copy_contents(source, dest, chmod=step.chmod)
@@ -428,6 +474,20 @@ def _inside(root: str, path: str, where: str) -> str:
         os.close(fd)
 
 
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _is_archive(path: str) -> bool:
     import tarfile
 
@@ -475,7 +535,10 @@ def build(recipe: Recipe, opts: BuildOptions) -> tuple[StageResult, Builder]:
     """Build *recipe*; the final stage's result (write it with :mod:`capsid.build.output`)."""
     start = time.monotonic()
     builder = Builder(recipe, opts)
-    result = builder.run()
+    try:
+        result = builder.run()
+    finally:
+        builder.close()
     if not opts.quiet:
         print(f"built: {len(recipe.stages)} stages, {builder.count} steps, {builder.rerun} "
               f"run, {builder.count - builder.rerun} cached or without files, in "
