@@ -20,10 +20,13 @@ cd "$(dirname "$0")/.."
 #                      real tools that write the OCI images, archives and layouts capsid reads,
 #                      and read what capsid pushes; skopeo+umoci are also Apptainer's path
 #   charliecloud-builders                    ch-image/ch-convert, a peer in the pull benchmark
+#   libseccomp2        root emulation in build steps (pyseccomp calls it)
+#   tar                unpacks base images into the build cache
 packages=(squashfs-tools-ng squashfs-tools squashfuse fuse3 fuse-overlayfs uidmap
           busybox-static golang-go golang-github-sylabs-sif-dev bubblewrap charliecloud-runtime
           python3-venv util-linux procps mmdebstrap docker-registry apache2-utils openssl
-          buildah umoci skopeo golang-github-containers-common charliecloud-builders)
+          buildah umoci skopeo golang-github-containers-common charliecloud-builders
+          libseccomp2 tar)
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

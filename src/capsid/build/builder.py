@@ -127,7 +127,8 @@ class Builder:
             state, key = json.loads(json.dumps(parent.state)), parent.key
             self._say(f"FROM {stage.base.ref} ({stage.name})", cached=True)
         else:
-            platform = self.opts.platform
+            platform = oci.parse_platform(stage.platform) if stage.platform \
+                else self.opts.platform  # FROM --platform=...
             self._say(f"FROM {stage.base.ref or stage.base.kind}")
             try:
                 base = open_base(stage.base, self.store, platform, self.opts.nohttps)
