@@ -200,6 +200,7 @@ def special_files(tmp_path: Path) -> dict[str, Path]:
     "exec {} true", "inspect {}", "sif list {}", "sif info 1 {}", "sif dump 1 {}",
     "sif header {}", "build --sandbox {out} {}", "build {out} {}",
     "build {out} docker-archive:{}", "build {out} oci-archive:{}", "run {}",
+    "build --format def {out} {}",
 ])
 def test_special_files_as_images_are_refused_not_waited_on(
         special_files: dict[str, Path], tmp_path: Path, kind: str, command: str) -> None:

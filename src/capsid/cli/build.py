@@ -128,14 +128,12 @@ def _build_recipe(args: argparse.Namespace) -> int:
 
     recipe_path = Path(args.file) if args.file else Path(args.source)
     context = Path(args.context or (args.source if args.file else recipe_path.parent))
-    try:
-        text = recipe_path.read_text(encoding="utf-8", errors="surrogateescape")
-    except FileNotFoundError:
-        raise UsageError(f"recipe {recipe_path} does not exist",
-                         "check the path of the Dockerfile or definition file") from None
-    except OSError as err:
-        raise UsageError(f"cannot read recipe {recipe_path}: {err.strerror}",
-                         "check the path of the Dockerfile or definition file") from None
+    from capsid.image.locate import open_file
+
+    # a regular file only: a FIFO given by mistake must not hang the build
+    with open(open_file(str(recipe_path), "recipe"), encoding="utf-8",
+              errors="surrogateescape") as f:
+        text = f.read()
     syntax = args.format or ("def" if recipe_path.name.endswith(".def")
                              or re.search(r"(?im)^\s*bootstrap\s*:", text) else "dockerfile")
     values = _build_arguments(args)
