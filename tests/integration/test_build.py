@@ -449,3 +449,20 @@ def test_add_unpacks_local_archives_and_fetches_urls(env: dict[str, str],
         assert check.stdout == "#!/bin/sh\necho tool\nfrom a URL\n600\n", check.stderr
     finally:
         server.shutdown()
+
+
+def test_dash_f_as_docker_and_as_apptainer(env: dict[str, str], tmp_path: Path) -> None:
+    """``-f FILE CONTEXT`` is Docker's; ``-f OUT.sif RECIPE`` is Apptainer's --fakeroot."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    write(ctx, "a", "from the context\n")
+    recipe = write(tmp_path, "app.dockerfile", "FROM busybox:1\nCOPY a /a\n")
+    result = run_capsid("build", "-f", recipe, tmp_path / "d.sif", ctx, env=env)
+    assert result.returncode == 0, result.stderr
+    assert run_capsid("exec", tmp_path / "d.sif", "cat", "/a",
+                      env=env).stdout == "from the context\n"
+    definition = write(tmp_path, "a.def", "Bootstrap: docker\nFrom: busybox:1\n%post\n"
+                       "  echo fakeroot > /f\n")
+    result = run_capsid("build", "-f", tmp_path / "f.sif", definition, env=env)
+    assert result.returncode == 0, result.stderr
+    assert run_capsid("exec", tmp_path / "f.sif", "cat", "/f", env=env).stdout == "fakeroot\n"

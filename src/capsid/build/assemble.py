@@ -4,6 +4,7 @@ flattened newest first straight into ``tar2sqfs``, with the image's metadata."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
         convert.image_to_sandbox(image, out, force=force)
 
 
-def run_test(result: StageResult, out: Path, sandbox: bool) -> None:
+def run_test(result: StageResult, out: Path, sandbox: bool, quiet: bool = False) -> None:
     """A definition file's %test, in the finished image; a failure removes the image."""
     meta = result.stage.metadata
     if meta is None or meta.test is None:
@@ -100,7 +101,8 @@ def run_test(result: StageResult, out: Path, sandbox: bool) -> None:
     from capsid.runtime import api
     from capsid.runtime.options import Options
 
-    print("running %test", file=__import__("sys").stderr, flush=True)
+    if not quiet:
+        print("running %test", file=sys.stderr, flush=True)
     status = api.run(str(out), [], Options(cleanenv=True, writable_tmpfs=not sandbox),
                      action="test")
     if status != 0:

@@ -11,7 +11,22 @@ from capsid.cli.parser import parser
 from capsid.errors import CapsidError, UsageError
 
 
+def _fakeroot_short_flags(argv: list[str]) -> list[str]:
+    """Apptainer's ``build -f`` means --fakeroot; Docker's means --file FILE. A ``-f``
+    followed by an option, nothing, or a path that is not an existing recipe file is
+    Apptainer's."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg != "-f":
+            continue
+        nxt = out[i + 1] if i + 1 < len(out) else ""
+        if not nxt or nxt.startswith("-") or nxt.endswith(".sif") or not os.path.isfile(nxt):
+            out[i] = "--fakeroot"
+    return out
+
+
 def run(verb: str, argv: list[str]) -> int:
+    argv = _fakeroot_short_flags(argv)
     p = parser("build", "[options] OUTPUT SOURCE",
                "Build OUTPUT (a SIF file, or a directory with --sandbox) from SOURCE: a "
                "Dockerfile or Apptainer definition file (a recipe), a sandbox directory, a "
@@ -28,7 +43,8 @@ def run(verb: str, argv: list[str]) -> int:
     recipe = p.add_argument_group("recipes (Dockerfile, Containerfile, *.dockerfile, *.def)")
     recipe.add_argument("-f", "--file", metavar="FILE",
                         help="the recipe, when SOURCE is the context directory (as docker "
-                             "build -f)")
+                             "build -f; a -f not followed by a recipe file is Apptainer's "
+                             "--fakeroot)")
     recipe.add_argument("--format", choices=("dockerfile", "def"),
                         help="the recipe's syntax (default: from its name)")
     recipe.add_argument("--context", metavar="DIR",
@@ -53,10 +69,7 @@ def run(verb: str, argv: list[str]) -> int:
     p.add_argument("source", nargs="?")
     args = p.parse_args(argv)
     if args.source is None:
-        if args.file is None:
-            raise UsageError("build needs OUTPUT and SOURCE", "see 'capsid build --help'")
-        # Apptainer's -f is --fakeroot: 'build -f OUT.sif RECIPE'
-        args.output, args.source, args.file = args.file, args.output, None
+        raise UsageError("build needs OUTPUT and SOURCE", "see 'capsid build --help'")
     if args.file is not None or _is_recipe(args.source, args.format):
         return _build_recipe(args)
 
@@ -164,7 +177,7 @@ def _build_recipe(args: argparse.Namespace) -> int:
     assemble.write(result, made, out, sandbox=args.sandbox, force=args.force,
                    compression=args.compression)
     if not args.notest and (opts.sections is None or "test" in opts.sections):
-        assemble.run_test(result, out, args.sandbox)
+        assemble.run_test(result, out, args.sandbox, opts.quiet)
     return 0
 
 
