@@ -8,6 +8,7 @@ variable is looked up as ``CAPSID_X``, then ``APPTAINER_X``, then ``SINGULARITY_
 from __future__ import annotations
 
 import os
+import stat
 
 from capsid.errors import CapsidError
 
@@ -76,7 +77,13 @@ def load(path: str | None = None) -> SiteConfig:
     """Read the site configuration; a missing file means the defaults."""
     path = path or env("CONFIG") or DEFAULT_PATH
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        # O_NONBLOCK: a FIFO named by CAPSID_CONFIG must not hang every container start
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CapsidError(f"configuration {path} is not a regular file",
+                              "point CAPSID_CONFIG at a file")
+        with open(fd, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         return SiteConfig()

@@ -296,6 +296,14 @@ def test_bad_tuning_variables(tmp_path: Path, name: str, value: str,
     one_clear_error(run_capsid(*argv, env=env, timeout=30), name)
 
 
+def test_a_fifo_as_site_configuration_is_refused(busybox_sif: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "capsid.conf"
+    os.mkfifo(fifo)
+    result = run_capsid("exec", busybox_sif, "true", timeout=20,
+                        env=dict(os.environ, CAPSID_CONFIG=str(fifo)))
+    one_clear_error(result, str(fifo), "not a regular file")
+
+
 @pytest.mark.parametrize("line", ["mount dev = sometimes", "sessiondir max size = big",
                                   "mount home = perhaps", "no equals sign here"])
 def test_bad_site_configuration_is_refused(busybox_sif: Path, tmp_path: Path,
