@@ -4,6 +4,7 @@ CapsidError. A bounded number of examples each here; scripts/fuzz.sh runs them f
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from tests.fuzz import targets
 
-EXAMPLES = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+EXAMPLES = settings(max_examples=int(os.environ.get("CAPSID_FUZZ_EXAMPLES", "150")), deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 json_values = st.recursive(

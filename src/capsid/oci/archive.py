@@ -145,17 +145,16 @@ def oci_layout(spec: str, platform: tuple[str, str], scheme: str = "oci:") -> oc
         raise ImageFormatError(f"{path} is not an OCI image layout (no index.json)",
                                "give a directory or archive written by skopeo, buildah or umoci")
     index = oci.load_json(files.read("index.json"), "OCI index")
-    entries = [d for d in index.get("manifests") or [] if isinstance(d, dict)]
+    entries = oci.index_entries(index, str(path))
     if tag:
         names = {tag}
         if ":" not in tag:
             names.add(f"{tag}:latest")
         chosen = [d for d in entries
-                  if (d.get("annotations") or {}).get(REF_ANNOTATION) in names
-                  or (d.get("annotations") or {}).get("io.containerd.image.name", "")
-                  .endswith(f"/{tag}")]
+                  if _annotation(d, REF_ANNOTATION) in names
+                  or _annotation(d, "io.containerd.image.name").endswith(f"/{tag}")]
         if not chosen:
-            refs = sorted(str((d.get("annotations") or {}).get(REF_ANNOTATION)) for d in entries)
+            refs = sorted(_annotation(d, REF_ANNOTATION) or "None" for d in entries)
             raise ImageNotFoundError(f"{path} has no image tagged {tag!r}",
                                      f"it has: {', '.join(refs) or 'no tags'}")
         desc = chosen[0]
@@ -170,6 +169,12 @@ def oci_layout(spec: str, platform: tuple[str, str], scheme: str = "oci:") -> oc
             raise CapsidError(f"{path} holds {len(entries)} images",
                               f"name one: {scheme}{path}:TAG") from None
     return _from_descriptor(files, desc, platform, f"{scheme}{spec}")
+
+
+def _annotation(desc: dict[str, Any], key: str) -> str:
+    value = desc.get("annotations")
+    found = value.get(key) if isinstance(value, dict) else None
+    return found if isinstance(found, str) else ""
 
 
 def _from_descriptor(files: Files, desc: dict[str, Any], platform: tuple[str, str],

@@ -138,12 +138,31 @@ def media_type(doc: dict[str, Any], fallback: str = "") -> str:
     return str(value)
 
 
+def index_entries(index: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The descriptors an image index lists (entries that are not objects are left out)."""
+    value = index.get("manifests")
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ImageFormatError(f"the index of {name} has a 'manifests' that is not a list",
+                               "the image is damaged or hostile; pull or save it again")
+    return [d for d in value if isinstance(d, dict)]
+
+
+def _platform_of(desc: dict[str, Any]) -> dict[str, str]:
+    value = desc.get("platform")
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(v, str)}
+
+
 def choose_platform(index: dict[str, Any], platform: tuple[str, str], name: str) -> dict[str, Any]:
     """The descriptor in *index* for *platform*; a clear error listing what there is."""
     arch, variant = platform
+    entries = index_entries(index, name)
     candidates = []
-    for desc in index.get("manifests") or []:
-        p = desc.get("platform") or {}
+    for desc in entries:
+        p = _platform_of(desc)
         if p.get("os", "linux") != "linux" or p.get("architecture") != arch:
             continue
         candidates.append((desc, p.get("variant", "")))
@@ -152,10 +171,9 @@ def choose_platform(index: dict[str, Any], platform: tuple[str, str], name: str)
             return dict(desc)
     if len(candidates) == 1 or (candidates and not variant):
         return dict(candidates[0][0])
-    available = sorted({
-        "/".join(x for x in (d.get("platform", {}).get("architecture", "?"),
-                             d.get("platform", {}).get("variant", "")) if x)
-        for d in index.get("manifests") or [] if isinstance(d, dict)})
+    available = sorted({"/".join(x for x in (_platform_of(d).get("architecture", "?"),
+                                              _platform_of(d).get("variant", "")) if x)
+                        for d in entries})
     wanted = f"{arch}/{variant}" if variant else arch
     raise CapsidError(f"{name} has no image for linux/{wanted}",
                       f"it has: {', '.join(available) or 'none'}; choose one with --arch")
