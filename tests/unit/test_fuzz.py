@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from tests.fuzz import targets
 
-EXAMPLES = settings(max_examples=int(os.environ.get("CAPSID_FUZZ_EXAMPLES", "150")), deadline=None, derandomize=True, database=None,
+#: examples per property in CI; CAPSID_FUZZ_EXAMPLES=5000 for a longer look
+EXAMPLES = settings(max_examples=int(os.environ.get("CAPSID_FUZZ_EXAMPLES", "150")),
+                    deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 json_values = st.recursive(
