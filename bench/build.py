@@ -77,6 +77,7 @@ class Bench:
                     "CH_IMAGE_USERNAME": USER, "CH_IMAGE_PASSWORD": PASSWORD,
                     "CAPSID_CACHEDIR": str(work / "capsid-cache"),
                     "CH_IMAGE_STORAGE": str(work / "ch-storage"), "TMPDIR": str(work),
+                    "USER": os.environ.get("USER", "root"),
                     "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
                     "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
                     "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}

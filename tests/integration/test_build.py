@@ -129,9 +129,11 @@ def test_dockerfile_instructions_and_the_cache(env: dict[str, str], tmp_path: Pa
         ".dockerignore", "Dockerfile", "hello.txt", "tree", "700", "1"], check.stderr
     labels = run_capsid("inspect", "--labels", out, env=env).stdout
     assert "org.example.who: capsid" in labels and "purpose: a test" in labels
-    # Unchanged: every step comes from the cache.
+    # Unchanged: every step comes from the cache, and so does the SIF.
+    made = hashlib.sha256(out.read_bytes()).hexdigest()
     again = build(env, out, recipe, "--force", "--build-arg", "WHO=capsid")
     assert ran(again) == 0 and "CACHED" in again.stderr
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == made
     # Another build argument reruns the steps that use it.
     other = build(env, out, recipe, "--force", "--build-arg", "WHO=else")
     assert 0 < ran(other) < ran(first) + 1

@@ -3,7 +3,10 @@ flattened newest first straight into ``tar2sqfs``, with the image's metadata."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 from capsid import __version__, log
 from capsid.build import treetar
 from capsid.build.builder import Builder, StageResult
+from capsid.build.store import digest
 from capsid.errors import CapsidError
 from capsid.image import output
 from capsid.oci import image as oci
@@ -81,8 +85,18 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
                              None, json.dumps(config, sort_keys=True).encode())
     files = _def_files(result, builder, config)
     if not sandbox:
+        cached = builder.store.images / (digest(result.key, result.state, builder.recipe.text,
+                                                compression, builder.epoch) + ".sif")
+        if cached.is_file():  # every step came from the cache: so does the image
+            with output.atomic_file(out, force) as tmp:
+                shutil.copyfile(cached, tmp)
+            os.utime(cached)
+            LOG.info("%s is the cached image %s", out, cached.name)
+            return
         tosif.write_sif(source, out, compression=compression, force=force, verified=True,
                         extra=files)
+        with contextlib.suppress(OSError):
+            output.write_copy(out, cached)
         return
     from capsid.image import convert
 

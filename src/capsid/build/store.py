@@ -6,6 +6,7 @@
     layers/<key>/state.json    the image configuration after the step
     bases/<key>/rootfs/        a base image unpacked once, to run steps on
     mounts/<id>/               RUN --mount=type=cache directories
+    images/<key>.sif           the SIF of a build, reused when every step is cached
     tmp/                       steps being built (locked; a killed build's are removed)
 
 A result is built under ``tmp/`` and renamed into place when complete, so a reader
@@ -84,10 +85,11 @@ class BuildStore:
         self.root = root / "build"
         self.layers, self.bases = self.root / "layers", self.root / "bases"
         self.mounts, self.tmp = self.root / "mounts", self.root / "tmp"
+        self.images = self.root / "images"  #: SIFs of finished builds, by their last step
 
     def prepare(self) -> BuildStore:
         try:
-            for d in (self.layers, self.bases, self.mounts, self.tmp):
+            for d in (self.layers, self.bases, self.mounts, self.tmp, self.images):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise CapsidError(f"cannot use the build cache {self.root}: {err.strerror}",
@@ -119,9 +121,11 @@ class BuildStore:
         """(kind, directory, bytes, last use) of every cached layer and unpacked base."""
         found = []
         for kind, parent in (("layer", self.layers), ("base", self.bases),
-                             ("mount", self.mounts)):
+                             ("mount", self.mounts), ("image", self.images)):
             for directory in sorted(parent.iterdir()) if parent.is_dir() else []:
-                size = 0
+                if directory.name.startswith("."):
+                    continue  # a temporary being written
+                size = directory.stat().st_size if directory.is_file() else 0
                 for dirpath, _dirs, files in os.walk(directory):
                     for name in files:
                         with contextlib.suppress(OSError):

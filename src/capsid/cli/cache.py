@@ -43,9 +43,9 @@ def run(verb: str, argv: list[str]) -> int:
         count_size[1] += size
         if args.verbose:
             sys.stdout.write(f"{kind:8} {size:>14,} {path.name}\n")
-    for kind in ("blob", "sif", "partial", "layer", "base", "mount"):
+    for kind in ("blob", "sif", "partial", "layer", "base", "mount", "image"):
         count, size = totals.get(kind, [0, 0])
-        unit = "files" if kind in ("blob", "sif", "partial") else "dirs "
+        unit = "files" if kind in ("blob", "sif", "partial", "image") else "dirs "
         sys.stdout.write(f"{kind + 's':9} {count:6} {unit} {size / (1 << 20):10.1f} MiB\n")
     sys.stdout.write(f"location  {store.root}\n")
     return 0
