@@ -87,7 +87,7 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
     if not sandbox:
         cached = builder.store.images / (digest(result.key, result.state, builder.recipe.text,
                                                 compression, builder.epoch) + ".sif")
-        if cached.is_file():  # every step came from the cache: so does the image
+        if cached.is_file() and not builder.opts.no_cache:  # every step came from the cache
             with output.atomic_file(out, force) as tmp:
                 shutil.copyfile(cached, tmp)
             os.utime(cached)
