@@ -196,6 +196,7 @@ class Builder:
         result.key = key
 
     def _execute(self, result: StageResult, step: Step, key: str) -> Layer:
+        started = time.monotonic()
         pending = self.store.begin()
         try:
             if isinstance(step, Run):
@@ -206,7 +207,9 @@ class Builder:
                 self._setup(result, step, pending)
             else:
                 self._mkdir(result, pending)
-            return pending.publish(key, result.state)
+            layer = pending.publish(key, result.state)
+            LOG.info("step %d took %.2f s", self.count, time.monotonic() - started)
+            return layer
         except BaseException:
             pending.discard()
             raise
