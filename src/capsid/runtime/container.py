@@ -14,7 +14,7 @@ import sys
 from capsid import log, tools
 from capsid.errors import RuntimeSetupError, UsageError
 from capsid.image.locate import SANDBOX, Image
-from capsid.runtime import early, identity, inroot, isolation, linux, mounts, pid1, prefetch
+from capsid.runtime import early, identity, inroot, isolation, linux, mounts, prefetch
 from capsid.runtime import env as envmod
 from capsid.runtime import plan as planning
 
@@ -238,6 +238,8 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
                                 "to allow them") from None
     status_pipe = -1
     if opts.pid:
+        from capsid.runtime import pid1  # only --pid needs it
+
         reader, status_pipe = os.pipe()
         child = os.fork()
         if child:
@@ -262,6 +264,8 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
         LOG.warning("%s does not exist in the container; starting in /", plan.cwd)
         os.chdir("/")
     if opts.pid:
+        from capsid.runtime import pid1  # imported above, before pivot_root
+
         command = os.fork()
         if command:
             pid1.init(command, status_pipe)
