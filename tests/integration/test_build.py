@@ -5,6 +5,7 @@ registry, with real Debian packages from the mirror."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import textwrap
@@ -129,6 +130,19 @@ def test_dockerfile_instructions_and_the_cache(env: dict[str, str], tmp_path: Pa
         ".dockerignore", "Dockerfile", "hello.txt", "tree", "700", "1"], check.stderr
     labels = run_capsid("inspect", "--labels", out, env=env).stdout
     assert "org.example.who: capsid" in labels and "purpose: a test" in labels
+    from capsid.image.sif import DataType, SifImage
+
+    with SifImage(out) as image:  # the OCI config keeps what docker run would use
+        found = image.find(DataType.GENERIC_JSON, "oci-config.json")
+        assert found is not None
+        config = json.loads(image.read(found))
+    assert config["Entrypoint"] == ["cat"] and config["Cmd"] == ["/app/greeting"]
+    assert config["User"] == "root" and config["WorkingDir"] == "/app"
+    assert config["ExposedPorts"] == {"8080/tcp": {}}
+    assert "GREETING=hello capsid" in config["Env"]
+    # run starts in WORKDIR, as docker run does (the relative path proves it)
+    relative = run_capsid("run", out, "greeting", env=env)
+    assert relative.stdout == "hello capsid\n", relative.stderr
     # Unchanged: every step comes from the cache, and so does the SIF.
     made = hashlib.sha256(out.read_bytes()).hexdigest()
     again = build(env, out, recipe, "--force", "--build-arg", "WHO=capsid")
@@ -470,3 +484,15 @@ def test_dash_f_as_docker_and_as_apptainer(env: dict[str, str], tmp_path: Path) 
     result = run_capsid("build", "-f", tmp_path / "f.sif", definition, env=env)
     assert result.returncode == 0, result.stderr
     assert run_capsid("exec", tmp_path / "f.sif", "cat", "/f", env=env).stdout == "fakeroot\n"
+
+
+def test_copy_heredoc(env: dict[str, str], tmp_path: Path) -> None:
+    recipe = tmp_path / "Dockerfile"
+    recipe.write_text("FROM busybox:1\nCOPY <<EOF /etc/motd\nwritten by a heredoc\nEOF\n"
+                      "COPY --chmod=0755 <<-SCRIPT /usr/local/bin/hi\n"
+                      "\t#!/bin/sh\n\techo hi\n\tSCRIPT\n")
+    out = tmp_path / "h.sif"
+    build(env, out, recipe)
+    check = run_capsid("exec", out, "sh", "-c", "cat /etc/motd; hi; stat -c %a "
+                       "/usr/local/bin/hi", env=env)
+    assert check.stdout == "written by a heredoc\nhi\n755\n", check.stderr

@@ -84,6 +84,13 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
     source = oci.SourceImage(f"{builder.recipe.kind}:{builder.recipe.path}", config, layers,
                              None, json.dumps(config, sort_keys=True).encode())
     files = _def_files(result, builder, config)
+    if builder.recipe.kind == "dockerfile":  # docker run starts in WORKDIR
+        from capsid.image import meta
+
+        run = config["config"]
+        files["runscript"] = meta.oci_runscript(
+            [str(a) for a in run.get("Entrypoint") or []], [str(a) for a in run.get("Cmd") or []],
+            run.get("WorkingDir")).encode()
     if not sandbox:
         cached = builder.store.images / (digest(result.key, result.state, builder.recipe.text,
                                                 compression, builder.epoch) + ".sif")

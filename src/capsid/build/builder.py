@@ -288,6 +288,9 @@ class Builder:
                                  "name a stage defined above (FROM ... AS NAME)")
             return [self.results[index].key, list(step.sources), step.dest,
                     str(step.chmod), str(step.follow_links)]
+        if step.inline:
+            return [[list(pair) for pair in step.inline], list(step.sources), step.dest,
+                    str(step.chmod)]
         urls = [src for src in step.sources if _is_url(src)]
         if urls and not step.extract:
             raise UsageError(f"{step.where}: COPY takes files from the context, not URLs",
@@ -338,8 +341,14 @@ class Builder:
         if step.dockerish and step.dest.endswith("/"):
             dest += "/"
         host_sources: list[tuple[str, str]] = []  # (path on the host, name in the image)
+        inline = dict(step.inline)
         for source in step.sources if source_root is None else ():
-            if _is_url(source):
+            if source in inline:  # a heredoc: its body, written out for the copy
+                path = pending.scratch / f"heredoc-{len(host_sources)}"
+                path.write_text(inline[source])
+                path.chmod(0o644)
+                host_sources.append((str(path), source))
+            elif _is_url(source):
                 name = os.path.basename(source.split("?")[0].rstrip("/")) or "index.html"
                 host_sources.append((str(self._download(source, str(step.where))), name))
             else:
@@ -348,9 +357,11 @@ class Builder:
         downloaded = set(map(str, self.downloads.values()))
         context_root = str(self.context.root)
 
-        def skip(path: str) -> bool:
-            return path.startswith(context_root + "/") and \
-                self.context.ignored(path[len(context_root) + 1:])
+        store_root = str(self.store.root)
+
+        def skip(path: str) -> bool:  # .dockerignore, for what comes from the context
+            return path.startswith(context_root + "/") and not path.startswith(store_root) \
+                and self.context.ignored(path[len(context_root) + 1:])
 
         def copy(paths: list[str]) -> None:
             target = Destination(paths[0], self.epoch, skip if source_root is None else None)

@@ -224,9 +224,8 @@ def parse(text: str, path: str, build_args: Mapping[str, str], *, arch: str = "a
             allowed = ("from", "chown", "chmod", "link", "parents") if keyword == "COPY" \
                 else ("chown", "chmod", "link", "checksum", "keep-git-dir")
             flags, rest = _flags(rest, allowed, where)
-            if line.heredocs:
-                raise UsageError(f"{where}: {keyword} with a heredoc is not supported yet",
-                                 "write the file into the context and COPY it")
+            if line.heredocs:  # COPY <<EOF /dest: the heredoc's body is the file
+                rest = _HEREDOC.sub(lambda m: m.group(3), rest)
             items = _exec_form(rest) or words.split(rest, escape)
             items = [words.expand(i, scope, escape, where=str(where)) for i in items]
             if len(items) < 2:
@@ -240,7 +239,8 @@ def parse(text: str, path: str, build_args: Mapping[str, str], *, arch: str = "a
             stage.steps.append(Copy(tuple(items[:-1]), items[-1], where,
                                     from_stage=from_stage.lower() if from_stage else None,
                                     chmod=int(chmod, 8) if chmod else None,
-                                    chown=flags.get("chown"), extract=keyword == "ADD"))
+                                    chown=flags.get("chown"), extract=keyword == "ADD",
+                                    inline=tuple(line.heredocs)))
         elif keyword == "ENV":
             pairs = _pairs(rest, scope, escape, where, "ENV")
             env.update(pairs)

@@ -61,6 +61,8 @@ class Copy:
     extract: bool = False  #: ADD: unpack local tar archives
     follow_links: bool = True  #: from the context, links are followed (Apptainer's %files)
     dockerish: bool = True  #: Docker's rules for "dir/" destinations and globs
+    #: COPY <<NAME heredocs: (name, content); their names stand in *sources*
+    inline: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -122,13 +122,18 @@ def docker_env_script(env: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def oci_runscript(entrypoint: list[str], cmd: list[str]) -> str:
-    """A runscript with Docker's rules: arguments replace CMD and follow ENTRYPOINT."""
+def oci_runscript(entrypoint: list[str], cmd: list[str], workdir: str | None = None) -> str:
+    """A runscript with Docker's rules: arguments replace CMD and follow ENTRYPOINT.
+
+    With *workdir* (images capsid builds from a Dockerfile) it starts there, as
+    ``docker run`` does; pulled images keep Apptainer's rule of starting in the cwd.
+    """
     ep = " ".join(quote_sh(a) for a in entrypoint)
     cm = " ".join(quote_sh(a) for a in cmd)
+    cd = f"cd {quote_sh(workdir)} || exit 1\n" if workdir and workdir != "/" else ""
     return f"""#!/bin/sh
 # Generated from the image's OCI config: ENTRYPOINT then CMD, arguments replace CMD.
-if [ $# -eq 0 ]; then
+{cd}if [ $# -eq 0 ]; then
     set -- {cm}
 fi
 {f'set -- {ep} "$@"' if ep else ''}
