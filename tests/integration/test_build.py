@@ -496,3 +496,27 @@ def test_copy_heredoc(env: dict[str, str], tmp_path: Path) -> None:
     check = run_capsid("exec", out, "sh", "-c", "cat /etc/motd; hi; stat -c %a "
                        "/usr/local/bin/hi", env=env)
     assert check.stdout == "written by a heredoc\nhi\n755\n", check.stderr
+
+
+def test_push_of_a_built_image_keeps_its_layers(env: dict[str, str], registry: Registry,
+                                                tmp_path: Path) -> None:
+    write(tmp_path, "f", "copied\n")
+    recipe = write(tmp_path, "Dockerfile", """
+        FROM busybox:1
+        COPY f /f
+        RUN echo ran > /ran
+        CMD ["cat", "/f", "/ran"]
+        """)
+    out = tmp_path / "built.sif"
+    build(env, out, recipe)
+    target = f"docker://{registry.host}/test/built:1"
+    pushed = run_capsid("push", out, target, env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    raw = subprocess.run(["skopeo", "inspect", "--raw", "--cert-dir", str(registry.cert_dir()),
+                          "--creds", f"{USER}:{PASSWORD}", target], capture_output=True,
+                         text=True, check=True).stdout
+    assert len(json.loads(raw)["layers"]) == 3  # busybox's one, then COPY's and RUN's
+    back = tmp_path / "back.sif"
+    assert run_capsid("pull", back, target, env=env).returncode == 0
+    result = run_capsid("run", back, env=env)
+    assert (result.returncode, result.stdout) == (0, "copied\nran\n"), result.stderr

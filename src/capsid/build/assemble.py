@@ -66,6 +66,25 @@ def _def_files(result: StageResult, builder: Builder, config: dict[str, Any]
     return files
 
 
+#: The SIF object naming the layers a build made, so that ``push docker://`` can upload
+#: them as layers (from the caches) rather than as one flattened layer.
+BUILD_RECORD = "capsid-build.json"
+
+
+def _layers_record(result: StageResult, builder: Builder, config: dict[str, Any]) -> Any:
+    from capsid.image import sif
+
+    base = result.base.layers or []
+    record = {
+        "config": config,
+        "base": [{"digest": layer.digest, "mediaType": layer.media_type, "size": layer.size}
+                 for layer in base] if all(layer.digest for layer in base) else None,
+        "base_diff_ids": list((result.base.config.get("rootfs") or {}).get("diff_ids") or []),
+        "steps": [layer.key for layer in result.layers if not layer.empty],
+    }
+    return sif.NewObject(sif.DataType.GENERIC_JSON, json.dumps(record).encode(), BUILD_RECORD)
+
+
 def _opener(diff: str, epoch: int | None) -> oci.Opener:
     return lambda: treetar.open_tree(diff, epoch)
 
@@ -101,7 +120,7 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
             LOG.info("%s is the cached image %s", out, cached.name)
             return
         tosif.write_sif(source, out, compression=compression, force=force, verified=True,
-                        extra=files)
+                        extra=files, objects=[_layers_record(result, builder, config)])
         with contextlib.suppress(OSError):
             output.write_copy(out, cached)
         return

@@ -101,7 +101,11 @@ def _layer_from_sif(image: Path, work: Path) -> tuple[Path, str, str, int]:
 
 
 def push_docker(client: Client, image: Path, ref: Reference, insecure: bool) -> str:
-    """Upload SIF *image* as a one-layer OCI image; return the manifest digest."""
+    """Upload SIF *image* as an OCI image; return the manifest digest.
+
+    An image capsid built keeps its layers (the base image's, then one per step), when
+    the caches still hold them; any other SIF becomes one layer.
+    """
     if locate(image).kind != SIF:
         raise ImageFormatError(f"{image} is not a SIF file",
                                f"build one first: capsid build IMAGE.sif {image}")
@@ -113,6 +117,15 @@ def push_docker(client: Client, image: Path, ref: Reference, insecure: bool) -> 
             oci_config = json.loads(s.read(found)) if found else None
         except ValueError:  # a damaged object: push with the defaults
             oci_config = None
+        record_found = s.find(sif.DataType.GENERIC_JSON, "capsid-build.json")
+        try:
+            record = json.loads(s.read(record_found)) if record_found else None
+        except ValueError:
+            record = None
+    if isinstance(record, dict):
+        layered = _push_layers(client, record, Endpoint(ref, insecure), image.name)
+        if layered is not None:
+            return layered
     if not isinstance(oci_config, dict) or not oci_config:
         oci_config = {"Env": [f"PATH={DEFAULT_PATH}"], "Cmd": ["/.singularity.d/runscript"]}
     ep = Endpoint(ref, insecure)
@@ -133,3 +146,64 @@ def push_docker(client: Client, image: Path, ref: Reference, insecure: bool) -> 
     client.put_manifest(ep, raw, oci.OCI_MANIFEST)
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
+
+
+def _push_layers(client: Client, record: dict[str, Any], ep: Endpoint,
+                 name: str) -> str | None:
+    """Push a built image layer by layer from the caches; None if they no longer hold it."""
+    from capsid.build import treetar
+    from capsid.build.store import BuildStore
+    from capsid.oci.store import Store
+
+    store = Store()
+    builds = BuildStore(store.root)
+    base, steps = record.get("base"), record.get("steps")
+    config = record.get("config")
+    if not (isinstance(base, list) and isinstance(steps, list) and isinstance(config, dict)):
+        return None
+    blobs = []
+    for layer in base:
+        digest = str(layer.get("digest", "")) if isinstance(layer, dict) else ""
+        if not digest.startswith("sha256:") or not store.has(digest):
+            LOG.info("the base layers of %s are no longer cached: pushing one layer", name)
+            return None
+        media = str(layer.get("mediaType") or "")
+        media = (oci.OCI_LAYER_ZSTD if media.endswith("zstd") else oci.OCI_LAYER
+                 if media.endswith(".tar") else oci.OCI_LAYER_GZIP)
+        blobs.append((digest, store.blob_path(digest), media))
+    diffs = [builds.get(str(key)) for key in steps]
+    if any(layer is None for layer in diffs):
+        LOG.info("the build cache no longer holds %s's steps: pushing one layer", name)
+        return None
+    descriptors = []
+    for digest, path, media in blobs:
+        size = path.stat().st_size
+        client.upload_blob(ep, digest, size, file_chunks(path))
+        descriptors.append(_descriptor(media, digest, size))
+    diff_ids = [str(d) for d in record.get("base_diff_ids") or []]
+    with tempfile.TemporaryDirectory(prefix="capsid-push-") as tmp:
+        for index, layer in enumerate(diffs):
+            assert layer is not None
+            path = Path(tmp) / f"step{index}.tar.gz"
+            diff, packed = hashlib.sha256(), hashlib.sha256()
+            deflate = zlib.compressobj(6, zlib.DEFLATED, 31)
+            with open(path, "wb") as out:
+                for chunk in treetar.chunks(str(layer.diff)):
+                    diff.update(chunk)
+                    data = deflate.compress(chunk)
+                    packed.update(data)
+                    out.write(data)
+                data = deflate.flush()
+                packed.update(data)
+                out.write(data)
+            digest, size = "sha256:" + packed.hexdigest(), path.stat().st_size
+            client.upload_blob(ep, digest, size, file_chunks(path))
+            descriptors.append(_descriptor(oci.OCI_LAYER_GZIP, digest, size))
+            diff_ids.append("sha256:" + diff.hexdigest())
+    full = {**config, "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    raw_config = json.dumps(full, separators=(",", ":"), sort_keys=True).encode()
+    config_digest = "sha256:" + hashlib.sha256(raw_config).hexdigest()
+    client.upload_blob(ep, config_digest, len(raw_config), lambda: raw_config)
+    raw = _manifest(_descriptor(oci.OCI_CONFIG, config_digest, len(raw_config)), descriptors)
+    client.put_manifest(ep, raw, oci.OCI_MANIFEST)
+    return "sha256:" + hashlib.sha256(raw).hexdigest()

@@ -125,11 +125,13 @@ def _image_id(source: SourceImage, compression: str) -> uuid.UUID:
 
 def write_sif(source: SourceImage, out: Path, *, compression: str = "zstd",
               force: bool = False, verified: bool = False,
-              extra: dict[str, bytes] | None = None) -> None:
+              extra: dict[str, bytes] | None = None,
+              objects: list[sif.NewObject] | None = None) -> None:
     """Convert *source* into SIF *out* (atomically).
 
     With *verified* the layers are trusted to match their digests (the cache
     checked them while downloading); otherwise each is hashed as it streams.
+    *objects* are more SIF objects to store (before the standard ones).
     *extra* (paths relative to ``/.singularity.d``) replace or add to what is made
     from the OCI config: a definition file's runscript, environment and labels.
     """
@@ -165,7 +167,7 @@ def write_sif(source: SourceImage, out: Path, *, compression: str = "zstd",
                                 separators=(",", ":")).encode()
         arch = source.architecture
         with open(tmp, "wb") as f:
-            sif.write(f, sif_objects(metadata, part, arch, oci_config), created_at=stamp,
-                      image_id=_image_id(source, compression))
+            sif.write(f, [*(objects or []), *sif_objects(metadata, part, arch, oci_config)],
+                      created_at=stamp, image_id=_image_id(source, compression))
     LOG.info("wrote %s (%s, %d layers, %s)", out, source.architecture, len(source.layers),
              compression)
