@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,18 @@ def _layer_from_sif(image: Path, work: Path) -> tuple[Path, str, str, int]:
                 break
             remaining -= copied
     layer = work / "layer.tar.gz"
+    with tools.reading(["sqfs2tar", "--no-skip", str(part)]) as tar:
+        digest, diff_id = _gzip_layer(iter(lambda: tar.read(1 << 20), b""), layer)
+    part.unlink()
+    return layer, digest, diff_id, layer.stat().st_size
+
+
+def _gzip_layer(chunks: Iterable[bytes], layer: Path) -> tuple[str, str]:
+    """Write tar *chunks* gzipped to *layer*: (its digest, the uncompressed diff ID)."""
     diff, digest = hashlib.sha256(), hashlib.sha256()
     deflate = zlib.compressobj(6, zlib.DEFLATED, 31)
-    with tools.reading(["sqfs2tar", "--no-skip", str(part)]) as tar, open(layer, "wb") as out:
-        while block := tar.read(1 << 20):
+    with open(layer, "wb") as out:
+        for block in chunks:
             diff.update(block)
             packed = deflate.compress(block)
             digest.update(packed)
@@ -95,9 +104,7 @@ def _layer_from_sif(image: Path, work: Path) -> tuple[Path, str, str, int]:
         packed = deflate.flush()
         digest.update(packed)
         out.write(packed)
-    part.unlink()
-    return layer, "sha256:" + digest.hexdigest(), "sha256:" + diff.hexdigest(), \
-        layer.stat().st_size
+    return "sha256:" + digest.hexdigest(), "sha256:" + diff.hexdigest()
 
 
 def push_docker(client: Client, image: Path, ref: Reference, insecure: bool) -> str:
@@ -185,21 +192,11 @@ def _push_layers(client: Client, record: dict[str, Any], ep: Endpoint,
         for index, layer in enumerate(diffs):
             assert layer is not None
             path = Path(tmp) / f"step{index}.tar.gz"
-            diff, packed = hashlib.sha256(), hashlib.sha256()
-            deflate = zlib.compressobj(6, zlib.DEFLATED, 31)
-            with open(path, "wb") as out:
-                for chunk in treetar.chunks(str(layer.diff)):
-                    diff.update(chunk)
-                    data = deflate.compress(chunk)
-                    packed.update(data)
-                    out.write(data)
-                data = deflate.flush()
-                packed.update(data)
-                out.write(data)
-            digest, size = "sha256:" + packed.hexdigest(), path.stat().st_size
+            digest, diff_id = _gzip_layer(treetar.chunks(str(layer.diff)), path)
+            size = path.stat().st_size
             client.upload_blob(ep, digest, size, file_chunks(path))
             descriptors.append(_descriptor(oci.OCI_LAYER_GZIP, digest, size))
-            diff_ids.append("sha256:" + diff.hexdigest())
+            diff_ids.append(diff_id)
     full = {**config, "rootfs": {"type": "layers", "diff_ids": diff_ids}}
     raw_config = json.dumps(full, separators=(",", ":"), sort_keys=True).encode()
     config_digest = "sha256:" + hashlib.sha256(raw_config).hexdigest()
