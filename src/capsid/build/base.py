@@ -81,7 +81,7 @@ def _extract(layers: list[oci.Layer], verified: bool) -> Callable[[Path], None]:
             for index, layer in enumerate(reversed(layers)):
                 chunks, hasher = layer_chunks(layer, verified)
                 flat.add_layer(chunks, f"layer {len(layers) - index}")
-                if hasher is not None and "sha256:" + hasher.hexdigest() != layer.digest:
+                if hasher is not None and oci.digest_of(hasher) != layer.digest:
                     raise CapsidError(f"layer {layer.digest[:19]}… does not match its digest",
                                       "the image is damaged; get it again")
             flat.finish()

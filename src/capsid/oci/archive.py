@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 from capsid.errors import CapsidError, ImageFormatError, ImageNotFoundError
 from capsid.oci import image as oci
+from capsid.oci.image import sha256_digest
 from capsid.oci.store import REF_ANNOTATION, check_digest
 
 
@@ -197,10 +198,9 @@ def _from_descriptor(files: Files, desc: dict[str, Any], platform: tuple[str, st
 
 
 def _verified(files: Files, digest: str) -> bytes:
-    import hashlib
 
     data = files.read(_blob_name(digest))
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+    if sha256_digest(data) != digest:
         raise ImageFormatError(f"blob {digest[:19]}… does not match its digest",
                                "the archive or layout is damaged; save it again")
     return data

@@ -43,6 +43,18 @@ _MACHINES = {"x86_64": ("amd64", ""), "aarch64": ("arm64", "v8"), "armv7l": ("ar
              "riscv64": ("riscv64", ""), "i686": ("386", ""), "i386": ("386", "")}
 
 
+def sha256_digest(data: bytes) -> str:
+    """The OCI digest (``sha256:…``) of *data*."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def digest_of(hasher: Any) -> str:
+    """The OCI digest of what a sha256 *hasher* has seen."""
+    return "sha256:" + str(hasher.hexdigest())
+
+
 def host_platform() -> tuple[str, str]:
     """(architecture, variant) of this machine in OCI terms."""
     machine = os.uname().machine

@@ -24,6 +24,7 @@ from capsid.errors import ImageFormatError
 from capsid.image import sif
 from capsid.image.locate import SIF, locate
 from capsid.oci import image as oci
+from capsid.oci.image import digest_of, sha256_digest
 from capsid.oci.reference import Reference
 from capsid.oci.registries import Endpoint
 from capsid.oci.registry import Client, file_chunks
@@ -39,7 +40,7 @@ def _file_digest(path: Path) -> tuple[str, int]:
         while block := f.read(1 << 20):
             hasher.update(block)
             size += len(block)
-    return "sha256:" + hasher.hexdigest(), size
+    return digest_of(hasher), size
 
 
 def _descriptor(media_type: str, data_digest: str, size: int,
@@ -64,12 +65,12 @@ def push_oras(client: Client, image: Path, ref: Reference, insecure: bool) -> st
     digest, size = _file_digest(image)
     client.upload_blob(ep, digest, size, file_chunks(image))
     config = b"{}"
-    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    config_digest = sha256_digest(config)
     client.upload_blob(ep, config_digest, len(config), lambda: config)
     raw = _manifest(_descriptor(oci.SIF_CONFIG, config_digest, len(config)),
                     [_descriptor(oci.SIF_LAYER, digest, size, {oci.TITLE: image.name})])
     client.put_manifest(ep, raw, oci.OCI_MANIFEST)
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return sha256_digest(raw)
 
 
 def _layer_from_sif(image: Path, work: Path) -> tuple[Path, str, str, int]:
@@ -104,7 +105,7 @@ def _gzip_layer(chunks: Iterable[bytes], layer: Path) -> tuple[str, str]:
         packed = deflate.flush()
         digest.update(packed)
         out.write(packed)
-    return "sha256:" + digest.hexdigest(), "sha256:" + diff.hexdigest()
+    return digest_of(digest), digest_of(diff)
 
 
 def push_docker(client: Client, image: Path, ref: Reference, insecure: bool) -> str:
@@ -145,13 +146,13 @@ def push_docker(client: Client, image: Path, ref: Reference, insecure: bool) -> 
             "rootfs": {"type": "layers", "diff_ids": [diff_id]},
             "history": [{"created": stamp, "created_by": f"capsid push {image.name}"}],
         }, separators=(",", ":"), sort_keys=True).encode()
-        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        config_digest = sha256_digest(config)
         client.upload_blob(ep, digest, size, file_chunks(layer))
         client.upload_blob(ep, config_digest, len(config), lambda: config)
     raw = _manifest(_descriptor(oci.OCI_CONFIG, config_digest, len(config)),
                     [_descriptor(oci.OCI_LAYER_GZIP, digest, size)])
     client.put_manifest(ep, raw, oci.OCI_MANIFEST)
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return sha256_digest(raw)
 
 
 
@@ -199,8 +200,8 @@ def _push_layers(client: Client, record: dict[str, Any], ep: Endpoint,
             diff_ids.append(diff_id)
     full = {**config, "rootfs": {"type": "layers", "diff_ids": diff_ids}}
     raw_config = json.dumps(full, separators=(",", ":"), sort_keys=True).encode()
-    config_digest = "sha256:" + hashlib.sha256(raw_config).hexdigest()
+    config_digest = sha256_digest(raw_config)
     client.upload_blob(ep, config_digest, len(raw_config), lambda: raw_config)
     raw = _manifest(_descriptor(oci.OCI_CONFIG, config_digest, len(raw_config)), descriptors)
     client.put_manifest(ep, raw, oci.OCI_MANIFEST)
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return sha256_digest(raw)

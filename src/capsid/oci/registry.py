@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from capsid import config, log
 from capsid.errors import CapsidError, ImageFormatError, ImageNotFoundError
 from capsid.oci import auth
-from capsid.oci.image import ACCEPT
+from capsid.oci.image import ACCEPT, digest_of, sha256_digest
 from capsid.oci.reference import DOCKER_HUB, DOCKER_HUB_API
 from capsid.oci.registries import Endpoint
 
@@ -209,7 +209,7 @@ class Client:
         response = self.request(ep, "GET", f"manifests/{target}", headers={"Accept": ACCEPT})
         _check(response, ep, "manifest")
         raw = response.content
-        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        digest = sha256_digest(raw)
         if target.startswith("sha256:") and digest != target:
             raise ImageFormatError(f"{ep.ref.registry} sent a manifest that does not match "
                                    f"{target[:19]}…", "the registry or a proxy is broken")
@@ -221,7 +221,7 @@ class Client:
         response = self.request(ep, "GET", f"blobs/{digest}")
         _check(response, ep, f"blob {digest[:19]}…")
         data = response.content
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        if sha256_digest(data) != digest:
             raise ImageFormatError(f"blob {digest[:19]}… from {ep.ref.registry} does not match "
                                    "its digest", "try again; if it persists the registry is broken")
         return data
@@ -262,7 +262,7 @@ class Client:
         response = self.request(ep, "GET", f"blobs/{digest}", headers=headers, stream=True)
         try:
             if response.status_code == 416 and offset:
-                return "sha256:" + hasher.hexdigest() == digest
+                return digest_of(hasher) == digest
             if response.status_code == 200 and offset:
                 hasher, offset = hashlib.sha256(), 0  # the server ignored Range
             elif response.status_code not in (200, 206):
@@ -281,7 +281,7 @@ class Client:
                     raise _Interrupted(offset, e) from None
         finally:
             response.close()
-        if "sha256:" + hasher.hexdigest() != digest:
+        if digest_of(hasher) != digest:
             LOG.warning("blob %s from %s did not match its digest; downloading it again",
                         digest[:19], ep.ref.registry)
             return False

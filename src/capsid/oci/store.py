@@ -30,6 +30,7 @@ from typing import Any
 from capsid import config
 from capsid.errors import CapsidError, ImageFormatError
 from capsid.image import output
+from capsid.oci.image import sha256_digest
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -102,9 +103,8 @@ class Store:
 
     def put(self, data: bytes) -> str:
         """Store small *data* (a manifest, a config) and return its digest."""
-        import hashlib
 
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_digest(data)
         if not self.has(digest):
             output.write_bytes(self.blob_path(digest), data)
         return digest

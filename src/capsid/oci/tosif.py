@@ -25,7 +25,7 @@ from capsid.image import meta, output, sif, squashfs
 from capsid.image.convert import sif_objects, source_date_epoch
 from capsid.oci import compression as comp
 from capsid.oci.flatten import Flattener
-from capsid.oci.image import Layer, SourceImage
+from capsid.oci.image import Layer, SourceImage, digest_of
 
 LOG = log.get(__name__)
 
@@ -148,7 +148,7 @@ def write_sif(source: SourceImage, out: Path, *, compression: str = "zstd",
             for index, layer in enumerate(reversed(source.layers)):
                 chunks, hasher = layer_chunks(layer, verified)
                 flat.add_layer(chunks, f"layer {len(source.layers) - index}")
-                digest = "sha256:" + hasher.hexdigest() if hasher is not None else None
+                digest = digest_of(hasher) if hasher is not None else None
                 if digest is not None and digest != layer.digest:
                     raise ImageFormatError(
                         f"layer {layer.digest[:19]}… does not match its digest "
