@@ -149,10 +149,10 @@ def elf_arch(header: bytes) -> str | None:
 
 
 def host_arch() -> str:
-    machine = os.uname().machine
-    return {"x86_64": "amd64", "aarch64": "arm64", "i686": "386", "i386": "386",
-            "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64",
-            "armv7l": "arm", "loongarch64": "loong64"}.get(machine, "unknown")
+    from capsid import arch
+
+    found = arch.host()
+    return found[0] if found else "unknown"
 
 
 def detect_arch(root: Path) -> str:

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from capsid import arch as machines
 from capsid.errors import CapsidError, ImageFormatError
 
 #: Opens a layer's bytes for reading.
@@ -37,10 +38,6 @@ INDEXES = (OCI_INDEX, DOCKER_LIST)
 MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
 ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 
-#: uname machine → OCI architecture (and default variant)
-_MACHINES = {"x86_64": ("amd64", ""), "aarch64": ("arm64", "v8"), "armv7l": ("arm", "v7"),
-             "armv6l": ("arm", "v6"), "ppc64le": ("ppc64le", ""), "s390x": ("s390x", ""),
-             "riscv64": ("riscv64", ""), "i686": ("386", ""), "i386": ("386", "")}
 
 
 def sha256_digest(data: bytes) -> str:
@@ -57,8 +54,7 @@ def digest_of(hasher: Any) -> str:
 
 def host_platform() -> tuple[str, str]:
     """(architecture, variant) of this machine in OCI terms."""
-    machine = os.uname().machine
-    return _MACHINES.get(machine, (machine, ""))
+    return machines.host() or (os.uname().machine, "")
 
 
 def parse_platform(arch: str | None) -> tuple[str, str]:
@@ -71,8 +67,9 @@ def parse_platform(arch: str | None) -> tuple[str, str]:
     if not parts or not parts[0]:
         raise CapsidError(f"--arch {arch!r} names no architecture",
                           "use e.g. --arch amd64, --arch arm64 or --arch arm/v7")
-    architecture = {"x86_64": "amd64", "aarch64": "arm64"}.get(parts[0], parts[0])
-    variant = parts[1] if len(parts) > 1 else dict(_MACHINES.values()).get(architecture, "")
+    architecture = machines.MACHINES.get(parts[0], (parts[0], ""))[0]  # x86_64 is amd64
+    variant = parts[1] if len(parts) > 1 else \
+        dict(machines.MACHINES.values()).get(architecture, "")
     return architecture, variant
 
 
