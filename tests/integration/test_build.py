@@ -520,3 +520,24 @@ def test_push_of_a_built_image_keeps_its_layers(env: dict[str, str], registry: R
     assert run_capsid("pull", back, target, env=env).returncode == 0
     result = run_capsid("run", back, env=env)
     assert (result.returncode, result.stdout) == (0, "copied\nran\n"), result.stderr
+
+
+def test_run_mounts(env: dict[str, str], tmp_path: Path) -> None:
+    """RUN --mount: a cache directory kept between builds, a bind from the context, a tmpfs;
+    none of them ends up in the image."""
+    write(tmp_path, "data.txt", "from the context\n")
+    recipe = write(tmp_path, "Dockerfile", """
+        FROM busybox:1
+        RUN --mount=type=cache,target=/var/cache/x sh -c \\
+            'echo run >> /var/cache/x/log; wc -l < /var/cache/x/log > /count'
+        RUN --mount=type=bind,source=data.txt,target=/in \\
+            --mount=type=tmpfs,target=/scratch \\
+            sh -c 'cat /in > /copied; touch /scratch/x; ls /scratch > /listed'
+        """)
+    out = tmp_path / "m.sif"
+    build(env, out, recipe)
+    build(env, out, recipe, "--force", "--no-cache")
+    check = run_capsid("exec", out, "sh", "-c", "cat /count /copied /listed; "
+                       "ls /var/cache/x /in /scratch 2>&1 | wc -l", env=env)
+    lines = check.stdout.split("\n")
+    assert lines[:3] == ["2", "from the context", "x"], check.stderr

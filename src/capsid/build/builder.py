@@ -26,7 +26,7 @@ from capsid.build import mounted
 from capsid.build.base import BaseImage, open_base
 from capsid.build.context import Context
 from capsid.build.copying import Destination
-from capsid.build.recipe import Config, Copy, Recipe, Run, Setup, Stage, Step
+from capsid.build.recipe import Config, Copy, Mount, Recipe, Run, Setup, Stage, Step
 from capsid.build.store import BuildStore, Layer, Pending, digest
 from capsid.errors import CapsidError, UsageError
 from capsid.image import output
@@ -207,7 +207,7 @@ class Builder:
                 self._setup(result, step, pending)
             else:
                 self._mkdir(result, pending)
-            layer = pending.publish(key, result.state)
+            layer = pending.publish(key, result.state, replace=self.opts.no_cache)
             LOG.info("step %d took %.2f s", self.count, time.monotonic() - started)
             return layer
         except BaseException:
@@ -242,8 +242,8 @@ class Builder:
         env = self._environment(result, step)
         env["APT_CONFIG"] = f"{INSIDE}/apt.conf"
         binds = [BindSpec(str(scratch), INSIDE), *self.opts.binds]
-        for mount in step.mounts:
-            binds.append(self._run_mount(mount, step))
+        for index, mount in enumerate(step.mounts):
+            binds.append(self._run_mount(mount, step, scratch / f"tmpfs{index}"))
         workdir = result.state.get("config", {}).get("WorkingDir") or "/"
         # A PID namespace of its own: when the build dies, every process of the step dies.
         options = Options(binds=binds, contain=True, no_home=True, cleanenv=True,
@@ -265,13 +265,12 @@ class Builder:
             if name:
                 result.state.setdefault("labels", {})[name] = value.strip()
 
-    def _run_mount(self, mount: Any, step: Run) -> BindSpec:
+    def _run_mount(self, mount: Mount, step: Run, scratch: Path) -> BindSpec:
         if mount.kind == "cache":
             return BindSpec(str(self.store.cache_mount(mount.id)), mount.target)
-        if mount.kind == "tmpfs":
-            path = self.store.tmp / f"tmpfs-{os.getpid()}-{abs(hash(mount.target))}"
-            path.mkdir(exist_ok=True)
-            return BindSpec(str(path), mount.target)
+        if mount.kind == "tmpfs":  # an empty directory that goes with the step
+            scratch.mkdir()
+            return BindSpec(str(scratch), mount.target)
         if mount.from_stage:
             raise UsageError(f"{step.where}: RUN --mount=from=... is not supported",
                              "COPY --from the stage first")
@@ -411,7 +410,7 @@ class Builder:
             pending = self.store.begin()
             try:
                 self._write_metadata(result, pending)
-                layer = pending.publish(key, result.state)
+                layer = pending.publish(key, result.state, replace=self.opts.no_cache)
             except BaseException:
                 pending.discard()
                 raise

@@ -43,7 +43,8 @@ class Layer:
 
     @property
     def empty(self) -> bool:
-        return not any(os.scandir(self.diff))
+        with os.scandir(self.diff) as entries:
+            return not any(entries)
 
 
 class Pending:
@@ -58,12 +59,17 @@ class Pending:
         for d in (self.diff, self.work, self.scratch):
             d.mkdir()
 
-    def publish(self, key: str, state: dict[str, Any]) -> Layer:
-        """Make the result the cached layer *key* (or take the one another build made)."""
+    def publish(self, key: str, state: dict[str, Any], replace: bool = False) -> Layer:
+        """Make the result the cached layer *key* (or take the one another build made;
+        with *replace*, as ``--no-cache`` asks, ours replaces it)."""
         (self.temp.path / "state.json").write_text(json.dumps(state, sort_keys=True))
         for d in (self.work, self.scratch):
             output.remove(d)
         final = self.store.layers / key
+        if replace and final.exists():
+            old = output.Temporary(self.store.tmp / "replaced", directory=True)
+            os.rename(final, old.path / "layer")
+            old.discard()
         try:
             os.rename(self.temp.path, final)
         except OSError:  # another build finished the same step first

@@ -84,7 +84,10 @@ def _file(path: str, rel: str, info: os.stat_result, mtime: int | None) -> Itera
         f = open(path, "rb")  # noqa: SIM115 - closed below
     except PermissionError:  # a file its owner may not read (mode 000): it is ours
         os.chmod(path, stat.S_IMODE(info.st_mode) | stat.S_IRUSR)
-        f = open(path, "rb")  # noqa: SIM115
+        try:
+            f = open(path, "rb")  # noqa: SIM115
+        finally:
+            os.chmod(path, stat.S_IMODE(info.st_mode))  # the layer stays as it was
     with f:
         size = os.fstat(f.fileno()).st_size
         yield _header(rel, info, mtime, size=size)
