@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${CAPSID_TEST_CACHE:-/var/cache/capsid-test}
 out=$cache/oci
-stamp=$out/.complete-3
+stamp=$out/.complete-4
 if [ -f "$stamp" ]; then echo "$out"; exit 0; fi
 rm -rf "$out" && mkdir -p "$out"
 work=$(mktemp -d) && trap 'rm -rf "$work"' EXIT

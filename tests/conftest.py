@@ -131,7 +131,7 @@ def live_squashfuse(image: Path | None = None) -> list[str]:
 def oci_images() -> Path:
     """OCI archives and layouts written by buildah/umoci (scripts/oci-images.sh, run as root)."""
     cache = Path(os.environ.get("CAPSID_TEST_CACHE", "/var/cache/capsid-test")) / "oci"
-    if not (cache / ".complete-3").exists():
+    if not (cache / ".complete-4").exists():
         pytest.skip("OCI test images are absent (scripts/oci-images.sh makes them as root)")
     return cache
 

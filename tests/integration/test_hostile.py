@@ -412,3 +412,17 @@ def test_hostile_archive_fields(busybox_sandbox: Path, tmp_path: Path, case: str
         else "manifest.json"
     one_clear_error(result, field)
     assert not (tmp_path / "out.sif").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads /etc/shadow and /dev/mem anyway")
+def test_file_capabilities_and_device_nodes_in_an_image_are_inert(debian_sif: Path) -> None:
+    """The test image holds a busybox with cap_dac_override+ep and /opt/mem (char 1:1)."""
+    result = run_capsid("exec", debian_sif, "sh", "-c",
+                        "ls -l /opt/mem | cut -c1; "
+                        "/usr/local/caps/busybox cat /etc/shadow >/dev/null 2>&1; echo $?; "
+                        "head -c 1 /opt/mem >/dev/null 2>&1; echo $?; "
+                        "grep -E '^Cap(Eff|Prm)' /proc/self/status | awk '{print $2}'")
+    lines = result.stdout.split()
+    assert lines[0] == "c", result.stderr  # the device node is there...
+    assert lines[1] != "0" and lines[2] != "0"  # ...but neither it nor the capability works
+    assert lines[3:] == ["0000000000000000", "0000000000000000"]
