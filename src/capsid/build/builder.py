@@ -176,8 +176,10 @@ class Builder:
         inputs: list[object]
         if isinstance(step, Copy):
             inputs = self._copy_inputs(step)
-            text = f"{'ADD' if step.extract else 'COPY'} {' '.join(step.sources)} {step.dest}" \
-                if step.dockerish else f"%files {step.sources[0]} {step.dest}"
+            origin = f"--from={step.from_stage} " if step.from_stage is not None else ""
+            text = (f"{'ADD' if step.extract else 'COPY'} {origin}{' '.join(step.sources)} "
+                    f"{step.dest}") if step.dockerish else \
+                f"%files {origin.replace('--from=', 'from ')}{step.sources[0]} {step.dest}"
         elif isinstance(step, Run):
             inputs = [self._environment(result, step), [str(m) for m in step.mounts],
                       [str(b) for b in self.opts.binds]]
