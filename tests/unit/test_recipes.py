@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from capsid.build import deffile, dockerfile, words
@@ -160,3 +163,25 @@ def test_placeholders_in_comments_are_left_alone() -> None:
                            "x.def", {})
     run = recipe.stages[0].steps[0]
     assert isinstance(run, Run) and run.script == "# {{ undefined }}\necho ok\n"
+
+
+def test_build_layers_leave_network_file_systems(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """overlayfs takes no upper directory on NFS: a cache there sends the layers to TMPDIR."""
+    from capsid.build import store
+
+    monkeypatch.delenv("CAPSID_BUILD_CACHEDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(store, "filesystem_type", lambda path: "nfs4")
+    assert store.build_root(tmp_path / "home" / ".cache" / "capsid") == \
+        tmp_path / f"capsid-build-{os.getuid()}"
+    monkeypatch.setattr(store, "filesystem_type", lambda path: "ext4")
+    assert store.build_root(tmp_path / "c") == tmp_path / "c" / "build"
+    monkeypatch.setenv("CAPSID_BUILD_CACHEDIR", str(tmp_path / "chosen"))
+    assert store.build_root(tmp_path / "c") == tmp_path / "chosen"
+
+
+def test_filesystem_type_reads_mountinfo() -> None:
+    from capsid.build.store import filesystem_type
+
+    assert filesystem_type(Path("/proc/self")) == "proc"

@@ -83,8 +83,10 @@ class Builder:
         from capsid.oci.store import default_root
 
         self.recipe, self.opts = recipe, opts
-        self.store = BuildStore(opts.cache_root or default_root()).prepare()
-        self.context = Context(opts.context or Path(recipe.path).parent, self.store.root.parent)
+        cache_root = opts.cache_root or default_root()
+        self.store = BuildStore(cache_root).prepare()
+        self.context = Context(opts.context or Path(recipe.path).parent,
+                               (cache_root, self.store.root))
         self.results: list[StageResult] = []
         self.epoch = _epoch()
         self.total = sum(len(s.steps) + 1 for s in recipe.stages)

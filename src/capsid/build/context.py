@@ -19,10 +19,10 @@ from capsid.errors import UsageError
 class Context:
     """A build context directory and its ignore rules."""
 
-    def __init__(self, root: Path, exclude: Path | None = None) -> None:
+    def __init__(self, root: Path, exclude: tuple[Path, ...] = ()) -> None:
         self.root = root.resolve()
-        #: never part of the context: the build cache, when it lies inside
-        self.exclude = str(exclude.resolve()) if exclude is not None else None
+        #: never part of the context: capsid's caches, when they lie inside it
+        self.exclude = tuple(str(path.resolve()) for path in exclude)
         if not self.root.is_dir():
             raise UsageError(f"build context {root} is not a directory",
                              "give the directory with the files the recipe copies (--context)")
@@ -43,10 +43,9 @@ class Context:
 
     def ignored(self, rel: str) -> bool:
         """Whether context path *rel* is excluded by ``.dockerignore`` (the last rule wins)."""
-        if self.exclude is not None:
-            full = f"{self.root}/{rel}"
-            if full == self.exclude or full.startswith(self.exclude + "/"):
-                return True
+        full = f"{self.root}/{rel}"
+        if any(full == skip or full.startswith(skip + "/") for skip in self.exclude):
+            return True
         excluded = False
         for negate, pattern in self._ignore:
             parts = rel.split("/")

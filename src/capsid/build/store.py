@@ -84,11 +84,55 @@ class Pending:
         self.temp.discard()
 
 
+#: File systems overlayfs cannot take an upper directory on (home directories of HPC
+#: sites often are one of these).
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph",
+                       "fuse.sshfs", "panfs", "wekafs")
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the file system *path* is on, from /proc/self/mountinfo ('' if unknown)."""
+    try:
+        real = str(path.resolve())
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    best, kind = "", ""
+    for line in lines:
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ")
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, line.split(" - ", 1)[1].split()[0]
+    return kind
+
+
+def build_root(cache_root: Path) -> Path:
+    """Where build layers live: beside the rest of the cache, or, when that is on a network
+    file system, in $CAPSID_BUILD_CACHEDIR or a local temporary directory."""
+    explicit = os.environ.get("CAPSID_BUILD_CACHEDIR")
+    if explicit:
+        return Path(explicit)
+    probe = cache_root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if filesystem_type(probe) in NETWORK_FILESYSTEMS:
+        local = Path(os.environ.get("TMPDIR") or "/var/tmp") / f"capsid-build-{os.getuid()}"
+        from capsid import log
+
+        log.get(__name__).info("%s is on a network file system: build layers go to %s "
+                               "(set CAPSID_BUILD_CACHEDIR to choose)", cache_root, local)
+        return local
+    return cache_root / "build"
+
+
 class BuildStore:
     """Where the builder keeps its layers."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root / "build"
+        self.root = build_root(root)
         self.layers, self.bases = self.root / "layers", self.root / "bases"
         self.mounts, self.tmp = self.root / "mounts", self.root / "tmp"
         self.images = self.root / "images"  #: SIFs of finished builds, by their last step
