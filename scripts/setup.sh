@@ -23,11 +23,12 @@ cd "$(dirname "$0")/.."
 #   libseccomp2        root emulation in build steps (pyseccomp calls it)
 #   tar                unpacks base images into the build cache
 #   libcap2-bin        setcap, for the test image's file capabilities
+#   time               GNU time: peak memory in bench/ and scripts/bombs.sh
 packages=(squashfs-tools-ng squashfs-tools squashfuse fuse3 fuse-overlayfs uidmap
           busybox-static golang-go golang-github-sylabs-sif-dev bubblewrap charliecloud-runtime
           python3-venv util-linux procps mmdebstrap docker-registry apache2-utils openssl
           buildah umoci skopeo golang-github-containers-common charliecloud-builders
-          libseccomp2 tar libcap2-bin)
+          libseccomp2 tar libcap2-bin time)
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
