@@ -541,3 +541,10 @@ def test_run_mounts(env: dict[str, str], tmp_path: Path) -> None:
                        "ls /var/cache/x /in /scratch 2>&1 | wc -l", env=env)
     lines = check.stdout.split("\n")
     assert lines[:3] == ["2", "from the context", "x"], check.stderr
+
+
+def test_a_step_that_cannot_start_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    recipe = write(tmp_path, "Dockerfile", "FROM busybox:1\nRUN true\n")
+    result = build(env, tmp_path / "o.sif", recipe, "-B", f"{tmp_path}/nowhere:/x",
+                   check=False)
+    one_error(result, "Dockerfile:2", "could not start", "bind source", "does not exist")

@@ -143,8 +143,12 @@ def run_test(result: StageResult, out: Path, sandbox: bool, quiet: bool = False)
 
     if not quiet:
         print("running %test", file=sys.stderr, flush=True)
-    status = api.run(str(out), [], Options(cleanenv=True, writable_tmpfs=not sandbox),
-                     action="test")
+    try:
+        status = api.run(str(out), [], Options(cleanenv=True, writable_tmpfs=not sandbox),
+                         action="test")
+    except CapsidError:
+        output.remove(out)
+        raise
     if status != 0:
         output.remove(out)
         raise CapsidError(f"%test failed with exit code {status}; {out} was removed",

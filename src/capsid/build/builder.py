@@ -256,7 +256,11 @@ class Builder:
                         name=self.recipe.path)
         from capsid.runtime import api
 
-        status = api.run(layers, step.argv, options)
+        try:
+            status = api.run(layers, step.argv, options)
+        except CapsidError as err:
+            raise BuildError(f"{step.where}: step {self.count}/{self.total} could not start: "
+                             f"{err.message}", err.hint) from None
         if status != 0:
             raise BuildError(f"{step.where}: step {self.count}/{self.total} failed with exit "
                              f"code {status}: {step.text.splitlines()[0][:80]}",

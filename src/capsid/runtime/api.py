@@ -66,44 +66,53 @@ def exec_container(image: str | Layers, argv: Sequence[str], options: Options,
 
 def run(image: str | Layers, argv: Sequence[str], options: Options,
         action: str = "exec") -> int:
-    """Run the container as a child process and return its exit status.
+    """Run the container as a child process and return its command's exit status.
 
-    A status above 128 is a death by signal, as a shell reports it; a failure to set
-    the container up is reported on stderr and gives 255.
+    A status above 128 is a death by signal, as a shell reports it. A failure to set the
+    container up is raised here as a :class:`~capsid.errors.CapsidError` (the child
+    reports it through a pipe that closes by itself when the command starts).
     """
     if isinstance(image, str):
         image = resolve(image)
     sys.stdout.flush()
     sys.stderr.flush()
+    reader, writer = os.pipe()  # both close on exec
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child ends in execve or _exit
-        _child(image, argv, options, action)
+        os.close(reader)
+        _child(image, argv, options, action, writer)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        report = pipe.read().decode(errors="replace")
     while True:
         try:
             _, status = os.waitpid(pid, 0)
             break
         except InterruptedError:
             continue
+    if report:
+        from capsid.errors import CapsidError
+
+        message, _, hint = report.partition("\0")
+        raise CapsidError(message, hint)
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.waitstatus_to_exitcode(status)
 
 
-def _child(image: str | Layers, argv: Sequence[str], options: Options,
-           action: str) -> NoReturn:
+def _child(image: str | Layers, argv: Sequence[str], options: Options, action: str,
+           report: int) -> NoReturn:
     from capsid.errors import CapsidError
     from capsid.runtime import linux
 
-    code = 255
     try:
         linux.parent_death_signal(9)  # SIGKILL when the caller dies (kill -9 of a build)
         if os.getppid() == 1:
-            os._exit(code)  # it died already
+            os._exit(255)  # it died already
         exec_container(image, argv, options, action)
     except CapsidError as err:
-        print(f"capsid: error: {err}", file=sys.stderr)
-    except BaseException as err:  # the parent must get a status, whatever happened
-        print(f"capsid: error: internal error ({type(err).__name__}: {err})", file=sys.stderr)
-        code = 254
-    sys.stderr.flush()
-    os._exit(code)
+        os.write(report, f"{err.message}\0{err.hint}".encode(errors="replace"))
+    except BaseException as err:  # the parent must hear of it, whatever happened
+        os.write(report, f"internal error ({type(err).__name__}: {err})\0this is a bug in "
+                         "capsid: please report it".encode(errors="replace"))
+    os._exit(255)
