@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import textwrap
@@ -32,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.support.registry import PASSWORD, USER, Registry, make_pki  # noqa: E402
 
-from bench.oci_pull import IMAGES, measure, pipeline, timed  # noqa: E402
+from bench.oci_pull import IMAGES, measure, pipeline, require, timed  # noqa: E402
 
 CAPSID = Path(sys.executable).parent / "capsid"
 BASE = "bench/debian-python3:12"
@@ -132,9 +131,7 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (buildah's storage); capsid itself needs no root")
-    for tool in ("buildah", "ch-image", "ch-convert", "docker-registry", "skopeo"):
-        if shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin") is None:
-            raise SystemExit(f"{tool} is missing: run scripts/setup.sh")
+    require("buildah", "ch-image", "ch-convert", "docker-registry", "skopeo")
     with tempfile.TemporaryDirectory(prefix="capsid-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         make_pki(work / "pki")

@@ -115,6 +115,13 @@ class Bench:
             self.env)
 
 
+def require(*tools: str) -> None:
+    """Stop with a clear line unless every peer tool is installed."""
+    for tool in tools:
+        if shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin") is None:
+            raise SystemExit(f"{tool} is missing: run scripts/setup.sh")
+
+
 def measure(label: str, fn: Callable[[], tuple[float, int]], runs: int) -> tuple[float, int]:
     times, peaks = [], []
     for _ in range(runs):
@@ -135,9 +142,7 @@ def main() -> int:
     args = parser.parse_args()
     if not (IMAGES / "debian-python3.docker.tar").exists():
         raise SystemExit(f"{IMAGES} has no test images: run scripts/oci-images.sh as root")
-    for tool in ("skopeo", "umoci", "mksquashfs", "ch-image", "ch-convert", "docker-registry"):
-        if shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin") is None:
-            raise SystemExit(f"{tool} is missing: run scripts/setup.sh")
+    require("skopeo", "umoci", "mksquashfs", "ch-image", "ch-convert", "docker-registry")
     with tempfile.TemporaryDirectory(prefix="capsid-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         make_pki(work / "pki")
