@@ -24,6 +24,13 @@ status=0
 if [ "$(id -u)" = 0 ]; then
     user=${CAPSID_TEST_USER:-capsid-test}
     id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+    # No admin set-up for the ordinary user: Debian's useradd granted subordinate ids.
+    sed -i "/^$user:/d" /etc/subuid /etc/subgid
+    # A second user keeps them, for the tests of what builds do with them.
+    subuser=${CAPSID_TEST_SUBUSER:-capsid-sub}
+    id "$subuser" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$subuser"
+    grep -q "^$subuser:" /etc/subuid || echo "$subuser:200000:65536" >>/etc/subuid
+    grep -q "^$subuser:" /etc/subgid || echo "$subuser:200000:65536" >>/etc/subgid
     # The ordinary user needs to read the checkout and its venv; copy it if it cannot.
     if ! runuser -u "$user" -- test -r "$repo/pyproject.toml" -a -x "$repo/.venv/bin/python"; then
         copy=/var/tmp/capsid-test-checkout
@@ -41,5 +48,13 @@ if [ "$(id -u)" = 0 ]; then
         "$repo/.venv/bin/pytest" -p no:cacheprovider "$@" || user_status=$?
     [ "$user_status" = 5 ] && user_status=0
     [ "$user_status" = 0 ] || status=$user_status
+    echo "test: running the tests of subordinate ids as $subuser"
+    sub_status=0
+    runuser -u "$subuser" -- env -C "$repo" HOME="$(getent passwd "$subuser" | cut -d: -f6)" \
+        CAPSID_SHARED="$shared" CAPSID_TEST_CACHE="$CAPSID_TEST_CACHE" \
+        PATH=/usr/local/bin:/usr/bin:/bin \
+        "$repo/.venv/bin/pytest" -p no:cacheprovider -m subids "$@" || sub_status=$?
+    [ "$sub_status" = 5 ] && sub_status=0
+    [ "$sub_status" = 0 ] || status=$sub_status
 fi
 exit "$status"

@@ -160,25 +160,97 @@ def test_dockerfile_instructions_and_the_cache(env: dict[str, str], tmp_path: Pa
     assert ran(fresh) == ran(first)
 
 
+SSH_RECIPE = """
+    FROM debian-python3:12
+    RUN apt-get update -qq && \\
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
+            openssh-client >/dev/null && \\
+        rm -rf /var/lib/apt/lists/* && \\
+        cat /proc/self/uid_map > /uid_map
+    COPY --chown=nobody:_ssh hello.txt /hello.txt
+    """
+
+
+def _sif_owners(sif: Path, *paths: str) -> dict[str, str]:
+    """``user/group mode`` of *paths* as the SIF's squashfs records them (numeric)."""
+    objects = run_capsid("sif", "list", sif, check=True).stdout.splitlines()
+    start = next(line.split("|")[3].split("-")[0] for line in objects if "|FS " in line)
+    listing = subprocess.run(["unsquashfs", "-o", start, "-lln", "-d", "", str(sif), *paths],
+                             capture_output=True, text=True, check=True).stdout
+    owners = {}
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[-1] in paths:
+            owners[fields[-1]] = f"{fields[1]} {fields[0]}"
+    return owners
+
+
 def test_apt_get_install_without_subuid(env: dict[str, str], tmp_path: Path) -> None:
-    """Root emulation: dpkg creates the _ssh group and gives ssh-agent its setgid bit."""
-    recipe = write(tmp_path, "Dockerfile", """
-        FROM debian-python3:12
-        RUN apt-get update -qq && \\
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
-                openssh-client >/dev/null && \\
-            rm -rf /var/lib/apt/lists/* && \
-            cat /proc/self/uid_map > /uid_map
-        """)
+    """Root emulation: dpkg creates the _ssh group and gives ssh-agent its setgid bit.
+
+    Nothing reads /etc/subuid (``--ignore-subuid``): only the user is mapped, to root,
+    and every file ends up root's. Root itself keeps real owners.
+    """
+    recipe = write(tmp_path, "Dockerfile", SSH_RECIPE)
+    write(tmp_path, "hello.txt", "hello\n")
     out = tmp_path / "ssh.sif"
-    build(env, out, recipe)
-    # Only the user was mapped (to root): no subordinate ids, whatever /etc/subuid grants.
+    result = build(env, out, recipe, "--ignore-subuid")
     uid_map = run_capsid("exec", out, "cat", "/uid_map", env=env).stdout.split()
-    assert uid_map == ["0", str(os.getuid()), "1"]
     check = run_capsid("exec", out, "sh", "-c",
                        "ssh -V 2>&1 | cut -c1-7; stat -c %A /usr/bin/ssh-agent; "
                        "getent group _ssh | cut -d: -f1", env=env)
     assert check.stdout.splitlines() == ["OpenSSH", "-rwxr-sr-x", "_ssh"], check.stderr
+    owners = _sif_owners(out, "/usr/bin/ssh-agent", "/hello.txt")
+    if os.getuid() == 0:
+        assert uid_map == ["0", "0", "4294967295"]
+        ssh_gid = run_capsid("exec", out, "getent", "group", "_ssh", env=env).stdout
+        gid = ssh_gid.split(":")[2]
+        assert owners["/usr/bin/ssh-agent"] == f"0/{gid} -rwxr-sr-x", owners
+        assert owners["/hello.txt"] == f"65534/{gid} -rw-r--r--", owners
+    else:
+        assert uid_map == ["0", str(os.getuid()), "1"]
+        assert owners["/usr/bin/ssh-agent"] == "0/0 -rwxr-sr-x", owners
+        assert owners["/hello.txt"] == "0/0 -rw-r--r--", owners
+        assert "--chown=nobody:_ssh: files stay owned by root" in result.stderr
+
+
+def _granted() -> bool:
+    from capsid.runtime import identity, userns
+
+    user = identity.User.current()
+    return all(userns.subordinate_range(user, f) for f in ("/etc/subuid", "/etc/subgid"))
+
+
+@pytest.mark.subids
+def test_owners_real_with_subordinate_ids(env: dict[str, str], tmp_path: Path) -> None:
+    """Where /etc/subuid and /etc/subgid grant ranges, the build maps them: the group
+    dpkg gives ssh-agent and COPY --chown's owners reach the SIF; the build's cache, a
+    sandbox and the SIF stay removable by the user."""
+    if os.getuid() == 0 or not _granted():
+        pytest.skip("needs an ordinary user with subordinate ids (scripts/test.sh: capsid-sub)")
+    recipe = write(tmp_path, "Dockerfile", SSH_RECIPE)
+    write(tmp_path, "hello.txt", "hello\n")
+    out = tmp_path / "ssh.sif"
+    build(env, out, recipe)
+    uid_map = run_capsid("exec", out, "cat", "/uid_map", env=env).stdout.split()
+    # The step's namespace nests in the build's, which maps the user to 0 and the range.
+    assert uid_map == ["0", "0", "1", "1", "1", "65536"], uid_map
+    ssh = run_capsid("exec", out, "getent", "group", "_ssh", env=env).stdout
+    gid = ssh.split(":")[2]
+    owners = _sif_owners(out, "/usr/bin/ssh-agent", "/hello.txt")
+    assert owners["/usr/bin/ssh-agent"] == f"0/{gid} -rwxr-sr-x", owners
+    assert owners["/hello.txt"] == f"65534/{gid} -rw-r--r--", owners
+    # The sandbox of the same build is the user's, set-id bits kept.
+    box = tmp_path / "box"
+    build(env, box, recipe, "--sandbox")
+    agent = (box / "usr/bin/ssh-agent").stat()
+    assert (agent.st_uid, agent.st_gid, oct(agent.st_mode & 0o7777)) == (
+        os.getuid(), os.getgid(), "0o2755")
+    subprocess.run(["rm", "-rf", str(box)], check=True)
+    # The step directories hold files of subordinate ids; cache clean reaches them.
+    assert run_capsid("cache", "clean", env=env).returncode == 0
+    assert not any((tmp_path / "cache").rglob("*.deb*")), "cache clean left files behind"
+    subprocess.run(["rm", "-rf", str(tmp_path / "cache")], check=True)
 
 
 def test_multi_stage_c_build(env: dict[str, str], tmp_path: Path) -> None:

@@ -349,6 +349,7 @@ def test_command_not_found_and_bad_images(busybox_sif: Path, tmp_path: Path) -> 
     assert bad.returncode == 255 and "is not a container image" in bad.stderr
 
 
+@pytest.mark.subids
 def test_fakeroot_maps_subordinate_ids_when_granted(busybox_sif: Path) -> None:
     import getpass
 

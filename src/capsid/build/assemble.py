@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -131,6 +132,22 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
         tosif.write_sif(source, image, compression=compression, force=True, verified=True,
                         extra=files)
         convert.image_to_sandbox(image, out, force=force)
+    from capsid.runtime import userns
+
+    if os.geteuid() == 0 and 1 < userns.mapped_ids() < 0xFFFFFFFF:
+        _own(out)  # subordinate ids: a directory the user could not even remove
+
+
+def _own(top: Path) -> None:
+    """Give everything under *top* to root inside, the user outside."""
+    os.lchown(top, 0, 0)
+    for parent, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            mode = os.lstat(path).st_mode
+            os.lchown(path, 0, 0)
+            if not stat.S_ISLNK(mode) and mode & 0o6000:
+                os.chmod(path, stat.S_IMODE(mode))  # chown cleared set-id bits
 
 
 def run_test(result: StageResult, out: Path, sandbox: bool, quiet: bool = False) -> None:

@@ -88,6 +88,11 @@ class Builder:
         self.context = Context(opts.context or Path(recipe.path).parent,
                                (cache_root, self.store.root))
         self.results: list[StageResult] = []
+        from capsid.runtime import userns
+
+        #: files keep the owners steps give them: ids beside root are mapped (the
+        #: user's subordinate ids, or root's own); otherwise everything is root's
+        self.real_owners = os.geteuid() == 0 and userns.mapped_ids() > 1
         self.epoch = _epoch()
         self.total = sum(len(s.steps) + 1 for s in recipe.stages)
         self.count = 0
@@ -142,7 +147,7 @@ class Builder:
             state = {"config": dict(base.config.get("config") or {}), "env91": "",
                      "labels": {}, "architecture": base.config.get("architecture")
                      or platform[0]}
-            key = digest("base", base.key)
+            key = digest("base", base.key, "owners" if self.real_owners else "")
         result = StageResult(stage, base, layers, state, key)
         if self.recipe.kind == "def" and stage.base.kind != "stage":
             self._metadata_dirs(result)
@@ -333,9 +338,11 @@ class Builder:
         return temp.path
 
     def _copy(self, result: StageResult, step: Copy, pending: Pending) -> None:
-        if step.chown and step.chown not in ("0", "root", "0:0", "root:root"):
-            LOG.warning("%s: --chown=%s: files are owned by root in images capsid builds",
-                        step.where, step.chown)
+        chown = step.chown if step.chown not in ("0", "root", "0:0", "root:root") else None
+        if chown and not self.real_owners:
+            LOG.warning("%s: --chown=%s: files stay owned by root (only root is mapped: "
+                        "subordinate ids in /etc/subuid make owners real)", step.where, chown)
+            chown = None
         roots = [Layers(result.lowers(self.store), str(pending.diff), str(pending.work))]
         source_root: StageResult | None = None
         if step.from_stage is not None:
@@ -371,7 +378,9 @@ class Builder:
                 and self.context.ignored(path[len(context_root) + 1:])
 
         def copy(paths: list[str]) -> None:
-            target = Destination(paths[0], self.epoch, skip if source_root is None else None)
+            owner = _owner(paths[0], chown, str(step.where)) if chown else None
+            target = Destination(paths[0], self.epoch, skip if source_root is None else None,
+                                 owner)
             try:
                 sources = host_sources if len(paths) == 1 else [
                     (_inside(paths[1], s, str(step.where)), os.path.basename(s.rstrip("/")))
@@ -494,6 +503,31 @@ def _inside(root: str, path: str, where: str) -> str:
             return root + found.inside
     finally:
         os.close(fd)
+
+
+def _owner(root: str, spec: str, where: str) -> tuple[int, int]:
+    """COPY --chown's USER[:GROUP] as ids, names looked up in the stage's own files.
+
+    A user without a group gets the group of the same number, as Docker does.
+    """
+    user, _, group = spec.partition(":")
+
+    def lookup(name: str, table: str) -> int:
+        if name.isdigit():
+            return int(name)
+        try:
+            with open(_inside(root, table, where), encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    fields = line.split(":")
+                    if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
+                        return int(fields[2])
+        except (UsageError, OSError):
+            pass
+        raise UsageError(f"{where}: --chown={spec}: no {name!r} in the image's {table}",
+                         "use numeric ids or create the user in an earlier step")
+
+    uid = lookup(user, "/etc/passwd")
+    return uid, lookup(group, "/etc/group") if group else uid
 
 
 def _is_url(source: str) -> bool:

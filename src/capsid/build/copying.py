@@ -26,10 +26,12 @@ class Destination:
     """An image root open for writing: directories made, files copied, all inside it."""
 
     def __init__(self, root: str, mtime: int | None = None,
-                 skip: Callable[[str], bool] | None = None) -> None:
+                 skip: Callable[[str], bool] | None = None,
+                 owner: tuple[int, int] | None = None) -> None:
         self.root_fd = os.open(root, _DIR)
         self.mtime = mtime  #: timestamp for everything written (reproducible builds)
         self.skip = skip  #: source paths to leave out (.dockerignore)
+        self.owner = owner  #: (uid, gid) of what is copied (COPY --chown); else root's
 
     def close(self) -> None:
         os.close(self.root_fd)
@@ -100,6 +102,8 @@ class Destination:
             try:
                 for entry in sorted(os.listdir(source)):
                     self._entry(os.path.join(source, entry), fd, entry, chmod, False)
+                if self.owner is not None:
+                    os.chown(fd, *self.owner)
                 os.chmod(fd, chmod if chmod is not None else stat.S_IMODE(info.st_mode))
                 self._stamp(fd, info)
             finally:
@@ -108,6 +112,8 @@ class Destination:
         self._remove_nondir(parent_fd, name)
         if stat.S_ISLNK(info.st_mode):
             os.symlink(os.readlink(source), name, dir_fd=parent_fd)
+            if self.owner is not None:
+                os.chown(name, *self.owner, dir_fd=parent_fd, follow_symlinks=False)
             when = self.mtime if self.mtime is not None else info.st_mtime
             os.utime(name, (when, when), dir_fd=parent_fd, follow_symlinks=False)
             return
@@ -125,6 +131,8 @@ class Destination:
         try:
             while chunk := src.read(_CHUNK):  # type: ignore[attr-defined]
                 os.write(fd, chunk)
+            if self.owner is not None:
+                os.chown(fd, *self.owner)  # before chmod: chown clears set-id bits
             os.chmod(fd, mode)
             self._stamp(fd, info)
         finally:

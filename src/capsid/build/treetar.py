@@ -2,9 +2,9 @@
 
 overlayfs records a deletion as a 0/0 character device and a replaced directory as
 one marked ``user.overlay.opaque``; the OCI image spec says ``.wh.NAME`` and
-``.wh..wh..opq``. Everything is owned by root (the builder's root is the user),
-entries are sorted, and with *mtime* every timestamp is that one, so the same
-directory gives the same bytes.
+``.wh..wh..opq``. Owners are kept, except that the builder's own files (the user,
+who is root inside) are root's; entries are sorted, and with *mtime* every
+timestamp is that one, so the same directory gives the same bytes.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def _opaque(path: str) -> bool:
 def _header(name: str, info: os.stat_result, mtime: int | None, **fields: object) -> bytes:
     entry = tarfile.TarInfo(name)
     entry.mode = stat.S_IMODE(info.st_mode)
-    entry.uid = entry.gid = 0
-    entry.uname = entry.gname = "root"
+    entry.uid = 0 if info.st_uid == os.geteuid() else info.st_uid  # the builder: root
+    entry.gid = 0 if info.st_gid == os.getegid() else info.st_gid
+    entry.uname = "root" if entry.uid == 0 else ""
+    entry.gname = "root" if entry.gid == 0 else ""
     entry.mtime = mtime if mtime is not None else int(info.st_mtime)
     for key, value in fields.items():
         setattr(entry, key, value)

@@ -65,6 +65,9 @@ def run(verb: str, argv: list[str]) -> int:
     recipe.add_argument("--fakeroot", "--userns", "-u", action="store_true",
                         help="accepted for Apptainer's command lines: steps always run as "
                              "root in a user namespace")
+    recipe.add_argument("--ignore-subuid", action="store_true",
+                        help="map only yourself, even where /etc/subuid grants you ids "
+                             "(then every file in the image is root's)")
     p.add_argument("output")
     p.add_argument("source", nargs="?")
     args = p.parse_args(argv)
@@ -173,6 +176,11 @@ def _build_recipe(args: argparse.Namespace) -> int:
         notest=args.notest, sections=tuple(args.section.split(",")) if args.section else None,
         binds=binds, arch=args.arch, nohttps=_nohttps_of(args), compression=args.compression,
         quiet=not log.enabled(log.NORMAL))
+    if not args.ignore_subuid:
+        from capsid.runtime import identity, userns
+
+        if userns.enter_for_build(identity.User.current()):
+            log.get(__name__).debug("build: running as root with the ids /etc/subuid grants")
     result, made = builder.build(parsed, opts)
     assemble.write(result, made, out, sandbox=args.sandbox, force=args.force,
                    compression=args.compression)

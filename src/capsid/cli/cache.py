@@ -17,6 +17,10 @@ def run(verb: str, argv: list[str]) -> int:
     p.add_argument("-n", "--dry-run", action="store_true", help="clean: only show what would go")
     p.add_argument("-v", "--verbose", action="store_true", help="list: every file")
     args = p.parse_args(argv)
+    from capsid.runtime import identity, userns
+
+    # Build steps may hold files of the user's subordinate ids: reach them as builds do.
+    userns.enter_for_build(identity.User.current())
     from capsid.build.store import BuildStore
     from capsid.oci.store import Store
 

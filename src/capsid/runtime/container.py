@@ -253,9 +253,13 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
         isolation.loopback_up()
     filter_ = None
     if opts.root_emulation:
-        from capsid.runtime import rootemu  # now: pivot_root hides the host's libraries
+        from capsid.runtime import (
+            rootemu,  # now: pivot_root hides the host's libraries
+            userns,
+        )
 
-        filter_ = rootemu.prepare()
+        # Where ids besides root are mapped (subordinate ids, or root's), owners are real.
+        filter_ = rootemu.prepare(fake_owners=userns.mapped_ids() == 1)
     _assemble_root(plan, started)
     target = plan.cwd if os.path.isdir(plan.cwd) else plan.home_dest
     try:

@@ -64,7 +64,7 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
         return Started(Image(image.name, LAYERS), identity.User.current(), True, None,
                        first_programs, None, image)
     located = locate(image)
-    in_userns = os.geteuid() != 0 or fakeroot
+    in_userns = fakeroot or os.geteuid() != 0 or userns.mapped_ids() < 0xFFFFFFFF
     user = identity.User.current() if fakeroot else None
     if in_userns:
         userns.enter(user or identity.User.ids(), fakeroot, subordinate_ids=subordinate_ids)

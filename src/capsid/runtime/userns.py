@@ -32,21 +32,57 @@ def subordinate_range(user: identity.User, path: str) -> tuple[int, int] | None:
     return None
 
 
+def id_maps() -> tuple[str, str]:
+    """This process's user namespace's uid_map and gid_map."""
+    with open("/proc/self/uid_map") as f, open("/proc/self/gid_map") as g:
+        return f.read(), g.read()
+
+
+def mapped_ids() -> int:
+    """How many user ids this process's user namespace maps (4294967295 on the host)."""
+    return sum(int(line.split()[2]) for line in id_maps()[0].splitlines() if line.strip())
+
+
+def enter_for_build(user: identity.User) -> bool:
+    """Move this (single-threaded) process into the user namespace a whole build runs in.
+
+    With subordinate ids granted in /etc/subuid and /etc/subgid (and newuidmap), the
+    user becomes root and ids 1… map onto the range, so the owners that package
+    managers set are real, as in buildah or Apptainer's --fakeroot. The build's own
+    files, its cache and its output stay the user's. Returns False, changing nothing,
+    for root or without ranges: then each step maps the user alone.
+    """
+    if user.uid == 0 or not _ranges(user):
+        return False
+    enter(user, True)
+    return True
+
+
+def _ranges(user: identity.User) -> tuple[tuple[int, int], tuple[int, int],
+                                          tuple[str, str]] | None:
+    subuid = subordinate_range(user, "/etc/subuid")
+    subgid = subordinate_range(user, "/etc/subgid")
+    newuidmap, newgidmap = tools.find("newuidmap"), tools.find("newgidmap")
+    if subuid and subgid and newuidmap and newgidmap:
+        return subuid, subgid, (newuidmap, newgidmap)
+    return None
+
+
 def enter(user: identity.User, fakeroot: bool, *, subordinate_ids: bool = True) -> None:
     """A new user namespace: *user* as themself, or as root with *fakeroot*.
 
     With --fakeroot and subordinate ids granted in /etc/subuid and /etc/subgid, ids
     1… map onto that range through newuidmap/newgidmap, so package managers can
-    create their users; otherwise only root exists inside.
+    create their users; otherwise only root exists inside. Root (on the host, or in
+    a build's namespace) keeps every id it has: the new namespace maps them as they are.
     """
+    if fakeroot and os.geteuid() == 0 and mapped_ids() > 1:
+        _enter_identity()
+        return
     uid, gid = user.uid, user.gid
     ranges = None
     if fakeroot and user.uid != 0 and subordinate_ids:
-        subuid = subordinate_range(user, "/etc/subuid")
-        subgid = subordinate_range(user, "/etc/subgid")
-        newuidmap, newgidmap = tools.find("newuidmap"), tools.find("newgidmap")
-        if subuid and subgid and newuidmap and newgidmap:
-            ranges = (subuid, subgid, (newuidmap, newgidmap))
+        ranges = _ranges(user)
     if ranges is None:
         try:
             linux.unshare(linux.CLONE_NEWUSER)
@@ -87,3 +123,40 @@ def enter(user: identity.User, fakeroot: bool, *, subordinate_ids: bool = True) 
     if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) != 0:
         raise RuntimeSetupError("newuidmap/newgidmap could not map your subordinate ids",
                                 "check /etc/subuid and /etc/subgid, or run without --fakeroot")
+
+
+def _enter_identity() -> None:
+    """A new user namespace mapping every id of the current one onto itself.
+
+    Only a process outside the new namespace may write such maps: a child does it,
+    while this process waits.
+    """
+    uid_map, gid_map = id_maps()
+    identity_uid = "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, uid_map.splitlines()))
+    identity_gid = "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, gid_map.splitlines()))
+    ready_r, ready_w = os.pipe()
+    target = os.getpid()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(ready_w)
+            if os.read(ready_r, 1) == b"u":
+                for name, text in (("uid_map", identity_uid), ("gid_map", identity_gid)):
+                    with open(f"/proc/{target}/{name}", "w") as f:
+                        f.write(text)
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_r)
+    try:
+        linux.unshare(linux.CLONE_NEWUSER)
+    except OSError as err:
+        os.close(ready_w)
+        os.waitpid(child, 0)
+        raise _userns_error(err) from None
+    os.write(ready_w, b"u")
+    os.close(ready_w)
+    if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) != 0:
+        raise RuntimeSetupError("cannot map root's ids into a new user namespace",
+                                "run again with --debug; this may be a bug in capsid")
