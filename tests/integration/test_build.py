@@ -168,6 +168,10 @@ SSH_RECIPE = """
         rm -rf /var/lib/apt/lists/* && \\
         cat /proc/self/uid_map > /uid_map
     COPY --chown=nobody:_ssh hello.txt /hello.txt
+    RUN mkdir /work && chown nobody /work
+    USER nobody
+    RUN (id -un; echo "$HOME") > /work/who
+    USER root
     """
 
 
@@ -201,17 +205,21 @@ def test_apt_get_install_without_subuid(env: dict[str, str], tmp_path: Path) -> 
                        "getent group _ssh | cut -d: -f1", env=env)
     assert check.stdout.splitlines() == ["OpenSSH", "-rwxr-sr-x", "_ssh"], check.stderr
     owners = _sif_owners(out, "/usr/bin/ssh-agent", "/hello.txt")
+    who = run_capsid("exec", out, "cat", "/work/who", env=env).stdout.splitlines()
     if os.getuid() == 0:
         assert uid_map == ["0", "0", "4294967295"]
         ssh_gid = run_capsid("exec", out, "getent", "group", "_ssh", env=env).stdout
         gid = ssh_gid.split(":")[2]
         assert owners["/usr/bin/ssh-agent"] == f"0/{gid} -rwxr-sr-x", owners
         assert owners["/hello.txt"] == f"65534/{gid} -rw-r--r--", owners
+        assert who == ["nobody", "/nonexistent"]
     else:
         assert uid_map == ["0", str(os.getuid()), "1"]
         assert owners["/usr/bin/ssh-agent"] == "0/0 -rwxr-sr-x", owners
         assert owners["/hello.txt"] == "0/0 -rw-r--r--", owners
         assert "--chown=nobody:_ssh: files stay owned by root" in result.stderr
+        assert who == ["root", "/root"]  # USER needs other ids mapped
+        assert "RUN steps after USER nobody run as root" in result.stderr
 
 
 def _granted() -> bool:
@@ -240,6 +248,8 @@ def test_owners_real_with_subordinate_ids(env: dict[str, str], tmp_path: Path) -
     owners = _sif_owners(out, "/usr/bin/ssh-agent", "/hello.txt")
     assert owners["/usr/bin/ssh-agent"] == f"0/{gid} -rwxr-sr-x", owners
     assert owners["/hello.txt"] == f"65534/{gid} -rw-r--r--", owners
+    who = run_capsid("exec", out, "cat", "/work/who", env=env).stdout.splitlines()
+    assert who == ["nobody", "/nonexistent"]  # USER applies to RUN
     # The sandbox of the same build is the user's, set-id bits kept.
     box = tmp_path / "box"
     build(env, box, recipe, "--sandbox")

@@ -97,6 +97,7 @@ class Builder:
         self.total = sum(len(s.steps) + 1 for s in recipe.stages)
         self.count = 0
         self.rerun = 0  #: steps that ran (were not cached), for tests and the summary
+        self.warned_users: set[str] = set()
         self.downloads: dict[str, Path] = {}  #: ADD's URLs, fetched once a build
         self.temporaries: list[output.Temporary] = []
 
@@ -232,13 +233,28 @@ class Builder:
             env[name] = value
         env.update(step.env)
         env.setdefault("PATH", DEFAULT_PATH)
-        env.setdefault("HOME", "/root")
+        if not self._user(result, step):
+            env.setdefault("HOME", "/root")  # else the user's, from the image's passwd
         if self.recipe.kind == "def":
             env.update(APPTAINER_ENVIRONMENT=f"{INSIDE}/environment",
                        APPTAINER_LABELS=f"{INSIDE}/labels", APPTAINER_ROOTFS="/",
                        SINGULARITY_ENVIRONMENT=f"{INSIDE}/environment",
                        SINGULARITY_ROOTFS="/")
         return env
+
+    def _user(self, result: StageResult, step: Run) -> str | None:
+        """The USER a RUN step runs as: None for root, or where only root is mapped."""
+        user = str(result.state.get("config", {}).get("User") or "")
+        if user.partition(":")[0] in ("", "0", "root"):
+            return None
+        if not self.real_owners:
+            if user not in self.warned_users:
+                self.warned_users.add(user)
+                LOG.warning("%s: RUN steps after USER %s run as root: only root is mapped "
+                            "(subordinate ids in /etc/subuid make other users real)",
+                            step.where, user)
+            return None
+        return user
 
     def _run(self, result: StageResult, step: Run, pending: Pending) -> None:
         scratch = pending.scratch
@@ -256,7 +272,8 @@ class Builder:
         workdir = result.state.get("config", {}).get("WorkingDir") or "/"
         # A PID namespace of its own: when the build dies, every process of the step dies.
         options = Options(binds=binds, contain=True, no_home=True, cleanenv=True,
-                          environment=env, pwd=workdir, root_emulation=True, pid=True)
+                          environment=env, pwd=workdir, root_emulation=True, pid=True,
+                          user=self._user(result, step))
         layers = Layers(result.lowers(self.store), str(pending.diff), str(pending.work),
                         name=self.recipe.path)
         from capsid.runtime import api

@@ -157,6 +157,8 @@ def _exec(plan: Plan, root_emulation: object | None) -> NoReturn:
         environment.setdefault("PATH", envmod.DEFAULT_PATH)
     else:
         environment, use_shell = _environment(plan)
+    if opts.user:
+        identity.become(opts.user, environment)
     linux.no_new_privs()
     if root_emulation is not None:
         from capsid.runtime import rootemu  # imported before pivot_root, by launch

@@ -61,3 +61,50 @@ def group(image_group: bytes | None, user: User) -> bytes:
     if not any(line.split(":")[2:3] == [str(user.gid)] for line in lines):
         lines.append(f"{user.group}:x:{user.gid}:{user.name}")
     return ("\n".join(lines) + "\n").encode()
+
+
+def become(spec: str, environment: dict[str, str]) -> None:
+    """Switch to ``USER[:GROUP]`` as the image's /etc/passwd and /etc/group name them.
+
+    Called inside the container's root, just before the command: a user without a
+    group takes their primary group, plus the groups that list them; HOME is theirs
+    unless set. A name the image does not know is an error; numbers are taken as they are.
+    """
+    from capsid.errors import RuntimeSetupError
+
+    name, _, group_name = spec.partition(":")
+    users = _table("/etc/passwd")
+    entry = next((f for f in users if name in (f[0], f[2])), None)
+    if entry is None and not name.isdigit():
+        raise RuntimeSetupError(f"USER {spec}: no user {name!r} in the image's /etc/passwd",
+                                "create the user in an earlier step, or use numeric ids")
+    uid = int(entry[2]) if entry else int(name)
+    gid = int(entry[3]) if entry and entry[3].isdigit() else uid
+    groups = _table("/etc/group")
+    if group_name:
+        found = next((f for f in groups if group_name in (f[0], f[2])), None)
+        if found is None and not group_name.isdigit():
+            raise RuntimeSetupError(f"USER {spec}: no group {group_name!r} in the image's "
+                                    "/etc/group", "use a numeric group id")
+        gid = int(found[2]) if found else int(group_name)
+    member = entry[0] if entry else None
+    extra = [int(f[2]) for f in groups if member and member in f[3].split(",")
+             and f[2].isdigit()]
+    if "HOME" not in environment:
+        environment["HOME"] = entry[5] if entry and len(entry) > 5 else "/"
+    try:
+        os.setgroups(sorted({gid, *extra}))
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as err:
+        raise RuntimeSetupError(f"USER {spec}: cannot become uid {uid} gid {gid}: "
+                                f"{err.strerror}", "those ids are not mapped here") from None
+
+
+def _table(path: str) -> list[list[str]]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            rows = [line.rstrip("\n").split(":") for line in f]
+    except OSError:
+        return []
+    return [row for row in rows if len(row) >= 4 and row[2].isdigit()]

@@ -21,7 +21,7 @@ class Options:
     __slots__ = ("binds", "cleanenv", "contain", "env", "env_files", "environment",
                  "fakeroot", "home", "hostname", "ipc", "net", "no_home", "no_mount",
                  "overlay", "pid", "pwd", "root_emulation", "shell", "tmpfs_size_mib",
-                 "unsquash", "uts", "writable", "writable_tmpfs")
+                 "unsquash", "user", "uts", "writable", "writable_tmpfs")
 
     def __init__(self, *, binds: Sequence[BindSpec] = (), home: str | None = None,
                  no_home: bool = False, no_mount: Sequence[str] = (), contain: bool = False,
@@ -32,7 +32,7 @@ class Options:
                  writable: bool = False, writable_tmpfs: bool = False,
                  overlay: str | None = None, tmpfs_size_mib: int | None = None,
                  unsquash: bool = False, shell: str | None = None,
-                 root_emulation: bool = False) -> None:
+                 root_emulation: bool = False, user: str | None = None) -> None:
         self.binds = tuple(binds)  #: host paths to bind in (``-B``, ``--mount``)
         self.home = home  #: ``--home SRC[:DST]``
         self.no_home = no_home
@@ -56,6 +56,9 @@ class Options:
         #: root inside may chown and mknod as package managers expect (a seccomp filter
         #: answers those calls with success); implies fakeroot
         self.root_emulation = root_emulation
+        #: ``USER[:GROUP]`` (names or ids of the image's) to become before the command
+        #: starts; needs those ids mapped (a build with subordinate ids, or root)
+        self.user = user
 
     def __repr__(self) -> str:
         changed = {name: getattr(self, name) for name in self.__slots__
