@@ -351,6 +351,36 @@ def test_definition_file(env: dict[str, str], tmp_path: Path) -> None:
     assert build(env, tmp_path / "fail.sif", failing, "--notest").returncode == 0
 
 
+def test_bootstrap_debootstrap(env: dict[str, str], tmp_path: Path) -> None:
+    """A Debian root from the mirror by mmdebstrap, unprivileged (Apptainer needs real
+    root for this), then %post on it; the bootstrap is cached."""
+    if subprocess.run(["getent", "hosts", "deb.debian.org"], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("the Debian mirror's name does not resolve here")
+    recipe = write(tmp_path, "debian.def", """
+        Bootstrap: debootstrap
+        OSVersion: bookworm
+        MirrorURL: http://deb.debian.org/debian
+        Include: hello
+
+        %post
+            hello -g "from debootstrap" > /greeting
+        %runscript
+            cat /greeting
+        """)
+    out = tmp_path / "debian.sif"
+    build(env, out, recipe)
+    run = run_capsid("run", out, env=env)
+    assert (run.returncode, run.stdout) == (0, "from debootstrap\n"), run.stderr
+    check = run_capsid("exec", out, "sh", "-c", ". /etc/os-release; echo $VERSION_CODENAME; "
+                       "dpkg-query -W -f '${Status}\\n' hello", env=env)
+    assert check.stdout.splitlines() == ["bookworm", "install ok installed"], check.stderr
+    # what package scripts wrote to a /dev/null that was no device is not in the image
+    assert _sif_owners(out, "/dev/null") == {}
+    again = build(env, out, recipe, "--force")
+    assert ran(again) == 0 and "mmdebstrap" not in again.stderr
+
+
 @pytest.mark.parametrize(("name", "text", "words"), [
     ("Dockerfile", "FROM busybox:1\nFROBNICATE x\n", ["Dockerfile:2", "unknown instruction"]),
     ("Dockerfile", "FROM busybox:1\nCOPY nothere /x\n", ["Dockerfile:2", "nothere",

@@ -146,6 +146,8 @@ def test_definition_file_sections_stages_and_order() -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("Bootstrap: docker\nFrom: {{ nope }}\n", "x.def:2: build var nope is not defined"),
     ("Bootstrap: yum\n", "not supported"),
+    ("Bootstrap: debootstrap\nOSVersion: bookworm\n", "x.def:1: .*needs MirrorURL;"),
+    ("Bootstrap: debootstrap\n", "needs OSVersion and MirrorURL"),
     ("Bootstrap: docker\n", "needs a From"),
     ("Bootstrap: docker\nFrom: a\nColour: blue\n", "invalid header keyword"),
     ("Bootstrap: docker\nFrom: a\n%weird\n", "invalid section %weird"),

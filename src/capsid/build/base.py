@@ -186,8 +186,24 @@ def _busybox(store: BuildStore) -> BaseImage:
     return BaseImage(key, {}, None, "busybox", unpack)
 
 
+def _debootstrap(options: dict[str, str], platform: tuple[str, str],
+                 quiet: bool) -> BaseImage:
+    from capsid.build import debootstrap
+
+    suite, mirror = options["osversion"], options["mirrorurl"]
+    include = sorted(set(options.get("include", "").replace(",", " ").split()))
+    arch = {"arm": "armhf", "386": "i386"}.get(platform[0], platform[0])
+
+    def unpack(target: Path) -> None:
+        debootstrap.run(debootstrap.argv(suite, mirror, include, arch, target, quiet), target)
+
+    key = digest("debootstrap", debootstrap.VARIANT, suite, mirror, include, arch)
+    return BaseImage(key, {"architecture": platform[0], "os": "linux"}, None,
+                     f"debootstrap {suite} from {mirror}", unpack)
+
+
 def open_base(base: Base, store: BuildStore, platform: tuple[str, str],
-              nohttps: bool) -> BaseImage:
+              nohttps: bool, quiet: bool = False) -> BaseImage:
     """The image a stage starts from (registry images are resolved now: tags move)."""
     if base.kind == "docker":
         return _registry(base.ref.removeprefix("docker://"), platform, nohttps)
@@ -199,5 +215,7 @@ def open_base(base: Base, store: BuildStore, platform: tuple[str, str],
         return _scratch(store)
     if base.kind == "busybox":
         return _busybox(store)
+    if base.kind == "debootstrap":
+        return _debootstrap(base.options, platform, quiet)
     raise UsageError(f"Bootstrap: {base.kind} is not available in capsid yet",
                      "start from an image: Bootstrap: docker, From: debian:12")

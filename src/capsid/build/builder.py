@@ -139,7 +139,8 @@ class Builder:
                 else self.opts.platform  # FROM --platform=...
             self._say(f"FROM {stage.base.ref or stage.base.kind}")
             try:
-                base = open_base(stage.base, self.store, platform, self.opts.nohttps)
+                base = open_base(stage.base, self.store, platform, self.opts.nohttps,
+                                 self.opts.quiet)
             except CapsidError as err:
                 raise BuildError(f"{stage.where}: cannot get the base image "
                                  f"{stage.base.ref or stage.base.kind}: {err.message}",

@@ -197,6 +197,14 @@ def parse(text: str, path: str, build_args: Mapping[str, str]) -> Recipe:
                              "add e.g. From: debian:12")
         options = {k: v for k, v in header.items() if k in ("osversion", "mirrorurl",
                                                              "include")}
+        if kind == "debootstrap":
+            missing = [h for h, k in (("OSVersion", "osversion"), ("MirrorURL", "mirrorurl"))
+                       if not options.get(k)]
+            if missing:
+                raise UsageError(f"{path}:{first}: Bootstrap: debootstrap needs "
+                                 f"{' and '.join(missing)}",
+                                 "e.g. OSVersion: bookworm and "
+                                 "MirrorURL: http://deb.debian.org/debian")
         name = header.get("stage", str(len(stages)))
         stage = Stage(name=name, base=Base(_SUPPORTED[kind], ref, options), steps=[],
                       where=where, metadata=Metadata(), header=header)
