@@ -142,3 +142,40 @@ def test_copy_to_streams_the_object(tmp_path: Path) -> None:
         buf = io.BytesIO()
         image.copy_to(image.descriptors[2], buf, chunk=1000)
         assert buf.getvalue() == b"hsqs" + b"\1" * 5000
+
+
+def _supports_insert_range(directory: Path) -> bool:
+    probe = directory / "probe"
+    probe.write_bytes(b"\0" * 8192)
+    with open(probe, "r+b") as f:
+        ok = sif._insert_range(f.fileno(), 4096)
+    probe.unlink()
+    return ok
+
+
+@pytest.mark.parametrize("where", ["tmp", "shm"])
+def test_write_in_place_gives_the_same_bytes(tmp_path: Path, where: str) -> None:
+    """The squashfs file turned into the SIF in place equals a SIF written afresh; where
+    the file system cannot insert (tmpfs), nothing changes and False says so."""
+    import tempfile
+
+    wanted = uuid.UUID("3fa802cc-358b-45e3-bcc0-69dc7a45f9f8")
+    expected = _write(tmp_path, image_id=wanted).read_bytes()
+    base = tmp_path if where == "tmp" else Path("/dev/shm")
+    if not base.is_dir():
+        pytest.skip("no /dev/shm")
+    with tempfile.TemporaryDirectory(dir=base) as directory:
+        part = Path(directory) / "part.bin"
+        content = b"hsqs" + b"\1" * 5000
+        part.write_bytes(content)
+        objects = [
+            sif.NewObject(sif.DataType.DEFFILE, b"Bootstrap: scratch\n"),
+            sif.NewObject(sif.DataType.GENERIC_JSON, b"{}", "inspect-metadata.json"),
+            sif.NewObject.partition(part, "amd64"),
+        ]
+        supported = _supports_insert_range(Path(directory))
+        done = sif.write_in_place(part, objects, created_at=1_700_000_000, image_id=wanted)
+        assert done == supported
+        assert part.read_bytes() == (expected if done else content)
+    if where == "tmp" and not supported:
+        pytest.skip("this file system cannot insert ranges; the fallback was checked")

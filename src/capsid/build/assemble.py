@@ -112,18 +112,17 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
             [str(a) for a in run.get("Entrypoint") or []], [str(a) for a in run.get("Cmd") or []],
             run.get("WorkingDir")).encode()
     if not sandbox:
-        cached = builder.store.images / (digest(result.key, result.state, builder.recipe.text,
-                                                compression, builder.epoch) + ".sif")
-        if cached.is_file() and not builder.opts.no_cache:  # every step came from the cache
+        key = digest(result.key, result.state, builder.recipe.text, compression, builder.epoch)
+        cached = _cached(builder.store.images, key)
+        if cached is not None and not builder.opts.no_cache:  # every step was cached
             with output.atomic_file(out, force) as tmp:
                 shutil.copyfile(cached, tmp)
-            os.utime(cached)
             LOG.info("%s is the cached image %s", out, cached.name)
             return
         tosif.write_sif(source, out, compression=compression, force=force, verified=True,
                         extra=files, objects=[_layers_record(result, builder, config)])
         with contextlib.suppress(OSError):
-            output.write_copy(out, cached)
+            _keep(out, builder.store.images, key)
         return
     from capsid.image import convert
 
@@ -148,6 +147,44 @@ def _own(top: Path) -> None:
             os.lchown(path, 0, 0)
             if not stat.S_ISLNK(mode) and mode & 0o6000:
                 os.chmod(path, stat.S_IMODE(mode))  # chown cleared set-id bits
+
+
+def _stamp(info: os.stat_result) -> str:
+    return f"{info.st_size}-{info.st_mtime_ns}"
+
+
+def _cached(images: Path, key: str) -> Path | None:
+    """The SIF an identical build wrote, unless it changed since (it may be the output
+    itself, linked: ``sif add``, ``sign`` or an overlay partition write to SIFs in place)."""
+    try:
+        entries = [e for e in os.scandir(images) if e.name.startswith(key + ".")
+                   and e.name.endswith(".sif")]
+    except OSError:
+        return None
+    for entry in entries:
+        stamp = entry.name[len(key) + 1:-len(".sif")]
+        with contextlib.suppress(OSError):
+            if stamp == _stamp(entry.stat(follow_symlinks=False)):
+                return Path(entry.path)
+            os.unlink(entry.path)
+    return None
+
+
+def _keep(out: Path, images: Path, key: str) -> None:
+    """Keep the SIF for identical builds: a hard link where it can be (no copy), with its
+    size and mtime in the name, so that a change made to it later is noticed."""
+    temp = output.Temporary(images / f"{key}.sif")
+    try:
+        try:
+            temp.path.unlink()
+            os.link(out, temp.path)
+        except OSError:  # another file system
+            shutil.copyfile(out, temp.path)
+        os.replace(temp.path, images / f"{key}.{_stamp(temp.path.stat())}.sif")
+        temp.release()
+    except BaseException:
+        temp.discard()
+        raise
 
 
 def run_test(result: StageResult, out: Path, sandbox: bool, quiet: bool = False) -> None:

@@ -207,18 +207,6 @@ def write_bytes(target: Path, data: bytes, mode: int | None = None) -> None:
         raise
 
 
-def write_copy(source: Path, target: Path) -> None:
-    """A copy of file *source* at *target*, atomically (a cache keeping an output)."""
-    temp = Temporary(target)
-    try:
-        shutil.copyfile(source, temp.path)
-        os.replace(temp.path, target)
-        temp.release()
-    except BaseException:
-        temp.discard()
-        raise
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -12,6 +12,7 @@ version or a descriptor pointing past the end are :class:`ImageFormatError`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import os
@@ -325,6 +326,7 @@ class NewObject:
     link: int = 0
     extra: bytes = b""
     alignment: int = 0
+    length: int | None = None  #: a file's size, when fixed already
 
     @classmethod
     def partition(cls, path: Path, arch: str, *, fs: FsType = FsType.SQUASHFS,
@@ -335,6 +337,8 @@ class NewObject:
 
     @property
     def size(self) -> int:
+        if self.length is not None:
+            return self.length
         return self.data.stat().st_size if isinstance(self.data, Path) else len(self.data)
 
     @property
@@ -365,30 +369,76 @@ def _copy_range(src: Path, out_fd: int, offset: int) -> None:
             remaining -= n
 
 
-def write(out: BinaryIO, objects: Iterable[NewObject], *, created_at: int,
-          image_id: uuid.UUID | None = None, descriptors: int = DEFAULT_DESCRIPTORS,
-          launch_script: str = LAUNCH_SCRIPT) -> uuid.UUID:
-    """Write a complete SIF image to *out* (a new, empty, seekable file).
+_FALLOC_FL_INSERT_RANGE = 0x20
 
-    Objects are laid out in order after the descriptor table, partitions aligned
-    to 4096. With *image_id* ``None`` the ID is derived from a SHA-256 of the
-    objects' contents, so the same inputs give the same bytes; callers that
-    know a cheaper content key (an OCI manifest) pass an ID made from it, and
-    file objects are then copied in-kernel without being read. Returns the ID.
+
+def _insert_range(fd: int, length: int) -> bool:
+    """Shift the whole file *length* bytes up, a hole in front, moving no data (ext4,
+    XFS: whole blocks only). False where the file system or the length does not allow."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return bool(libc.fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, length) == 0)
+
+
+def write_in_place(partition: Path, objects: Iterable[NewObject], *, created_at: int,
+                   image_id: uuid.UUID) -> bool:
+    """Make the SIF out of file *partition* itself, the last of *objects*.
+
+    Room for the header and the other objects is inserted in front of the squashfs
+    (no copy of it, whatever its size) and they are written there; the bytes are
+    those :func:`write` makes. Returns False, changing nothing, where the file system
+    cannot insert (tmpfs, NFS): then :func:`write` a new file.
     """
     objs = list(objects)
-    if len(objs) > descriptors:
-        raise ValueError("more objects than descriptors")
+    if not objs or objs[-1].data != partition:
+        raise ValueError("the partition must be the last object")
+    objs[-1] = dataclasses.replace(objs[-1], length=objs[-1].size)  # before it moves
+    offset = _layout(objs, DEFAULT_DESCRIPTORS)[0][-1].offset
+    with open(partition, "r+b") as f:
+        if not _insert_range(f.fileno(), offset):
+            return False
+        write(f, objs, created_at=created_at, image_id=image_id, placed=True)
+    return True
+
+
+def _layout(objs: list[NewObject], descriptors: int) -> tuple[list[_Layout], int, int]:
+    """Where each object goes, the start of the data, and its end."""
     data_offset = DESCRIPTORS_OFFSET + descriptors * DESCRIPTOR.size
     layout, pos = [], data_offset
     for obj in objs:
         start = pos if not obj.alignment else -(-pos // obj.alignment) * obj.alignment
         layout.append(_Layout(start, start - pos, obj))
         pos = start + obj.size
+    return layout, data_offset, pos
+
+
+def write(out: BinaryIO, objects: Iterable[NewObject], *, created_at: int,
+          image_id: uuid.UUID | None = None, descriptors: int = DEFAULT_DESCRIPTORS,
+          launch_script: str = LAUNCH_SCRIPT, placed: bool = False) -> uuid.UUID:
+    """Write a complete SIF image to *out* (a new, empty, seekable file).
+
+    Objects are laid out in order after the descriptor table, partitions aligned
+    to 4096. With *image_id* ``None`` the ID is derived from a SHA-256 of the
+    objects' contents, so the same inputs give the same bytes; callers that
+    know a cheaper content key (an OCI manifest) pass an ID made from it, and
+    file objects are then copied in-kernel without being read. With *placed* the
+    last object is in *out* at its place already. Returns the ID.
+    """
+    objs = list(objects)
+    if len(objs) > descriptors:
+        raise ValueError("more objects than descriptors")
+    layout, data_offset, pos = _layout(objs, descriptors)
+    if placed and image_id is None:
+        raise ValueError("an object placed already needs an image_id")
     digest = hashlib.sha256()
-    for item in layout:
+    for index, item in enumerate(layout):
         out.seek(item.offset)
         digest.update(item.obj.name.encode() + b"\0")
+        if placed and index == len(layout) - 1:
+            continue
         if isinstance(item.obj.data, Path) and image_id is not None:
             out.flush()
             _copy_range(item.obj.data, out.fileno(), item.offset)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
+import os
 import tarfile
 import time
 import uuid
@@ -166,8 +167,12 @@ def write_sif(source: SourceImage, out: Path, *, compression: str = "zstd",
         oci_config = json.dumps(source.config.get("config") or {},
                                 separators=(",", ":")).encode()
         arch = source.architecture
-        with open(tmp, "wb") as f:
-            sif.write(f, [*(objects or []), *sif_objects(metadata, part, arch, oci_config)],
-                      created_at=stamp, image_id=_image_id(source, compression))
+        objs = [*(objects or []), *sif_objects(metadata, part, arch, oci_config)]
+        image_id = _image_id(source, compression)
+        if sif.write_in_place(part, objs, created_at=stamp, image_id=image_id):
+            os.replace(part, tmp)  # the squashfs became the SIF: no copy of it
+        else:
+            with open(tmp, "wb") as f:
+                sif.write(f, objs, created_at=stamp, image_id=image_id)
     LOG.info("wrote %s (%s, %d layers, %s)", out, source.architecture, len(source.layers),
              compression)
