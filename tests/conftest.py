@@ -150,7 +150,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def registry(pki: Path, oci_images: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A TLS + htpasswd docker-registry holding test/busybox:1, test/debian-python3:12 and,
     under hub/ (the docker.io mirror), library/debian-python3:12, library/busybox:1 and the
-    Debian image again as library/python:3.12.0-alpine3.18; all pushed by skopeo."""
+    Debian image again as library/python:3.12.0-alpine3.18, busybox as library/alpine;
+    all pushed by skopeo."""
     need("docker-registry", "skopeo", "htpasswd")
     from tests.support.registry import Registry
 
@@ -165,6 +166,8 @@ def registry(pki: Path, oci_images: Path, tmp_path_factory: pytest.TempPathFacto
         reg.skopeo_copy(f"oci-archive:{oci_images}/debian-python3.oci.tar",
                         "hub/library/python:3.12.0-alpine3.18")
         reg.skopeo_copy(f"oci-archive:{oci_images}/busybox.oci.tar", "hub/library/busybox:1")
+        # The seed's sandbox demo says docker://alpine: busybox stands in for it.
+        reg.skopeo_copy(f"oci-archive:{oci_images}/busybox.oci.tar", "hub/library/alpine:latest")
         yield reg
     finally:
         reg.stop()
@@ -182,3 +185,14 @@ def oci_env(tmp_path: Path, pki: Path) -> dict[str, str]:
                CAPSID_CACHEDIR=str(tmp_path / "cache"), CAPSID_RETRY_DELAY="0.05",
                CAPSID_REGISTRIES_CONF=str(tmp_path / "registries.conf"))
     return env
+
+
+@pytest.fixture
+def hub_env(registry, oci_env: dict[str, str]) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """oci_env with docker.io served by the test registry's mirror, and its credentials."""
+    from tests.support.registry import PASSWORD, USER
+
+    Path(oci_env["CAPSID_REGISTRIES_CONF"]).write_text(
+        f'[[registry]]\nprefix = "docker.io"\n[[registry.mirror]]\n'
+        f'location = "{registry.host}/hub"\n')
+    return {**oci_env, "CAPSID_DOCKER_USERNAME": USER, "CAPSID_DOCKER_PASSWORD": PASSWORD}

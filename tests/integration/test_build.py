@@ -17,16 +17,12 @@ from tests.conftest import run_capsid
 from tests.support.registry import PASSWORD, USER, Registry
 
 pytestmark = pytest.mark.unprivileged
-CREDS = {"CAPSID_DOCKER_USERNAME": USER, "CAPSID_DOCKER_PASSWORD": PASSWORD}
 
 
 @pytest.fixture
-def env(registry: Registry, oci_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+def env(hub_env: dict[str, str]) -> dict[str, str]:
     """docker.io served by the test registry's mirror, a private cache, credentials."""
-    Path(oci_env["CAPSID_REGISTRIES_CONF"]).write_text(
-        f'[[registry]]\nprefix = "docker.io"\n[[registry.mirror]]\n'
-        f'location = "{registry.host}/hub"\n')
-    return {**oci_env, **CREDS}
+    return hub_env
 
 
 def build(env: dict[str, str], out: Path, recipe: Path, *extra: str,

@@ -69,15 +69,12 @@ class BaseImage:
 def _extract(layers: list[oci.Layer], verified: bool) -> Callable[[Path], None]:
     """Unpack *layers* (flattened, newest first) into a directory with GNU tar."""
     def unpack(target: Path) -> None:
+        from capsid.image import untar
         from capsid.oci.flatten import Flattener
         from capsid.oci.tosif import layer_chunks
 
-        argv = [tools.which("tar"), "-x", "-p", "--no-same-owner", "-C", str(target)]
-        errors = open(target.parent / "tar.err", "w+b")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=errors)
-        assert proc.stdin is not None
-        try:
-            flat = Flattener(proc.stdin.write)
+        def fill(write: untar.Write) -> None:
+            flat = Flattener(write)
             for index, layer in enumerate(reversed(layers)):
                 chunks, hasher = layer_chunks(layer, verified)
                 flat.add_layer(chunks, f"layer {len(layers) - index}")
@@ -85,19 +82,8 @@ def _extract(layers: list[oci.Layer], verified: bool) -> Callable[[Path], None]:
                     raise CapsidError(f"layer {layer.digest[:19]}… does not match its digest",
                                       "the image is damaged; get it again")
             flat.finish()
-            proc.stdin.close()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            errors.close()
-            raise
-        status = proc.wait()
-        errors.seek(0)
-        problems = [line for line in errors.read().decode(errors="replace").splitlines()
-                    if "Cannot mknod" not in line and "Exiting with failure" not in line]
-        errors.close()
-        if status not in (0, 2) or (status == 2 and problems):
-            raise tools.failure("tar", status, "\n".join(problems))
+
+        untar.into(target, fill)
     return unpack
 
 

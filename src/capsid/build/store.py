@@ -119,7 +119,10 @@ def build_root(cache_root: Path) -> Path:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if filesystem_type(probe) in NETWORK_FILESYSTEMS:
-        local = Path(os.environ.get("TMPDIR") or "/var/tmp") / f"capsid-build-{os.getuid()}"
+        from capsid import config
+
+        scratch = config.env("TMPDIR") or os.environ.get("TMPDIR") or "/var/tmp"
+        local = Path(scratch) / f"capsid-build-{os.getuid()}"
         from capsid import log
 
         log.get(__name__).info("%s is on a network file system: build layers go to %s "

@@ -123,8 +123,10 @@ def parse(verb: str, argv: list[str]) -> tuple[Parsed, str | None, list[str]]:
 
 
 def help_text(verb: str) -> str:
+    from capsid.cli.main import PROG
+
     usage, description = _USAGE[verb]
-    lines = [f"Usage: capsid {verb} {usage}", "", description, "", "Options:"]
+    lines = [f"Usage: {PROG[0]} {verb} {usage}", "", description, "", "Options:"]
     for name, short, metavar, _, text in FLAGS:
         left = (f"-{short}, " if short else "    ") + f"--{name}" + (f" {metavar}" if metavar
                                                                      else "")

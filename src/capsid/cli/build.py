@@ -82,13 +82,13 @@ def run(verb: str, argv: list[str]) -> int:
 
     source, output = args.source, Path(args.output)
     if sources.is_uri(source):
-        if args.sandbox:
-            raise UsageError("--sandbox from a registry or archive is not available yet",
-                             "build a SIF, then: capsid build --sandbox DIR IMAGE.sif")
         from capsid.cli.pull import _nohttps
 
         opts = sources.Options(args.arch, _nohttps(args), args.compression, disable_cache=True)
-        sources.to_sif(source, output, opts, force=args.force)
+        if args.sandbox:
+            sources.to_sandbox(source, output, opts, force=args.force)
+        else:
+            sources.to_sif(source, output, opts, force=args.force)
         return 0
     if "://" in source:
         raise CapsidError(f"building from {source.split('://', 1)[0]}:// sources is not "

@@ -10,6 +10,15 @@ import sys
 
 from capsid import __version__
 
+#: the Apptainer release whose behaviour capsid follows, for the drop-in names' version
+APPTAINER_VERSION = "1.4.5"
+#: names capsid also answers to, as a drop-in for Apptainer (bin/apptainer, ...)
+DROP_IN = ("apptainer", "singularity", "run-singularity")
+#: Apptainer's verbs that capsid does not have (exit 255 with one line, as Apptainer
+#: does for a verb it does not know)
+UNSUPPORTED = ("capability", "checkpoint", "config", "delete", "key", "keyserver", "oci",
+               "plugin", "remote", "search", "sign", "verify")
+
 #: verb → (module under capsid.cli, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("build", "Build a SIF image or a sandbox from a sandbox or another image"),
@@ -50,11 +59,43 @@ Run 'capsid help <command>' or 'capsid <command> --help' for a command's options
 def _help_text() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items()]
-    return GLOBAL_HELP.format(commands="\n".join(lines))
+    text = GLOBAL_HELP.format(commands="\n".join(lines))
+    if PROG[0] != "capsid":
+        text = text.replace("Usage: capsid", f"Usage: {PROG[0]}").replace(
+            "'capsid ", f"'{PROG[0]} ") + f"\n{PROG[0]} is capsid {__version__}, which " \
+            f"follows Apptainer {APPTAINER_VERSION}.\n"
+    return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def program() -> str:
+    """The name capsid was started as: ``capsid``, or a drop-in name for Apptainer."""
+    name = sys.argv[0].rpartition("/")[2] if sys.argv and sys.argv[0] else "capsid"
+    return name if name in DROP_IN else "capsid"
+
+
+def _version(prog: str, bare: bool) -> str:
+    """What ``--version`` (or, *bare*, ``version``) prints under *prog*.
+
+    Under the drop-in names, Apptainer's form with its version, capsid's after a ``+``
+    (a PEP 440 local version, so parsers such as Snakemake's accept it). Apptainer
+    prints its package name there even when run as ``singularity``.
+    """
+    if prog == "capsid":
+        return f"capsid version {__version__}"
+    number = f"{APPTAINER_VERSION}+capsid.{__version__}"
+    return number if bare else f"apptainer version {number}"
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or program()
+    PROG[0] = prog
+    if prog == "run-singularity":  # the interpreter of executable SIFs: run IMAGE ARGS
+        if not args or args[0] in ("-h", "--help"):
+            print("Usage: run-singularity IMAGE [ARGS...]  (the same as "
+                  "'apptainer run IMAGE ARGS')")
+            return 0 if args else 255
+        return _dispatch("run", args, "normal", False)
     level_name, debug = "normal", False
     while args and args[0].startswith("-"):
         opt = args.pop(0)
@@ -65,32 +106,47 @@ def main(argv: list[str] | None = None) -> int:
         elif opt in ("-q", "--quiet", "-s", "--silent"):
             level_name = "quiet"
         elif opt == "--version":
-            print(f"capsid version {__version__}")
+            print(_version(prog, False))
             return 0
         elif opt in ("-h", "--help"):
             print(_help_text(), end="")
             return 0
         else:
-            return _usage_error(f"unknown global option {opt}", "see 'capsid --help'")
+            return _usage_error(f"unknown global option {opt}", f"see '{prog} --help'")
     if not args:
         print(_help_text(), end="", file=sys.stderr)
         return 255
     verb, rest = args[0], args[1:]
     if verb == "version":
-        print(f"capsid version {__version__}")
+        print(_version(prog, True))
+        if prog != "capsid" and level_name in ("verbose", "debug"):
+            print(f"capsid version {__version__}")
         return 0
     if verb == "help":
         if not rest:
             print(_help_text(), end="")
             return 0
         verb, rest = rest[0], ["--help"]
+    if verb in UNSUPPORTED:
+        return _usage_error(f"{verb!r} is an Apptainer command that capsid does not support "
+                            "yet", f"see '{prog} --help' for the commands it has")
     if verb not in COMMANDS or not COMMANDS[verb][0]:
-        return _usage_error(f"unknown command {verb!r}", "see 'capsid --help' for the commands")
+        return _usage_error(f"unknown command {verb!r}", f"see '{prog} --help' for the "
+                            "commands")
     return _dispatch(verb, rest, level_name, debug)
 
 
+#: the command's name as run, for messages (one element, set by main)
+PROG = ["capsid"]
+
+
+def _named(text: str) -> str:
+    """*text* with capsid's commands named as the user ran them (``'apptainer exec``)."""
+    return text if PROG[0] == "capsid" else text.replace("'capsid ", f"'{PROG[0]} ")
+
+
 def _usage_error(message: str, hint: str) -> int:
-    print(f"capsid: error: {message}; {hint}", file=sys.stderr)
+    print(f"{PROG[0]}: error: {message}; {_named(hint)}", file=sys.stderr)
     return 255
 
 
@@ -111,17 +167,17 @@ def _dispatch(verb: str, rest: list[str], level_name: str, debug: bool) -> int:
     except CapsidError as err:
         if debug:
             traceback.print_exc()
-        print(f"capsid: error: {err}", file=sys.stderr)
+        print(f"{PROG[0]}: error: {_named(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("capsid: error: interrupted", file=sys.stderr)
+        print(f"{PROG[0]}: error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 141
     except Exception as err:
         if debug:
             raise
-        print(f"capsid: error: internal error ({type(err).__name__}: {err}); this is a bug in "
+        print(f"{PROG[0]}: error: internal error ({type(err).__name__}: {err}); this is a bug in "
               "capsid: please report it with the output of the same command run with --debug",
               file=sys.stderr)
         return 255

@@ -16,5 +16,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser(verb: str, usage: str, description: str) -> Parser:
-    return Parser(prog=f"capsid {verb}", usage=f"capsid {verb} {usage}",
+    from capsid.cli.main import PROG
+
+    return Parser(prog=f"{PROG[0]} {verb}", usage=f"{PROG[0]} {verb} {usage}",
                   description=description, allow_abbrev=False)

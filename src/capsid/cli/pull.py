@@ -45,19 +45,34 @@ def pull(argv: list[str]) -> int:
                    help="do not keep the converted SIF in the cache")
     p.add_argument("--compression", default=os.environ.get("CAPSID_COMPRESSION", "zstd"),
                    help="squashfs compression: zstd (default), gzip, xz or lz4")
+    p.add_argument("--name", metavar="NAME",
+                   help="the output's name (instead of OUTPUT; relative to --dir if given)")
+    p.add_argument("--dir", metavar="DIR", help="write the output into this directory")
+    p.add_argument("-s", "--sandbox", action="store_true",
+                   help="write a sandbox directory instead of a SIF file")
     p.add_argument("args", nargs="+", metavar="[OUTPUT] URI")
     args = p.parse_args(argv)
     if len(args.args) > 2:
         raise UsageError("too many arguments", "usage: capsid pull [options] [OUTPUT.sif] URI")
+    if len(args.args) == 2 and args.name:
+        raise UsageError("both OUTPUT and --name given", "give one of them")
     from capsid.oci import sources
 
     uri = args.args[-1]
     if not sources.is_uri(uri):
         raise UsageError(f"{uri!r} is not an image URI",
                          "write e.g. docker://python:3.12 or docker-archive:image.tar")
-    out = Path(args.args[0] if len(args.args) == 2 else sources.default_name(uri))
+    name = args.args[0] if len(args.args) == 2 else args.name or sources.default_name(uri)
+    if args.sandbox and len(args.args) == 1 and not args.name:
+        name = name.removesuffix(".sif")
+    out = Path(args.dir) / name if args.dir else Path(name)
+    if args.dir and not os.path.isdir(args.dir):
+        raise UsageError(f"--dir {args.dir}: no such directory", "create it first")
     opts = sources.Options(args.arch, _nohttps(args), args.compression, args.disable_cache)
-    sources.to_sif(uri, out, opts, force=args.force)
+    if args.sandbox:
+        sources.to_sandbox(uri, out, opts, force=args.force)
+    else:
+        sources.to_sif(uri, out, opts, force=args.force)
     return 0
 
 

@@ -155,8 +155,12 @@ def _explained(target: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_file(target: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside *target*; on success fsync it and rename it over."""
+def atomic_file(target: Path, force: bool = False, mode: int = 0o777) -> Iterator[Path]:
+    """Yield a temporary path beside *target*; on success fsync it and rename it over.
+
+    The file gets *mode* less the umask: by default executable, as Apptainer writes
+    SIFs, whose ``#!/usr/bin/env run-singularity`` line then runs them.
+    """
     check_target(target, force)
     temp = Temporary(target)
     try:
@@ -164,7 +168,7 @@ def atomic_file(target: Path, force: bool = False) -> Iterator[Path]:
             yield temp.path
             with open(temp.path, "rb+") as f:
                 os.fsync(f.fileno())
-        os.chmod(temp.path, 0o666 & ~_umask())
+        os.chmod(temp.path, mode & ~_umask())
         if target.is_dir() and not target.is_symlink():
             remove(target)
         os.replace(temp.path, target)

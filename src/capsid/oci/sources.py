@@ -76,6 +76,36 @@ def to_sif(uri: str, out: Path, opts: Options, force: bool = False) -> None:
         pull_oras(reference.parse(rest), out, opts, force)
 
 
+def to_sandbox(uri: str, out: Path, opts: Options, force: bool = False) -> None:
+    """Unpack *uri* into sandbox directory *out*, straight from its layers (an
+    ``oras://`` SIF is fetched, then unpacked)."""
+    from capsid.oci import tosif
+
+    parsed = split(uri)
+    if parsed is None:
+        raise UsageError(f"{uri!r} is not an image URI",
+                         f"use one of {', '.join(s + '://' for s in SCHEMES)}")
+    scheme, rest = parsed
+    output.check_target(out, force)
+    if scheme == "docker-archive":
+        tosif.write_sandbox(archive.docker_archive(rest, opts.platform), out, force=force)
+    elif scheme in ("oci-archive", "oci"):
+        tosif.write_sandbox(archive.oci_layout(rest, opts.platform, f"{scheme}:"), out,
+                            force=force)
+    elif scheme == "docker":
+        from capsid.oci.pull import Puller
+
+        with Puller(nohttps=opts.nohttps) as puller:
+            source = puller.fetch(puller.resolve(reference.parse(rest), opts.platform))
+            tosif.write_sandbox(source, out, force=force, verified=True)
+    else:
+        from capsid.image import convert
+
+        with output.scratch(out, "sif") as image:
+            pull_oras(reference.parse(rest), image, opts, True)
+            convert.image_to_sandbox(image, out, force=force)
+
+
 def pull_oras(ref: reference.Reference, out: Path, opts: Options, force: bool) -> None:
     """Fetch the SIF stored as an ORAS artifact at *ref*."""
     from capsid.oci.pull import Puller

@@ -16,7 +16,7 @@ import os
 import tarfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,41 @@ def _hashing(chunks: Iterator[bytes], hasher: hashlib._Hash) -> Iterator[bytes]:
         yield chunk
 
 
+def _flatten(source: SourceImage, write: Callable[[bytes | memoryview], object],
+             generated: dict[str, bytes], stamp: int, verified: bool) -> None:
+    """The image's root filesystem as one tar stream: its layers, /.singularity.d."""
+    flat = Flattener(write)
+    for info, data in _members(generated, stamp):
+        flat.add_member(info, data)
+    for index, layer in enumerate(reversed(source.layers)):
+        chunks, hasher = layer_chunks(layer, verified)
+        flat.add_layer(chunks, f"layer {len(source.layers) - index}")
+        digest = digest_of(hasher) if hasher is not None else None
+        if digest is not None and digest != layer.digest:
+            raise ImageFormatError(
+                f"layer {layer.digest[:19]}… does not match its digest "
+                f"(got {digest[:19]}…)", "the image is damaged; get it again")
+    for info, data in _skeleton_members(generated["runscript"].decode(), stamp):
+        flat.add_member(info, data)
+    flat.finish()
+
+
+def write_sandbox(source: SourceImage, out: Path, *, force: bool = False,
+                  verified: bool = False) -> None:
+    """Unpack *source* into sandbox directory *out* (atomically), /.singularity.d made
+    as for a SIF: the flattened layers stream into GNU tar, no SIF in between."""
+    from capsid.image import untar
+
+    epoch = source_date_epoch()
+    stamp = epoch if epoch is not None else _created(source.config)
+    generated = generated_files(source)
+    with output.atomic_dir(out, force) as tmp:
+        tmp.mkdir()
+        untar.into(tmp, lambda write: _flatten(source, write, generated, stamp, verified))
+        os.chmod(tmp, 0o755)
+    LOG.info("unpacked %s into %s (%d layers)", source.name, out, len(source.layers))
+
+
 def layer_chunks(layer: Layer,
                   verified: bool) -> tuple[Iterator[bytes], hashlib._Hash | None]:
     """Decompressed chunks of *layer*, and the hash to compare afterwards (or None).
@@ -143,20 +178,7 @@ def write_sif(source: SourceImage, out: Path, *, compression: str = "zstd",
     runscript = generated["runscript"].decode()
     with output.atomic_file(out, force) as tmp, output.scratch(out, "sqfs") as part:
         with squashfs.writer(part, compression) as pipe:
-            flat = Flattener(pipe.write)
-            for info, data in _members(generated, stamp):
-                flat.add_member(info, data)
-            for index, layer in enumerate(reversed(source.layers)):
-                chunks, hasher = layer_chunks(layer, verified)
-                flat.add_layer(chunks, f"layer {len(source.layers) - index}")
-                digest = digest_of(hasher) if hasher is not None else None
-                if digest is not None and digest != layer.digest:
-                    raise ImageFormatError(
-                        f"layer {layer.digest[:19]}… does not match its digest "
-                        f"(got {digest[:19]}…)", "the image is damaged; get it again")
-            for info, data in _skeleton_members(runscript, stamp):
-                flat.add_member(info, data)
-            flat.finish()
+            _flatten(source, pipe.write, generated, stamp, verified)
         files: dict[str, bytes | str] = {
             rel[len(meta.ROOT) + 1:]: content
             for rel, (_mode, content) in meta.skeleton(runscript).items()

@@ -1,0 +1,222 @@
+"""capsid as a drop-in Apptainer (#12): the apptainer/singularity/run-singularity names,
+executable SIFs, Apptainer's pull options, sandboxes from registries, and Snakemake's
+--sdm apptainer running unchanged."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CAPSID, run_capsid
+
+pytestmark = pytest.mark.unprivileged
+BIN = CAPSID.parent
+NAMES = ("apptainer", "singularity")
+
+
+def named(name: str, *args: str | os.PathLike[str], **kw: object
+          ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / name), *map(str, args)], capture_output=True, text=True,
+                          check=False, **kw)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_version_in_apptainers_form(name: str) -> None:
+    from capsid import __version__
+    from capsid.cli.main import APPTAINER_VERSION
+
+    line = named(name, "--version").stdout
+    assert line == f"apptainer version {APPTAINER_VERSION}+capsid.{__version__}\n"
+    assert named(name, "version").stdout == f"{APPTAINER_VERSION}+capsid.{__version__}\n"
+    verbose = named(name, "-v", "version").stdout.splitlines()
+    assert verbose[1] == f"capsid version {__version__}"
+    assert run_capsid("--version").stdout == f"capsid version {__version__}\n"
+    # Snakemake's and other parsers: the last word is a PEP 440 version >= 1.0.0
+    from packaging.version import Version
+
+    assert Version(line.split()[-1]) >= Version("1.0.0")
+
+
+@pytest.mark.parametrize("name", (*NAMES, "capsid"))
+@pytest.mark.parametrize("verb", ("remote", "key", "plugin", "sign", "verify", "oci",
+                                  "checkpoint", "keyserver"))
+def test_verbs_capsid_lacks_are_one_line(name: str, verb: str) -> None:
+    result = named(name, verb, "list")
+    assert result.returncode == 255
+    assert result.stderr.count("\n") == 1 and "does not support" in result.stderr
+    assert result.stderr.startswith(f"{name}: error: '{verb}'")
+
+
+def test_messages_name_the_command_as_run(tmp_path: Path) -> None:
+    result = named("singularity", "exec", tmp_path / "missing.sif", "true")
+    assert result.returncode == 255 and result.stderr.startswith("singularity: error:")
+    for verb in ("exec", "pull"):
+        usage = named("apptainer", verb, "--help").stdout
+        assert usage.lower().startswith(f"usage: apptainer {verb}"), usage
+
+
+@pytest.fixture
+def runscript_sif(busybox_sif: Path, tmp_path: Path) -> Path:
+    recipe = tmp_path / "args.def"
+    recipe.write_text(textwrap.dedent(f"""\
+        Bootstrap: localimage
+        From: {busybox_sif}
+
+        %runscript
+            echo "args: $*"
+        """))
+    out = tmp_path / "args.sif"
+    result = run_capsid("build", out, recipe)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_executable_sifs(runscript_sif: Path, tmp_path: Path) -> None:
+    """A SIF is written 0777 less the umask and runs itself through run-singularity."""
+    env = dict(os.environ, PATH=f"{BIN}:/usr/bin:/bin")
+    assert runscript_sif.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    direct = subprocess.run([str(runscript_sif), "one", "two words"], capture_output=True,
+                            text=True, env=env, check=False)
+    assert (direct.returncode, direct.stdout) == (0, "args: one two words\n"), direct.stderr
+    through = named("run-singularity", runscript_sif, "three")
+    assert through.stdout == "args: three\n", through.stderr
+    private = tmp_path / "private.sif"
+    subprocess.run(["sh", "-c", f'umask 077 && "{CAPSID}" build "{private}" "{runscript_sif}"'],
+                   check=True)
+    assert private.stat().st_mode & 0o777 == 0o700
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_pull_with_apptainers_options(hub_env: dict[str, str], tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    first = named("apptainer", "pull", "--name", "abc.simg", "docker://busybox:1", cwd=work,
+                  env=hub_env)
+    assert first.returncode == 0, first.stderr
+    assert (work / "abc.simg").is_file()
+    again = named("apptainer", "pull", "--name", "abc.simg", "docker://busybox:1", cwd=work,
+                  env=hub_env)
+    assert again.returncode == 255 and "--force" in again.stderr
+    assert named("apptainer", "pull", "--force", "--name", "abc.simg", "docker://busybox:1",
+                 cwd=work, env=hub_env).returncode == 0
+    (tmp_path / "images").mkdir()
+    default = named("singularity", "pull", "--dir", tmp_path / "images", "docker://busybox:1",
+                    cwd=work, env=hub_env)
+    assert default.returncode == 0, default.stderr
+    assert (tmp_path / "images" / "busybox_1.sif").is_file()
+    box = named("apptainer", "pull", "--sandbox", "--disable-cache", "docker://busybox:1",
+                cwd=work, env=hub_env)
+    assert box.returncode == 0, box.stderr
+    assert (work / "busybox_1" / "bin" / "busybox").is_file()
+
+
+def test_the_seeds_sandbox_demo_verbatim(hub_env: dict[str, str], tmp_path: Path) -> None:
+    """build --sandbox from a registry (streamed, no SIF), shell --writable, build a SIF of
+    the sandbox, run it as a program."""
+    env = dict(hub_env, PATH=f"{BIN}:/usr/bin:/bin")
+
+    def apptainer(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["apptainer", *args], capture_output=True, text=True,
+                                cwd=tmp_path, env=env, input=stdin, check=False)
+        assert result.returncode == 0, (args, result.stderr)
+        return result
+
+    apptainer("build", "--sandbox", "alpine-sandbox", "docker://alpine")
+    box = tmp_path / "alpine-sandbox"
+    assert (box / ".singularity.d" / "runscript").is_file()
+    assert (box / ".singularity.d" / "env" / "10-docker2singularity.sh").is_file()
+    apptainer("shell", "--writable", "alpine-sandbox", stdin=(
+        "mkdir -p /usr/local/bin\n"
+        "printf '#!/bin/sh\\necho hello from the sandbox\\n' > /usr/local/bin/hello\n"
+        "chmod +x /usr/local/bin/hello\nexit\n"))
+    assert (box / "usr/local/bin/hello").is_file()
+    # the runscript runs hello: the image's default command is replaced by the user's
+    (box / ".singularity.d" / "runscript").write_text("#!/bin/sh\nexec hello \"$@\"\n")
+    apptainer("build", "alpine-sandbox.sif", "alpine-sandbox/")
+    ran = subprocess.run(["./alpine-sandbox.sif"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, check=False)
+    assert (ran.returncode, ran.stdout) == (0, "hello from the sandbox\n"), ran.stderr
+
+
+SNAKEFILE = """\
+rule all:
+    input: "shell.txt", "script.txt", "shadow.txt", "local.txt"
+
+rule in_shell:
+    output: "shell.txt"
+    container: "docker://debian-python3:12"
+    shell: "test -d /.singularity.d && echo inside > {output}; ls /mnt/extra >> {output}"
+
+rule in_script:
+    output: "script.txt"
+    container: "docker://debian-python3:12"
+    script: "write.py"
+
+rule in_shadow:
+    output: "shadow.txt"
+    shadow: "minimal"
+    container: "docker://debian-python3:12"
+    shell: "test -d /.singularity.d && echo inside > {output}"
+
+rule with_local_sif:
+    output: "local.txt"
+    container: "local.sif"
+    shell: "test -d /.singularity.d && echo inside > {output}"
+"""
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_snakemake_sdm_apptainer(name: str, hub_env: dict[str, str], tmp_path: Path,
+                                 debian_sif: Path) -> None:
+    """Snakemake 9 unchanged, with the drop-in first (or alone) on PATH."""
+    snakemake = shutil.which("snakemake", path=str(Path(sys.executable).parent))
+    if snakemake is None:
+        pytest.skip("snakemake is not installed (pip install -e '.[dev]' installs it)")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    os.symlink(BIN / name, bindir / name)
+    work = tmp_path / "flow"
+    work.mkdir()
+    (work / "Snakefile").write_text(SNAKEFILE)
+    (work / "write.py").write_text(
+        "import os\n"
+        "open(snakemake.output[0], 'w').write(str(os.path.isdir('/.singularity.d')) + '\\n')\n")
+    shutil.copy(debian_sif, work / "local.sif")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "marker").write_text("")
+    env = dict(hub_env, PATH=f"{bindir}:/usr/bin:/bin")
+    argv = [snakemake, "--cores", "1", "--sdm", "apptainer", "--apptainer-args",
+            f"-B {extra}:/mnt/extra"]
+    first = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True,
+                           check=False, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    # /.singularity.d exists only inside a container: each rule ran in one
+    assert (work / "shell.txt").read_text() == "inside\nmarker\n"
+    assert (work / "script.txt").read_text() == "True\n"
+    assert (work / "shadow.txt").read_text() == "inside\n"
+    assert (work / "local.txt").read_text() == "inside\n"
+    pulled = sorted((work / ".snakemake" / "singularity").glob("*.simg"))
+    assert len(pulled) == 1
+    stamp = pulled[0].stat().st_mtime_ns
+    # A second run pulls nothing again; a failing rule fails the workflow.
+    (work / "Snakefile").write_text(SNAKEFILE.replace('"local.txt"', '"local.txt", "fail.txt"')
+                                    + '\nrule failing:\n    output: "fail.txt"\n'
+                                      '    container: "docker://debian-python3:12"\n'
+                                      '    shell: "exit 3"\n')
+    second = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True,
+                            check=False, timeout=600)
+    assert second.returncode != 0 and "fail.txt" in second.stdout + second.stderr
+    assert pulled[0].stat().st_mtime_ns == stamp
+    assert "will be pulled" not in second.stdout + second.stderr
