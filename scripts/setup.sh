@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 #   squashfs-tools-ng  tar2sqfs/sqfs2tar: squashfs straight from a tar stream (image writes)
 #   squashfs-tools     unsquashfs -o: read a partition in place inside a SIF (inspect, sandbox)
 #   squashfuse fuse3   squashfuse_ll: mount images without privileges (runtime)
-#   fuse-overlayfs     writable overlays where kernel overlayfs is refused (runtime)
+#   fuse-overlayfs     writable overlays where kernel overlayfs is refused (overlay images)
+#   fuse2fs            overlay images (ext3) without privileges, as Apptainer serves them
 #   uidmap             newuidmap/newgidmap for --fakeroot with subordinate ids
 #   busybox-static     a tiny real root filesystem for the demo and tests
 #   golang-go golang-github-sylabs-sif-dev  the reference SIF library, to cross-check our files
@@ -24,7 +25,7 @@ cd "$(dirname "$0")/.."
 #   tar                unpacks base images into the build cache
 #   libcap2-bin        setcap, for the test image's file capabilities
 #   time               GNU time: peak memory in bench/ and scripts/bombs.sh
-packages=(squashfs-tools-ng squashfs-tools squashfuse fuse3 fuse-overlayfs uidmap
+packages=(squashfs-tools-ng squashfs-tools squashfuse fuse3 fuse-overlayfs fuse2fs uidmap
           busybox-static golang-go golang-github-sylabs-sif-dev bubblewrap charliecloud-runtime
           python3-venv util-linux procps mmdebstrap docker-registry apache2-utils openssl
           buildah umoci skopeo golang-github-containers-common charliecloud-builders

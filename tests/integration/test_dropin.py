@@ -220,3 +220,92 @@ def test_snakemake_sdm_apptainer(name: str, hub_env: dict[str, str], tmp_path: P
     assert second.returncode != 0 and "fail.txt" in second.stdout + second.stderr
     assert pulled[0].stat().st_mtime_ns == stamp
     assert "will be pulled" not in second.stdout + second.stderr
+
+
+def _fuse_servers() -> list[str]:
+    """Live (not zombie) fuse2fs and fuse-overlayfs processes of this user."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if fields[0] == "Z" or os.stat(f"/proc/{pid}").st_uid != os.getuid():
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if argv0.endswith(("fuse2fs", "fuse-overlayfs")):
+            found.append(f"{pid} {argv0}")
+    return found
+
+
+def _wait_lock(image: Path, held: bool) -> None:
+    """Until a container holds the image's lock (*held*), or none does."""
+    import fcntl
+
+    with open(image, "rb") as f:
+        for _ in range(300):
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                if not held:
+                    return
+            except BlockingIOError:
+                if held:
+                    return
+            subprocess.run(["sleep", "0.1"], check=True)
+    raise AssertionError(f"the overlay image's lock was never {'held' if held else 'free'}")
+
+
+def test_persistent_overlay_image(debian_sif: Path, tmp_path: Path) -> None:
+    """overlay create; a write in one run is there in the next; a second writer is
+    refused while the first runs; readers (:ro) share; kill -9 leaves no server."""
+    need_tools = [t for t in ("fuse2fs", "fuse-overlayfs", "mkfs.ext3") if not shutil.which(
+        t, path="/usr/sbin:/usr/bin:/sbin:/bin")]
+    if need_tools:
+        pytest.skip(f"needs {', '.join(need_tools)} (scripts/setup.sh installs them)")
+    image = tmp_path / "overlay.img"
+    made = named("apptainer", "overlay", "create", "--fakeroot", "--size", "96", image)
+    assert made.returncode == 0, made.stderr
+    assert image.stat().st_size == 96 << 20
+    spec = f"{image}"
+
+    def in_overlay(*argv: str, ro: bool = False) -> subprocess.CompletedProcess[str]:
+        return run_capsid("exec", "--fakeroot", "--overlay", spec + (":ro" if ro else ""),
+                          debian_sif, *argv, timeout=60)
+
+    first = in_overlay("sh", "-c", "echo kept > /etc/kept && mkdir -p /opt/new && "
+                       "echo 1 > /opt/new/f")
+    assert first.returncode == 0, first.stderr
+    second = in_overlay("sh", "-c", "cat /etc/kept /opt/new/f && echo 2 >> /opt/new/f")
+    assert (second.returncode, second.stdout) == (0, "kept\n1\n"), second.stderr
+    read = in_overlay("cat", "/opt/new/f", ro=True)
+    assert (read.returncode, read.stdout) == (0, "1\n2\n"), read.stderr
+    plain = run_capsid("exec", debian_sif, "cat", "/etc/kept")
+    assert plain.returncode != 0  # the image itself is unchanged
+    # One writer at a time; readers together.
+    _wait_lock(image, held=False)  # the servers of the runs above have ended
+    holder = subprocess.Popen([str(CAPSID), "exec", "--fakeroot", "--overlay", spec,
+                               str(debian_sif), "sleep", "30"], stderr=subprocess.PIPE)
+    try:
+        _wait_lock(image, held=True)
+        other = in_overlay("true")
+        assert other.returncode == 255 and "in use by another container" in other.stderr
+        assert other.stderr.count("\n") == 1, other.stderr
+    finally:
+        holder.kill()  # SIGKILL of the container
+        holder.wait()
+    for _ in range(100):
+        if not _fuse_servers():
+            break
+        subprocess.run(["sleep", "0.1"], check=True)
+    assert _fuse_servers() == []
+    readers = [subprocess.Popen([str(CAPSID), "exec", "--overlay", f"{spec}:ro",
+                                 str(debian_sif), "cat", "/etc/kept"], stdout=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    assert [r.communicate(timeout=60)[0] for r in readers] == ["kept\n", "kept\n"]
+    after_kill = in_overlay("cat", "/etc/kept")
+    assert after_kill.stdout == "kept\n", after_kill.stderr
+    bad = run_capsid("exec", "--overlay", str(tmp_path / "args.def"), debian_sif, "true")
+    assert bad.returncode == 255

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "registry": ("registry", "Log in to or out of a registry"),
     "cache": ("cache", "List or clean the cache of blobs and converted images"),
     "inspect": ("inspect", "Show an image's labels, scripts, def file and environment"),
+    "overlay": ("overlay", "Create a persistent overlay image (ext3) for --overlay"),
     "sif": ("sif", "Look inside SIF files: list, info, header, dump"),
     "version": ("", "Show the version"),
     "help": ("", "Show help for a command"),

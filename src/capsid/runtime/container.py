@@ -283,6 +283,36 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
     _exec(plan, filter_)
 
 
+def _open_overlay(opts: Options) -> tuple[str | None, bool, int | None]:
+    """--overlay's path, whether it is read-only, and an overlay image opened and locked
+    (now, before the session's tmpfs may cover it)."""
+    if not opts.overlay:
+        return None, False, None
+    from capsid.runtime import overlayimg
+
+    path, readonly = overlayimg.split(opts.overlay)
+    if overlayimg.is_image(path):
+        return path, readonly, overlayimg.open_locked(os.path.realpath(path), readonly)
+    return path, readonly, None
+
+
+def _overlay(path: str | None, readonly: bool, image_fd: int | None) -> str | None:
+    """The overlay as the session sees it after the switch. An overlay image is mounted
+    now, while the host's fuse2fs can still be run."""
+    if path is None:
+        return None
+    if image_fd is None:
+        return f"{mounts.OLD}{os.path.realpath(path)}"
+    if not readonly:
+        return "/overlay-image"  # served with the image: see _assemble_root
+    from capsid.runtime import overlayimg
+
+    os.mkdir(f"{mounts.SESSION}/overlay-image")
+    overlayimg.serve(image_fd, f"{mounts.SESSION}/overlay-image", readonly,
+                     f"{mounts.SESSION}/files/overlay-image.log")
+    return "/overlay-image"
+
+
 def _assemble_root(plan: Plan, started: early.Started) -> None:
     """The session, the image, the overlay and every mount, then pivot_root into it."""
     opts = plan.options
@@ -292,7 +322,9 @@ def _assemble_root(plan: Plan, started: early.Started) -> None:
         fds = mounts.open_layers((*layers.lowers, layers.upper, layers.work))
     else:
         fd = _open_image(plan.image)
+    overlay_path, overlay_ro, overlay_fd = _open_overlay(opts)
     mounts.start_session(opts.tmpfs_size_mib or plan.site.tmpfs_size_mib)
+    overlay = _overlay(overlay_path, overlay_ro, overlay_fd)
     if layers is not None:
         mounts.enter_session()
         mounts.stack_lowers(fds[:-2])
@@ -305,11 +337,24 @@ def _assemble_root(plan: Plan, started: early.Started) -> None:
         os.close(fd)
         if started.fuse_mount is not None:
             _check_served(plan.image)
+        stacked = None
+        if overlay_fd is not None and not overlay_ro:
+            from capsid.runtime import overlayimg
+
+            stacked = overlayimg.serve_writable(overlay_fd, f"{mounts.SESSION}{mounts.IMAGE}",
+                                                f"{mounts.SESSION}/overlay-image",
+                                                f"{mounts.SESSION}/files/overlay-image.log")
         mounts.enter_session()
-        overlay = f"{mounts.OLD}{os.path.realpath(opts.overlay)}" if opts.overlay else None
-        if overlay is None and not opts.writable:
+        if (overlay is None or overlay_ro) and not opts.writable:
             mounts.prepare_upper(plan.mount_points(mounts.OLD))
-        mounts.make_root(overlay, userns=plan.userns, writable_image=opts.writable)
+        if stacked is not None:
+            linux.attach(stacked, mounts.FINAL)
+            os.close(stacked)
+        else:
+            mounts.make_root(None if overlay_ro else overlay, userns=plan.userns,
+                             writable_image=opts.writable,
+                             lower=f"{overlay}/upper" if overlay_ro else None)
     _container_mounts(plan, opts)
-    writable = opts.writable or opts.writable_tmpfs or opts.overlay or plan.layers is not None
+    writable = opts.writable or opts.writable_tmpfs or (overlay and not overlay_ro) \
+        or plan.layers is not None
     mounts.finish(readonly_root=not writable)

@@ -45,7 +45,7 @@ _WAIT_THEN_SERVE = 'fd=$1; shift; (read -r _ <&"$fd" && exec "$@") & exit 0'
 _MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=8388608:glibc.malloc.trim_threshold=67108864"
 
 
-def _open_device() -> int:
+def open_device() -> int:
     try:
         return os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as err:
@@ -110,7 +110,7 @@ def serve_detached(image: str, offset: int, uid: int, gid: int) -> Served | None
     """
     exe = tools.which("squashfuse_ll")
     linux.unshare(linux.CLONE_NEWNS)
-    fuse_fd = _open_device()
+    fuse_fd = open_device()
     try:
         try:
             mount_fd = linux.fs_mount("fuse", {
@@ -152,7 +152,7 @@ def start_helper(image: str, offset: int, uid: int, gid: int) -> Helper:
     The filesystem will belong to *uid* and *gid* (as seen in the user namespace).
     """
     exe = tools.which("squashfuse_ll")
-    fuse_fd = _open_device()
+    fuse_fd = open_device()
     wait_fd, go = os.pipe()
     try:
         shell = _spawn(["/bin/sh", "-c", _WAIT_THEN_SERVE, "capsid-fuse", str(wait_fd),

@@ -62,6 +62,7 @@ def _libc(name: str, *argtypes: type) -> _Function:
 _mount = _libc("mount", _Text, _Text, _Text, _ULong, _Text)
 _umount2 = _libc("umount2", _Text, _Int)
 _unshare = _libc("unshare", _Int)
+_setns = _libc("setns", _Int, _Int)
 _prctl = _libc("prctl", _Int, _ULong, _ULong, _ULong, _ULong)
 _sched_getcpu = _libc("sched_getcpu")
 _syscall = _libc("syscall", _ULong, _Text, _Text)
@@ -196,6 +197,11 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 def unshare(flags: int) -> None:
     _check(_unshare(flags), "unshare")
+
+
+def setns(fd: int, kind: int) -> None:
+    """Join the namespace open at *fd* (``/proc/PID/ns/...``) of type *kind* (CLONE_NEW*)."""
+    _check(_setns(fd, kind), "setns")
 
 
 def current_cpu() -> int:

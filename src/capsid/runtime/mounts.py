@@ -181,8 +181,12 @@ def mount_layers(upper: int, work: int, count: int) -> None:
                     f"workdir={_by_fd(work)}")
 
 
-def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool) -> None:
-    """Build /final: an overlay on the image, or the image itself when it is writable."""
+def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool,
+              lower: str | None = None) -> None:
+    """Build /final: an overlay on the image, or the image itself when it is writable.
+
+    *lower* is a read-only layer above the image (an ``--overlay ...:ro``).
+    """
     if writable_image:
         linux.bind(IMAGE, FINAL)
         return
@@ -195,7 +199,8 @@ def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool) 
         raise RuntimeSetupError(f"cannot use the overlay directory {d.removeprefix(OLD)}: "
                                 f"{err.strerror}",
                                 "give an empty directory of your own") from None
-    options = f"lowerdir={IMAGE},upperdir={upper},workdir={work}" + (
+    lowers = f"{lower}:{IMAGE}" if lower else IMAGE
+    options = f"lowerdir={lowers},upperdir={upper},workdir={work}" + (
         ",userxattr" if userns else "")
     try:
         linux.mount("overlay", FINAL, "overlay", linux.MS_NOSUID | linux.MS_NODEV, options)

@@ -68,4 +68,25 @@ def init(command: int, status_pipe: int) -> NoReturn:
             continue
         if pid == command:
             os.write(status_pipe, str(status).encode())
+            _stop_the_rest()
             os._exit(0)
+
+
+def _stop_the_rest(seconds: float = 5.0) -> None:
+    """SIGTERM what is left in the namespace (an overlay image's fuse2fs writes back
+    then), and reap it for up to *seconds*; leaving PID 1 then kills the rest."""
+    import _signal
+    import time
+
+    try:
+        os.kill(-1, _signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.01)

@@ -116,8 +116,15 @@ def _check_source(path: str) -> None:
                                 "bind a path you can reach") from None
 
 
-def _check_overlay(path: str) -> None:
-    """An --overlay must be an existing directory of the user's, not the host's root."""
+def _check_overlay(spec: str) -> None:
+    """An --overlay is an overlay image, or an existing directory of the user's (not the
+    host's root); ``:ro`` reads it only."""
+    from capsid.runtime import overlayimg
+
+    path, readonly = overlayimg.split(spec)
+    if overlayimg.is_image(path):
+        overlayimg.check(path, readonly)
+        return
     real = os.path.realpath(path)
     if not os.path.lexists(real):
         raise UsageError(f"overlay directory {path} does not exist",
@@ -129,7 +136,7 @@ def _check_overlay(path: str) -> None:
     if real == "/":
         raise UsageError("the overlay directory cannot be /",
                          "give an empty directory of your own")
-    if not os.access(real, os.W_OK | os.X_OK):
+    if not readonly and not os.access(real, os.W_OK | os.X_OK):
         raise UsageError(f"you cannot write to the overlay directory {path}",
                          "give a directory of your own")
 

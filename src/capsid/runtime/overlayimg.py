@@ -1,0 +1,254 @@
+"""Persistent overlay images (``--overlay FILE.img[:ro]``): ext3 files served by fuse2fs.
+
+Apptainer keeps a container's changes in an ext3 image (``overlay create``); without
+privileges it serves the image with ``fuse2fs``. capsid does the same with Debian's
+fuse2fs, which is built on libfuse 2: that library mounts with ``mount(2)`` itself, so
+fuse2fs is started, from the container's mount namespace before its root is switched,
+with ``CAP_SYS_ADMIN`` of the user namespace as an ambient capability (dropped again
+before the command starts).
+
+fuse2fs lives in the container's mount namespace, which therefore cannot end by
+itself: a small watcher (``tail --pid``, outside the container's process tree) stops
+it with SIGTERM, so that it writes everything back, when the container's process
+ends (after ``kill -9`` too). Writers take an exclusive ``flock`` on the image, readers
+(``:ro``) a shared one; fuse2fs and its watcher inherit it, so a second writer is
+refused until the first container's fuse2fs is gone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from capsid import tools
+from capsid.errors import RuntimeSetupError, UsageError
+
+_EXT_MAGIC_OFFSET = 1080
+_EXT_MAGIC = b"\x53\xef"
+CAP_SYS_ADMIN = 21
+_MOUNT_WAIT_SECONDS = 10.0
+#: $1 the process to outlive, then the server's command. The outer shell exits at once,
+#: so the server and its watcher are nobody's children here; a server that ends says so.
+_SERVE = ('pid=$1; shift; ( "$@" & f=$!; '
+          '( tail -s 0.2 --pid="$pid" -f /dev/null; kill -TERM "$f" ) & '
+          'wait "$f"; echo "' + '{ended}' + ' $?" >&2 ) & exit 0')
+_ENDED = "capsid: a FUSE server of the overlay ended with status"
+
+
+def split(spec: str) -> tuple[str, bool]:
+    """``PATH[:ro]`` → (path, read-only)."""
+    if spec.endswith(":ro"):
+        return spec[:-3], True
+    if spec.endswith(":rw"):
+        return spec[:-3], False
+    return spec, False
+
+
+def is_image(path: str) -> bool:
+    """Whether *path* is an overlay image file (not a directory)."""
+    return os.path.isfile(path)
+
+
+def check(path: str, readonly: bool) -> None:
+    """Refuse anything but a readable (and, unless *readonly*, writable) ext2/3/4 image."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(_EXT_MAGIC_OFFSET)
+            magic = f.read(2)
+    except OSError as err:
+        raise UsageError(f"cannot read the overlay image {path}: {err.strerror}",
+                         "check the path and its permissions") from None
+    if magic != _EXT_MAGIC:
+        raise UsageError(f"{path} is not an overlay image (no ext3 file system in it)",
+                         "make one with 'capsid overlay create --size 1024 FILE.img'")
+    if not readonly and not os.access(path, os.W_OK):
+        raise UsageError(f"you cannot write to the overlay image {path}",
+                         f"use --overlay {path}:ro to read it only")
+    if tools.find("fuse2fs") is None:
+        raise UsageError("overlay images need fuse2fs", "apt-get install fuse2fs")
+
+
+def create(path: Path, size_mib: int, *, sparse: bool = False, fakeroot: bool = False
+           ) -> None:
+    """A new ext3 overlay image of *size_mib* MiB with empty ``upper/`` and ``work/``
+    directories owned by the user, as Apptainer's ``overlay create`` makes it; with
+    *fakeroot*, owned by root, for containers run with --fakeroot."""
+    from capsid.image import output
+
+    if size_mib < 64:
+        raise UsageError(f"--size {size_mib}: an overlay image needs at least 64 MiB",
+                         "give --size 64 or more (MiB)")
+    mkfs = tools.which("mkfs.ext3")
+    with output.atomic_file(path, mode=0o666) as tmp, \
+            output.scratch(path, "tree") as scratch:
+        os.unlink(scratch)
+        os.makedirs(scratch / "upper", 0o755)
+        os.makedirs(scratch / "work", 0o755)
+        with open(tmp, "wb") as f:
+            if sparse:
+                f.truncate(size_mib << 20)
+            else:
+                os.posix_fallocate(f.fileno(), 0, size_mib << 20)
+        owner = "0:0" if fakeroot else f"{os.getuid()}:{os.getgid()}"
+        argv = [mkfs, "-q", "-F", "-d", str(scratch), "-E", f"root_owner={owner}", str(tmp)]
+        if fakeroot and os.getuid() != 0:  # mkfs records owners as it sees them
+            argv = [tools.which("unshare"), "--map-root-user", *argv]
+        proc = subprocess.run(argv, capture_output=True, check=False)
+        for each in ("upper", "work"):
+            os.rmdir(scratch / each)
+        if proc.returncode != 0:
+            raise tools.failure("mkfs.ext3", proc.returncode, proc.stderr)
+
+
+def open_locked(image: str, readonly: bool, patience: float = 3.0) -> int:
+    """The image opened and locked: exclusively to write, shared to read (``:ro``).
+
+    The servers of a container that just ended may take a moment to write back and
+    let go: a lock held for longer than *patience* seconds is another container's.
+    """
+    fd = os.open(image, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+        os.close(fd)
+        raise RuntimeSetupError(
+            f"the overlay image {image} is in use by another container"
+            + ("" if readonly else " (only one may write to it at a time)"),
+            "wait for it to end, or add :ro to read the image only") from None
+
+
+def serve(image_fd: int, mountpoint: str, readonly: bool, errors: str) -> None:
+    """Mount the image open at *image_fd* (from :func:`open_locked`) on *mountpoint* with
+    fuse2fs, until this process ends; *image_fd* is closed.
+
+    Call in the container's user and mount namespaces, before the root is switched
+    (fuse2fs and its libraries come from the host). Its messages go to *errors*.
+    """
+    try:
+        options = "fakeroot" + (",ro" if readonly else "")
+        _spawn([tools.which("fuse2fs"), "-f", "-o", options, f"/proc/self/fd/{image_fd}",
+                mountpoint], (image_fd,), mountpoint, errors)
+    finally:
+        os.close(image_fd)
+
+
+def serve_writable(image_fd: int, lower: str, scratch: str, errors: str) -> int:
+    """The writable root of an overlay image on *lower* (the mounted image), as a
+    detached mount to attach where the root goes; *image_fd* (locked) is closed.
+
+    Kernel overlayfs takes no FUSE upper layer, so fuse-overlayfs stacks the image's
+    ``upper/`` (fuse2fs) on *lower*. Both run in a throw-away copy of this mount
+    namespace, never switched to the container's root: fuse-overlayfs resolves paths
+    through /proc as it runs. Its file system is created here detached (libfuse 3
+    takes ``/dev/fd/N``); when the container's last process ends, the mount goes,
+    fuse-overlayfs ends, and the script stops fuse2fs (SIGTERM: it writes back).
+    *scratch* is a new directory for fuse2fs's mount point.
+    """
+    overlayfs = tools.find("fuse-overlayfs")
+    if overlayfs is None:
+        os.close(image_fd)
+        raise RuntimeSetupError("a writable overlay image needs fuse-overlayfs",
+                                "apt-get install fuse-overlayfs, or add :ro")
+    from capsid.runtime import fuse, linux
+
+    home = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        linux.unshare(linux.CLONE_NEWNS)  # the copy: mounts made now stay in it
+        os.mkdir(scratch)
+        fuse_fd = fuse.open_device()
+        try:
+            mount_fd = linux.fs_mount("fuse", {
+                "source": "fuse-overlayfs", "subtype": "fuse-overlayfs", "fd": str(fuse_fd),
+                "rootmode": "40000", "user_id": str(os.geteuid()),
+                "group_id": str(os.getegid()), "allow_other": None,
+            }, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV)
+            script = ('img=$1 dev=$2 mnt=$3 lower=$4 f2fs=$5 ovl=$6; ( '
+                      '"$f2fs" -f -o fakeroot "/proc/self/fd/$img" "$mnt" & f=$!; n=0; '
+                      'until mountpoint -q "$mnt"; do sleep 0.01; n=$((n+1)); '
+                      '[ $n -gt 1000 ] || ! kill -0 $f 2>/dev/null && break; done; '
+                      '"$ovl" -f -o "lowerdir=$lower,upperdir=$mnt/upper,workdir=$mnt/work,'
+                      'noacl,allow_other" "/dev/fd/$dev"; '
+                      'echo "' + _ENDED + ' $?" >&2; kill -TERM $f; wait $f ) & exit 0')
+            with open(errors, "ab") as err:
+                raised = os.geteuid() != 0 and _ambient(CAP_SYS_ADMIN)
+                try:
+                    subprocess.run([tools.which("sh"), "-c", script, "capsid-overlay",
+                                    str(image_fd), str(fuse_fd), scratch, lower,
+                                    tools.which("fuse2fs"), overlayfs],
+                                   stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                   pass_fds=(image_fd, fuse_fd), start_new_session=True,
+                                   check=True)
+                finally:
+                    if raised:
+                        _ambient_clear()
+        finally:
+            os.close(fuse_fd)
+            os.close(image_fd)
+        return mount_fd
+    finally:
+        linux.setns(home, linux.CLONE_NEWNS)
+        os.close(home)
+
+
+def _spawn(argv: list[str], fds: tuple[int, ...], mountpoint: str, errors: str,
+           cwd: str | None = None) -> None:
+    """Start FUSE server *argv*, watched, and wait until it has mounted *mountpoint*."""
+    command = [tools.which("sh"), "-c", _SERVE.format(ended=_ENDED), "capsid-overlay",
+               str(os.getpid()), *argv]
+    before = os.stat(mountpoint).st_dev
+    with open(errors, "ab") as err:
+        raised = os.geteuid() != 0 and _ambient(CAP_SYS_ADMIN)
+        try:
+            subprocess.run(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                           pass_fds=fds, start_new_session=True, check=True, cwd=cwd)
+        finally:
+            if raised:
+                _ambient_clear()
+    _wait_mounted(mountpoint, before, errors, os.path.basename(argv[0]))
+
+
+def _wait_mounted(mountpoint: str, before: int, errors: str, name: str) -> None:
+    deadline = time.monotonic() + _MOUNT_WAIT_SECONDS
+    said = ""
+    while time.monotonic() < deadline:
+        if os.stat(mountpoint).st_dev != before:
+            return
+        with open(errors, "rb") as f:
+            said = f.read().decode(errors="replace").strip()
+        if _ENDED in said:
+            break
+        time.sleep(0.005)
+    lines = [line for line in said.splitlines() if _ENDED not in line]
+    raise RuntimeSetupError(f"{name} could not serve the overlay image: "
+                            f"{lines[-1] if lines else 'it did not start in time'}",
+                            "check the image with e2fsck, and that /dev/fuse is usable")
+
+
+def _ambient(cap: int) -> bool:
+    """Make *cap* (held now, in this user namespace) survive the next execve."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
+    data = (ctypes.c_uint32 * 6)()  # two of {effective, permitted, inheritable}
+    if libc.capget(header, data) != 0:
+        return False
+    data[2 + 3 * (cap // 32)] |= 1 << (cap % 32)
+    if libc.capset(header, data) != 0:
+        return False
+    return bool(libc.prctl(47, 2, cap, 0, 0) == 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE
+
+
+def _ambient_clear() -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
