@@ -309,3 +309,60 @@ def test_persistent_overlay_image(debian_sif: Path, tmp_path: Path) -> None:
     assert after_kill.stdout == "kept\n", after_kill.stderr
     bad = run_capsid("exec", "--overlay", str(tmp_path / "args.def"), debian_sif, "true")
     assert bad.returncode == 255
+
+
+def test_instances(busybox_sif: Path, tmp_path: Path) -> None:
+    """instance start runs %startscript in the background and outlives its shell; list
+    (JSON); exec instance:// joins it and sees its processes (--pid); a second start
+    of the name is one error; stop leaves no process, mount or state file."""
+    recipe = tmp_path / "service.def"
+    recipe.write_text(textwrap.dedent(f"""\
+        Bootstrap: localimage
+        From: {busybox_sif}
+
+        %startscript
+            echo "started with $*" > /data/service.log
+            exec sleep 1000
+        """))
+    image = tmp_path / "service.sif"
+    assert run_capsid("build", image, recipe).returncode == 0
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
+    name = f"svc{os.getpid()}"
+    # started from a shell that exits at once: the instance lives on
+    shell = subprocess.run(["sh", "-c", f'"{CAPSID}" instance start --pid -B "{tmp_path}:/data" '
+                            f'"{image}" {name} one two; exit 0'], env=env, capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert shell.returncode == 0 and f"instance {name} started" in shell.stderr, shell.stderr
+    try:
+        import json
+
+        listed = json.loads(run_capsid("instance", "list", "--json", env=env).stdout)
+        (entry,) = listed["instances"]
+        assert entry["instance"] == name and entry["img"] == str(image.resolve())
+        pid = entry["pid"]
+        assert Path(f"/proc/{pid}").exists()
+        for _ in range(50):
+            log = run_capsid("exec", f"instance://{name}", "cat", "/data/service.log", env=env)
+            if log.stdout:
+                break
+            subprocess.run(["sleep", "0.1"], check=True)
+        assert log.stdout == "started with one two\n", log.stderr
+        seen = run_capsid("exec", f"instance://{name}", "ps", "-o", "args", env=env).stdout
+        assert "sleep 1000" in seen, seen  # its processes: the same PID namespace
+        again = run_capsid("instance", "start", image, name, env=env)
+        assert again.returncode == 255 and "running already" in again.stderr
+        assert again.stderr.count("\n") == 1
+        assert "apptainer instance list" not in named("apptainer", "instance", "list",
+                                                      env=env).stdout
+    finally:
+        stopped = run_capsid("instance", "stop", name, env=env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not Path(f"/proc/{pid}").exists() or \
+        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert list((runtime / "capsid" / "instances").glob("*.json")) == []
+    assert run_capsid("instance", "list", "--json", env=env).stdout.count(name) == 0
+    assert str(image) not in Path("/proc/self/mountinfo").read_text()
+    gone = run_capsid("exec", f"instance://{name}", "true", env=env)
+    assert gone.returncode == 255 and "no instance named" in gone.stderr

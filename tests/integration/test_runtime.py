@@ -310,6 +310,11 @@ def test_containall_hides_host_dirs(busybox_sif: Path, tmp_path: Path) -> None:
                          cwd=tmp_path)
     hidden, devices, pid = result.stdout.split()
     assert hidden == "hidden" and int(devices) < 25 and 1 < int(pid) < 10
+    # /tmp and /var/tmp are empty and writable, the container's own
+    tmp = capsid_exec(busybox_sif, "--contain", "sh", "-c",
+                      "ls -A /tmp /var/tmp; touch /tmp/a /var/tmp/b && stat -c %a /tmp")
+    assert tmp.stdout.splitlines()[-1] == "1777", tmp.stdout + tmp.stderr
+    assert not [x for x in tmp.stdout.splitlines()[:-1] if x and not x.endswith(":")]
 
 
 def test_unsquash_runs_without_fuse(busybox_sif: Path) -> None:

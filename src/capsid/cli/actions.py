@@ -14,6 +14,10 @@ import sys
 from capsid import config
 from capsid.errors import CapsidError, UsageError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from capsid.runtime.options import Options
+
 _USAGE = {
     "exec": ("[options] IMAGE COMMAND [ARGS...]", "Run COMMAND inside a container of IMAGE."),
     "run": ("[options] IMAGE [ARGS...]",
@@ -158,6 +162,23 @@ def run(verb: str, argv: list[str]) -> int:
         return 0
     if image is None:
         raise UsageError("no image given", f"usage: capsid {verb} {_USAGE[verb][0]}")
+    if image.startswith("instance://"):
+        from capsid.runtime import instances
+
+        instances.join(instances.find(image.removeprefix("instance://")), verb, args)
+    from capsid.runtime import api
+
+    image = api.resolve(image)
+    opts = options(values)
+    # The user namespace and the image's server first, so that squashfuse starts
+    # while the rest of the runtime is imported and the container planned.
+    started = api.start(image, opts, verb, args)
+    api.exec_container(image, args, opts, verb, started)
+    return 255  # not reached: exec_container() replaces this process
+
+
+def options(values: Parsed) -> Options:
+    """The runtime's options from parsed action flags (and their variables)."""
     if _flag(values, "nv", "NV") or _flag(values, "rocm", "ROCM"):
         raise CapsidError("GPU support (--nv/--rocm) is not available in this version of capsid",
                           "run without --nv/--rocm")
@@ -173,10 +194,9 @@ def run(verb: str, argv: list[str]) -> int:
         raise UsageError(f"--tmpfs-size {size!r} is not a number of MiB",
                          "give a whole number, e.g. --tmpfs-size 2048")
 
-    from capsid.runtime import api, binds
+    from capsid.runtime import binds
     from capsid.runtime.options import Options
 
-    image = api.resolve(image)
     specs: list[binds.BindSpec] = []
     for name in ("BINDPATH", "BIND"):
         if config.env(name):
@@ -188,7 +208,7 @@ def run(verb: str, argv: list[str]) -> int:
             specs.append(binds.parse_mount(text))
     containall = _flag(values, "containall", "CONTAINALL")
     no_mount = [item.strip() for text in _list(values, "no-mount") for item in text.split(",")]
-    opts = Options(
+    return Options(
         binds=specs, home=_text(values, "home") or config.env("HOME"),
         no_home=_flag(values, "no-home", "NO_HOME"), no_mount=no_mount,
         contain=containall or _flag(values, "contain", "CONTAIN"), pwd=_text(values, "pwd"),
@@ -203,8 +223,3 @@ def run(verb: str, argv: list[str]) -> int:
         tmpfs_size_mib=int(size) if size else None,
         unsquash=_flag(values, "unsquash", "UNSQUASH"), shell=_text(values, "shell"),
     )
-    # The user namespace and the image's server first, so that squashfuse starts
-    # while the rest of the runtime is imported and the container planned.
-    started = api.start(image, opts, verb, args)
-    api.exec_container(image, args, opts, verb, started)
-    return 255  # not reached: exec_container() replaces this process

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("cache", "List or clean the cache of blobs and converted images"),
     "inspect": ("inspect", "Show an image's labels, scripts, def file and environment"),
     "overlay": ("overlay", "Create a persistent overlay image (ext3) for --overlay"),
+    "instance": ("instance", "Start, list and stop containers running in the background"),
     "sif": ("sif", "Look inside SIF files: list, info, header, dump"),
     "version": ("", "Show the version"),
     "help": ("", "Show help for a command"),

@@ -100,15 +100,51 @@ def run(image: str | Layers, argv: Sequence[str], options: Options,
     return os.waitstatus_to_exitcode(status)
 
 
+def spawn(image: str | Layers, argv: Sequence[str], options: Options, *, stdout: int,
+          stderr: int) -> int:
+    """Start the container in the background, in a session of its own with its output
+    to *stdout* and *stderr* (fds), and return its process id once its command runs.
+
+    It outlives the caller (an instance). A failure to set it up is raised here.
+    """
+    if isinstance(image, str):
+        image = resolve(image)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child ends in execve or _exit
+        os.close(reader)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd, target in ((null, 0), (stdout, 1), (stderr, 2)):
+            os.dup2(fd, target)
+        os.closerange(3, writer)  # nothing of the caller's (locks, pipes) lives on in it
+        os.closerange(writer + 1, os.sysconf("SC_OPEN_MAX"))
+        _child(image, argv, options, "exec", writer, tied=False)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        report = pipe.read().decode(errors="replace")
+    if report:
+        from capsid.errors import CapsidError
+
+        os.waitpid(pid, 0)
+        message, _, hint = report.partition("\0")
+        raise CapsidError(message, hint)
+    return pid
+
+
 def _child(image: str | Layers, argv: Sequence[str], options: Options, action: str,
-           report: int) -> NoReturn:
+           report: int, tied: bool = True) -> NoReturn:
     from capsid.errors import CapsidError
-    from capsid.runtime import linux
+    from capsid.runtime import linux, pid1
 
     try:
-        linux.parent_death_signal(9)  # SIGKILL when the caller dies (kill -9 of a build)
-        if os.getppid() == 1:
-            os._exit(255)  # it died already
+        pid1.REPORT_FDS.append(report)  # --pid: the processes that never exec close it
+        if tied:
+            linux.parent_death_signal(9)  # SIGKILL when the caller dies (kill -9 of a build)
+            if os.getppid() == 1:
+                os._exit(255)  # it died already
         exec_container(image, argv, options, action)
     except CapsidError as err:
         os.write(report, f"{err.message}\0{err.hint}".encode(errors="replace"))

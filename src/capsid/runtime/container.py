@@ -93,9 +93,12 @@ def _container_mounts(plan: Plan, opts: Options) -> None:
         mounts.ensure_target(mounts.FINAL, plan.home_dest, True)
     for b in plan.binds:
         mounts.bind_into(b.source, b.destination, readonly=b.readonly)
-    if plan.site.mount_tmp and "tmp" not in opts.no_mount and not opts.contain:
-        mounts.bind_into("/tmp", "/tmp", required=False)
-        mounts.bind_into(os.path.realpath("/var/tmp"), "/var/tmp", required=False)
+    if plan.site.mount_tmp and "tmp" not in opts.no_mount:
+        if opts.contain:
+            mounts.private_tmp()
+        else:
+            mounts.bind_into("/tmp", "/tmp", required=False)
+            mounts.bind_into(os.path.realpath("/var/tmp"), "/var/tmp", required=False)
     if not (opts.fakeroot or opts.root_emulation):
         passwd = _read_image_file("/etc/passwd")
         if passwd is None:

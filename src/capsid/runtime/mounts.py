@@ -330,6 +330,18 @@ def bind_file(content: bytes, name: str, destination: str) -> None:
         linux.bind(path, target)
 
 
+def private_tmp() -> None:
+    """--contain: empty, writable /tmp and /var/tmp of the container's own (in the
+    session's memory, gone with the container), as Apptainer gives."""
+    for name, destination in (("tmp", "/tmp"), ("var-tmp", "/var/tmp")):
+        path = f"/files/{name}"
+        os.mkdir(path)
+        os.chmod(path, 0o1777)
+        target = ensure_target(FINAL, destination, is_dir=True, required=False)
+        if target is not None:
+            linux.bind(path, target)
+
+
 def mount_proc(new_pid_namespace: bool) -> None:
     target = ensure_target(FINAL, "/proc", True)
     if target is None:

@@ -16,6 +16,19 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 
+#: fds a caller waits on until the command starts (closed on exec): the supervisor and
+#: PID 1, which never exec, close them themselves
+REPORT_FDS: list[int] = []
+
+
+def _close_reports() -> None:
+    for fd in REPORT_FDS:
+        try:  # noqa: SIM105 - contextlib may not import any more
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def exit_like(status: int) -> NoReturn:
     """Exit the way a process with wait *status* did: the same code, or the same signal."""
     if os.WIFSIGNALED(status):
@@ -39,6 +52,7 @@ def _forward_signals(pid: int) -> None:
 
 def supervise(child: int, status_pipe: int) -> NoReturn:
     """--pid, outside: forward signals to the namespace's init, exit as the command did."""
+    _close_reports()
     _forward_signals(child)
     while True:
         try:
@@ -58,6 +72,7 @@ def init(command: int, status_pipe: int) -> NoReturn:
     The kernel drops signals sent to a namespace's PID 1 that it has no handler for,
     so the command must not be PID 1 or Slurm's SIGTERM would never reach it.
     """
+    _close_reports()
     _forward_signals(command)
     while True:
         try:

@@ -1,0 +1,110 @@
+"""``capsid instance start|list|stop``: containers that run in the background."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+from capsid.errors import UsageError
+
+USAGE = """\
+Usage: capsid instance start [exec options] IMAGE NAME [ARGS...]
+       capsid instance list [--json] [NAME]
+       capsid instance stop [--signal SIG] [--timeout S] [--force] NAME|--all
+
+Instances run an image's %startscript (or nothing) in the background, in their own
+namespaces; 'capsid exec|run|shell instance://NAME ...' runs commands in them.
+"""
+
+
+def run(verb: str, argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0 if argv else 255
+    action, rest = argv[0], argv[1:]
+    if action == "start":
+        return _start(rest)
+    if action == "list":
+        return _list(rest)
+    if action == "stop":
+        return _stop(rest)
+    raise UsageError(f"unknown instance command {action!r}", "use start, list or stop")
+
+
+def _start(argv: list[str]) -> int:
+    from capsid.cli import actions
+    from capsid.runtime import api, instances
+
+    values, image, args = actions.parse("exec", argv)
+    if values.get("help"):
+        sys.stdout.write(USAGE)
+        return 0
+    if image is None or not args:
+        raise UsageError("instance start needs IMAGE and NAME",
+                         "capsid instance start [options] IMAGE NAME [ARGS...]")
+    name, rest = args[0], args[1:]
+    started = instances.start(api.resolve(image), name, rest, actions.options(values))
+    sys.stderr.write(f"instance {started.name} started (pid {started.pid})\n")
+    return 0
+
+
+def _list(argv: list[str]) -> int:
+    from capsid.runtime import instances
+
+    as_json = "--json" in argv or "-j" in argv
+    names = [a for a in argv if not a.startswith("-")]
+    found = [i for i in instances.listed() if not names or i.name in names]
+    if as_json:
+        records = [{"instance": i.name, "pid": i.pid, "img": i.image, "ip": "",
+                    "logErrPath": i.log_err, "logOutPath": i.log_out} for i in found]
+        sys.stdout.write(json.dumps({"instances": records}, indent=4) + "\n")
+        return 0
+    sys.stdout.write(f"{'INSTANCE NAME':<16} {'PID':<8} {'IP':<8} IMAGE\n")
+    for i in found:
+        sys.stdout.write(f"{i.name:<16} {i.pid:<8} {'':<8} {i.image}\n")
+    return 0
+
+
+def _stop(argv: list[str]) -> int:
+    from capsid.runtime import instances
+
+    signum: int = signal.SIGTERM
+    timeout, everything, names = 10.0, False, []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-a", "--all"):
+            everything = True
+        elif arg in ("-F", "--force"):
+            signum = signal.SIGKILL
+        elif arg in ("-s", "--signal") or arg.startswith("--signal="):
+            value = arg.partition("=")[2] if "=" in arg else next(args, "")
+            signum = _signal(value)
+        elif arg in ("-t", "--timeout"):
+            value = next(args, "")
+            if not value.isdigit():
+                raise UsageError(f"--timeout {value!r} is not a number of seconds",
+                                 "e.g. --timeout 10")
+            timeout = float(value)
+        elif arg.startswith("-"):
+            raise UsageError(f"unknown flag {arg}", "see 'capsid instance --help'")
+        else:
+            names.append(arg)
+    if everything == bool(names):
+        raise UsageError("instance stop needs NAME or --all", "see 'capsid instance list'")
+    targets = instances.listed() if everything else [instances.find(n) for n in names]
+    for target in targets:
+        instances.stop(target, signum, timeout)
+        sys.stderr.write(f"instance {target.name} stopped\n")
+    return 0
+
+
+def _signal(text: str) -> int:
+    name = text.upper()
+    if name.isdigit():
+        return int(name)
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    number = getattr(signal, name, None)
+    if not isinstance(number, signal.Signals):
+        raise UsageError(f"--signal {text!r} is not a signal", "e.g. --signal SIGTERM or 15")
+    return int(number)
