@@ -25,6 +25,8 @@ def _text(info: meta.Metadata, section: str) -> str:
 
 
 def run(verb: str, argv: list[str]) -> int:
+    if verb == "run-help":  # Apptainer's run-help IMAGE: the %help text
+        argv = ["--helpfile", *argv]
     p = parser("inspect", "[options] IMAGE",
                "Show the metadata of a SIF file, squashfs image or sandbox. "
                "With no option, the labels.")

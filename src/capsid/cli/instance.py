@@ -10,6 +10,7 @@ from capsid.errors import UsageError
 
 USAGE = """\
 Usage: capsid instance start [exec options] IMAGE NAME [ARGS...]
+       capsid instance run [exec options] IMAGE NAME [ARGS...]   (the runscript)
        capsid instance list [--json] [NAME]
        capsid instance stop [--signal SIG] [--timeout S] [--force] NAME|--all
 
@@ -23,16 +24,16 @@ def run(verb: str, argv: list[str]) -> int:
         sys.stdout.write(USAGE)
         return 0 if argv else 255
     action, rest = argv[0], argv[1:]
-    if action == "start":
-        return _start(rest)
+    if action in ("start", "run"):
+        return _start(rest, "startscript" if action == "start" else "runscript")
     if action == "list":
         return _list(rest)
     if action == "stop":
         return _stop(rest)
-    raise UsageError(f"unknown instance command {action!r}", "use start, list or stop")
+    raise UsageError(f"unknown instance command {action!r}", "use start, run, list or stop")
 
 
-def _start(argv: list[str]) -> int:
+def _start(argv: list[str], script: str) -> int:
     from capsid.cli import actions
     from capsid.runtime import api, instances
 
@@ -44,7 +45,9 @@ def _start(argv: list[str]) -> int:
         raise UsageError("instance start needs IMAGE and NAME",
                          "capsid instance start [options] IMAGE NAME [ARGS...]")
     name, rest = args[0], args[1:]
-    started = instances.start(api.resolve(image), name, rest, actions.options(values))
+    options = actions.options(values)
+    options.pid = True  # as Apptainer's: an instance has a PID namespace of its own
+    started = instances.start(api.resolve(image), name, rest, options, script)
     sys.stderr.write(f"instance {started.name} started (pid {started.pid})\n")
     return 0
 

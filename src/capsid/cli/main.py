@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "Show an image's labels, scripts, def file and environment"),
     "overlay": ("overlay", "Create a persistent overlay image (ext3) for --overlay"),
     "instance": ("instance", "Start, list and stop containers running in the background"),
+    "run-help": ("inspect", "Show an image's help text (%help)"),
     "sif": ("sif", "Look inside SIF files: list, info, header, dump"),
     "version": ("", "Show the version"),
     "help": ("", "Show help for a command"),
@@ -51,6 +52,8 @@ Global options:
   -v, --verbose   print more information about what capsid does
   -q, --quiet     print only errors
   -s, --silent    print nothing but the command's own output
+  -c, --config F  the site configuration file (instead of /etc/capsid/capsid.conf)
+      --nocolor   accepted: capsid prints no colours
       --version   show the version and exit
   -h, --help      show this help and exit
 
@@ -107,6 +110,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             level_name = "verbose"
         elif opt in ("-q", "--quiet", "-s", "--silent"):
             level_name = "quiet"
+        elif opt == "--nocolor":
+            pass  # capsid prints no colours
+        elif opt in ("-c", "--config") or opt.startswith("--config="):
+            import os
+
+            value = opt.partition("=")[2] if "=" in opt else (args.pop(0) if args else "")
+            if not value:
+                return _usage_error(f"{opt} needs a file", "e.g. -c /etc/capsid/capsid.conf")
+            os.environ["CAPSID_CONFIG"] = value
         elif opt == "--version":
             print(_version(prog, False))
             return 0

@@ -29,9 +29,10 @@ from capsid.errors import CapsidError, UsageError
 from capsid.runtime.options import Options
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-#: the container's command: %startscript in the background, then wait until stopped
+#: the container's command: %startscript (or, for ``instance run``, the runscript) in
+#: the background, then wait until stopped
 _INIT = ('trap "exit 0" TERM INT; '
-         'if [ -x /.singularity.d/startscript ]; then /.singularity.d/startscript "$@" & fi; '
+         'if [ -x /.singularity.d/{script} ]; then /.singularity.d/{script} "$@" & fi; '
          'while :; do sleep 86400 & wait $!; done')
 #: namespaces joined when the instance has its own (user and mount come first)
 _OPTIONAL = (("ipc", 0x08000000), ("uts", 0x04000000), ("net", 0x40000000))
@@ -110,8 +111,10 @@ def _locked() -> Iterator[Path]:
         os.close(fd)
 
 
-def start(image: str, name: str, args: Sequence[str], options: Options) -> Instance:
-    """Start instance *name* of *image* running its %startscript with *args*."""
+def start(image: str, name: str, args: Sequence[str], options: Options,
+          script: str = "startscript") -> Instance:
+    """Start instance *name* of *image* running its %startscript (or *script*, e.g.
+    ``runscript``) with *args*."""
     if not _NAME.fullmatch(name):
         raise UsageError(f"{name!r} is not a valid instance name",
                          "use letters, digits, '.', '_' and '-' (at most 64)")
@@ -127,7 +130,8 @@ def start(image: str, name: str, args: Sequence[str], options: Options) -> Insta
         (folder / "logs").mkdir(exist_ok=True, mode=0o700)
         out, err = folder / "logs" / f"{name}.out", folder / "logs" / f"{name}.err"
         with open(out, "wb") as out_f, open(err, "wb") as err_f:
-            pid = api.spawn(image, ["/bin/sh", "-c", _INIT, name, *args], options,
+            pid = api.spawn(image, ["/bin/sh", "-c", _INIT.format(script=script), name, *args],
+                            options,
                             stdout=out_f.fileno(), stderr=err_f.fileno())
         started = _start_time(pid)
         if started is None:
