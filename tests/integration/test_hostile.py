@@ -266,7 +266,7 @@ def test_odd_overlay_targets(busybox_sif: Path, tmp_path: Path, target: str) -> 
     (tmp_path / "others").mkdir(mode=0o555)  # a directory the user may not write to
     if target in ("root", "others") and os.geteuid() == 0:
         pytest.skip("root may write to it")
-    words = {"missing": "does not exist", "file": "not a directory", "root": "cannot write",
+    words = {"missing": "does not exist", "file": "not an overlay image", "root": "cannot write",
              "slash": "cannot be /", "others": "cannot write"}[target]
     result = run_capsid("exec", "--overlay", paths[target], busybox_sif, "true")
     one_clear_error(result, words)

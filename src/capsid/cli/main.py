@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "instance": ("instance", "Start, list and stop containers running in the background"),
     "run-help": ("inspect", "Show an image's help text (%help)"),
     "sif": ("sif", "Look inside SIF files: list, info, header, dump"),
+    "doctor": ("doctor", "Check whether an image will run well on this host (MPI, libc, CPU)"),
     "version": ("", "Show the version"),
     "help": ("", "Show help for a command"),
 }

@@ -1,0 +1,357 @@
+"""``capsid doctor IMAGE``: will this image run well here? What it has against what the host offers.
+
+Each check is one :class:`Finding` (OK, WARN or FAIL, with the fix). The image is read
+without running it (its files come out of the squashfs with ``unsquashfs``): the C
+library it carries, its MPI (implementation, version, ABI) and PMIx, and the x86-64
+ISA level its binaries declare they need (GNU property notes). The host side: the same
+for the host, and the kernel features capsid uses (user namespaces, /dev/fuse,
+squashfuse, overlayfs in user namespaces, the new mount API).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capsid import tools
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+#: the x86-64 micro-architecture levels, by the CPU flags each needs (beyond the last)
+_LEVELS = (
+    ("x86-64-v2", {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}),
+    ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
+    ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+)
+_ISA_NEEDED = 0xC0008002  #: GNU_PROPERTY_X86_ISA_1_NEEDED
+_LIB_DIRS = ("lib", "lib64", "usr/lib", "usr/lib64", "usr/lib/x86_64-linux-gnu",
+             "lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/local/lib")
+
+
+@dataclass
+class Finding:
+    """One line of the report."""
+
+    check: str
+    status: str
+    image: str
+    host: str
+    fix: str = ""
+
+
+@dataclass
+class Side:
+    """What one side (the image or the host) has."""
+
+    libc: str = "unknown"  #: "glibc 2.36", "musl", "none"
+    mpi: str = "none"  #: "Open MPI 4.1.4", "MPICH 4.0", "none"
+    mpi_abi: str = "none"  #: "libmpi.so.40" (Open MPI 3-5), "libmpi.so.12" (MPICH ABI)
+    pmix: bool = False
+    isa: str = "unknown"  #: the level needed (image) or offered (host)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _version_in(data: bytes, pattern: bytes) -> str | None:
+    found = re.search(pattern, data)
+    return found.group(1).decode() if found else None
+
+
+def _libc(read: Any, names: list[str]) -> str:
+    musl = [n for n in names if re.fullmatch(r"(usr/)?lib/ld-musl-[^/]+\.so\.1", n)]
+    if musl:
+        return "musl"
+    for name in names:
+        if re.fullmatch(r"(usr/)?lib(64)?(/[^/]+-linux-gnu)?/libc\.so\.6", name):
+            version = _version_in(read(name), rb"GNU C Library[^\n]*?version (\d+\.\d+)")
+            if version:
+                return f"glibc {version}"
+    return "none" if names else "unknown"
+
+
+def _mpi(read: Any, names: list[str]) -> tuple[str, str]:
+    libs = {os.path.basename(n): n for n in names
+            if re.search(r"/lib(mpi|mpich)\.so\.\d+$", "/" + n)}
+    if "libmpi.so.40" in libs:
+        data = read(libs["libmpi.so.40"])
+        version = _version_in(data, rb"Open MPI v?(\d+\.\d+\.\d+)")
+        if version is None and "libopen-pal.so.40" in {os.path.basename(n) for n in names}:
+            pal = next(n for n in names if n.endswith("/libopen-pal.so.40"))
+            version = _version_in(read(pal), rb"Open MPI v?(\d+\.\d+\.\d+)")
+        return f"Open MPI {version or '(version unknown)'}", "libmpi.so.40"
+    if "libmpi.so.12" in libs or "libmpich.so.12" in libs:
+        data = read(libs.get("libmpich.so.12") or libs["libmpi.so.12"])
+        version = _version_in(data, rb"MPICH Version:?\s*\x00?(\d+\.\d+(?:\.\d+)?)") or \
+            _version_in(data, rb"(\d+\.\d+(?:\.\d+)?)\x00[^\x00]*MPICH")
+        return f"MPICH {version or '(version unknown)'}", "libmpi.so.12"
+    if libs:
+        return "unknown MPI", sorted(libs)[0]
+    return "none", "none"
+
+
+def isa_of_elf(data: bytes) -> int:
+    """The x86-64 ISA level (1-4) an ELF file's GNU property note says it needs, or 0."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:  # 64-bit little-endian only
+        return 0
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    needed = 0
+    for i in range(phnum):
+        base = phoff + i * phentsize
+        if base + 56 > len(data):
+            break
+        p_type, = struct.unpack_from("<I", data, base)
+        if p_type != 0x6474E553:  # PT_GNU_PROPERTY
+            continue
+        offset, = struct.unpack_from("<Q", data, base + 8)
+        size, = struct.unpack_from("<Q", data, base + 32)
+        note = data[offset:offset + size]
+        if len(note) < 16:
+            continue
+        namesz, descsz, _kind = struct.unpack_from("<III", note, 0)
+        desc = note[12 + ((namesz + 3) & ~3):][:descsz]
+        pos = 0
+        while pos + 8 <= len(desc):
+            pr_type, pr_size = struct.unpack_from("<II", desc, pos)
+            if pr_type == _ISA_NEEDED and pr_size >= 4:
+                bits, = struct.unpack_from("<I", desc, pos + 8)
+                needed = max(needed, bits.bit_length())
+            pos += 8 + ((pr_size + 7) & ~7)
+    return needed
+
+
+def _level_name(level: int) -> str:
+    return {0: "unknown", 1: "x86-64", 2: "x86-64-v2", 3: "x86-64-v3", 4: "x86-64-v4"}[level]
+
+
+def host_isa() -> str:
+    """The highest x86-64 level this CPU offers ("unknown" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f
+                          if line.startswith("flags")), set())
+    except OSError:
+        return "unknown"
+    if "lm" not in flags:
+        return "unknown"
+    level = "x86-64"
+    for name, needs in _LEVELS:
+        if not needs <= flags:
+            break
+        level = name
+    return level
+
+
+class ImageFiles:
+    """Listing and reading files of an image without running it."""
+
+    def __init__(self, image: str) -> None:
+        from capsid.image.locate import SANDBOX, locate
+
+        self.image = locate(image)
+        self.sandbox = self.image.kind == SANDBOX
+        self._cache: dict[str, bytes] = {}
+
+    def names(self) -> list[str]:
+        if self.sandbox:
+            root = Path(self.image.path)
+            found = []
+            for top in (*_LIB_DIRS, "usr/bin", "bin", "usr/local/bin", "opt"):
+                base = root / top
+                if base.is_dir() and not base.is_symlink():
+                    for dirpath, _dirs, files in os.walk(base):
+                        found += [os.path.relpath(os.path.join(dirpath, n), root) for n in files]
+            return found
+        listing = subprocess.run([tools.which("unsquashfs"), "-o", str(self.image.offset),
+                                  "-lc", "-d", "", self.image.path], capture_output=True,
+                                 check=False)
+        return [line.lstrip("/") for line in listing.stdout.decode(errors="replace")
+                .splitlines() if line.startswith("/")]
+
+    def read(self, name: str, limit: int = 64 << 20) -> bytes:
+        if name in self._cache:
+            return self._cache[name]
+        if self.sandbox:
+            try:
+                with open(Path(self.image.path) / name, "rb") as f:
+                    data = f.read(limit)
+            except OSError:
+                data = b""
+        else:
+            with tempfile.TemporaryDirectory(prefix="capsid-doctor-") as tmp:
+                subprocess.run([tools.which("unsquashfs"), "-o", str(self.image.offset), "-n",
+                                "-q", "-f", "-d", f"{tmp}/r", self.image.path, name],
+                               capture_output=True, check=False)
+                path = Path(tmp) / "r" / name
+                data = path.read_bytes()[:limit] if path.is_file() else b""
+        self._cache[name] = data
+        return data
+
+
+def image_side(image: str) -> Side:
+    files = ImageFiles(image)
+    names = files.names()
+    side = Side()
+    side.libc = _libc(files.read, names)
+    side.mpi, side.mpi_abi = _mpi(files.read, names)
+    side.pmix = any(re.search(r"/libpmix\.so\.\d+$", "/" + n) for n in names)
+    candidates = [n for n in names if re.search(
+        r"^(usr/|usr/local/|opt/[^/]+/)?bin/[^/]+$|/lib(c|mpi|python3[^/]*)\.so[.\d]*$", n)]
+    level = 0
+    for name in candidates[:80]:
+        level = max(level, isa_of_elf(files.read(name, 4 << 20)))
+    side.isa = _level_name(level) if level else "x86-64 (no higher level declared)"
+    hwcaps = sorted({m.group(1) for n in names
+                     if (m := re.search(r"glibc-hwcaps/(x86-64-v\d)/", n))})
+    side.details = {"files_checked": min(len(candidates), 80), "glibc_hwcaps": hwcaps}
+    return side
+
+
+def host_side() -> Side:
+    side = Side()
+    version = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in \
+        os.confstr_names else None
+    side.libc = version or "unknown"
+    side.isa = host_isa()
+    launcher = shutil.which("mpirun") or shutil.which("mpiexec")
+    if launcher:
+        out = subprocess.run([launcher, "--version"], capture_output=True, text=True,
+                             check=False, timeout=20)
+        text = out.stdout + out.stderr
+        if "Open MPI" in text or "OpenRTE" in text:
+            number = _version_in(text.encode(), rb"(\d+\.\d+\.\d+)")
+            side.mpi, side.mpi_abi = f"Open MPI {number or '(version unknown)'}", "libmpi.so.40"
+        elif "HYDRA" in text or "MPICH" in text or "Intel" in text:
+            number = _version_in(text.encode(), rb"Version:\s*(\S+)")
+            side.mpi, side.mpi_abi = f"MPICH {number or '(version unknown)'}", "libmpi.so.12"
+        side.details["launcher"] = launcher
+    side.pmix = bool(_ldconfig(r"libpmix\.so\.\d+"))
+    return side
+
+
+def _ldconfig(pattern: str) -> list[str]:
+    exe = tools.find("ldconfig") or "/sbin/ldconfig"
+    try:
+        out = subprocess.run([exe, "-p"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return []
+    return [line.split()[0] for line in out.splitlines()[1:] if re.search(pattern, line)]
+
+
+def _glibc_tuple(libc: str) -> tuple[int, ...] | None:
+    found = re.fullmatch(r"glibc (\d+)\.(\d+)", libc)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def _kernel() -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+def _userns() -> tuple[str, str]:
+    try:
+        maximum = int(Path("/proc/sys/user/max_user_namespaces").read_text())
+    except (OSError, ValueError):
+        maximum = -1
+    debian = Path("/proc/sys/kernel/unprivileged_userns_clone")
+    if maximum == 0 or (debian.exists() and debian.read_text().strip() == "0"):
+        return FAIL, "sysctl user.max_user_namespaces=15000 (Debian: " \
+                     "kernel.unprivileged_userns_clone=1)"
+    return OK, ""
+
+
+def report(image: str) -> tuple[list[Finding], Side, Side]:
+    """The findings for *image* on this host, and what each side has."""
+    img, host = image_side(image), host_side()
+    findings = []
+    status, fix = _userns()
+    findings.append(Finding("user namespaces", status, "-", "enabled" if status == OK
+                            else "disabled", fix))
+    fuse = os.access("/dev/fuse", os.R_OK | os.W_OK)
+    findings.append(Finding("/dev/fuse", OK if fuse else WARN, "-",
+                            "usable" if fuse else "not usable",
+                            "" if fuse else "ask an administrator for mode 0666; until then "
+                            "images are unpacked into memory (--unsquash), slower to start"))
+    squashfuse = tools.find("squashfuse_ll") is not None
+    findings.append(Finding("squashfuse_ll", OK if squashfuse else WARN, "-",
+                            "installed" if squashfuse else "missing",
+                            "" if squashfuse else "apt-get install squashfuse"))
+    kernel = _kernel()
+    findings.append(Finding("overlayfs in user namespaces", OK if kernel >= (5, 11) else WARN,
+                            "-", f"Linux {kernel[0]}.{kernel[1]}",
+                            "" if kernel >= (5, 11) else "--writable-tmpfs and --overlay "
+                            "need Linux 5.11 or later without privileges"))
+    findings.append(Finding("new mount API", OK if kernel >= (5, 2) else WARN, "-",
+                            f"Linux {kernel[0]}.{kernel[1]}",
+                            "" if kernel >= (5, 2) else "older kernels serve images less "
+                            "robustly; upgrade to 5.2 or later"))
+    findings.append(_libc_finding(img, host))
+    findings.append(_isa_finding(img, host))
+    findings.append(_mpi_finding(img, host))
+    findings.append(_pmix_finding(img, host))
+    return findings, img, host
+
+
+def _libc_finding(img: Side, host: Side) -> Finding:
+    image_v, host_v = _glibc_tuple(img.libc), _glibc_tuple(host.libc)
+    if img.libc in ("none", "unknown") or img.libc == "musl":
+        status = WARN if img.libc == "musl" else OK
+        fix = "host libraries (--mpi host, GPU drivers) cannot be bound into a musl image" \
+            if img.libc == "musl" else ""
+        return Finding("C library", status, img.libc, host.libc, fix)
+    if image_v and host_v and image_v < host_v:
+        return Finding("C library", WARN, img.libc, host.libc,
+                       "host libraries bound in (--mpi host, GPU drivers) may need a newer "
+                       f"glibc than the image's {img.libc}; rebuild on a newer base")
+    return Finding("C library", OK, img.libc, host.libc)
+
+
+def _isa_finding(img: Side, host: Side) -> Finding:
+    order = ["x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4"]
+    needed = img.isa.split()[0]
+    if needed in order and host.isa in order and order.index(needed) > order.index(host.isa):
+        return Finding("CPU ISA level", FAIL, img.isa, host.isa,
+                       f"the image's binaries need {needed}; rebuild them for {host.isa} "
+                       "(-march) or run on newer CPUs")
+    if host.isa == "unknown" or img.isa == "unknown":
+        return Finding("CPU ISA level", OK, img.isa, host.isa)
+    return Finding("CPU ISA level", OK, img.isa, host.isa)
+
+
+def _mpi_finding(img: Side, host: Side) -> Finding:
+    if img.mpi == "none":
+        fix = "" if host.mpi == "none" else \
+            f"to run MPI programs, bind the host's {host.mpi} in (the bind model)"
+        return Finding("MPI", OK, img.mpi, host.mpi, fix)
+    if host.mpi == "none":
+        return Finding("MPI", WARN, f"{img.mpi} ({img.mpi_abi})", host.mpi,
+                       "no mpirun on the host: launch ranks with srun --mpi=pmix, or load "
+                       "the site's MPI module")
+    if img.mpi_abi != host.mpi_abi:
+        return Finding("MPI", FAIL, f"{img.mpi} ({img.mpi_abi})", f"{host.mpi} "
+                       f"({host.mpi_abi})", "the image's and the host's MPI differ in ABI: "
+                       "the hybrid model (mpirun ... capsid exec) fails at MPI_Init; use an "
+                       "image with the host's MPI family")
+    return Finding("MPI", OK, f"{img.mpi} ({img.mpi_abi})", f"{host.mpi} ({host.mpi_abi})")
+
+
+def _pmix_finding(img: Side, host: Side) -> Finding:
+    if img.mpi == "none":
+        return Finding("PMIx", OK, "yes" if img.pmix else "no", "yes" if host.pmix else "no")
+    if img.mpi.startswith("Open MPI") and not img.pmix and host.pmix:
+        return Finding("PMIx", WARN, "no", "yes", "srun --mpi=pmix needs PMIx in the image: "
+                       "install libpmix2 (Debian) in it, or use mpirun")
+    return Finding("PMIx", OK, "yes" if img.pmix else "no", "yes" if host.pmix else "no")
+
+
+def as_json(image: str, findings: list[Finding], img: Side, host: Side) -> dict[str, Any]:
+    """The report as the JSON that ``doctor --json`` prints (schemas/doctor.schema.json)."""
+    worst = FAIL if any(f.status == FAIL for f in findings) else \
+        WARN if any(f.status == WARN for f in findings) else OK
+    return {"image": image, "status": worst, "image_side": asdict(img),
+            "host_side": asdict(host), "checks": [asdict(f) for f in findings]}
