@@ -65,6 +65,13 @@ class Pending:
         (self.temp.path / "state.json").write_text(json.dumps(state, sort_keys=True))
         for d in (self.work, self.scratch):
             output.remove(d)
+        from capsid.runtime import linux
+
+        fd = os.open(self.temp.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:  # the step's files reach the disk before the layer is kept (RUN steps fake fsync)
+            linux.syncfs(fd)
+        finally:
+            os.close(fd)
         final = self.store.layers / key
         if replace and final.exists():
             old = output.Temporary(self.store.tmp / "replaced", directory=True)

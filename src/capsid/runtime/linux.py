@@ -63,6 +63,7 @@ _mount = _libc("mount", _Text, _Text, _Text, _ULong, _Text)
 _umount2 = _libc("umount2", _Text, _Int)
 _unshare = _libc("unshare", _Int)
 _setns = _libc("setns", _Int, _Int)
+_syncfs = _libc("syncfs", _Int)
 _prctl = _libc("prctl", _Int, _ULong, _ULong, _ULong, _ULong)
 _sched_getcpu = _libc("sched_getcpu")
 _syscall = _libc("syscall", _ULong, _Text, _Text)
@@ -197,6 +198,11 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 def unshare(flags: int) -> None:
     _check(_unshare(flags), "unshare")
+
+
+def syncfs(fd: int) -> None:
+    """Flush the whole file system holding *fd* to disk."""
+    _check(_syncfs(fd), "syncfs")
 
 
 def setns(fd: int, kind: int) -> None:

@@ -7,6 +7,8 @@ first such failure. A seccomp filter (libseccomp, through ``pyseccomp``) makes t
 calls return success without doing anything, as Charliecloud's ``--force=seccomp``
 does: chown and friends, set*id and setgroups, and mknod of character and block
 devices. Everything else is allowed. Files keep the user (root inside) as owner.
+fsync and its kin are answered the same way (dpkg calls them for every file it
+unpacks): the builder flushes a step's layer once, with syncfs, before keeping it.
 
 The filter is built before ``pivot_root`` (which hides the host's libraries) and loaded
 just before ``execve``, after ``PR_SET_NO_NEW_PRIVS``.
@@ -21,6 +23,9 @@ from capsid.errors import CapsidError
 #: Answered with success and no effect.
 FAKED = ("chown", "fchown", "lchown", "fchownat", "setuid", "setgid", "setreuid", "setregid",
          "setresuid", "setresgid", "setgroups", "setfsuid", "setfsgid")
+#: Durability calls: a build step's files are flushed once, when its layer is kept
+#: (:meth:`capsid.build.store.Pending.publish`), not file by file as dpkg asks.
+SYNCS = ("fsync", "fdatasync", "sync_file_range", "syncfs", "sync")
 #: mknod's mode argument: (system call, argument index).
 _MKNOD = (("mknod", 1), ("mknodat", 2))
 _S_IFMT = 0o170000  #: the file-type bits of a mode
@@ -29,7 +34,8 @@ _S_IFMT = 0o170000  #: the file-type bits of a mode
 def prepare(fake_owners: bool = True) -> object:
     """The filter, ready to load (libseccomp is loaded now).
 
-    Without *fake_owners* (more ids than root are mapped) only device nodes are faked.
+    Without *fake_owners* (more ids than root are mapped) only device nodes (and the
+    flushes, in both cases) are faked.
     """
     try:
         import pyseccomp as seccomp  # type: ignore[import-untyped]
@@ -38,7 +44,7 @@ def prepare(fake_owners: bool = True) -> object:
                           f"({err})", "pip install pyseccomp; apt-get install libseccomp2"
                           ) from None
     rules = seccomp.SyscallFilter(seccomp.ALLOW)
-    for call in FAKED if fake_owners else ():
+    for call in (*FAKED, *SYNCS) if fake_owners else SYNCS:
         rules.add_rule(seccomp.ERRNO(0), call)
     for call, index in _MKNOD:
         for kind in (stat.S_IFCHR, stat.S_IFBLK):
