@@ -8,6 +8,10 @@ from capsid import tools
 from capsid.errors import RuntimeSetupError
 from capsid.runtime import identity, linux
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 
 def _userns_error(err: OSError) -> RuntimeSetupError:
     return RuntimeSetupError(
@@ -92,60 +96,38 @@ def enter(user: identity.User, fakeroot: bool, *, subordinate_ids: bool = True) 
         linux.write_id_maps(f"{inside_uid} {uid} 1\n", f"{inside_gid} {gid} 1\n")
         return
     (uid_start, uid_count), (gid_start, gid_count), (newuidmap, newgidmap) = ranges
-    ready_r, ready_w = os.pipe()
-    target = os.getpid()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(ready_w)
-            if os.read(ready_r, 1) != b"u":
-                os._exit(1)
-            for exe, own, start, count in ((newuidmap, uid, uid_start, uid_count),
-                                           (newgidmap, gid, gid_start, gid_count)):
-                pid = os.fork()
-                if pid == 0:
-                    os.execv(exe, [exe, str(target), "0", str(own), "1", "1", str(start),
-                                   str(count)])
-                if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
-                    os._exit(2)
-            os._exit(0)
-        finally:
-            os._exit(3)
-    os.close(ready_r)
-    try:
-        linux.unshare(linux.CLONE_NEWUSER)
-    except OSError as err:
-        os.close(ready_w)
-        os.waitpid(child, 0)
-        raise _userns_error(err) from None
-    os.write(ready_w, b"u")
-    os.close(ready_w)
-    if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) != 0:
-        raise RuntimeSetupError("newuidmap/newgidmap could not map your subordinate ids",
-                                "check /etc/subuid and /etc/subgid, or run without --fakeroot")
+
+    def write_maps(target: int) -> bool:  # pragma: no cover - runs in the child
+        for exe, own, first, count in ((newuidmap, uid, uid_start, uid_count),
+                                       (newgidmap, gid, gid_start, gid_count)):
+            pid = os.fork()
+            if pid == 0:
+                os.execv(exe, [exe, str(target), "0", str(own), "1", "1", str(first),
+                               str(count)])
+            if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+                return False
+        return True
+
+    _unshare_mapped(write_maps, RuntimeSetupError(
+        "newuidmap/newgidmap could not map your subordinate ids",
+        "check /etc/subuid and /etc/subgid, or run without --fakeroot"))
 
 
-def _enter_identity() -> None:
-    """A new user namespace mapping every id of the current one onto itself.
+def _unshare_mapped(write_maps: Callable[[int], bool], failure: RuntimeSetupError) -> None:
+    """A new user namespace whose id maps a child writes from outside it.
 
-    Only a process outside the new namespace may write such maps: a child does it,
-    while this process waits.
+    Only a process outside the new namespace (with CAP_SETUID there) may map more than
+    its own id: the child waits until this process has unshared, then calls
+    ``write_maps(pid)``; *failure* is raised if it returns False.
     """
-    uid_map, gid_map = id_maps()
-    identity_uid = "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, uid_map.splitlines()))
-    identity_gid = "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, gid_map.splitlines()))
     ready_r, ready_w = os.pipe()
     target = os.getpid()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
-        code = 1
+        code = 3
         try:
             os.close(ready_w)
-            if os.read(ready_r, 1) == b"u":
-                for name, text in (("uid_map", identity_uid), ("gid_map", identity_gid)):
-                    with open(f"/proc/{target}/{name}", "w") as f:
-                        f.write(text)
-                code = 0
+            code = 0 if os.read(ready_r, 1) == b"u" and write_maps(target) else 2
         finally:
             os._exit(code)
     os.close(ready_r)
@@ -158,5 +140,20 @@ def _enter_identity() -> None:
     os.write(ready_w, b"u")
     os.close(ready_w)
     if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) != 0:
-        raise RuntimeSetupError("cannot map root's ids into a new user namespace",
-                                "run again with --debug; this may be a bug in capsid")
+        raise failure
+
+
+def _enter_identity() -> None:
+    """A new user namespace mapping every id of the current one onto itself."""
+    uid_map, gid_map = id_maps()
+    identity_uid = "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, uid_map.splitlines()))
+    identity_gid = "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, gid_map.splitlines()))
+    def write_maps(target: int) -> bool:  # pragma: no cover - runs in the child
+        for name, text in (("uid_map", identity_uid), ("gid_map", identity_gid)):
+            with open(f"/proc/{target}/{name}", "w") as f:
+                f.write(text)
+        return True
+
+    _unshare_mapped(write_maps, RuntimeSetupError(
+        "cannot map root's ids into a new user namespace",
+        "run again with --debug; this may be a bug in capsid"))
