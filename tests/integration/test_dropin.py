@@ -269,6 +269,12 @@ def test_persistent_overlay_image(debian_sif: Path, tmp_path: Path) -> None:
     made = named("apptainer", "overlay", "create", "--fakeroot", "--size", "96", image)
     assert made.returncode == 0, made.stderr
     assert image.stat().st_size == 96 << 20
+    again = named("apptainer", "overlay", "create", "--size", "96", image)
+    assert again.returncode == 255 and "already exists" in again.stderr
+    forced = named("apptainer", "overlay", "create", "--fakeroot", "--force", "--sparse",
+                   "--size", "96", image)
+    assert forced.returncode == 0, forced.stderr
+    assert image.stat().st_blocks * 512 < 96 << 20  # sparse
     spec = f"{image}"
 
     def in_overlay(*argv: str, ro: bool = False) -> subprocess.CompletedProcess[str]:

@@ -18,6 +18,7 @@ def run(verb: str, argv: list[str]) -> int:
                    help="the image's size in MiB (default 64)")
     p.add_argument("--sparse", action="store_true",
                    help="a sparse file: disk space is taken as it fills")
+    p.add_argument("-F", "--force", action="store_true", help="overwrite FILE.img")
     p.add_argument("--fakeroot", "-f", action="store_true",
                    help="for containers run with --fakeroot: its directories are root's")
     p.add_argument("image")
@@ -28,6 +29,7 @@ def run(verb: str, argv: list[str]) -> int:
     if path.suffix == ".sif":
         raise UsageError("overlays inside SIF files are not supported by capsid",
                          "create a separate FILE.img")
-    overlayimg.create(path, args.size, sparse=args.sparse, fakeroot=args.fakeroot)
+    overlayimg.create(path, args.size, sparse=args.sparse, fakeroot=args.fakeroot,
+                      force=args.force)
     sys.stderr.write(f"created the overlay image {path} ({args.size} MiB)\n")
     return 0

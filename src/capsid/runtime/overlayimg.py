@@ -71,8 +71,8 @@ def check(path: str, readonly: bool) -> None:
         raise UsageError("overlay images need fuse2fs", "apt-get install fuse2fs")
 
 
-def create(path: Path, size_mib: int, *, sparse: bool = False, fakeroot: bool = False
-           ) -> None:
+def create(path: Path, size_mib: int, *, sparse: bool = False, fakeroot: bool = False,
+           force: bool = False) -> None:
     """A new ext3 overlay image of *size_mib* MiB with empty ``upper/`` and ``work/``
     directories owned by the user, as Apptainer's ``overlay create`` makes it; with
     *fakeroot*, owned by root, for containers run with --fakeroot."""
@@ -82,7 +82,7 @@ def create(path: Path, size_mib: int, *, sparse: bool = False, fakeroot: bool = 
         raise UsageError(f"--size {size_mib}: an overlay image needs at least 64 MiB",
                          "give --size 64 or more (MiB)")
     mkfs = tools.which("mkfs.ext3")
-    with output.atomic_file(path, mode=0o666) as tmp, \
+    with output.atomic_file(path, force, mode=0o666) as tmp, \
             output.scratch(path, "tree") as scratch:
         os.unlink(scratch)
         os.makedirs(scratch / "upper", 0o755)
