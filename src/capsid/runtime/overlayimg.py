@@ -3,16 +3,21 @@
 Apptainer keeps a container's changes in an ext3 image (``overlay create``); without
 privileges it serves the image with ``fuse2fs``. capsid does the same with Debian's
 fuse2fs, which is built on libfuse 2: that library mounts with ``mount(2)`` itself, so
-fuse2fs is started, from the container's mount namespace before its root is switched,
-with ``CAP_SYS_ADMIN`` of the user namespace as an ambient capability (dropped again
-before the command starts).
+fuse2fs is started with ``CAP_SYS_ADMIN`` of the user namespace as an ambient
+capability (dropped again before the command starts).
 
-fuse2fs lives in the container's mount namespace, which therefore cannot end by
-itself: a small watcher (``tail --pid``, outside the container's process tree) stops
-it with SIGTERM, so that it writes everything back, when the container's process
-ends (after ``kill -9`` too). Writers take an exclusive ``flock`` on the image, readers
-(``:ro``) a shared one; fuse2fs and its watcher inherit it, so a second writer is
-refused until the first container's fuse2fs is gone.
+- Read-only (``:ro``): fuse2fs mounts the image in the container's mount namespace,
+  and its ``upper/`` is one more lower layer of the kernel overlay. That namespace
+  cannot end while fuse2fs lives in it, so a small watcher (``tail --pid``, outside the
+  container's process tree) stops fuse2fs with SIGTERM when the container's process
+  ends (after ``kill -9`` too).
+- Writable: kernel overlayfs takes no FUSE upper layer, so ``fuse-overlayfs`` stacks
+  ``upper/`` on the image (:func:`serve_writable`), in a throw-away mount namespace
+  with fuse2fs under it; its file system is attached to the container detached, and
+  both end with the container's namespace.
+
+Writers take an exclusive ``flock`` on the image, readers a shared one; the servers
+inherit it, so a second writer is refused until the first container's servers are gone.
 """
 
 from __future__ import annotations
@@ -199,8 +204,7 @@ def serve_writable(image_fd: int, lower: str, scratch: str, errors: str) -> int:
         os.close(home)
 
 
-def _spawn(argv: list[str], fds: tuple[int, ...], mountpoint: str, errors: str,
-           cwd: str | None = None) -> None:
+def _spawn(argv: list[str], fds: tuple[int, ...], mountpoint: str, errors: str) -> None:
     """Start FUSE server *argv*, watched, and wait until it has mounted *mountpoint*."""
     command = [tools.which("sh"), "-c", _SERVE.format(ended=_ENDED), "capsid-overlay",
                str(os.getpid()), *argv]
@@ -209,7 +213,7 @@ def _spawn(argv: list[str], fds: tuple[int, ...], mountpoint: str, errors: str,
         raised = os.geteuid() != 0 and _ambient(CAP_SYS_ADMIN)
         try:
             subprocess.run(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                           pass_fds=fds, start_new_session=True, check=True, cwd=cwd)
+                           pass_fds=fds, start_new_session=True, check=True)
         finally:
             if raised:
                 _ambient_clear()
