@@ -372,3 +372,7 @@ def test_instances(busybox_sif: Path, tmp_path: Path) -> None:
     assert str(image) not in Path("/proc/self/mountinfo").read_text()
     gone = run_capsid("exec", f"instance://{name}", "true", env=env)
     assert gone.returncode == 255 and "no instance named" in gone.stderr
+    failed = run_capsid("instance", "start", "--overlay", tmp_path / "missing-dir", image, name,
+                        env=env)
+    assert failed.returncode == 255 and failed.stderr.count("\n") == 1, failed.stderr
+    assert not any((runtime / "capsid" / "instances").rglob(f"{name}*"))

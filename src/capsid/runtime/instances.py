@@ -129,10 +129,15 @@ def start(image: str, name: str, args: Sequence[str], options: Options,
                              "another name")
         (folder / "logs").mkdir(exist_ok=True, mode=0o700)
         out, err = folder / "logs" / f"{name}.out", folder / "logs" / f"{name}.err"
-        with open(out, "wb") as out_f, open(err, "wb") as err_f:
-            pid = api.spawn(image, ["/bin/sh", "-c", _INIT.format(script=script), name, *args],
-                            options,
-                            stdout=out_f.fileno(), stderr=err_f.fileno())
+        try:
+            with open(out, "wb") as out_f, open(err, "wb") as err_f:
+                pid = api.spawn(image, ["/bin/sh", "-c", _INIT.format(script=script), name,
+                                        *args], options,
+                                stdout=out_f.fileno(), stderr=err_f.fileno())
+        except BaseException:
+            for log in (out, err):  # a start that failed leaves nothing behind
+                log.unlink(missing_ok=True)
+            raise
         started = _start_time(pid)
         if started is None:
             raise CapsidError(f"instance {name} ended as soon as it started",
