@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import struct
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsid import tools
+from capsid import elf, tools
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 #: the x86-64 micro-architecture levels, by the CPU flags each needs (beyond the last)
@@ -29,7 +28,6 @@ _LEVELS = (
     ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
     ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
 )
-_ISA_NEEDED = 0xC0008002  #: GNU_PROPERTY_X86_ISA_1_NEEDED
 _LIB_DIRS = ("lib", "lib64", "usr/lib", "usr/lib64", "usr/lib/x86_64-linux-gnu",
              "lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/local/lib")
 
@@ -92,37 +90,6 @@ def _mpi(read: Any, names: list[str]) -> tuple[str, str]:
     if libs:
         return "unknown MPI", sorted(libs)[0]
     return "none", "none"
-
-
-def isa_of_elf(data: bytes) -> int:
-    """The x86-64 ISA level (1-4) an ELF file's GNU property note says it needs, or 0."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:  # 64-bit little-endian only
-        return 0
-    phoff, = struct.unpack_from("<Q", data, 32)
-    phentsize, phnum = struct.unpack_from("<HH", data, 54)
-    needed = 0
-    for i in range(phnum):
-        base = phoff + i * phentsize
-        if base + 56 > len(data):
-            break
-        p_type, = struct.unpack_from("<I", data, base)
-        if p_type != 0x6474E553:  # PT_GNU_PROPERTY
-            continue
-        offset, = struct.unpack_from("<Q", data, base + 8)
-        size, = struct.unpack_from("<Q", data, base + 32)
-        note = data[offset:offset + size]
-        if len(note) < 16:
-            continue
-        namesz, descsz, _kind = struct.unpack_from("<III", note, 0)
-        desc = note[12 + ((namesz + 3) & ~3):][:descsz]
-        pos = 0
-        while pos + 8 <= len(desc):
-            pr_type, pr_size = struct.unpack_from("<II", desc, pos)
-            if pr_type == _ISA_NEEDED and pr_size >= 4:
-                bits, = struct.unpack_from("<I", desc, pos + 8)
-                needed = max(needed, bits.bit_length())
-            pos += 8 + ((pr_size + 7) & ~7)
-    return needed
 
 
 def _level_name(level: int) -> str:
@@ -204,7 +171,7 @@ def image_side(image: str) -> Side:
         r"^(usr/|usr/local/|opt/[^/]+/)?bin/[^/]+$|/lib(c|mpi|python3[^/]*)\.so[.\d]*$", n)]
     level = 0
     for name in candidates[:80]:
-        level = max(level, isa_of_elf(files.read(name, 4 << 20)))
+        level = max(level, elf.isa_level(files.read(name, 4 << 20)))
     side.isa = _level_name(level) if level else "x86-64 (no higher level declared)"
     hwcaps = sorted({m.group(1) for n in names
                      if (m := re.search(r"glibc-hwcaps/(x86-64-v\d)/", n))})

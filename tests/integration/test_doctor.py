@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from capsid import doctor
+from capsid import doctor, elf
 from tests.conftest import REPO, run_capsid
 
 pytestmark = pytest.mark.unprivileged
@@ -35,8 +35,8 @@ def elf_needing(level: int) -> bytes:
 
 
 def test_isa_notes_are_read() -> None:
-    assert [doctor.isa_of_elf(elf_needing(n)) for n in (1, 2, 3, 4)] == [1, 2, 3, 4]
-    assert doctor.isa_of_elf(b"#!/bin/sh\n") == 0
+    assert [elf.isa_level(elf_needing(n)) for n in (1, 2, 3, 4)] == [1, 2, 3, 4]
+    assert elf.isa_level(b"#!/bin/sh\n") == 0
 
 
 @pytest.mark.parametrize("fixture", ["debian_sif", "busybox_sif"])

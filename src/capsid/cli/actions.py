@@ -56,8 +56,14 @@ FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
     ("unsquash", "", "", False, "unpack the image into memory instead of mounting it"),
     ("shell", "s", "PATH", False, "shell to start with 'capsid shell'"),
     ("userns", "u", "", False, "use a user namespace (always the case; for compatibility)"),
-    ("nv", "", "", False, "NVIDIA GPU support"),
-    ("rocm", "", "", False, "AMD GPU support"),
+    ("nv", "", "", False, "bind the host's NVIDIA driver, tools and GPUs in"),
+    ("nvccli", "", "", False,
+     "set the NVIDIA GPUs up with nvidia-container-cli (implies --writable-tmpfs)"),
+    ("rocm", "", "", False, "bind the host's AMD ROCm driver, tools and GPUs in"),
+    ("device", "", "VENDOR/CLASS=NAME", True,
+     "a CDI device, e.g. nvidia.com/gpu=0 or =all (repeatable; comma lists)"),
+    ("cdi-dirs", "", "DIR[,DIR]", False,
+     "directories of CDI specs (default: /etc/cdi,/var/run/cdi)"),
     ("help", "h", "", False, "show this help and exit"),
 )
 _ALIASES = {"cwd": "pwd"}
@@ -179,9 +185,6 @@ def run(verb: str, argv: list[str]) -> int:
 
 def options(values: Parsed) -> Options:
     """The runtime's options from parsed action flags (and their variables)."""
-    if _flag(values, "nv", "NV") or _flag(values, "rocm", "ROCM"):
-        raise CapsidError("GPU support (--nv/--rocm) is not available in this version of capsid",
-                          "run without --nv/--rocm")
     if _text(values, "network") not in (None, "none"):
         raise CapsidError(f"--network {_text(values, 'network')} is not supported",
                           "use --net --network none for an isolated network")
@@ -222,4 +225,13 @@ def options(values: Parsed) -> Options:
         overlay=_text(values, "overlay") or config.env("OVERLAY"),
         tmpfs_size_mib=int(size) if size else None,
         unsquash=_flag(values, "unsquash", "UNSQUASH"), shell=_text(values, "shell"),
+        nv=_flag(values, "nv", "NV"), nvccli=_flag(values, "nvccli", "NVCCLI"),
+        rocm=_flag(values, "rocm", "ROCM"),
+        devices=_items([*_list(values, "device"), config.env("DEVICE") or ""]),
+        cdi_dirs=_items([_text(values, "cdi-dirs") or config.env("CDI_DIRS") or ""]),
     )
+
+
+def _items(texts: list[str]) -> list[str]:
+    """The items of comma lists."""
+    return [item.strip() for text in texts for item in text.split(",") if item.strip()]

@@ -85,20 +85,58 @@ def _default_mounts(plan: Plan, opts: Options) -> None:
             mounts.bind_into(os.path.realpath(src), dst or src, required=False)
 
 
+def _whole_host_dev(plan: Plan, opts: Options) -> bool:
+    return "dev" not in opts.no_mount and not opts.contain and plan.site.mount_dev == "yes"
+
+
+def _device_mounts(plan: Plan, opts: Options) -> None:
+    """--nv, --rocm, --device: the driver's files and device nodes, and CDI's symlinks.
+    Then say which libraries the image's C library cannot load."""
+    gpu = plan.gpu
+    assert gpu is not None
+    for name, source in gpu.libraries.items():
+        mounts.bind_into(source, f"/.singularity.d/libs/{name}", readonly=True,
+                         required=False)
+    for each in gpu.mounts:
+        mounts.bind_into(each.source, each.destination, readonly=each.readonly, required=False)
+    whole_dev = _whole_host_dev(plan, opts)
+    for device in gpu.devices:
+        if not (whole_dev and device.source == device.destination):
+            mounts.bind_into(device.source, device.destination, nodev=False, required=False)
+    for target, link in gpu.symlinks:
+        mounts.symlink_into(target, link)
+    if not (gpu.libraries or gpu.library_dirs):
+        return
+    from capsid.gpu import compat
+
+    root = os.open(mounts.FINAL, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        glibc = compat.image_glibc(root)
+        dirs = compat.image_library_dirs(root) if glibc is not None else []
+    finally:
+        os.close(root)
+    compat.warn_unloadable(gpu.library_glibc, glibc, gpu.option, len(gpu.libraries))
+    # The image's own libraries first, then the driver's (Apptainer 1.5's order).
+    plan.library_path = ":".join(dirs + [d for d in gpu.library_dirs if d not in dirs])
+
+
 def _container_mounts(plan: Plan, opts: Options) -> None:
     _default_mounts(plan, opts)
+    if plan.gpu is not None:
+        _device_mounts(plan, opts)
     if plan.home_source is not None:
         mounts.bind_into(plan.home_source, plan.home_dest)
     else:
         mounts.ensure_target(mounts.FINAL, plan.home_dest, True)
-    for b in plan.binds:
-        mounts.bind_into(b.source, b.destination, readonly=b.readonly)
+    # /tmp before the binds, which may lie under it (-B /tmp/x with --contain)
     if plan.site.mount_tmp and "tmp" not in opts.no_mount:
         if opts.contain:
             mounts.private_tmp()
         else:
             mounts.bind_into("/tmp", "/tmp", required=False)
             mounts.bind_into(os.path.realpath("/var/tmp"), "/var/tmp", required=False)
+    for b in plan.binds:
+        mounts.bind_into(b.source, b.destination, readonly=b.readonly)
     if not (opts.fakeroot or opts.root_emulation):
         passwd = _read_image_file("/etc/passwd")
         if passwd is None:
@@ -196,10 +234,16 @@ def _environment(plan: Plan) -> tuple[dict[str, str], bool]:
     extra = {"APPTAINER_CONTAINER": where, "APPTAINER_NAME": name, "APPTAINER_COMMAND": action,
              "SINGULARITY_CONTAINER": where, "SINGULARITY_NAME": name,
              "SINGULARITY_COMMAND": action}
+    pinned: dict[str, str] = {}
+    if plan.gpu is not None:
+        extra.update(plan.gpu.passthrough)
+        if plan.library_path:
+            extra["LD_LIBRARY_PATH"] = plan.library_path
+        pinned = plan.gpu.env
     # In a shell, a prompt that says where you are; --env PS1=... still wins.
     forced = ("PS1=Capsid> ", *opts.env) if action == "shell" else opts.env
     env_options = envmod.EnvOptions(opts.cleanenv, forced, opts.env_files, plan.home_dest,
-                                    extra)
+                                    extra, pinned)
     if not os.access("/bin/sh", os.X_OK):
         return envmod.container_env(env_options, use_prelude=False,
                                     oci_env=plan.oci_env), False
@@ -326,6 +370,9 @@ def _assemble_root(plan: Plan, started: early.Started) -> None:
     else:
         fd = _open_image(plan.image)
     overlay_path, overlay_ro, overlay_fd = _open_overlay(opts)
+    nvccli = plan.gpu.nvccli if plan.gpu is not None else None
+    # nvidia-container-cli runs on the host's root, reached later through this
+    host_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if nvccli else -1
     mounts.start_session(opts.tmpfs_size_mib or plan.site.tmpfs_size_mib)
     overlay = _overlay(overlay_path, overlay_ro, overlay_fd)
     if layers is not None:
@@ -358,6 +405,11 @@ def _assemble_root(plan: Plan, started: early.Started) -> None:
                              writable_image=opts.writable,
                              lower=f"{overlay}/upper" if overlay_ro else None)
     _container_mounts(plan, opts)
+    if nvccli:
+        from capsid.gpu import nvccli as cli
+
+        cli.configure(nvccli, host_root, mounts.FINAL, plan.userns)
+        os.close(host_root)
     writable = opts.writable or opts.writable_tmpfs or (overlay and not overlay_ro) \
-        or plan.layers is not None
+        or plan.layers is not None or bool(nvccli)
     mounts.finish(readonly_root=not writable)

@@ -63,13 +63,15 @@ def is_name(key: str) -> bool:
 class EnvOptions:
     """The environment flags of an action command."""
 
-    __slots__ = ("cleanenv", "env", "env_files", "extra", "home")
+    __slots__ = ("cleanenv", "env", "env_files", "extra", "home", "pinned")
 
     def __init__(self, cleanenv: bool = False, env: tuple[str, ...] = (),
                  env_files: tuple[str, ...] = (), home: str = "/",
-                 extra: dict[str, str] | None = None) -> None:
+                 extra: dict[str, str] | None = None,
+                 pinned: dict[str, str] | None = None) -> None:
         self.cleanenv, self.env, self.env_files, self.home = cleanenv, env, env_files, home
-        self.extra = extra or {}
+        self.extra = extra or {}  #: set before the image's scripts, which may change them
+        self.pinned = pinned or {}  #: set after them, like --env (which still wins)
 
 
 def parse_assignments(items: list[str], where: str) -> dict[str, str]:
@@ -116,7 +118,7 @@ def read_env_file(path: str) -> dict[str, str]:
 
 def forced_values(opts: EnvOptions, host: dict[str, str]) -> dict[str, str]:
     """Values the user asked for explicitly; later sources win (files, then --env)."""
-    forced: dict[str, str] = {}
+    forced: dict[str, str] = dict(opts.pinned)
     for prefix in reversed(_ENV_PREFIXES):
         for key, value in host.items():
             if key.startswith(prefix) and is_name(key[len(prefix):]):

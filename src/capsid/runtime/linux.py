@@ -232,3 +232,24 @@ def write_id_maps(uid_map: str, gid_map: str, pid: str = "self") -> None:
         f.write(uid_map)
     with open(f"/proc/{pid}/gid_map", "w") as f:
         f.write(gid_map)
+
+
+def raise_ambient(caps: tuple[int, ...]) -> bool:
+    """Make *caps* (held now, in this user namespace) survive the next execve: they
+    become inheritable and ambient. False if the kernel refused."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
+    data = (ctypes.c_uint32 * 6)()  # two of {effective, permitted, inheritable}
+    if libc.capget(header, data) != 0:
+        return False
+    for cap in caps:
+        data[2 + 3 * (cap // 32)] |= 1 << (cap % 32)
+    if libc.capset(header, data) != 0:
+        return False
+    return all(_prctl(47, 2, cap, 0, 0) == 0 for cap in caps)  # PR_CAP_AMBIENT_RAISE
+
+
+def clear_ambient() -> None:
+    _prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL

@@ -320,6 +320,28 @@ def bind_into(source: str, destination: str, *, readonly: bool = False, nodev: b
     return True
 
 
+def symlink_into(target: str, link: str) -> None:
+    """Create the symlink *link* → *target* in /final (a CDI ``create-symlinks`` hook)."""
+    parent, name = os.path.split(link)
+    for attempt in (1, 2):
+        directory = ensure_target(FINAL, parent, True, required=False)
+        if directory is None:
+            return
+        try:
+            os.symlink(target, f"{directory}/{name}")
+        except FileExistsError:
+            return
+        except PermissionError:
+            if attempt == 1:
+                _mirror(directory)  # a directory of the image we may not write to
+                continue
+            LOG.warning("cannot create the symlink %s in the container", link)
+        except OSError as err:
+            LOG.warning("cannot create the symlink %s in the container: %s", link,
+                        err.strerror)
+        return
+
+
 def bind_file(content: bytes, name: str, destination: str) -> None:
     """Write *content* into the session and bind it over *destination* in /final."""
     path = f"/files/{name}"

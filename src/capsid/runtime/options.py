@@ -18,10 +18,11 @@ if TYPE_CHECKING:
 class Options:
     """Everything about a container but its image and command (Apptainer's action flags)."""
 
-    __slots__ = ("binds", "cleanenv", "contain", "env", "env_files", "environment",
-                 "fakeroot", "home", "hostname", "ipc", "net", "no_home", "no_mount",
-                 "overlay", "pid", "pwd", "root_emulation", "shell", "tmpfs_size_mib",
-                 "unsquash", "user", "uts", "writable", "writable_tmpfs")
+    __slots__ = ("binds", "cdi_dirs", "cleanenv", "contain", "devices", "env", "env_files",
+                 "environment", "fakeroot", "home", "hostname", "ipc", "net", "no_home",
+                 "no_mount", "nv", "nvccli", "overlay", "pid", "pwd", "rocm",
+                 "root_emulation", "shell", "tmpfs_size_mib", "unsquash", "user", "uts",
+                 "writable", "writable_tmpfs")
 
     def __init__(self, *, binds: Sequence[BindSpec] = (), home: str | None = None,
                  no_home: bool = False, no_mount: Sequence[str] = (), contain: bool = False,
@@ -32,7 +33,9 @@ class Options:
                  writable: bool = False, writable_tmpfs: bool = False,
                  overlay: str | None = None, tmpfs_size_mib: int | None = None,
                  unsquash: bool = False, shell: str | None = None,
-                 root_emulation: bool = False, user: str | None = None) -> None:
+                 root_emulation: bool = False, user: str | None = None, nv: bool = False,
+                 nvccli: bool = False, rocm: bool = False, devices: Sequence[str] = (),
+                 cdi_dirs: Sequence[str] = ()) -> None:
         self.binds = tuple(binds)  #: host paths to bind in (``-B``, ``--mount``)
         self.home = home  #: ``--home SRC[:DST]``
         self.no_home = no_home
@@ -59,6 +62,11 @@ class Options:
         #: ``USER[:GROUP]`` (names or ids of the image's) to become before the command
         #: starts; needs those ids mapped (a build with subordinate ids, or root)
         self.user = user
+        self.nv = nv  #: bind the host's NVIDIA driver (libraries, programs, devices)
+        self.nvccli = nvccli  #: let nvidia-container-cli set the NVIDIA GPUs up
+        self.rocm = rocm  #: bind the host's AMD ROCm driver
+        self.devices = tuple(devices)  #: CDI devices, ``vendor/class=name``
+        self.cdi_dirs = tuple(cdi_dirs)  #: where CDI specs are (default /etc/cdi, /var/run/cdi)
 
     def __repr__(self) -> str:
         changed = {name: getattr(self, name) for name in self.__slots__

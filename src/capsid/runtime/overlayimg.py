@@ -30,6 +30,7 @@ from pathlib import Path
 
 from capsid import tools
 from capsid.errors import RuntimeSetupError, UsageError
+from capsid.runtime import linux
 
 _EXT_MAGIC_OFFSET = 1080
 _EXT_MAGIC = b"\x53\xef"
@@ -163,7 +164,7 @@ def serve_writable(image_fd: int, lower: str, scratch: str, errors: str) -> int:
         os.close(image_fd)
         raise RuntimeSetupError("a writable overlay image needs fuse-overlayfs",
                                 "apt-get install fuse-overlayfs, or add :ro")
-    from capsid.runtime import fuse, linux
+    from capsid.runtime import fuse
 
     home = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -184,7 +185,7 @@ def serve_writable(image_fd: int, lower: str, scratch: str, errors: str) -> int:
                       'noacl,allow_other" "/dev/fd/$dev"; '
                       'echo "' + _ENDED + ' $?" >&2; kill -TERM $f; wait $f ) & exit 0')
             with open(errors, "ab") as err:
-                raised = os.geteuid() != 0 and _ambient(CAP_SYS_ADMIN)
+                raised = os.geteuid() != 0 and linux.raise_ambient((CAP_SYS_ADMIN,))
                 try:
                     subprocess.run([tools.which("sh"), "-c", script, "capsid-overlay",
                                     str(image_fd), str(fuse_fd), scratch, lower,
@@ -194,7 +195,7 @@ def serve_writable(image_fd: int, lower: str, scratch: str, errors: str) -> int:
                                    check=True)
                 finally:
                     if raised:
-                        _ambient_clear()
+                        linux.clear_ambient()
         finally:
             os.close(fuse_fd)
             os.close(image_fd)
@@ -210,13 +211,13 @@ def _spawn(argv: list[str], fds: tuple[int, ...], mountpoint: str, errors: str) 
                str(os.getpid()), *argv]
     before = os.stat(mountpoint).st_dev
     with open(errors, "ab") as err:
-        raised = os.geteuid() != 0 and _ambient(CAP_SYS_ADMIN)
+        raised = os.geteuid() != 0 and linux.raise_ambient((CAP_SYS_ADMIN,))
         try:
             subprocess.run(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                            pass_fds=fds, start_new_session=True, check=True)
         finally:
             if raised:
-                _ambient_clear()
+                linux.clear_ambient()
     _wait_mounted(mountpoint, before, errors, os.path.basename(argv[0]))
 
 
@@ -235,24 +236,3 @@ def _wait_mounted(mountpoint: str, before: int, errors: str, name: str) -> None:
     raise RuntimeSetupError(f"{name} could not serve the overlay image: "
                             f"{lines[-1] if lines else 'it did not start in time'}",
                             "check the image with e2fsck, and that /dev/fuse is usable")
-
-
-def _ambient(cap: int) -> bool:
-    """Make *cap* (held now, in this user namespace) survive the next execve."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
-    data = (ctypes.c_uint32 * 6)()  # two of {effective, permitted, inheritable}
-    if libc.capget(header, data) != 0:
-        return False
-    data[2 + 3 * (cap // 32)] |= 1 << (cap % 32)
-    if libc.capset(header, data) != 0:
-        return False
-    return bool(libc.prctl(47, 2, cap, 0, 0) == 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE
-
-
-def _ambient_clear() -> None:
-    import ctypes
-
-    ctypes.CDLL(None).prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL

@@ -16,6 +16,7 @@ from capsid.runtime.binds import BindSpec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from capsid.gpu.edits import Edits
     from capsid.runtime.early import Started
     from capsid.runtime.options import Layers, Options
 
@@ -29,17 +30,22 @@ _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/l
 class Plan:
     """A container to start: what to run, in what, and the decisions about its mounts."""
 
-    __slots__ = ("action", "argv", "bind_cwd", "binds", "cwd", "home_dest", "home_source",
-                 "image", "layers", "name", "oci_env", "options", "site", "user", "userns")
+    __slots__ = ("action", "argv", "bind_cwd", "binds", "cwd", "gpu", "home_dest",
+                 "home_source", "image", "layers", "library_path", "name", "oci_env", "options",
+                 "site", "user", "userns")
 
     def __init__(self, *, name: str, action: str, argv: tuple[str, ...], options: Options,
                  image: Image, layers: Layers | None, user: identity.User, userns: bool,
                  home_source: str | None, home_dest: str, binds: list[BindSpec], cwd: str,
-                 bind_cwd: bool, site: config.SiteConfig, oci_env: list[str]) -> None:
+                 bind_cwd: bool, site: config.SiteConfig, oci_env: list[str],
+                 gpu: Edits | None = None) -> None:
         self.name, self.action, self.argv, self.options = name, action, argv, options
         self.image, self.layers, self.user, self.userns = image, layers, user, userns
         self.home_source, self.home_dest, self.binds = home_source, home_dest, binds
         self.cwd, self.bind_cwd, self.site, self.oci_env = cwd, bind_cwd, site, oci_env
+        self.gpu = gpu  #: what --nv, --rocm, --device and --nvccli add
+        #: LD_LIBRARY_PATH to start from (decided once the image is mounted), or None
+        self.library_path: str | None = None
 
     def mount_points(self, old_root: str) -> list[tuple[str, bool]]:
         """Where the container's mounts land: (path, is a directory). Host paths under
@@ -55,6 +61,8 @@ class Plan:
             points.append(("/etc/hostname", False))
         if self.bind_cwd:
             points.append((self.cwd, True))
+        if self.gpu is not None:
+            points += self.gpu.mount_points(old_root)
         return points
 
 
@@ -98,10 +106,16 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
     bind_cwd = (opts.pwd is None and not opts.contain and "cwd" not in opts.no_mount
                 and cwd != "/" and not any(cwd == d or cwd.startswith(d + "/")
                                            for d in _SYSTEM_DIRS + tuple(bound)))
+    gpu = None
+    if opts.nv or opts.nvccli or opts.rocm or opts.devices or site.values.get(
+            "always use nv") or site.values.get("always use rocm"):
+        from capsid.gpu.select import edits_for
+
+        gpu = edits_for(opts, site)
     return Plan(name=name, action=action, argv=argv, options=opts, image=image,
                 layers=started.layers, user=user, userns=userns, home_source=home_source,
                 home_dest=home_dest, binds=binds, cwd=cwd, bind_cwd=bind_cwd, site=site,
-                oci_env=_oci_env(image))
+                oci_env=_oci_env(image), gpu=gpu)
 
 
 def _check_source(path: str) -> None:
