@@ -10,6 +10,7 @@ squashfuse, overlayfs in user namespaces, the new mount API).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -52,6 +53,8 @@ class Side:
     mpi_abi: str = "none"  #: "libmpi.so.40" (Open MPI 3-5), "libmpi.so.12" (MPICH ABI)
     pmix: bool = False
     isa: str = "unknown"  #: the level needed (image) or offered (host)
+    #: image: its CUDA runtime ("12.4.127"); host: the NVIDIA driver ("535.104.05")
+    cuda: str = "none"
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,7 +131,7 @@ class ImageFiles:
         if self.sandbox:
             root = Path(self.image.path)
             found = []
-            for top in (*_LIB_DIRS, "usr/bin", "bin", "usr/local/bin", "opt"):
+            for top in (*_LIB_DIRS, "usr/bin", "bin", "usr/local/bin", "usr/local/cuda", "opt"):
                 base = root / top
                 if base.is_dir() and not base.is_symlink():
                     for dirpath, _dirs, files in os.walk(base):
@@ -176,7 +179,52 @@ def image_side(image: str) -> Side:
     hwcaps = sorted({m.group(1) for n in names
                      if (m := re.search(r"glibc-hwcaps/(x86-64-v\d)/", n))})
     side.details = {"files_checked": min(len(candidates), 80), "glibc_hwcaps": hwcaps}
+    side.cuda = _image_cuda(files.read, names)
     return side
+
+
+def _image_cuda(read: Any, names: list[str]) -> str:
+    """The CUDA runtime in an image: libcudart's version, else the toolkit's version file."""
+    found = sorted((tuple(int(p) for p in m.group(1).split(".")), m.group(1)) for n in names
+                   if (m := re.search(r"/libcudart\.so\.(\d+\.\d+(?:\.\d+)*)$", "/" + n)))
+    if found:
+        return found[-1][1]
+    for name in names:
+        if re.fullmatch(r"usr/local/cuda[^/]*/version\.json", name):
+            try:
+                version = json.loads(read(name, 1 << 20))["cuda"]["version"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if isinstance(version, str):
+                return version
+    return "none"
+
+
+def host_driver() -> str:
+    """The NVIDIA driver's version: nvidia-smi says it, else libcuda's file name."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, check=False, timeout=30)
+            first = out.stdout.strip().splitlines()[:1]
+            if out.returncode == 0 and first and re.fullmatch(r"[\d.]+", first[0].strip()):
+                return first[0].strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    from capsid import config
+    from capsid.errors import CapsidError
+    from capsid.gpu import ldcache
+
+    try:
+        found = ldcache.find_libraries(["libcuda.so.1"], config.load())
+    except CapsidError:
+        return "none"
+    if "libcuda.so.1" in found:
+        real = os.path.basename(os.path.realpath(found["libcuda.so.1"]))
+        matched = re.fullmatch(r"libcuda\.so\.(\d+\.\d+(?:\.\d+)?)", real)
+        return matched.group(1) if matched else "unknown"
+    return "none"
 
 
 def host_side() -> Side:
@@ -198,6 +246,7 @@ def host_side() -> Side:
             side.mpi, side.mpi_abi = f"MPICH {number or '(version unknown)'}", "libmpi.so.12"
         side.details["launcher"] = launcher
     side.pmix = bool(_ldconfig(r"libpmix\.so\.\d+"))
+    side.cuda = host_driver()
     return side
 
 
@@ -261,7 +310,67 @@ def report(image: str) -> tuple[list[Finding], Side, Side]:
     findings.append(_isa_finding(img, host))
     findings.append(_mpi_finding(img, host))
     findings.append(_pmix_finding(img, host))
+    findings.append(_cuda_finding(img, host))
+    if host.cuda != "none":
+        findings.append(_gpu_libraries_finding(img))
     return findings, img, host
+
+
+def _cuda_finding(img: Side, host: Side) -> Finding:
+    from capsid.gpu import compat
+
+    driver = f"driver {host.cuda}" if host.cuda != "none" else "no NVIDIA driver"
+    cuda = f"CUDA {img.cuda}" if img.cuda != "none" else "no CUDA"
+    if img.cuda == "none":
+        return Finding("NVIDIA GPUs", OK, cuda, driver)
+    if host.cuda == "none":
+        return Finding("NVIDIA GPUs", WARN, cuda, driver, "the image uses CUDA and this host "
+                       "has no NVIDIA driver: run it where there are GPUs, with --nv")
+    wanted, have = compat.parse_version(img.cuda), compat.parse_version(host.cuda)
+    if wanted is None or have is None:
+        return Finding("NVIDIA GPUs", WARN, cuda, driver, "cannot compare the versions")
+    verdict, minimum = compat.cuda_support(wanted, have)
+    if verdict == "full":
+        return Finding("NVIDIA GPUs", OK, cuda, driver)
+    if verdict == "minor":
+        return Finding("NVIDIA GPUs", WARN, cuda, driver,
+                       f"CUDA {img.cuda} wants driver {minimum} or newer; this one runs it "
+                       "through CUDA's minor version compatibility, without the newer "
+                       "driver's features (PTX built for it fails to JIT)")
+    if verdict == "none":
+        return Finding("NVIDIA GPUs", FAIL, cuda, driver,
+                       f"CUDA {img.cuda} needs driver {minimum} or newer: use an image with "
+                       "an older CUDA, or ask for a newer driver")
+    return Finding("NVIDIA GPUs", WARN, cuda, driver,
+                   "capsid does not know this CUDA release's driver needs")
+
+
+def _gpu_libraries_finding(img: Side) -> Finding:
+    """Which of the driver's libraries --nv binds the image's glibc cannot load."""
+    from capsid import config
+    from capsid.errors import CapsidError
+    from capsid.gpu import compat, ldcache, liblists
+
+    try:
+        libraries = ldcache.find_libraries(
+            [e for e in liblists.load("nv") if ".so" in e and not e.startswith("/")],
+            config.load())
+    except CapsidError as err:
+        return Finding("GPU libraries (--nv)", WARN, img.libc, "unknown", err.message)
+    needs = compat.library_needs(libraries)
+    have = f"{len(libraries)} libraries"
+    image = _glibc_tuple(img.libc)
+    if image is None:
+        status = WARN if needs else OK
+        return Finding("GPU libraries (--nv)", status, img.libc, have,
+                       "the driver's libraries need glibc: use a glibc-based image"
+                       if needs else "")
+    bad = sorted(f"{n} (GLIBC_{elf.dotted(v)})" for n, v in needs.items() if v > image)
+    if bad:
+        return Finding("GPU libraries (--nv)", WARN, img.libc, have,
+                       f"{len(bad)} will not load in this image: {', '.join(bad)}; use an "
+                       "image with a newer glibc if the program needs them")
+    return Finding("GPU libraries (--nv)", OK, img.libc, have)
 
 
 def _libc_finding(img: Side, host: Side) -> Finding:

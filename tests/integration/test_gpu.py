@@ -285,3 +285,40 @@ def test_nvccli(debian_sif: Path, gpu_env: dict[str, str]) -> None:
     bad = run_capsid("exec", "--nvccli", "--fakeroot", debian_sif, "true",
                      env={**env, "NVIDIA_DRIVER_CAPABILITIES": "compute,teleport"})
     assert bad.returncode == 255 and "'teleport'" in bad.stderr
+
+
+@pytest.mark.parametrize(("cuda", "status", "said"), [
+    ("12.2.140", "OK", ""),
+    ("12.4.127", "WARN", "wants driver 550.54.14 or newer; this one runs it through CUDA's "
+                         "minor version compatibility"),
+    ("13.0.48", "FAIL", "needs driver 580.65.06 or newer"),
+])
+def test_doctor_reports_the_driver_and_the_image_cuda(gpu_env: dict[str, str], tmp_path: Path,
+                                                      cuda: str, status: str, said: str) -> None:
+    root = tmp_path / "cuda-image"
+    (root / "usr/local/cuda/lib64").mkdir(parents=True)
+    (root / f"usr/local/cuda/lib64/libcudart.so.{cuda}").write_bytes(b"\x7fELF")
+    result = run_capsid("doctor", "--json", root, env=gpu_env)
+    assert result.returncode == (1 if status == "FAIL" else 0), result.stderr
+    report = json.loads(result.stdout)
+    jsonschema = pytest.importorskip("jsonschema")
+    from tests.integration.test_doctor import SCHEMA
+
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    assert report["image_side"]["cuda"] == cuda
+    assert report["host_side"]["cuda"] == "535.104.05"  # from the fake nvidia-smi
+    check = next(c for c in report["checks"] if c["check"] == "NVIDIA GPUs")
+    assert check["status"] == status and said in check["fix"]
+
+
+def test_doctor_reports_the_glibc_trap(debian_sif: Path, gpu_env: dict[str, str]) -> None:
+    # without nvidia-smi on PATH the driver's version comes from libcuda's file name
+    env = {**gpu_env, "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    result = run_capsid("doctor", debian_sif, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    nvidia = next(line for line in lines if "NVIDIA GPUs" in line)
+    assert nvidia.split()[0] == "OK" and "no CUDA / driver 535.104.05" in nvidia
+    index = next(i for i, line in enumerate(lines) if "GPU libraries (--nv)" in line)
+    assert lines[index].split()[0] == "WARN"
+    assert "1 will not load in this image: libGLdispatch.so.0 (GLIBC_2.99)" in lines[index + 1]

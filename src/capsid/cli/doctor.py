@@ -11,8 +11,8 @@ from capsid.cli.parser import parser
 def run(verb: str, argv: list[str]) -> int:
     p = parser("doctor", "[--json] IMAGE",
                "Check, before a job is queued, whether IMAGE will run well here: its C "
-               "library, MPI (implementation, version, ABI), PMIx and CPU ISA level against "
-               "the host's, and the kernel features capsid uses. Exit status 1 if a check "
+               "library, MPI (implementation, version, ABI), PMIx, CPU ISA level and CUDA "
+               "against the host's, and the kernel features capsid uses. Exit status 1 if a check "
                "FAILs.")
     p.add_argument("-j", "--json", action="store_true", help="print the report as JSON")
     p.add_argument("image")

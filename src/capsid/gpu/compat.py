@@ -23,14 +23,14 @@ _TRIPLETS = {62: "x86_64-linux-gnu", 183: "aarch64-linux-gnu", 21: "powerpc64le-
 
 #: the first Linux driver of each CUDA release (NVIDIA's CUDA release notes, table 3)
 CUDA_DRIVERS = (
-    ((13, 0), (580, 65, 6)), ((12, 9), (575, 51, 3)), ((12, 8), (570, 26)),
-    ((12, 6), (560, 28, 3)), ((12, 5), (555, 42, 2)), ((12, 4), (550, 54, 14)),
-    ((12, 3), (545, 23, 6)), ((12, 2), (535, 54, 3)), ((12, 1), (530, 30, 2)),
-    ((12, 0), (525, 60, 13)), ((11, 8), (520, 61, 5)), ((11, 7), (515, 43, 4)),
-    ((11, 6), (510, 39, 1)), ((11, 5), (495, 29, 5)), ((11, 4), (470, 42, 1)),
-    ((11, 3), (465, 19, 1)), ((11, 2), (460, 27, 3)), ((11, 1), (455, 23)),
-    ((11, 0), (450, 36, 6)), ((10, 2), (440, 33)), ((10, 1), (418, 39)),
-    ((10, 0), (410, 48)), ((9, 2), (396, 26)), ((9, 1), (390, 46)), ((9, 0), (384, 81)),
+    ((13, 0), "580.65.06"), ((12, 9), "575.51.03"), ((12, 8), "570.26"),
+    ((12, 6), "560.28.03"), ((12, 5), "555.42.02"), ((12, 4), "550.54.14"),
+    ((12, 3), "545.23.06"), ((12, 2), "535.54.03"), ((12, 1), "530.30.02"),
+    ((12, 0), "525.60.13"), ((11, 8), "520.61.05"), ((11, 7), "515.43.04"),
+    ((11, 6), "510.39.01"), ((11, 5), "495.29.05"), ((11, 4), "470.42.01"),
+    ((11, 3), "465.19.01"), ((11, 2), "460.27.03"), ((11, 1), "455.23"),
+    ((11, 0), "450.36.06"), ((10, 2), "440.33"), ((10, 1), "418.39"),
+    ((10, 0), "410.48"), ((9, 2), "396.26"), ((9, 1), "390.46"), ((9, 0), "384.81"),
 )
 #: the oldest driver of each CUDA major version that runs its later minor versions
 #: (CUDA's "minor version compatibility"; features of the newer driver may be missing)
@@ -165,9 +165,9 @@ def cuda_support(cuda: tuple[int, ...], driver: tuple[int, ...]) -> tuple[str, s
     wanted = next((d for c, d in CUDA_DRIVERS if c <= cuda[:2]), None)
     if wanted is None or cuda[0] > CUDA_DRIVERS[0][0][0]:
         return "unknown", "?"
-    if driver >= wanted:
-        return "full", elf.dotted(wanted)
+    if driver >= (parse_version(wanted) or ()):
+        return "full", wanted
     floor = CUDA_MINOR_COMPAT.get(cuda[0])
     if floor is not None and driver >= floor:
-        return "minor", elf.dotted(wanted)
-    return "none", elf.dotted(wanted)
+        return "minor", wanted
+    return "none", wanted
