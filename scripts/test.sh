@@ -13,6 +13,7 @@ if [ "$(id -u)" = 0 ]; then
     CAPSID_TEST_CACHE=$(scripts/debian-image.sh)
     export CAPSID_TEST_CACHE
     scripts/oci-images.sh >/dev/null
+    scripts/mpi-image.sh >/dev/null
     # A fake GPU driver, with device nodes in /dev; those are removed again at the end.
     fakegpu=$(scripts/fake-gpu.sh "$CAPSID_TEST_CACHE/fakegpu")
     trap 'xargs -r rm -f <"$fakegpu/made-devices"; rmdir /dev/dri 2>/dev/null || true' EXIT

@@ -9,10 +9,12 @@ more than the rest of capsid's start-up. Flags follow Apptainer's (pflag) rules:
 
 from __future__ import annotations
 
+import os
 import sys
 
 from capsid import config
 from capsid.errors import CapsidError, UsageError
+from capsid.runtime.options import LAUNCHER_VARIABLES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -56,6 +58,10 @@ FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
     ("unsquash", "", "", False, "unpack the image into memory instead of mounting it"),
     ("shell", "s", "PATH", False, "shell to start with 'capsid shell'"),
     ("userns", "u", "", False, "use a user namespace (always the case; for compatibility)"),
+    ("sharens", "", "", False,
+     "share one container with the other ranks of this job on this node (the default "
+     "for ranks of mpirun, srun and Hydra)"),
+    ("no-sharens", "", "", False, "give this rank a container of its own"),
     ("nv", "", "", False, "bind the host's NVIDIA driver, tools and GPUs in"),
     ("nvccli", "", "", False,
      "set the NVIDIA GPUs up with nvidia-container-cli (implies --writable-tmpfs)"),
@@ -176,6 +182,12 @@ def run(verb: str, argv: list[str]) -> int:
 
     image = api.resolve(image)
     opts = options(values)
+    if opts.sharens or (opts.sharens is None and any(
+            name in os.environ for name in LAUNCHER_VARIABLES)):
+        from capsid.runtime import sharens
+
+        if sharens.wanted(opts):
+            sharens.run(image, opts, verb, args)  # returns only where it cannot share
     # The user namespace and the image's server first, so that squashfuse starts
     # while the rest of the runtime is imported and the container planned.
     started = api.start(image, opts, verb, args)
@@ -229,6 +241,8 @@ def options(values: Parsed) -> Options:
         rocm=_flag(values, "rocm", "ROCM"),
         devices=_items([*_list(values, "device"), config.env("DEVICE") or ""]),
         cdi_dirs=_items([_text(values, "cdi-dirs") or config.env("CDI_DIRS") or ""]),
+        sharens=False if _flag(values, "no-sharens", "NO_SHARENS") else
+        True if _flag(values, "sharens", "SHARENS") else None,
     )
 
 

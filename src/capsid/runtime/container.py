@@ -105,19 +105,27 @@ def _device_mounts(plan: Plan, opts: Options) -> None:
             mounts.bind_into(device.source, device.destination, nodev=False, required=False)
     for target, link in gpu.symlinks:
         mounts.symlink_into(target, link)
-    if not (gpu.libraries or gpu.library_dirs):
-        return
+    if gpu.libraries or gpu.library_dirs:
+        plan.library_path = _gpu_library_path(plan, warn=True)
+
+
+def _gpu_library_path(plan: Plan, *, warn: bool, root: str = mounts.FINAL) -> str:
+    """LD_LIBRARY_PATH for the GPU libraries of the container rooted at *root*: the
+    image's own directories first, the driver's after them (Apptainer 1.5's order).
+    With *warn*, say which libraries the image's C library cannot load."""
     from capsid.gpu import compat
 
-    root = os.open(mounts.FINAL, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    gpu = plan.gpu
+    assert gpu is not None
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        glibc = compat.image_glibc(root)
-        dirs = compat.image_library_dirs(root) if glibc is not None else []
+        glibc = compat.image_glibc(fd)
+        dirs = compat.image_library_dirs(fd) if glibc is not None else []
     finally:
-        os.close(root)
-    compat.warn_unloadable(gpu.library_glibc, glibc, gpu.option, len(gpu.libraries))
-    # The image's own libraries first, then the driver's (Apptainer 1.5's order).
-    plan.library_path = ":".join(dirs + [d for d in gpu.library_dirs if d not in dirs])
+        os.close(fd)
+    if warn:
+        compat.warn_unloadable(gpu.library_glibc, glibc, gpu.option, len(gpu.libraries))
+    return ":".join(dirs + [d for d in gpu.library_dirs if d not in dirs])
 
 
 def _container_mounts(plan: Plan, opts: Options) -> None:
@@ -328,6 +336,32 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
     if started.affinity is not None:
         os.sched_setaffinity(0, started.affinity)
     _exec(plan, filter_)
+
+
+def assemble_for_sharing(image: str, opts: Options, started: early.Started) -> None:
+    """Set up the root of a container that ranks join (:mod:`capsid.runtime.sharens`):
+    what :func:`launch` does, short of running a command."""
+    plan = planning.make(image, "exec", (), opts, started)
+    # the container's own mount namespace: the image server's stays behind
+    linux.unshare(isolation.flags(pid=False, ipc=False, net=False, uts=False))
+    _assemble_root(plan, started)
+    if started.fuse_mount is not None:
+        started.fuse_mount.reap()
+    if started.affinity is not None:
+        os.sched_setaffinity(0, started.affinity)
+
+
+def run_joined(plan: Plan) -> NoReturn:
+    """Run *plan*'s command in a container this process has joined (its root is now the
+    container's): the working directory, the GPU library path, then execve."""
+    gpu = plan.gpu
+    if gpu is not None and (gpu.libraries or gpu.library_dirs):
+        plan.library_path = _gpu_library_path(plan, warn=False, root="/")
+    try:
+        os.chdir(plan.cwd if os.path.isdir(plan.cwd) else plan.home_dest)
+    except OSError:
+        os.chdir("/")
+    _exec(plan, None)
 
 
 def _open_overlay(opts: Options) -> tuple[str | None, bool, int | None]:

@@ -15,14 +15,20 @@ if TYPE_CHECKING:
     from capsid.runtime.binds import BindSpec
 
 
+#: variables a parallel launcher gives each rank: Open MPI and PMIx (mpirun, srun
+#: --mpi=pmix), Slurm's job steps, MPICH's Hydra. Their ranks share a container per node.
+LAUNCHER_VARIABLES = ("PMIX_NAMESPACE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_ID", "PMI_RANK",
+                      "PMI_SIZE")
+
+
 class Options:
     """Everything about a container but its image and command (Apptainer's action flags)."""
 
     __slots__ = ("binds", "cdi_dirs", "cleanenv", "contain", "devices", "env", "env_files",
                  "environment", "fakeroot", "home", "hostname", "ipc", "net", "no_home",
                  "no_mount", "nv", "nvccli", "overlay", "pid", "pwd", "rocm",
-                 "root_emulation", "shell", "tmpfs_size_mib", "unsquash", "user", "uts",
-                 "writable", "writable_tmpfs")
+                 "root_emulation", "sharens", "shell", "tmpfs_size_mib", "unsquash", "user",
+                 "uts", "writable", "writable_tmpfs")
 
     def __init__(self, *, binds: Sequence[BindSpec] = (), home: str | None = None,
                  no_home: bool = False, no_mount: Sequence[str] = (), contain: bool = False,
@@ -35,7 +41,7 @@ class Options:
                  unsquash: bool = False, shell: str | None = None,
                  root_emulation: bool = False, user: str | None = None, nv: bool = False,
                  nvccli: bool = False, rocm: bool = False, devices: Sequence[str] = (),
-                 cdi_dirs: Sequence[str] = ()) -> None:
+                 cdi_dirs: Sequence[str] = (), sharens: bool | None = None) -> None:
         self.binds = tuple(binds)  #: host paths to bind in (``-B``, ``--mount``)
         self.home = home  #: ``--home SRC[:DST]``
         self.no_home = no_home
@@ -67,6 +73,9 @@ class Options:
         self.rocm = rocm  #: bind the host's AMD ROCm driver
         self.devices = tuple(devices)  #: CDI devices, ``vendor/class=name``
         self.cdi_dirs = tuple(cdi_dirs)  #: where CDI specs are (default /etc/cdi, /var/run/cdi)
+        #: share one container with the other ranks of the job on this node: None decides
+        #: by the launcher's variables (see :mod:`capsid.runtime.sharens`)
+        self.sharens = sharens
 
     def __repr__(self) -> str:
         changed = {name: getattr(self, name) for name in self.__slots__

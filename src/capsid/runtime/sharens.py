@@ -1,0 +1,302 @@
+"""The ranks of an MPI job on one node share one container.
+
+Each container has a user namespace of its own. Separate user namespaces cost MPI its
+single-copy shared memory (CMA: ``process_vm_readv`` across them is refused). Each
+container also mounts the image again, and N ranks then read the same blocks through
+N cold FUSE mounts. So the ranks of one job step on one node that run the same image
+with the same options share it all: the first rank forks a *keeper*, which sets the
+container up once (user and mount namespaces, one squashfuse, every bind) and then
+waits. Every rank, the first included, joins it with ``setns`` and runs its own command
+there, as its own process, with its own exit status.
+
+No daemon and no shared file system are needed: a rank finds the keeper through a
+Unix socket in a per-user directory on its node, under a lock, named by a hash of the
+node, the job step (from the launcher's variables), the image and the options. Each
+rank keeps its connection open in its command (an inherited socket): the kernel closes
+it when the rank ends, however it ends (``kill -9`` too). When no connection is left
+the keeper removes its socket under the lock and exits; the namespaces, the mounts
+and the image server go with the last process in them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import socket
+import stat
+import struct
+import sys
+
+from capsid import log
+from capsid.errors import CapsidError, RuntimeSetupError
+from capsid.runtime.options import LAUNCHER_VARIABLES
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+    from capsid.runtime.options import Options
+
+LOG = log.get(__name__)
+
+_FIRST_RANK_PATIENCE = 120.0  #: seconds a keeper waits for its first rank to join
+
+
+def launched_rank() -> bool:
+    """Whether this process looks like a rank of a parallel launcher."""
+    return any(name in os.environ for name in LAUNCHER_VARIABLES)
+
+
+def eligible(opts: Options) -> bool:
+    """Options whose container can be shared: not those that give each its own namespaces
+    (PID, IPC, network, UTS), nor the builder's."""
+    return not (opts.pid or opts.ipc or opts.net or opts.uts or opts.hostname
+                or opts.root_emulation or opts.user or opts.environment is not None)
+
+
+def wanted(opts: Options) -> bool:
+    """Whether to share: as asked (``--sharens``, ``--no-sharens``), else when this is a
+    launcher's rank; never for options that cannot be shared."""
+    if opts.sharens is False or not eligible(opts):
+        if opts.sharens:
+            LOG.warning("--sharens is ignored with --pid, --ipc, --net, --uts or "
+                        "--hostname: each rank gets namespaces of its own")
+        return False
+    return bool(opts.sharens) or launched_rank()
+
+
+def job_step() -> str:
+    """The launch this rank belongs to: the PMIx namespace, Slurm's job step, or else
+    the parent process (the launcher's daemon on this node) and its start time."""
+    env = os.environ
+    if env.get("PMIX_NAMESPACE"):
+        return "pmix:" + env["PMIX_NAMESPACE"]
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID"):
+        return f"slurm:{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/stat", "rb") as f:
+            started = f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        started = "?"
+    return f"parent:{parent}:{started}"
+
+
+def key(image: str, opts: Options) -> str:
+    """What a shared container is known by: node, user, job step, image, options, cwd."""
+    info = os.stat(image)
+    parts = (os.uname().nodename, str(os.getuid()), job_step(), os.path.realpath(image),
+             f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}", repr(opts),
+             os.getcwd(), os.environ.get("HOME", ""))
+    return hashlib.sha256("\0".join(parts).encode(errors="surrogateescape")).hexdigest()[:32]
+
+
+def directory() -> str | None:
+    """This user's directory for keepers' sockets on this node, made private; None if no
+    safe one can be had."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = os.path.join(runtime, "capsid") if runtime and os.access(runtime, os.W_OK) else \
+        f"/tmp/capsid-{os.getuid()}"
+    path = os.path.join(base, "sharens")
+    try:
+        for each, forbidden in ((base, 0o022), (path, 0o077)):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(each, 0o700)
+            info = os.lstat(each)
+            if info.st_uid != os.getuid() or info.st_mode & forbidden or \
+                    not stat.S_ISDIR(info.st_mode):
+                LOG.debug("not sharing: %s is not private to you", each)
+                return None
+    except OSError as err:
+        LOG.debug("not sharing: %s: %s", path, err.strerror)
+        return None
+    return path
+
+
+def _locked(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _connect(path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None
+    return sock
+
+
+def run(image: str, opts: Options, action: str, argv: list[str]) -> None:
+    """Run *action* in this job's shared container on this node, starting it if this is
+    the first rank. Does not return, unless sharing is impossible here (then the caller
+    starts a container of its own)."""
+    folder = directory()
+    if folder is None:
+        return
+    name = key(image, opts)
+    socket_path = os.path.join(folder, f"{name}.sock")
+    lock = _locked(folder)
+    try:
+        conn = _connect(socket_path)
+        if conn is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)  # a keeper that is gone
+            _start_keeper(image, opts, folder, name)
+            conn = _connect(socket_path)
+            if conn is None:
+                raise RuntimeSetupError("the shared container of this job ended as it started",
+                                        "run again with --no-sharens and report it")
+    finally:
+        os.close(lock)
+    pid, _, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    struct.calcsize("3i")))
+    _join_and_exec(image, opts, action, argv, pid, conn)
+
+
+def _start_keeper(image: str, opts: Options, folder: str, name: str) -> None:
+    """Fork the keeper (detached: it outlives this rank) and wait until it serves."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    reader, writer = os.pipe()
+    middle = os.fork()
+    if middle == 0:  # pragma: no cover - runs in the children
+        try:
+            os.close(reader)
+            os.setsid()
+            if os.fork():
+                os._exit(0)  # the keeper is orphaned: no rank has it as a child
+            _keeper(image, opts, folder, name, writer)
+        except BaseException:
+            pass
+        os._exit(255)
+    os.close(writer)
+    os.waitpid(middle, 0)
+    with os.fdopen(reader, "rb") as pipe:
+        report = pipe.read().decode(errors="replace")
+    status, _, rest = report.partition("\0")
+    message, _, hint = rest.partition("\0")
+    if message:  # what the set-up said (a warning, or why it failed)
+        sys.stderr.write(message)
+        sys.stderr.flush()
+    if status != "ready":
+        raise RuntimeSetupError(hint or "the shared container could not be set up",
+                                "see the message above; --no-sharens runs each rank alone")
+
+
+def _keeper(image: str, opts: Options, folder: str, name: str,
+            report: int) -> NoReturn:  # pragma: no cover - runs in the keeper
+    """Set the container up, say so on *report*, then wait for the ranks to be done."""
+    import selectors
+
+    from capsid.runtime import api, container
+
+    null = os.open(os.devnull, os.O_RDWR)
+    log_path = os.path.join(folder, f"{name}.log")
+    messages = os.open(log_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.unlink(log_path)  # read back through the fd
+    for fd, target in ((null, 0), (null, 1), (messages, 2)):
+        os.dup2(fd, target)
+    keep = {report, messages}
+    for fd in range(3, 1024):
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(folder, f"{name}.sock"))
+    listener.listen(256)
+    try:
+        started = api.start(image, opts, "exec", ())
+        container.assemble_for_sharing(image, opts, started)
+    except CapsidError as err:
+        said = _drain(messages)
+        os.write(report, f"failed\0{said}\0{err.message}; {err.hint}".encode())
+        os.unlink(f"{name}.sock", dir_fd=folder_fd)
+        os._exit(255)
+    except BaseException as err:
+        said = _drain(messages)
+        os.write(report, f"failed\0{said}\0internal error ({type(err).__name__}: {err}); "
+                         "this is a bug in capsid".encode())
+        os.unlink(f"{name}.sock", dir_fd=folder_fd)
+        os._exit(255)
+    os.write(report, f"ready\0{_drain(messages)}\0".encode(errors="replace"))
+    os.close(report)
+    os.dup2(null, 2)
+    os.close(messages)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    ranks: set[socket.socket] = set()
+    joined = False
+    while True:
+        events = selector.select(timeout=None if joined else _FIRST_RANK_PATIENCE)
+        if not events and not joined:
+            break  # the first rank never came
+        for event, _ in events:
+            if event.fileobj is listener:
+                conn, _ = listener.accept()
+                ranks.add(conn)
+                selector.register(conn, selectors.EVENT_READ)
+                joined = True
+            else:
+                conn = event.fileobj  # type: ignore[assignment]
+                if not conn.recv(64):  # closed: the rank (and what it started) ended
+                    selector.unregister(conn)
+                    conn.close()
+                    ranks.discard(conn)
+        if joined and not ranks:
+            fcntl.flock(folder_fd, fcntl.LOCK_EX)
+            listener.setblocking(False)
+            try:
+                conn, _ = listener.accept()  # one that came meanwhile keeps it going
+            except BlockingIOError:
+                break
+            listener.setblocking(True)
+            ranks.add(conn)
+            selector.register(conn, selectors.EVENT_READ)
+            fcntl.flock(folder_fd, fcntl.LOCK_UN)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"{name}.sock", dir_fd=folder_fd)
+    os._exit(0)
+
+
+def _drain(fd: int) -> str:  # pragma: no cover - runs in the keeper
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return data.decode(errors="replace").replace("\0", "")
+
+
+def _join_and_exec(image: str, opts: Options, action: str, argv: list[str], pid: int,
+                   conn: socket.socket) -> NoReturn:
+    """Enter the keeper's namespaces and root, and run this rank's command there."""
+    from capsid.image.locate import locate
+    from capsid.runtime import container, early, identity, linux
+    from capsid.runtime import plan as planning
+
+    user = identity.User.current()
+    started = early.Started(locate(image), user, True, None, [], None)
+    plan = planning.make(image, action, tuple(argv), opts, started)
+    try:
+        user_ns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        mnt_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if os.fstat(user_ns).st_ino != os.stat("/proc/self/ns/user").st_ino:
+            linux.setns(user_ns, linux.CLONE_NEWUSER)
+        linux.setns(mnt_ns, linux.CLONE_NEWNS)
+        os.fchdir(root)
+        os.chroot(".")
+    except OSError as err:
+        raise RuntimeSetupError(f"cannot join this job's shared container: {err.strerror}",
+                                "run with --no-sharens") from None
+    for fd in (user_ns, mnt_ns, root):
+        os.close(fd)
+    os.set_inheritable(conn.fileno(), True)  # held by the command: the keeper counts it
+    container.run_joined(plan)

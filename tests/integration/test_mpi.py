@@ -1,0 +1,161 @@
+"""MPI jobs: mpirun ranks in capsid containers, sharing one container per node.
+
+The image is Debian's Open MPI with tests/support/mpi/mpitest.c (scripts/mpi-image.sh).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CAPSID
+
+pytestmark = pytest.mark.unprivileged
+
+CACHE = Path(os.environ.get("CAPSID_TEST_CACHE", "/var/cache/capsid-test"))
+#: Open MPI's words for trouble (the CMA warning is often garbled into the second)
+TROUBLE = ("WARNING", "ORTE_ERROR_LOG", "different user namespaces", "help message")
+
+
+@pytest.fixture(scope="module")
+def mpi_sif() -> Path:
+    image = CACHE / "mpi.sif"
+    if not image.is_file() or shutil.which("mpirun") is None:
+        pytest.skip(f"{image} or mpirun is absent: scripts/mpi-image.sh makes it as root "
+                    "(test.sh does)")
+    return image
+
+
+def mpirun(*args: str | os.PathLike[str], ranks: int = 4, mca: tuple[str, ...] = (),
+           timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PATH=f"{CAPSID.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    command = ["mpirun", "--oversubscribe", "-n", str(ranks), *mca, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout,
+                          check=False, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+def _live_servers(image: Path) -> list[int]:
+    """squashfuse_ll processes serving *image* that still run (not zombies)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and cmdline and cmdline[0].endswith(b"squashfuse_ll") \
+                and str(image).encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _sockets() -> list[str]:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "capsid" if runtime else Path(f"/tmp/capsid-{os.getuid()}")
+    folder = base / "sharens"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def _gone(image: Path, before: set[int]) -> bool:
+    """Whether the job's keeper and image server have gone (they go right after the last
+    rank: give them a moment)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not (set(_live_servers(image)) - before or _sockets()):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _clean(output: str) -> None:
+    for word in TROUBLE:
+        assert word not in output, output
+
+
+def test_ranks_share_one_container(mpi_sif: Path, tmp_path: Path) -> None:
+    before = set(_live_servers(mpi_sif))
+    probe = ("readlink /proc/self/ns/user /proc/self/ns/mnt; "
+             "ls /proc | while read p; do "
+             "tr '\\0' ' ' </proc/$p/cmdline 2>/dev/null "
+             "| grep -q '^/usr/bin/squashfuse_ll .*mpi.sif' "
+             "&& grep -q '^State:.[^Z]' /proc/$p/status && echo server $p; done; mpitest hello")
+    result = mpirun(CAPSID, "exec", mpi_sif, "sh", "-c", probe, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _clean(result.stdout + result.stderr)
+    lines = result.stdout.splitlines()
+    assert sorted(line for line in lines if line.startswith("rank")) == [
+        f"rank {r} of 4 on {os.uname().nodename}" for r in range(4)]
+    assert len({line for line in lines if line.startswith("user:")}) == 1
+    assert len({line for line in lines if line.startswith("mnt:")}) == 1
+    servers = {line for line in lines if line.startswith("server")}
+    if os.getuid() != 0:  # root mounts the image with the kernel's squashfs
+        assert len(servers - {f"server {p}" for p in before}) == 1  # one per node at peak
+    assert _gone(mpi_sif, before)
+
+
+def test_no_sharens_gives_each_rank_its_own(mpi_sif: Path, tmp_path: Path) -> None:
+    result = mpirun(CAPSID, "exec", "--no-sharens", mpi_sif, "readlink", "/proc/self/ns/mnt",
+                    ranks=3, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(set(result.stdout.split())) == 3
+
+
+def test_cma_pingpong_and_exit_codes(mpi_sif: Path, tmp_path: Path) -> None:
+    forced = ("--mca", "btl_vader_single_copy_mechanism", "cma")
+    result = mpirun(CAPSID, "exec", mpi_sif, "mpitest", "pingpong", "1048576", "20", ranks=2,
+                    mca=forced, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _clean(result.stdout + result.stderr)
+    assert result.stdout.startswith("pingpong 1048576 ")
+    failed = mpirun(CAPSID, "exec", mpi_sif, "mpitest", "exit", "1", "7", ranks=2, cwd=tmp_path)
+    assert failed.returncode == 7
+    assert "Exit code:    7" in failed.stderr
+
+
+def test_kill_9_of_every_rank_leaves_nothing(mpi_sif: Path, tmp_path: Path) -> None:
+    before = set(_live_servers(mpi_sif))
+    marker = tmp_path / "started"
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    job = subprocess.Popen(["mpirun", "--oversubscribe", "-n", "3", str(CAPSID), "exec", mpi_sif,
+                            "sh", "-c", f"echo $$ >>{marker}; exec sleep 300"],
+                           env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while (not marker.exists() or len(marker.read_text().split()) < 3) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = [int(p) for p in marker.read_text().split()]
+    assert len(pids) == 3
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    job.wait(timeout=60)
+    assert _gone(mpi_sif, before)
+
+
+def test_ranks_that_start_and_end_apart(mpi_sif: Path, tmp_path: Path) -> None:
+    """--sharens without a launcher: containers started by one parent share."""
+    before = set(_live_servers(mpi_sif))
+    script = (f"for t in 1.0 1.2 0.6; do {CAPSID} exec --sharens {mpi_sif} "
+              "sh -c \"readlink /proc/self/ns/mnt; sleep $t\" & sleep 0.4; done; wait")
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    names = result.stdout.split()
+    assert len(names) == 3 and len(set(names)) == 1, result.stdout
+    assert _gone(mpi_sif, before)
+
+
+def test_sharens_with_a_pid_namespace_is_refused_with_a_warning(mpi_sif: Path) -> None:
+    result = subprocess.run([str(CAPSID), "exec", "--sharens", "--pid", str(mpi_sif), "true"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0
+    assert "--sharens is ignored" in result.stderr
