@@ -178,9 +178,10 @@ def run(verb: str, argv: list[str]) -> int:
         from capsid.runtime import instances
 
         instances.join(instances.find(image.removeprefix("instance://")), verb, args)
-    from capsid.runtime import api
+    if image.startswith(("docker://", "oras://")):
+        from capsid.runtime.api import resolve
 
-    image = api.resolve(image)
+        image = resolve(image)
     opts = options(values)
     if opts.sharens or (opts.sharens is None and any(
             name in os.environ for name in LAUNCHER_VARIABLES)):
@@ -188,6 +189,8 @@ def run(verb: str, argv: list[str]) -> int:
 
         if sharens.wanted(opts):
             sharens.run(image, opts, verb, args)  # returns only where it cannot share
+    from capsid.runtime import api
+
     # The user namespace and the image's server first, so that squashfuse starts
     # while the rest of the runtime is imported and the container planned.
     started = api.start(image, opts, verb, args)

@@ -20,13 +20,10 @@ and the image server go with the last process in them.
 
 from __future__ import annotations
 
-import contextlib
+import _socket as socket  # the C module: ``socket`` costs 5 ms to import, on every rank
 import fcntl
-import hashlib
 import os
-import socket
 import stat
-import struct
 import sys
 
 from capsid import log
@@ -84,13 +81,21 @@ def job_step() -> str:
     return f"parent:{parent}:{started}"
 
 
+def _sha256(data: bytes) -> str:
+    try:  # the built-in module: hashlib loads OpenSSL first, 5 ms on every rank
+        from _sha256 import sha256  # type: ignore[import-not-found]
+    except ImportError:  # Python 3.12 and later
+        from hashlib import sha256
+    return str(sha256(data).hexdigest())
+
+
 def key(image: str, opts: Options) -> str:
     """What a shared container is known by: node, user, job step, image, options, cwd."""
     info = os.stat(image)
     parts = (os.uname().nodename, str(os.getuid()), job_step(), os.path.realpath(image),
              f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}", repr(opts),
              os.getcwd(), os.environ.get("HOME", ""))
-    return hashlib.sha256("\0".join(parts).encode(errors="surrogateescape")).hexdigest()[:32]
+    return _sha256("\0".join(parts).encode(errors="surrogateescape"))[:32]
 
 
 def directory() -> str | None:
@@ -102,8 +107,10 @@ def directory() -> str | None:
     path = os.path.join(base, "sharens")
     try:
         for each, forbidden in ((base, 0o022), (path, 0o077)):
-            with contextlib.suppress(FileExistsError):
+            try:  # noqa: SIM105 - contextlib costs milliseconds to import
                 os.mkdir(each, 0o700)
+            except FileExistsError:
+                pass
             info = os.lstat(each)
             if info.st_uid != os.getuid() or info.st_mode & forbidden or \
                     not stat.S_ISDIR(info.st_mode):
@@ -144,8 +151,10 @@ def run(image: str, opts: Options, action: str, argv: list[str]) -> None:
     try:
         conn = _connect(socket_path)
         if conn is None:
-            with contextlib.suppress(FileNotFoundError):
+            try:  # noqa: SIM105
                 os.unlink(socket_path)  # a keeper that is gone
+            except FileNotFoundError:
+                pass
             _start_keeper(image, opts, folder, name)
             conn = _connect(socket_path)
             if conn is None:
@@ -153,13 +162,15 @@ def run(image: str, opts: Options, action: str, argv: list[str]) -> None:
                                         "run again with --no-sharens and report it")
     finally:
         os.close(lock)
-    pid, _, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                    struct.calcsize("3i")))
+    pid = int.from_bytes(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[:4],
+                         sys.byteorder)
     _join_and_exec(image, opts, action, argv, pid, conn)
 
 
 def _start_keeper(image: str, opts: Options, folder: str, name: str) -> None:
     """Fork the keeper (detached: it outlives this rank) and wait until it serves."""
+    from capsid.runtime import api, container  # noqa: F401 - once, for both processes
+
     sys.stdout.flush()
     sys.stderr.flush()
     reader, writer = os.pipe()
@@ -191,7 +202,7 @@ def _start_keeper(image: str, opts: Options, folder: str, name: str) -> None:
 def _keeper(image: str, opts: Options, folder: str, name: str,
             report: int) -> NoReturn:  # pragma: no cover - runs in the keeper
     """Set the container up, say so on *report*, then wait for the ranks to be done."""
-    import selectors
+    import select
 
     from capsid.runtime import api, container
 
@@ -204,8 +215,10 @@ def _keeper(image: str, opts: Options, folder: str, name: str,
     keep = {report, messages}
     for fd in range(3, 1024):
         if fd not in keep:
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105
                 os.close(fd)
+            except OSError:
+                pass
     folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(os.path.join(folder, f"{name}.sock"))
@@ -213,54 +226,53 @@ def _keeper(image: str, opts: Options, folder: str, name: str,
     try:
         started = api.start(image, opts, "exec", ())
         container.assemble_for_sharing(image, opts, started)
-    except CapsidError as err:
+    except BaseException as err:  # the rank must hear of it, whatever it is
         said = _drain(messages)
-        os.write(report, f"failed\0{said}\0{err.message}; {err.hint}".encode())
-        os.unlink(f"{name}.sock", dir_fd=folder_fd)
-        os._exit(255)
-    except BaseException as err:
-        said = _drain(messages)
-        os.write(report, f"failed\0{said}\0internal error ({type(err).__name__}: {err}); "
-                         "this is a bug in capsid".encode())
+        problem = f"{err.message}; {err.hint}" if isinstance(err, CapsidError) else \
+            f"internal error ({type(err).__name__}: {err}); this is a bug in capsid"
+        os.write(report, f"failed\0{said}\0{problem}".encode(errors="replace"))
         os.unlink(f"{name}.sock", dir_fd=folder_fd)
         os._exit(255)
     os.write(report, f"ready\0{_drain(messages)}\0".encode(errors="replace"))
     os.close(report)
     os.dup2(null, 2)
     os.close(messages)
-    selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ)
-    ranks: set[socket.socket] = set()
-    joined = False
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    ranks: dict[int, int] = {}  # fd → fd: the ranks' connections
+
+    def accept() -> bool:
+        try:
+            fd, _ = listener._accept()  # type: ignore[attr-defined]
+        except BlockingIOError:
+            return False
+        ranks[fd] = fd
+        poller.register(fd, select.POLLIN)
+        return True
+
+    patience = int(_FIRST_RANK_PATIENCE * 1000)
     while True:
-        events = selector.select(timeout=None if joined else _FIRST_RANK_PATIENCE)
-        if not events and not joined:
+        events = poller.poll(None if ranks else patience)
+        if not events:
             break  # the first rank never came
-        for event, _ in events:
-            if event.fileobj is listener:
-                conn, _ = listener.accept()
-                ranks.add(conn)
-                selector.register(conn, selectors.EVENT_READ)
-                joined = True
-            else:
-                conn = event.fileobj  # type: ignore[assignment]
-                if not conn.recv(64):  # closed: the rank (and what it started) ended
-                    selector.unregister(conn)
-                    conn.close()
-                    ranks.discard(conn)
-        if joined and not ranks:
+        for fd, _ in events:
+            if fd == listener.fileno():
+                accept()
+            elif not os.read(fd, 64):  # closed: the rank (and what it started) ended
+                poller.unregister(fd)
+                os.close(fd)
+                del ranks[fd]
+        if not ranks:
             fcntl.flock(folder_fd, fcntl.LOCK_EX)
             listener.setblocking(False)
-            try:
-                conn, _ = listener.accept()  # one that came meanwhile keeps it going
-            except BlockingIOError:
+            if not accept():  # none came meanwhile: this is the end
                 break
             listener.setblocking(True)
-            ranks.add(conn)
-            selector.register(conn, selectors.EVENT_READ)
             fcntl.flock(folder_fd, fcntl.LOCK_UN)
-    with contextlib.suppress(FileNotFoundError):
+    try:  # noqa: SIM105
         os.unlink(f"{name}.sock", dir_fd=folder_fd)
+    except FileNotFoundError:
+        pass
     os._exit(0)
 
 
