@@ -27,11 +27,14 @@ cd "$(dirname "$0")/.."
 #   time               GNU time: peak memory in bench/ and scripts/bombs.sh
 #   gcc libc6-dev      the fake GPU driver of the tests (scripts/fake-gpu.sh)
 #   openmpi-bin libopenmpi-dev libpmix-dev   MPI jobs in the tests and bench/mpi_startup.py
+#   slurm-wlm munge    the tests' two-node cluster (scripts/slurm-cluster.sh); libpmix-dev is
+#                      installed with it, so slurmd finds PMIx when it first starts
 packages=(squashfs-tools-ng squashfs-tools squashfuse fuse3 fuse-overlayfs fuse2fs uidmap
           busybox-static golang-go golang-github-sylabs-sif-dev bubblewrap charliecloud-runtime
           python3-venv util-linux procps mmdebstrap docker-registry apache2-utils openssl
           buildah umoci skopeo golang-github-containers-common charliecloud-builders
-          libseccomp2 tar libcap2-bin time gcc libc6-dev openmpi-bin libopenmpi-dev libpmix-dev)
+          libseccomp2 tar libcap2-bin time gcc libc6-dev openmpi-bin libopenmpi-dev libpmix-dev
+          slurm-wlm munge)
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

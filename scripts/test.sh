@@ -14,9 +14,16 @@ if [ "$(id -u)" = 0 ]; then
     export CAPSID_TEST_CACHE
     scripts/oci-images.sh >/dev/null
     scripts/mpi-image.sh >/dev/null
-    # A fake GPU driver, with device nodes in /dev; those are removed again at the end.
+    # A fake GPU driver, with device nodes in /dev, and a two-node Slurm cluster: both
+    # are taken down again at the end.
     fakegpu=$(scripts/fake-gpu.sh "$CAPSID_TEST_CACHE/fakegpu")
-    trap 'xargs -r rm -f <"$fakegpu/made-devices"; rmdir /dev/dri 2>/dev/null || true' EXIT
+    cleanup() {
+        xargs -r rm -f <"$fakegpu/made-devices"
+        rmdir /dev/dri 2>/dev/null || true
+        scripts/slurm-cluster.sh stop || true
+    }
+    trap cleanup EXIT
+    scripts/slurm-cluster.sh start
 fi
 
 shared=${CAPSID_SHARED:-$(cd .. && pwd)/shared}

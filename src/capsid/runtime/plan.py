@@ -94,6 +94,7 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
         if b.destination == "/":
             LOG.warning("binding %s onto / replaces the container's whole root filesystem "
                         "with it; bind it somewhere below / instead", b.source)
+    binds += _launcher_binds(binds)
     if home_dest == "/" and home_source is not None:
         LOG.warning("--home %s puts the home directory on / and so replaces the container's "
                     "whole root filesystem with it; give a destination such as %s:/home/me",
@@ -116,6 +117,20 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
                 layers=started.layers, user=user, userns=userns, home_source=home_source,
                 home_dest=home_dest, binds=binds, cwd=cwd, bind_cwd=bind_cwd, site=site,
                 oci_env=_oci_env(image), gpu=gpu)
+
+
+def _launcher_binds(binds: list[BindSpec]) -> list[BindSpec]:
+    """The PMIx server's directory of a launched rank, at the same path: its client in the
+    container maps the job's shared data store there (Slurm keeps it in the slurmd spool
+    directory, which no image has)."""
+    found = os.environ.get("PMIX_SERVER_TMPDIR")
+    if not found or not os.path.isabs(found) or "PMIX_RANK" not in os.environ:
+        return []
+    path = os.path.realpath(found)
+    if path == "/" or not os.path.isdir(path) or any(
+            b.destination == path for b in binds) or path.startswith(("/tmp/", "/var/tmp/")):
+        return []  # nothing to do, or bound with /tmp already
+    return [BindSpec(path, path, False)]
 
 
 def _check_source(path: str) -> None:
