@@ -212,9 +212,8 @@ def host_driver() -> str:
                 return first[0].strip()
         except (OSError, subprocess.TimeoutExpired):
             pass
-    from capsid import config
+    from capsid import config, ldcache
     from capsid.errors import CapsidError
-    from capsid.gpu import ldcache
 
     try:
         found = ldcache.find_libraries(["libcuda.so.1"], config.load())
@@ -347,9 +346,9 @@ def _cuda_finding(img: Side, host: Side) -> Finding:
 
 def _gpu_libraries_finding(img: Side) -> Finding:
     """Which of the driver's libraries --nv binds the image's glibc cannot load."""
-    from capsid import config
+    from capsid import config, ldcache
     from capsid.errors import CapsidError
-    from capsid.gpu import compat, ldcache, liblists
+    from capsid.gpu import compat, liblists
 
     try:
         libraries = ldcache.find_libraries(

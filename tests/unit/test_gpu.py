@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from capsid import config, elf
+from capsid import config, elf, glibc, ldcache
 from capsid.errors import CapsidError, UsageError
-from capsid.gpu import cdi, compat, ldcache, nvccli
+from capsid.gpu import cdi, compat, nvccli
 
 
 def test_elf_reads_the_c_library_and_a_program() -> None:
-    libc = next(Path(p) for p in compat.libc_candidates(elf.this_machine()[1])
+    libc = next(Path(p) for p in glibc.libc_candidates(elf.this_machine()[1])
                 if Path(p).is_file())
     info = elf.read(str(libc))
     assert info.soname == "libc.so.6"
-    version = compat.glibc_of(info)
+    version = glibc.glibc_of(info)
     said = subprocess.run(["ldd", "--version"], capture_output=True, text=True).stdout
     assert version is not None and f" {elf.dotted(version)}\n" in said.splitlines()[0] + "\n"
     ls = elf.read("/bin/ls")

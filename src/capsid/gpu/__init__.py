@@ -2,7 +2,6 @@
 
 - :mod:`.edits` -- the typed record of what device support adds to a container
 - :mod:`.liblists` -- the site's lists of driver libraries, binaries and files
-- :mod:`.ldcache` -- finding those libraries through the host's ld.so cache
 - :mod:`.legacy` -- ``--nv`` and ``--rocm`` as Apptainer does them (binds)
 - :mod:`.cdi` -- ``--device vendor/class=name`` from Container Device Interface specs
 - :mod:`.nvccli` -- ``--nvccli``: ``nvidia-container-cli configure`` does the work

@@ -13,8 +13,8 @@ from __future__ import annotations
 import glob
 import os
 
-from capsid import config, log
-from capsid.gpu import ldcache, liblists
+from capsid import config, ldcache, log
+from capsid.gpu import liblists
 from capsid.gpu.edits import Edits, Mount
 
 LOG = log.get(__name__)

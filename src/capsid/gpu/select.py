@@ -28,7 +28,7 @@ def edits_for(opts: Options, site: config.SiteConfig) -> Edits | None:
     result = Edits()
     options = []
     if nvccli:
-        from capsid.gpu import ldcache
+        from capsid import ldcache
         from capsid.gpu import nvccli as cli
 
         environ = dict(os.environ)

@@ -113,18 +113,19 @@ def _gpu_library_path(plan: Plan, *, warn: bool, root: str = mounts.FINAL) -> st
     """LD_LIBRARY_PATH for the GPU libraries of the container rooted at *root*: the
     image's own directories first, the driver's after them (Apptainer 1.5's order).
     With *warn*, say which libraries the image's C library cannot load."""
+    from capsid import glibc
     from capsid.gpu import compat
 
     gpu = plan.gpu
     assert gpu is not None
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        glibc = compat.image_glibc(fd)
-        dirs = compat.image_library_dirs(fd) if glibc is not None else []
+        version = glibc.image_glibc(fd)
+        dirs = glibc.image_library_dirs(fd) if version is not None else []
     finally:
         os.close(fd)
     if warn:
-        compat.warn_unloadable(gpu.library_glibc, glibc, gpu.option, len(gpu.libraries))
+        compat.warn_unloadable(gpu.library_glibc, version, gpu.option, len(gpu.libraries))
     return ":".join(dirs + [d for d in gpu.library_dirs if d not in dirs])
 
 
