@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from capsid import elf, log
+from capsid import elf, glibc, log  # noqa: F401 - glibc: used after pivot_root, by container
 
 LOG = log.get(__name__)
 
