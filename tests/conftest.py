@@ -108,6 +108,17 @@ def debian_sif() -> Path:
     return image
 
 
+@pytest.fixture(scope="session")
+def mpi_sif() -> Path:
+    """Debian's Open MPI and tests/support/mpi/mpitest.c as a SIF (scripts/mpi-image.sh)."""
+    cache = Path(os.environ.get("CAPSID_TEST_CACHE", "/var/cache/capsid-test"))
+    image = cache / "mpi.sif"
+    if not image.is_file() or shutil.which("mpirun") is None:
+        pytest.skip(f"{image} or mpirun is absent: scripts/mpi-image.sh makes it as root "
+                    "(test.sh does)")
+    return image
+
+
 def live_squashfuse(image: Path | None = None) -> list[str]:
     """squashfuse processes of this user still running (zombies do not count)."""
     found = []

@@ -79,10 +79,14 @@ def _mpi(read: Any, names: list[str]) -> tuple[str, str]:
     libs = {os.path.basename(n): n for n in names
             if re.search(r"/lib(mpi|mpich)\.so\.\d+$", "/" + n)}
     if "libmpi.so.40" in libs:
-        data = read(libs["libmpi.so.40"])
-        version = _version_in(data, rb"Open MPI v?(\d+\.\d+\.\d+)")
+        # the file itself (libmpi.so.40.30.4), not the symlink to it
+        real = max((n for n in names if os.path.basename(n).startswith("libmpi.so.40")),
+                   key=len)
+        data = read(real)
+        version = _version_in(data, rb"Open MPI v?(\d+\.\d+\.\d+)") or \
+            _version_in(data, rb"\x00v(\d+\.\d+\.\d+)\x00Open MPI\x00")
         if version is None and "libopen-pal.so.40" in {os.path.basename(n) for n in names}:
-            pal = next(n for n in names if n.endswith("/libopen-pal.so.40"))
+            pal = max((n for n in names if "/libopen-pal.so.40" in n), key=len)
             version = _version_in(read(pal), rb"Open MPI v?(\d+\.\d+\.\d+)")
         return f"Open MPI {version or '(version unknown)'}", "libmpi.so.40"
     if "libmpi.so.12" in libs or "libmpich.so.12" in libs:
@@ -234,15 +238,13 @@ def host_side() -> Side:
     side.isa = host_isa()
     launcher = shutil.which("mpirun") or shutil.which("mpiexec")
     if launcher:
-        out = subprocess.run([launcher, "--version"], capture_output=True, text=True,
-                             check=False, timeout=20)
-        text = out.stdout + out.stderr
-        if "Open MPI" in text or "OpenRTE" in text:
-            number = _version_in(text.encode(), rb"(\d+\.\d+\.\d+)")
-            side.mpi, side.mpi_abi = f"Open MPI {number or '(version unknown)'}", "libmpi.so.40"
-        elif "HYDRA" in text or "MPICH" in text or "Intel" in text:
-            number = _version_in(text.encode(), rb"Version:\s*(\S+)")
-            side.mpi, side.mpi_abi = f"MPICH {number or '(version unknown)'}", "libmpi.so.12"
+        from capsid.mpi import host
+
+        named = host.version(launcher)
+        if named.startswith("Open MPI"):
+            side.mpi, side.mpi_abi = named, "libmpi.so.40"
+        elif named.startswith("MPICH"):
+            side.mpi, side.mpi_abi = named, "libmpi.so.12"
         side.details["launcher"] = launcher
     side.pmix = bool(_ldconfig(r"libpmix\.so\.\d+"))
     side.cuda = host_driver()

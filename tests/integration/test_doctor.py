@@ -39,7 +39,7 @@ def test_isa_notes_are_read() -> None:
     assert elf.isa_level(b"#!/bin/sh\n") == 0
 
 
-@pytest.mark.parametrize("fixture", ["debian_sif", "busybox_sif"])
+@pytest.mark.parametrize("fixture", ["debian_sif", "busybox_sif", "mpi_sif"])
 def test_report_for_real_images(fixture: str, request: pytest.FixtureRequest) -> None:
     image = request.getfixturevalue(fixture)
     text = run_capsid("doctor", image)
@@ -51,8 +51,15 @@ def test_report_for_real_images(fixture: str, request: pytest.FixtureRequest) ->
     report = json.loads(result.stdout)
     _validate(report)
     libc = report["image_side"]["libc"]
-    assert libc == ("glibc 2.36" if fixture == "debian_sif" else "none")
-    assert report["image_side"]["mpi"] == "none"
+    assert libc == ("none" if fixture == "busybox_sif" else "glibc 2.36")
+    mpi = report["image_side"]
+    if fixture == "mpi_sif":  # Debian's Open MPI, with PMIx
+        assert (mpi["mpi"], mpi["mpi_abi"], mpi["pmix"]) == ("Open MPI 4.1.4", "libmpi.so.40",
+                                                             True)
+        check = next(c for c in report["checks"] if c["check"] == "MPI")
+        assert check["status"] == "OK" and check["host"] == "Open MPI 4.1.4 (libmpi.so.40)"
+    else:
+        assert mpi["mpi"] == "none"
     assert {c["check"] for c in report["checks"]} >= {"user namespaces", "/dev/fuse", "MPI",
                                                       "C library", "CPU ISA level", "PMIx"}
 

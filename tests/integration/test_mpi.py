@@ -14,22 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPSID
+from tests.conftest import CAPSID, run_capsid
 
 pytestmark = pytest.mark.unprivileged
 
 CACHE = Path(os.environ.get("CAPSID_TEST_CACHE", "/var/cache/capsid-test"))
 #: Open MPI's words for trouble (the CMA warning is often garbled into the second)
 TROUBLE = ("WARNING", "ORTE_ERROR_LOG", "different user namespaces", "help message")
-
-
-@pytest.fixture(scope="module")
-def mpi_sif() -> Path:
-    image = CACHE / "mpi.sif"
-    if not image.is_file() or shutil.which("mpirun") is None:
-        pytest.skip(f"{image} or mpirun is absent: scripts/mpi-image.sh makes it as root "
-                    "(test.sh does)")
-    return image
 
 
 def mpirun(*args: str | os.PathLike[str], ranks: int = 4, mca: tuple[str, ...] = (),
@@ -159,3 +150,89 @@ def test_sharens_with_a_pid_namespace_is_refused_with_a_warning(mpi_sif: Path) -
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0
     assert "--sharens is ignored" in result.stderr
+
+
+def test_mpi_host_runs_an_image_without_mpi(mpi_sif: Path, debian_sif: Path,
+                                            tmp_path: Path) -> None:
+    program = CACHE / "mpitest"  # built on the host, against the host's Open MPI
+    no_mpi = run_capsid("exec", debian_sif, "sh", "-c", "ls /usr/lib/x86_64-linux-gnu | "
+                        "grep -c libmpi || true")
+    assert no_mpi.stdout.strip() == "0"
+    bind = ("-B", f"{program}:/opt/mpitest")
+    hello = mpirun(CAPSID, "exec", "--mpi", "host", *bind, debian_sif, "/opt/mpitest", "hello",
+                   ranks=2, cwd=tmp_path)
+    assert hello.returncode == 0, hello.stdout + hello.stderr
+    assert sorted(hello.stdout.splitlines()) == [
+        f"rank {r} of 2 on {os.uname().nodename}" for r in range(2)]
+    _clean(hello.stdout + hello.stderr)
+    forced = ("--mca", "btl_vader_single_copy_mechanism", "cma")
+    ping = mpirun(CAPSID, "exec", "--mpi", "host", "--cleanenv", *bind, debian_sif,
+                  "/opt/mpitest", "pingpong", "1048576", "20", ranks=2, mca=forced, cwd=tmp_path)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert ping.stdout.startswith("pingpong 1048576 ")
+    # the site's default does the same
+    site = tmp_path / "capsid.conf"
+    site.write_text("mpi = host\n")
+    listed = run_capsid("exec", debian_sif, "sh", "-c", "echo $LD_LIBRARY_PATH; "
+                        "ls /.singularity.d/mpi", env={**os.environ, "CAPSID_CONFIG": str(site)})
+    lines = listed.stdout.split()
+    assert lines[0].startswith("/.singularity.d/mpi:") and "libmpi.so.40" in lines
+
+
+def _stub_libc(path: Path, newest: str) -> None:
+    """A libc.so.6 that defines glibc's symbol versions up to GLIBC_*newest*."""
+    need_gcc = shutil.which("gcc")
+    if need_gcc is None:
+        pytest.skip("needs gcc (scripts/setup.sh installs it)")
+    versions = ["2.2.5", "2.3", "2.4", "2.14", "2.17", "2.28", newest]
+    script = path.parent / "libc.map"
+    script.write_text("".join(f"GLIBC_{v} {{ global: capsid_{v.replace('.', '_')}; }};\n"
+                              for v in dict.fromkeys(versions)))
+    source = path.parent / "libc.c"
+    source.write_text("".join(f"int capsid_{v.replace('.', '_')}(void) {{ return 0; }}\n"
+                              for v in dict.fromkeys(versions)))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-nostdlib", "-Wl,-soname,libc.so.6",
+                    f"-Wl,--version-script={script}", "-o", str(path), str(source)], check=True)
+
+
+def test_mpi_host_refuses_an_older_glibc(mpi_sif: Path, tmp_path: Path) -> None:
+    root = tmp_path / "old-glibc"
+    lib = root / "usr/lib/x86_64-linux-gnu"
+    lib.mkdir(parents=True)
+    _stub_libc(lib / "libc.so.6", "2.28")
+    result = run_capsid("exec", "--mpi", "host", root, "/bin/true")
+    assert result.returncode == 255
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "the host's Open MPI" in lines[0] and "needs glibc 2.3" in lines[0]
+    assert "the image has glibc 2.28" in lines[0]
+    assert "use an image with glibc" in lines[0] and "without --mpi host" in lines[0]
+
+
+def test_mpi_host_refuses_an_mpich_image(mpi_sif: Path, tmp_path: Path) -> None:
+    root = tmp_path / "mpich"
+    lib = root / "usr/lib/x86_64-linux-gnu"
+    lib.mkdir(parents=True)
+    shutil.copy("/lib/x86_64-linux-gnu/libc.so.6", lib / "libc.so.6")
+    (lib / "libmpich.so.12.3.0").write_bytes(b"\x7fELF")
+    (lib / "libmpi.so.12").symlink_to("libmpich.so.12.3.0")
+    result = run_capsid("exec", "--mpi", "host", root, "/bin/true")
+    assert result.returncode == 255
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "the image's MPI is MPICH ABI (libmpi.so.12)" in lines[0]
+    assert "the host's is Open MPI" in lines[0] and "(libmpi.so.40)" in lines[0]
+    assert "rebuild the program against Open MPI" in lines[0]
+
+
+def test_mpi_host_without_an_mpi_on_the_host(debian_sif: Path, tmp_path: Path) -> None:
+    ldconfig = tmp_path / "ldconfig"
+    ldconfig.write_text("#!/bin/sh\necho '0 libs found in cache'\n")
+    ldconfig.chmod(0o755)
+    site = tmp_path / "capsid.conf"
+    site.write_text(f"ldconfig path = {ldconfig}\nmpi prefix = {tmp_path / 'no-mpi'}\n")
+    result = run_capsid("exec", "--mpi", "host", debian_sif, "true",
+                        env={**os.environ, "CAPSID_CONFIG": str(site)})
+    assert result.returncode == 255
+    assert "there is no MPI on this host" in result.stderr
+    assert "mpi prefix" in result.stderr

@@ -58,6 +58,8 @@ FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
     ("unsquash", "", "", False, "unpack the image into memory instead of mounting it"),
     ("shell", "s", "PATH", False, "shell to start with 'capsid shell'"),
     ("userns", "u", "", False, "use a user namespace (always the case; for compatibility)"),
+    ("mpi", "", "host|none", False,
+     "host: bind the host's MPI in, for an image without one (checked first)"),
     ("sharens", "", "", False,
      "share one container with the other ranks of this job on this node (the default "
      "for ranks of mpirun, srun and Hydra)"),
@@ -207,6 +209,10 @@ def options(values: Parsed) -> Options:
     if hostname is not None and not 0 < len(hostname.encode()) <= 64:
         raise UsageError(f"--hostname must have 1 to 64 characters, not {len(hostname)}",
                          "choose a shorter host name")
+    mpi = _text(values, "mpi") or config.env("MPI")
+    if mpi is not None and mpi not in ("host", "none"):
+        raise UsageError(f"--mpi {mpi!r} is not host or none",
+                         "--mpi host binds the host's MPI into the container")
     size = _text(values, "tmpfs-size")
     if size is not None and not size.isdigit():
         raise UsageError(f"--tmpfs-size {size!r} is not a number of MiB",
@@ -245,7 +251,7 @@ def options(values: Parsed) -> Options:
         devices=_items([*_list(values, "device"), config.env("DEVICE") or ""]),
         cdi_dirs=_items([_text(values, "cdi-dirs") or config.env("CDI_DIRS") or ""]),
         sharens=False if _flag(values, "no-sharens", "NO_SHARENS") else
-        True if _flag(values, "sharens", "SHARENS") else None,
+        True if _flag(values, "sharens", "SHARENS") else None, mpi=mpi,
     )
 
 

@@ -129,8 +129,28 @@ def _gpu_library_path(plan: Plan, *, warn: bool, root: str = mounts.FINAL) -> st
     return ":".join(dirs + [d for d in gpu.library_dirs if d not in dirs])
 
 
+def _mpi_mounts(plan: Plan) -> None:
+    """--mpi host: the host's MPI libraries in one place, its plugin and data directories
+    at their own paths; refused first if the image cannot use it."""
+    from capsid.mpi import host
+
+    mpi = plan.mpi
+    assert mpi is not None
+    root = os.open(mounts.FINAL, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        host.check(mpi, root)
+    finally:
+        os.close(root)
+    for name, source in mpi.libraries.items():
+        mounts.bind_into(source, f"{host.LIBS_DIR}/{name}", readonly=True, required=False)
+    for directory in mpi.directories:
+        mounts.bind_into(directory, directory, readonly=True, required=False)
+
+
 def _container_mounts(plan: Plan, opts: Options) -> None:
     _default_mounts(plan, opts)
+    if plan.mpi is not None:
+        _mpi_mounts(plan)
     if plan.gpu is not None:
         _device_mounts(plan, opts)
     if plan.home_source is not None:
@@ -244,11 +264,17 @@ def _environment(plan: Plan) -> tuple[dict[str, str], bool]:
              "SINGULARITY_CONTAINER": where, "SINGULARITY_NAME": name,
              "SINGULARITY_COMMAND": action}
     pinned: dict[str, str] = {}
+    library_path = plan.library_path or ""
     if plan.gpu is not None:
         extra.update(plan.gpu.passthrough)
-        if plan.library_path:
-            extra["LD_LIBRARY_PATH"] = plan.library_path
         pinned = plan.gpu.env
+    if plan.mpi is not None:
+        from capsid.mpi.host import LIBS_DIR  # imported with the plan, before pivot_root
+
+        extra.update(plan.mpi.passthrough)
+        library_path = f"{LIBS_DIR}:{library_path}" if library_path else LIBS_DIR
+    if library_path:
+        extra["LD_LIBRARY_PATH"] = library_path
     # In a shell, a prompt that says where you are; --env PS1=... still wins.
     forced = ("PS1=Capsid> ", *opts.env) if action == "shell" else opts.env
     env_options = envmod.EnvOptions(opts.cleanenv, forced, opts.env_files, plan.home_dest,

@@ -25,7 +25,7 @@ class Options:
     """Everything about a container but its image and command (Apptainer's action flags)."""
 
     __slots__ = ("binds", "cdi_dirs", "cleanenv", "contain", "devices", "env", "env_files",
-                 "environment", "fakeroot", "home", "hostname", "ipc", "net", "no_home",
+                 "environment", "fakeroot", "home", "hostname", "ipc", "mpi", "net", "no_home",
                  "no_mount", "nv", "nvccli", "overlay", "pid", "pwd", "rocm",
                  "root_emulation", "sharens", "shell", "tmpfs_size_mib", "unsquash", "user",
                  "uts", "writable", "writable_tmpfs")
@@ -41,7 +41,8 @@ class Options:
                  unsquash: bool = False, shell: str | None = None,
                  root_emulation: bool = False, user: str | None = None, nv: bool = False,
                  nvccli: bool = False, rocm: bool = False, devices: Sequence[str] = (),
-                 cdi_dirs: Sequence[str] = (), sharens: bool | None = None) -> None:
+                 cdi_dirs: Sequence[str] = (), sharens: bool | None = None,
+                 mpi: str | None = None) -> None:
         self.binds = tuple(binds)  #: host paths to bind in (``-B``, ``--mount``)
         self.home = home  #: ``--home SRC[:DST]``
         self.no_home = no_home
@@ -76,6 +77,8 @@ class Options:
         #: share one container with the other ranks of the job on this node: None decides
         #: by the launcher's variables (see :mod:`capsid.runtime.sharens`)
         self.sharens = sharens
+        #: "host": bind the host's MPI in (the bind model); "none"; None: the site's choice
+        self.mpi = mpi
 
     def __repr__(self) -> str:
         changed = {name: getattr(self, name) for name in self.__slots__

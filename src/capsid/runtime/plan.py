@@ -17,6 +17,7 @@ from capsid.runtime.binds import BindSpec
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from capsid.gpu.edits import Edits
+    from capsid.mpi.host import HostMPI
     from capsid.runtime.early import Started
     from capsid.runtime.options import Layers, Options
 
@@ -31,19 +32,20 @@ class Plan:
     """A container to start: what to run, in what, and the decisions about its mounts."""
 
     __slots__ = ("action", "argv", "bind_cwd", "binds", "cwd", "gpu", "home_dest",
-                 "home_source", "image", "layers", "library_path", "name", "oci_env", "options",
-                 "site", "user", "userns")
+                 "home_source", "image", "layers", "library_path", "mpi", "name", "oci_env",
+                 "options", "site", "user", "userns")
 
     def __init__(self, *, name: str, action: str, argv: tuple[str, ...], options: Options,
                  image: Image, layers: Layers | None, user: identity.User, userns: bool,
                  home_source: str | None, home_dest: str, binds: list[BindSpec], cwd: str,
                  bind_cwd: bool, site: config.SiteConfig, oci_env: list[str],
-                 gpu: Edits | None = None) -> None:
+                 gpu: Edits | None = None, mpi: HostMPI | None = None) -> None:
         self.name, self.action, self.argv, self.options = name, action, argv, options
         self.image, self.layers, self.user, self.userns = image, layers, user, userns
         self.home_source, self.home_dest, self.binds = home_source, home_dest, binds
         self.cwd, self.bind_cwd, self.site, self.oci_env = cwd, bind_cwd, site, oci_env
         self.gpu = gpu  #: what --nv, --rocm, --device and --nvccli add
+        self.mpi = mpi  #: the host's MPI, with --mpi host
         #: LD_LIBRARY_PATH to start from (decided once the image is mounted), or None
         self.library_path: str | None = None
 
@@ -63,6 +65,11 @@ class Plan:
             points.append((self.cwd, True))
         if self.gpu is not None:
             points += self.gpu.mount_points(old_root)
+        if self.mpi is not None:
+            from capsid.mpi.host import LIBS_DIR
+
+            points += [(f"{LIBS_DIR}/{name}", False) for name in self.mpi.libraries]
+            points += [(path, True) for path in self.mpi.directories]
         return points
 
 
@@ -113,10 +120,15 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
         from capsid.gpu.select import edits_for
 
         gpu = edits_for(opts, site)
+    mpi = None
+    if (opts.mpi or site.values.get("mpi", "none").strip().lower()) == "host":
+        from capsid.mpi import host
+
+        mpi = host.find(site)
     return Plan(name=name, action=action, argv=argv, options=opts, image=image,
                 layers=started.layers, user=user, userns=userns, home_source=home_source,
                 home_dest=home_dest, binds=binds, cwd=cwd, bind_cwd=bind_cwd, site=site,
-                oci_env=_oci_env(image), gpu=gpu)
+                oci_env=_oci_env(image), gpu=gpu, mpi=mpi)
 
 
 def _launcher_binds(binds: list[BindSpec]) -> list[BindSpec]:

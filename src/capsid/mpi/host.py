@@ -1,0 +1,337 @@
+"""``--mpi host``: the bind model, done for the user.
+
+The host's MPI is found from its launcher (``mpirun``/``mpiexec`` on PATH) or the
+site's ``mpi prefix``. What it needs is worked out from the ELF files themselves:
+``libmpi`` and every library it needs (``DT_NEEDED``, searched along ``RUNPATH``, then
+the host's ld.so cache), plus the plugin directories of Open MPI, PMIx, PRRTE, UCX and
+libfabric next to them and everything their plugins need. The C library is left out:
+the image's own glibc must supply it. The libraries are bound in one place,
+``/.singularity.d/mpi``, put first on the library path; plugin and data directories
+are bound at their own paths, where the MPI looks for them.
+
+Two facts decide whether it can work, and are checked before the command starts: the
+image's glibc must be at least the newest ``GLIBC_x.y`` those libraries need, and an
+MPI in the image must have the host's ABI (Open MPI's ``libmpi.so.40``, or MPICH's
+``libmpi.so.12``, which Intel MPI, MVAPICH and Cray MPICH share).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+
+# All imported here: check() runs after the container's root has hidden capsid's files.
+from capsid import config, elf, glibc, ldcache, log, tools
+from capsid.errors import CapsidError, RuntimeSetupError
+from capsid.runtime import inroot
+
+LOG = log.get(__name__)
+
+LIBS_DIR = "/.singularity.d/mpi"
+ABIS = {"libmpi.so.40": "Open MPI", "libmpi.so.12": "MPICH ABI", "libmpich.so.12": "MPICH ABI"}
+#: glibc's own libraries: the image supplies these
+GLIBC = re.compile(r"(libc|libm|libmvec|libpthread|libdl|librt|libutil|libresolv|libnsl|"
+                   r"libanl|libBrokenLocale|libthread_db|libc_malloc_debug)\.so\.\d+|"
+                   r"ld-linux[^/]*\.so\.\d+|ld64\.so\.\d+")
+#: directories of plugins that sit next to an MPI's libraries; in a system library
+#: directory (where openmpi/ and pmix2/ hold whole installations) only the second kind
+_PLUGIN_DIRS = re.compile(r"openmpi\d*|pmix\d*|prte\d*|mpich\d*|ucx|libfabric|hwloc")
+_SYSTEM_PLUGIN_DIRS = re.compile(r"ucx|libfabric|hwloc")
+#: the variables of launchers and fabrics, passed in even with --cleanenv
+PASSTHROUGH = ("OMPI_", "PMIX_", "PMI_", "PMI2_", "SLURM_", "HYDRA_", "I_MPI_", "MPICH_",
+               "UCX_", "FI_", "PRTE_", "OPAL_")
+
+
+@dataclass
+class HostMPI:
+    """The host's MPI, as bound into a container."""
+
+    implementation: str  #: "Open MPI 4.1.4", "MPICH ABI (MPICH 4.0)"
+    abi: str  #: the soname of its libmpi
+    libraries: dict[str, str] = field(default_factory=dict)  #: soname → host file
+    directories: list[str] = field(default_factory=list)  #: bound at their own paths
+    glibc_needed: tuple[int, ...] | None = None  #: the newest GLIBC_x.y of any of them
+    glibc_needer: str = ""  #: which library needs it
+    passthrough: dict[str, str] = field(default_factory=dict)
+
+
+def _launcher(site: config.SiteConfig) -> tuple[str | None, str | None]:
+    """(the launcher, the MPI's prefix)."""
+    prefix = site.values.get("mpi prefix")
+    if prefix:
+        for name in ("mpirun", "mpiexec"):
+            if os.access(os.path.join(prefix, "bin", name), os.X_OK):
+                return os.path.join(prefix, "bin", name), prefix
+        return None, prefix
+    found = tools.find("mpirun") or tools.find("mpiexec")
+    if found is None:
+        return None, None
+    return found, os.path.dirname(os.path.dirname(os.path.realpath(found)))
+
+
+def _libmpi(prefix: str | None, cache: dict[str, str]) -> str | None:
+    triplet_dirs = [d for d in os.listdir(f"{prefix}/lib") if d.endswith("-linux-gnu")] \
+        if prefix and os.path.isdir(f"{prefix}/lib") else []
+    for abi in ABIS:
+        if prefix:
+            for sub in ("lib", "lib64", *(f"lib/{t}" for t in triplet_dirs)):
+                path = os.path.join(prefix, sub, abi)
+                if os.path.exists(path):
+                    return path
+        if abi in cache and (prefix is None or prefix in ("/usr", "/")
+                             or os.path.realpath(cache[abi]).startswith(prefix + "/")):
+            return cache[abi]
+    return None
+
+
+def version(launcher: str | None) -> str:
+    """What ``LAUNCHER --version`` says it is: "Open MPI 4.1.4", "MPICH 4.0", or ""."""
+    if launcher is None:
+        return ""
+    try:
+        out = subprocess.run([launcher, "--version"], capture_output=True, text=True,
+                             check=False, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    text = out.stdout + out.stderr
+    if "Open MPI" in text or "OpenRTE" in text:
+        found = re.search(r"(\d+\.\d+\.\d+)", text)
+        return f"Open MPI {found.group(1) if found else '(version unknown)'}"
+    if "HYDRA" in text or "MPICH" in text or "Intel" in text:
+        found = re.search(r"Version:\s*(\S+)", text)
+        return f"MPICH {found.group(1) if found else '(version unknown)'}"
+    return ""
+
+
+def _resolve(name: str, origin: str, runpath: list[str], cache: dict[str, str],
+             fallback: list[str]) -> str | None:
+    for directory in runpath:
+        directory = directory.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)
+        if os.path.exists(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    if name in cache:
+        return cache[name]
+    for directory in fallback:
+        if os.path.exists(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return None
+
+
+def _ompi_paths(launcher: str | None) -> dict[str, str]:
+    """Open MPI's compiled-in directories (``ompi_info --path all``): where its plugins,
+    help texts and parameter files are."""
+    program = os.path.join(os.path.dirname(launcher), "ompi_info") if launcher else None
+    if program is None or not os.access(program, os.X_OK):
+        return {}
+    try:
+        out = subprocess.run([program, "--path", "all", "--parsable"], capture_output=True,
+                             text=True, check=False, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {parts[1]: parts[2] for line in out.splitlines()
+            if len(parts := line.split(":", 2)) == 3 and parts[0] == "path"}
+
+
+def find(site: config.SiteConfig) -> HostMPI:
+    """The host's MPI and everything it needs (worked out once per installation, then
+    cached), or an error saying how to point at it."""
+    launcher, prefix = _launcher(site)
+    key = _cache_key(launcher, prefix)
+    found = _cached(key)
+    if found is None:
+        found = _find(site, launcher, prefix)
+        _store(key, found)
+    found.passthrough = {k: v for k, v in os.environ.items() if k.startswith(PASSTHROUGH)}
+    return found
+
+
+def _cache_key(launcher: str | None, prefix: str | None) -> str:
+    parts = [str(prefix), str(launcher)]
+    for path in (launcher, "/etc/ld.so.cache"):
+        if path:
+            try:
+                info = os.stat(path)
+                parts.append(f"{os.path.realpath(path)}:{info.st_mtime_ns}:{info.st_size}")
+            except OSError:
+                parts.append("-")
+    from capsid import __version__
+
+    parts.append(__version__)
+    from hashlib import sha256
+
+    return sha256("\0".join(parts).encode(errors="surrogateescape")).hexdigest()[:24]
+
+
+def _cache_file(key: str) -> str:
+    from capsid.oci.store import default_root
+
+    return str(default_root() / "hostmpi" / f"{key}.json")
+
+
+def _cached(key: str) -> HostMPI | None:
+    import json
+
+    try:
+        with open(_cache_file(key), "rb") as f:
+            doc = json.loads(f.read())
+        mpi = HostMPI(**doc)
+    except (OSError, ValueError, TypeError):
+        return None
+    if mpi.glibc_needed is not None:
+        mpi.glibc_needed = tuple(mpi.glibc_needed)
+    if not all(os.path.exists(p) for p in [*mpi.libraries.values(), *mpi.directories]):
+        return None  # the installation changed
+    return mpi
+
+
+def _store(key: str, mpi: HostMPI) -> None:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from capsid.image.output import write_bytes
+
+    target = Path(_cache_file(key))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(target, json.dumps(asdict(mpi)).encode())
+    except OSError as err:
+        LOG.debug("cannot cache the host's MPI in %s: %s", target, err)
+
+
+def _find(site: config.SiteConfig, launcher: str | None, prefix: str | None) -> HostMPI:
+    machine = elf.this_machine()
+    cache = {}
+    for name, path in ldcache.entries(site):
+        if name not in cache and elf.header(path) == machine:
+            cache[name] = path
+    libmpi = _libmpi(prefix, cache)
+    if libmpi is None:
+        raise CapsidError("--mpi host: there is no MPI on this host (no mpirun or mpiexec on "
+                          "PATH, no libmpi.so.40 or libmpi.so.12 in the ld.so cache)",
+                          "load the site's MPI module first, or set 'mpi prefix' in "
+                          "capsid.conf")
+    abi = os.path.basename(libmpi)
+    named = version(launcher)
+    family = ABIS[abi]
+    implementation = named if family == "Open MPI" and named else \
+        f"{family} ({named})" if named else family
+    result = HostMPI(implementation=implementation, abi=abi)
+    triplet = glibc.TRIPLETS.get(machine[1], "")
+    fallback = [f"/lib/{triplet}", f"/usr/lib/{triplet}", "/lib64", "/usr/lib64", "/lib",
+                "/usr/lib"]
+    queue, seen_files = [(abi, libmpi)], set()
+    paths = _ompi_paths(launcher) if family == "Open MPI" else {}
+    if paths.get("pkglibdir") and os.path.isdir(paths["pkglibdir"]):
+        result.directories.append(paths["pkglibdir"])
+        for root, _dirs, files in os.walk(paths["pkglibdir"]):
+            queue += [("", os.path.join(root, f)) for f in files if ".so" in f]
+    newest: tuple[int, ...] = ()
+    while queue:
+        name, path = queue.pop()
+        real = os.path.realpath(path)
+        if real in seen_files:
+            continue
+        seen_files.add(real)
+        try:
+            info = elf.read(real)
+        except (OSError, elf.NotELF) as err:
+            LOG.debug("--mpi host: skipping %s: %s", path, err)
+            continue
+        if name:  # a library, not a plugin (plugins are bound with their directory)
+            result.libraries.setdefault(name, real)
+        need = info.newest_glibc()
+        if need is not None and need > newest:
+            newest, result.glibc_needed = need, need
+            result.glibc_needer = name or os.path.basename(real)
+        for needed in info.needed:
+            if GLIBC.fullmatch(needed) or needed in result.libraries:
+                continue
+            found = _resolve(needed, os.path.dirname(path), info.runpath, cache, fallback)
+            if found is None:
+                LOG.debug("--mpi host: %s needs %s, which is not on this host", real, needed)
+            else:
+                queue.append((needed, found))
+        for plugins in _plugin_dirs(os.path.dirname(real)):
+            if plugins in result.directories:
+                continue
+            result.directories.append(plugins)
+            for root, _dirs, files in os.walk(plugins):
+                queue += [("", os.path.join(root, f)) for f in files if ".so" in f]
+    data = [paths[k] for k in ("pkgdatadir", "sysconfdir") if paths.get(k)]
+    for each in [*data, *_data_dirs(prefix, result.libraries.values())]:
+        if each not in result.directories and os.path.isdir(each) and each != "/etc":
+            result.directories.append(each)
+    return result
+
+
+def _plugin_dirs(directory: str) -> list[str]:
+    """Plugin directories beside a library's directory."""
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    system = directory in ("/lib", "/usr/lib", "/lib64", "/usr/lib64") or \
+        directory.endswith("-linux-gnu")
+    pattern = _SYSTEM_PLUGIN_DIRS if system else _PLUGIN_DIRS
+    return [os.path.join(directory, e) for e in entries
+            if pattern.fullmatch(e) and os.path.isdir(os.path.join(directory, e))]
+
+
+def _data_dirs(prefix: str | None, libraries: object) -> list[str]:
+    """Help texts and parameter files the MPI reads at run time."""
+    found = []
+    if prefix:
+        found += [f"{prefix}/share/{n}" for n in ("openmpi", "pmix", "prte", "mpich")]
+        found.append("/etc/openmpi" if prefix == "/usr" else f"{prefix}/etc")
+    for path in libraries:  # type: ignore[attr-defined]
+        top = os.path.dirname(os.path.dirname(path))
+        if os.path.basename(os.path.dirname(path)) == "lib" and top not in ("/", "/usr"):
+            found.append(f"{top}/share")
+    return [d for d in dict.fromkeys(found) if os.path.isdir(d)]
+
+
+def image_abis(root_fd: int) -> list[str]:
+    """The MPI ABIs an image's libraries have (the sonames of its libmpi)."""
+    found: set[str] = set()
+    for directory in glibc.image_library_dirs(root_fd):
+        try:
+            with inroot.walk(root_fd, directory) as where:
+                if where.missing:
+                    continue
+                fd = where.reopen(os.O_RDONLY | os.O_DIRECTORY)
+        except (OSError, inroot.Unresolvable):
+            continue
+        try:
+            found.update(n for n in os.listdir(fd) if n in ABIS)
+        finally:
+            os.close(fd)
+    return sorted(found)
+
+
+def check(mpi: HostMPI, root_fd: int) -> None:
+    """Refuse, before the command starts, an image the host's MPI cannot work in."""
+    have = glibc.image_glibc(root_fd)
+    if have is None:
+        raise RuntimeSetupError(f"--mpi host: the host's {mpi.implementation} needs glibc, "
+                                "and the image has none (musl, or static programs only)",
+                                "use an image based on a glibc distribution, or the image's "
+                                "own MPI without --mpi host")
+    if mpi.glibc_needed is not None and mpi.glibc_needed > have:
+        needed = elf.dotted(mpi.glibc_needed)
+        raise RuntimeSetupError(
+            f"--mpi host: the host's {mpi.implementation} needs glibc {needed} "
+            f"({mpi.glibc_needer} needs GLIBC_{needed}) and the image has glibc "
+            f"{elf.dotted(have)}, which cannot load it",
+            f"use an image with glibc {needed} or newer (a base as new as the host's), or "
+            "the image's own MPI without --mpi host (the hybrid model)")
+    other = [abi for abi in image_abis(root_fd) if ABIS[abi] != ABIS[mpi.abi]]
+    if other:
+        raise RuntimeSetupError(
+            f"--mpi host: the image's MPI is {ABIS[other[0]]} ({other[0]}) and the host's is "
+            f"{mpi.implementation} ({mpi.abi}): their ABIs differ, so programs built against "
+            "the image's MPI cannot use the host's",
+            f"rebuild the program against {ABIS[mpi.abi]} in the image, or run the image's "
+            "own MPI without --mpi host, on a host with the same MPI family")
