@@ -90,7 +90,9 @@ def read(path: str | int) -> Info:
             raise NotELF(f"{path} is empty") from None
         try:
             return _parse(data, path)
-        except (struct.error, IndexError) as err:
+        except NotELF:
+            raise
+        except (struct.error, IndexError, ValueError, OverflowError) as err:
             raise NotELF(f"{path}: damaged ELF headers ({err})") from None
         finally:
             data.close()

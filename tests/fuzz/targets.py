@@ -182,6 +182,35 @@ def definition_file(data: bytes) -> None:
     deffile.parse(data.decode("utf-8", "surrogateescape"), "x.def", {"a": "1"})
 
 
+def elf_headers(data: bytes) -> None:
+    """An ELF file of an image or a host (a libc.so.6, a driver library): its headers."""
+    from capsid import elf, glibc
+
+    with as_file(data) as path:
+        try:
+            info = elf.read(path)
+        except elf.NotELF:
+            return  # what elf.read says of anything it cannot read
+        info.newest_glibc()
+        glibc.glibc_of(info)
+    elf.isa_level(data)
+
+
+def cdi_spec(data: bytes) -> None:
+    """A CDI spec file, as JSON and as YAML."""
+    import tempfile
+
+    from capsid.gpu import cdi
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ("spec.json", "spec.yaml"):
+            path = os.path.join(folder, name)
+            with open(path, "wb") as f:
+                f.write(data)
+            with contextlib.suppress(cdi.SpecError):  # a CapsidError: try the other form too
+                cdi.read_spec(path)
+
+
 def _capsid_error() -> type[Exception]:
     from capsid.errors import CapsidError
 
@@ -194,6 +223,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "registries_conf": registries_conf, "bind_specs": bind_specs, "env_file": env_file,
     "site_config": site_config, "image_reference": image_reference,
     "dockerfile_recipe": dockerfile_recipe, "definition_file": definition_file,
+    "elf_headers": elf_headers, "cdi_spec": cdi_spec,
 }
 
 
@@ -266,6 +296,13 @@ def starting_points(name: str) -> list[bytes]:
         "definition_file": [b"Bootstrap: docker\nFrom: {{ a }}\n%post -c /bin/bash\n echo\n"
                             b"%files from s\n a b\n%labels\n A b\n"],
     }
+    if name == "elf_headers":
+        with open("/bin/true", "rb") as f:
+            points["elf_headers"] = [f.read()]
+    points["cdi_spec"] = [b'{"cdiVersion": "0.6.0", "kind": "a.b/c", "devices": [{"name": "0", '
+                          b'"containerEdits": {"env": ["A=1"], "deviceNodes": [{"path": '
+                          b'"/dev/null"}], "hooks": [{"hookName": "createContainer", "path": '
+                          b'"/x", "args": ["x", "hook", "update-ldcache"]}]}}]}']
     return points.get(name, []) + seeds(name)
 
 

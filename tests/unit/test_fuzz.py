@@ -161,3 +161,22 @@ _DEFFILE = st.lists(st.sampled_from([
 @given(_DEFFILE.map(lambda lines: "\n".join(lines).encode()) | st.binary(max_size=128))
 def test_definition_file(data: bytes) -> None:
     targets.check("definition_file", data)
+
+
+def _elf_seed() -> bytes:
+    with open("/bin/true", "rb") as f:
+        return f.read()
+
+
+@EXAMPLES
+@given(st.one_of(_mutated(_elf_seed()), st.binary(max_size=512)))
+def test_elf_headers(data: bytes) -> None:
+    targets.check("elf_headers", data)
+
+
+@EXAMPLES
+@given(json_values.map(lambda v: json.dumps(
+    {"cdiVersion": "0.6.0", "kind": "a.b/c", "devices": v}).encode())
+    | json_values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=256))
+def test_cdi_spec(data: bytes) -> None:
+    targets.check("cdi_spec", data)

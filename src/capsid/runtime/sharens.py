@@ -145,7 +145,10 @@ def run(image: str, opts: Options, action: str, argv: list[str]) -> None:
     folder = directory()
     if folder is None:
         return
-    name = key(image, opts)
+    try:
+        name = key(image, opts)
+    except OSError:
+        return  # no such image: the container of its own says so
     socket_path = os.path.join(folder, f"{name}.sock")
     lock = _locked(folder)
     try:
@@ -189,14 +192,13 @@ def _start_keeper(image: str, opts: Options, folder: str, name: str) -> None:
     os.waitpid(middle, 0)
     with os.fdopen(reader, "rb") as pipe:
         report = pipe.read().decode(errors="replace")
-    status, _, rest = report.partition("\0")
-    message, _, hint = rest.partition("\0")
-    if message:  # what the set-up said (a warning, or why it failed)
-        sys.stderr.write(message)
+    status, said, problem, hint = [*report.split("\0"), "", "", ""][:4]
+    if said:  # what the set-up said: warnings
+        sys.stderr.write(said)
         sys.stderr.flush()
     if status != "ready":
-        raise RuntimeSetupError(hint or "the shared container could not be set up",
-                                "see the message above; --no-sharens runs each rank alone")
+        raise RuntimeSetupError(problem or "the shared container of this job could not be set "
+                                "up", hint or "run with --no-sharens, and report it")
 
 
 def _keeper(image: str, opts: Options, folder: str, name: str,
@@ -228,9 +230,10 @@ def _keeper(image: str, opts: Options, folder: str, name: str,
         container.assemble_for_sharing(image, opts, started)
     except BaseException as err:  # the rank must hear of it, whatever it is
         said = _drain(messages)
-        problem = f"{err.message}; {err.hint}" if isinstance(err, CapsidError) else \
-            f"internal error ({type(err).__name__}: {err}); this is a bug in capsid"
-        os.write(report, f"failed\0{said}\0{problem}".encode(errors="replace"))
+        problem, hint = (err.message, err.hint) if isinstance(err, CapsidError) else (
+            f"internal error ({type(err).__name__}: {err})", "this is a bug in capsid: "
+            "please report it; --no-sharens runs each rank alone")
+        os.write(report, "\0".join(("failed", said, problem, hint)).encode(errors="replace"))
         os.unlink(f"{name}.sock", dir_fd=folder_fd)
         os._exit(255)
     os.write(report, f"ready\0{_drain(messages)}\0".encode(errors="replace"))
