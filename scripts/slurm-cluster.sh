@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A two-node Slurm cluster on this machine, for the tests: one slurmctld on loopback and
 # two slurmd, each in a network and UTS namespace of its own (hostnames node1 and node2),
-# joined by a veth pair with addresses inside the namespaces only. The daemons reach
-# slurmctld, and it them, through scripts/nsforward.py (loopback on the host side).
+# joined by a veth pair with addresses inside the namespaces only. Each has its own
+# spool directories and shares the rest of the file system (/tmp too) with the host.
+# The daemons reach slurmctld, and it them, through scripts/nsforward.py (loopback on the
+# host side).
 # Needs root, and scripts/setup.sh's packages (slurm-wlm, munge, libpmix-dev: PMIx must
 # be installed before slurmd starts, or srun --mpi=pmix cannot load it).
 # Usage: scripts/slurm-cluster.sh start|stop|status
@@ -28,6 +30,7 @@ stop() {
         grep -qs "$mark" "$f" && rm -f "$f"
     done
     rm -rf "$state"
+    rmdir /tmp/capsid-slurm-pmix 2>/dev/null || true
 }
 
 start() {
@@ -90,16 +93,19 @@ CONF
         host:10.77.0.12:6818=capsid-node2:10.77.0.12:6818 \
         </dev/null >/var/log/slurm/nsforward.log 2>&1 &
     echo $! >"$state/nsforward.pid"
-    printf '%s\nPMIxTimeout=60\n' "$mark" >/etc/slurm/mpi.conf
+    # Slurm's PMIx plugin names its files by job step only, in the spool directory and in
+    # a directory for its clients (which must be where their containers see it: /tmp).
+    # Each node has both of its own, at the same paths: a mount namespace of its own.
+    clients=/tmp/capsid-slurm-pmix
+    printf '%s\nPMIxTimeout=60\nPMIxCliTmpDirBase=%s\n' "$mark" "$clients" >/etc/slurm/mpi.conf
+    mkdir -p "$state/spool" "$clients"
     for n in "${nodes[@]}"; do
-        mkdir -p "$state/spool-$n" "$state/spool" "$state/tmp-$n"
-        chmod 1777 "$state/tmp-$n"
-        # Each node has its own /tmp and spool directory (Slurm's PMIx plugin names its
-        # files there by job step only), in a mount namespace of its own. nsenter, not
-        # `ip netns exec`: that remounts /sys, and slurmd needs the cgroups there.
+        mkdir -p "$state/spool-$n" "$state/clients-$n"
+        chmod 1777 "$state/clients-$n"
+        # nsenter, not `ip netns exec`: that remounts /sys, and slurmd needs the cgroups.
         nsenter --net="/run/netns/capsid-$n" unshare --uts --mount --propagation private \
             sh -c "mount --bind $state/spool-$n $state/spool && \
-                   mount --bind $state/tmp-$n /tmp && hostname $n && exec slurmd -N $n"
+                   mount --bind $state/clients-$n $clients && hostname $n && exec slurmd -N $n"
     done
     for _ in $(seq 100); do
         if [ "$(sinfo -h -o '%t' | sort -u | tr '\n' ' ')" = "idle " ]; then

@@ -236,3 +236,34 @@ def test_mpi_host_without_an_mpi_on_the_host(debian_sif: Path, tmp_path: Path) -
     assert result.returncode == 255
     assert "there is no MPI on this host" in result.stderr
     assert "mpi prefix" in result.stderr
+
+
+def test_a_ranks_pmix_directories_are_bound(mpi_sif: Path, tmp_path: Path) -> None:
+    """Slurm keeps a step's PMIx data store in its spool directory and may point TMPDIR at
+    a directory of the step's: a rank's container sees both, even with --contain."""
+    server, scratch = tmp_path / "spool" / "pmix.7.0", tmp_path / "scratch"
+    for each in (server, scratch):
+        each.mkdir(parents=True)
+        (each / "mark").write_text(each.name + "\n")
+    env = dict(os.environ, PMIX_RANK="0", PMIX_NAMESPACE=f"test-{os.getpid()}",
+               PMIX_SERVER_TMPDIR=str(server), TMPDIR=str(scratch))
+    result = subprocess.run([str(CAPSID), "exec", "--contain", str(mpi_sif), "sh", "-c",
+                             'cat "$PMIX_SERVER_TMPDIR/mark" "$TMPDIR/mark"'],
+                            capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["pmix.7.0", "scratch"]
+    alone = subprocess.run([str(CAPSID), "exec", "--contain", str(mpi_sif), "ls", str(server)],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert alone.returncode != 0  # not a rank: nothing extra is bound
+
+
+def test_a_shared_container_that_cannot_start_is_one_error(mpi_sif: Path,
+                                                           tmp_path: Path) -> None:
+    result = subprocess.run([str(CAPSID), "exec", "--sharens", "--overlay",
+                             str(tmp_path / "missing"), str(mpi_sif), "true"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 255
+    assert result.stderr.splitlines() == [
+        f"capsid: error: overlay directory {tmp_path / 'missing'} does not exist; create it "
+        f"first (mkdir -p {tmp_path / 'missing'}): changes to the image are kept there"]
+    assert _sockets() == []

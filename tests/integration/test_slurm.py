@@ -1,8 +1,8 @@
 """Slurm jobs across two simulated nodes (scripts/slurm-cluster.sh): sbatch with
 ``srun --mpi=pmix capsid exec`` and with ``mpirun capsid exec``.
 
-node1 and node2 are network and UTS namespaces of this machine, each with its own
-slurmd and its own /tmp; job files therefore live under the home directory.
+node1 and node2 are network, UTS and mount namespaces of this machine, each with its
+own slurmd; they share the file system (but for Slurm's spool directory) with the host.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
@@ -37,12 +36,8 @@ def cluster() -> None:
 
 
 @pytest.fixture
-def jobs() -> Path:
-    """A directory the nodes see (their /tmp is their own)."""
-    folder = Path.home() / ".cache" / "capsid-test-jobs" / uuid.uuid4().hex[:12]
-    folder.mkdir(parents=True)
-    yield folder  # type: ignore[misc]
-    shutil.rmtree(folder, ignore_errors=True)
+def jobs(tmp_path: Path) -> Path:
+    return tmp_path
 
 
 def sbatch(folder: Path, script: str, *flags: str) -> str:

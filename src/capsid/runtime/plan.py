@@ -101,7 +101,8 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
         if b.destination == "/":
             LOG.warning("binding %s onto / replaces the container's whole root filesystem "
                         "with it; bind it somewhere below / instead", b.source)
-    binds += _launcher_binds(binds)
+    binds += _launcher_binds(binds, site.mount_tmp and not opts.contain
+                             and "tmp" not in opts.no_mount)
     if home_dest == "/" and home_source is not None:
         LOG.warning("--home %s puts the home directory on / and so replaces the container's "
                     "whole root filesystem with it; give a destination such as %s:/home/me",
@@ -131,18 +132,27 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
                 oci_env=_oci_env(image), gpu=gpu, mpi=mpi)
 
 
-def _launcher_binds(binds: list[BindSpec]) -> list[BindSpec]:
-    """The PMIx server's directory of a launched rank, at the same path: its client in the
-    container maps the job's shared data store there (Slurm keeps it in the slurmd spool
-    directory, which no image has)."""
-    found = os.environ.get("PMIX_SERVER_TMPDIR")
-    if not found or not os.path.isabs(found) or "PMIX_RANK" not in os.environ:
+def _launcher_binds(binds: list[BindSpec], tmp_bound: bool) -> list[BindSpec]:
+    """A launched rank's PMIx directories, at their own paths: its client in the container
+    maps the job's shared data store from the server's directory (Slurm keeps it in the
+    slurmd spool directory, which no image has), and Slurm points TMPDIR at a directory of
+    the step's (``PMIxCliTmpDirBase``). Those under /tmp are there already when
+    *tmp_bound*."""
+    if "PMIX_RANK" not in os.environ:
         return []
-    path = os.path.realpath(found)
-    if path == "/" or not os.path.isdir(path) or any(
-            b.destination == path for b in binds) or path.startswith(("/tmp/", "/var/tmp/")):
-        return []  # nothing to do, or bound with /tmp already
-    return [BindSpec(path, path, False)]
+    found: list[BindSpec] = []
+    for name in ("PMIX_SERVER_TMPDIR", "TMPDIR"):
+        value = os.environ.get(name)
+        if not value or not os.path.isabs(value):
+            continue
+        path = os.path.realpath(value)
+        if path in ("/", "/tmp", "/var/tmp") or not os.path.isdir(path) or any(
+                b.destination == path for b in (*binds, *found)):
+            continue
+        if tmp_bound and path.startswith(("/tmp/", "/var/tmp/")):
+            continue
+        found.append(BindSpec(path, path, False))
+    return found
 
 
 def _check_source(path: str) -> None:
