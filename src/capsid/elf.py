@@ -13,32 +13,33 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 import struct
-from dataclasses import dataclass, field
 
 _SHT_DYNAMIC, _SHT_VERDEF, _SHT_VERNEED = 6, 0x6FFFFFFD, 0x6FFFFFFE
 _DT_NEEDED, _DT_SONAME, _DT_RPATH, _DT_RUNPATH = 1, 14, 15, 29
 _PT_GNU_PROPERTY = 0x6474E553
 _ISA_NEEDED = 0xC0008002  #: GNU_PROPERTY_X86_ISA_1_NEEDED
-_GLIBC = re.compile(r"GLIBC_(\d+)\.(\d+)(?:\.(\d+))?$")
 
 
 class NotELF(ValueError):
     """The file is not an ELF object capsid can read."""
 
 
-@dataclass
 class Info:
-    """What one ELF file says about itself."""
+    """What one ELF file says about itself (a plain class: this is read as containers
+    start, where importing dataclasses costs milliseconds)."""
 
-    elf_class: int  #: 1 = 32-bit, 2 = 64-bit
-    machine: int  #: e_machine (62 = x86-64, 183 = AArch64, ...)
-    needed: list[str] = field(default_factory=list)  #: DT_NEEDED sonames
-    soname: str | None = None
-    runpath: list[str] = field(default_factory=list)  #: DT_RUNPATH, else DT_RPATH
-    version_needs: dict[str, set[str]] = field(default_factory=dict)  #: lib → versions
-    version_defs: set[str] = field(default_factory=set)
+    __slots__ = ("elf_class", "machine", "needed", "runpath", "soname", "version_defs",
+                 "version_needs")
+
+    def __init__(self, elf_class: int, machine: int) -> None:
+        self.elf_class = elf_class  #: 1 = 32-bit, 2 = 64-bit
+        self.machine = machine  #: e_machine (62 = x86-64, 183 = AArch64, ...)
+        self.needed: list[str] = []  #: DT_NEEDED sonames
+        self.soname: str | None = None
+        self.runpath: list[str] = []  #: DT_RUNPATH, else DT_RPATH
+        self.version_needs: dict[str, set[str]] = {}  #: library → versions needed from it
+        self.version_defs: set[str] = set()
 
     def newest_glibc(self) -> tuple[int, ...] | None:
         """The newest ``GLIBC_x.y`` this file needs from the C library, or None."""
@@ -49,8 +50,10 @@ class Info:
 
 def glibc_version(name: str) -> tuple[int, ...] | None:
     """``GLIBC_2.34`` → (2, 34); anything else → None."""
-    matched = _GLIBC.match(name)
-    return tuple(int(p) for p in matched.groups() if p is not None) if matched else None
+    parts = name[6:].split(".") if name.startswith("GLIBC_") else []
+    if not 2 <= len(parts) <= 3 or not all(p.isdigit() and p.isascii() for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
 
 
 def dotted(version: tuple[int, ...]) -> str:

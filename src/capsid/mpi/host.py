@@ -18,12 +18,11 @@ MPI in the image must have the host's ABI (Open MPI's ``libmpi.so.40``, or MPICH
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-from dataclasses import dataclass, field
 
-# All imported here: check() runs after the container's root has hidden capsid's files.
-from capsid import config, elf, glibc, ldcache, log, tools
+# Imported here: check() runs after the container's root has hidden capsid's files. What
+# only working the closure out needs (re, subprocess, ldcache) is imported there: with
+# the closure cached, each rank's start stays light.
+from capsid import config, elf, glibc, log, tools
 from capsid.errors import CapsidError, RuntimeSetupError
 from capsid.runtime import inroot
 
@@ -32,29 +31,37 @@ LOG = log.get(__name__)
 LIBS_DIR = "/.singularity.d/mpi"
 ABIS = {"libmpi.so.40": "Open MPI", "libmpi.so.12": "MPICH ABI", "libmpich.so.12": "MPICH ABI"}
 #: glibc's own libraries: the image supplies these
-GLIBC = re.compile(r"(libc|libm|libmvec|libpthread|libdl|librt|libutil|libresolv|libnsl|"
-                   r"libanl|libBrokenLocale|libthread_db|libc_malloc_debug)\.so\.\d+|"
-                   r"ld-linux[^/]*\.so\.\d+|ld64\.so\.\d+")
+GLIBC = (r"(libc|libm|libmvec|libpthread|libdl|librt|libutil|libresolv|libnsl|libanl|"
+         r"libBrokenLocale|libthread_db|libc_malloc_debug)\.so\.\d+|ld-linux[^/]*\.so\.\d+|"
+         r"ld64\.so\.\d+")
 #: directories of plugins that sit next to an MPI's libraries; in a system library
 #: directory (where openmpi/ and pmix2/ hold whole installations) only the second kind
-_PLUGIN_DIRS = re.compile(r"openmpi\d*|pmix\d*|prte\d*|mpich\d*|ucx|libfabric|hwloc")
-_SYSTEM_PLUGIN_DIRS = re.compile(r"ucx|libfabric|hwloc")
+_PLUGIN_DIRS = r"openmpi\d*|pmix\d*|prte\d*|mpich\d*|ucx|libfabric|hwloc"
+_SYSTEM_PLUGIN_DIRS = r"ucx|libfabric|hwloc"
 #: the variables of launchers and fabrics, passed in even with --cleanenv
 PASSTHROUGH = ("OMPI_", "PMIX_", "PMI_", "PMI2_", "SLURM_", "HYDRA_", "I_MPI_", "MPICH_",
                "UCX_", "FI_", "PRTE_", "OPAL_")
 
 
-@dataclass
 class HostMPI:
     """The host's MPI, as bound into a container."""
 
-    implementation: str  #: "Open MPI 4.1.4", "MPICH ABI (MPICH 4.0)"
-    abi: str  #: the soname of its libmpi
-    libraries: dict[str, str] = field(default_factory=dict)  #: soname → host file
-    directories: list[str] = field(default_factory=list)  #: bound at their own paths
-    glibc_needed: tuple[int, ...] | None = None  #: the newest GLIBC_x.y of any of them
-    glibc_needer: str = ""  #: which library needs it
-    passthrough: dict[str, str] = field(default_factory=dict)
+    __slots__ = ("abi", "directories", "glibc_needed", "glibc_needer", "implementation",
+                 "libraries", "passthrough")
+
+    def __init__(self, implementation: str, abi: str, libraries: dict[str, str] | None = None,
+                 directories: list[str] | None = None,
+                 glibc_needed: tuple[int, ...] | None = None, glibc_needer: str = "") -> None:
+        self.implementation = implementation  #: "Open MPI 4.1.4", "MPICH ABI (MPICH 4.0)"
+        self.abi = abi  #: the soname of its libmpi
+        self.libraries = libraries or {}  #: soname → host file
+        self.directories = directories or []  #: bound at their own paths
+        self.glibc_needed = glibc_needed  #: the newest GLIBC_x.y any of them needs
+        self.glibc_needer = glibc_needer  #: which library needs it
+        self.passthrough: dict[str, str] = {}  #: launcher variables, set in the container
+
+    def as_dict(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__slots__ if name != "passthrough"}
 
 
 def _launcher(site: config.SiteConfig) -> tuple[str | None, str | None]:
@@ -88,6 +95,9 @@ def _libmpi(prefix: str | None, cache: dict[str, str]) -> str | None:
 
 def version(launcher: str | None) -> str:
     """What ``LAUNCHER --version`` says it is: "Open MPI 4.1.4", "MPICH 4.0", or ""."""
+    import re
+    import subprocess
+
     if launcher is None:
         return ""
     try:
@@ -122,6 +132,8 @@ def _resolve(name: str, origin: str, runpath: list[str], cache: dict[str, str],
 def _ompi_paths(launcher: str | None) -> dict[str, str]:
     """Open MPI's compiled-in directories (``ompi_info --path all``): where its plugins,
     help texts and parameter files are."""
+    import subprocess
+
     program = os.path.join(os.path.dirname(launcher), "ompi_info") if launcher else None
     if program is None or not os.access(program, os.X_OK):
         return {}
@@ -159,15 +171,13 @@ def _cache_key(launcher: str | None, prefix: str | None) -> str:
     from capsid import __version__
 
     parts.append(__version__)
-    from hashlib import sha256
-
-    return sha256("\0".join(parts).encode(errors="surrogateescape")).hexdigest()[:24]
+    return tools.sha256_hex("\0".join(parts).encode(errors="surrogateescape"))[:24]
 
 
 def _cache_file(key: str) -> str:
-    from capsid.oci.store import default_root
-
-    return str(default_root() / "hostmpi" / f"{key}.json")
+    root = config.env("CACHEDIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "capsid")
+    return os.path.join(root, "hostmpi", f"{key}.json")
 
 
 def _cached(key: str) -> HostMPI | None:
@@ -177,10 +187,10 @@ def _cached(key: str) -> HostMPI | None:
         with open(_cache_file(key), "rb") as f:
             doc = json.loads(f.read())
         mpi = HostMPI(**doc)
+        if mpi.glibc_needed is not None:
+            mpi.glibc_needed = tuple(mpi.glibc_needed)
     except (OSError, ValueError, TypeError):
         return None
-    if mpi.glibc_needed is not None:
-        mpi.glibc_needed = tuple(mpi.glibc_needed)
     if not all(os.path.exists(p) for p in [*mpi.libraries.values(), *mpi.directories]):
         return None  # the installation changed
     return mpi
@@ -188,7 +198,6 @@ def _cached(key: str) -> HostMPI | None:
 
 def _store(key: str, mpi: HostMPI) -> None:
     import json
-    from dataclasses import asdict
     from pathlib import Path
 
     from capsid.image.output import write_bytes
@@ -196,12 +205,16 @@ def _store(key: str, mpi: HostMPI) -> None:
     target = Path(_cache_file(key))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes(target, json.dumps(asdict(mpi)).encode())
+        write_bytes(target, json.dumps(mpi.as_dict()).encode())
     except OSError as err:
         LOG.debug("cannot cache the host's MPI in %s: %s", target, err)
 
 
 def _find(site: config.SiteConfig, launcher: str | None, prefix: str | None) -> HostMPI:
+    import re
+
+    from capsid import ldcache
+
     machine = elf.this_machine()
     cache = {}
     for name, path in ldcache.entries(site):
@@ -247,7 +260,7 @@ def _find(site: config.SiteConfig, launcher: str | None, prefix: str | None) -> 
             newest, result.glibc_needed = need, need
             result.glibc_needer = name or os.path.basename(real)
         for needed in info.needed:
-            if GLIBC.fullmatch(needed) or needed in result.libraries:
+            if re.fullmatch(GLIBC, needed) or needed in result.libraries:
                 continue
             found = _resolve(needed, os.path.dirname(path), info.runpath, cache, fallback)
             if found is None:
@@ -273,11 +286,13 @@ def _plugin_dirs(directory: str) -> list[str]:
         entries = sorted(os.listdir(directory))
     except OSError:
         return []
+    import re
+
     system = directory in ("/lib", "/usr/lib", "/lib64", "/usr/lib64") or \
         directory.endswith("-linux-gnu")
     pattern = _SYSTEM_PLUGIN_DIRS if system else _PLUGIN_DIRS
     return [os.path.join(directory, e) for e in entries
-            if pattern.fullmatch(e) and os.path.isdir(os.path.join(directory, e))]
+            if re.fullmatch(pattern, e) and os.path.isdir(os.path.join(directory, e))]
 
 
 def _data_dirs(prefix: str | None, libraries: object) -> list[str]:

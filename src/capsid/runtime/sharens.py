@@ -81,21 +81,15 @@ def job_step() -> str:
     return f"parent:{parent}:{started}"
 
 
-def _sha256(data: bytes) -> str:
-    try:  # the built-in module: hashlib loads OpenSSL first, 5 ms on every rank
-        from _sha256 import sha256  # type: ignore[import-not-found]
-    except ImportError:  # Python 3.12 and later
-        from hashlib import sha256
-    return str(sha256(data).hexdigest())
-
-
 def key(image: str, opts: Options) -> str:
     """What a shared container is known by: node, user, job step, image, options, cwd."""
     info = os.stat(image)
     parts = (os.uname().nodename, str(os.getuid()), job_step(), os.path.realpath(image),
              f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}", repr(opts),
              os.getcwd(), os.environ.get("HOME", ""))
-    return _sha256("\0".join(parts).encode(errors="surrogateescape"))[:32]
+    from capsid.tools import sha256_hex
+
+    return sha256_hex("\0".join(parts).encode(errors="surrogateescape"))[:32]
 
 
 def directory() -> str | None:
