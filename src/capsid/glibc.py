@@ -77,9 +77,7 @@ def image_library_dirs(root_fd: int) -> list[str]:
 
 
 def _glob_in(root_fd: int, pattern: str) -> list[str]:
-    """The files matching *pattern* (a glob in its last part only) inside the root."""
-    import fnmatch
-
+    """The files matching *pattern* (``*`` wildcards in its last part only) in the root."""
     from capsid.runtime import inroot
 
     directory, wanted = os.path.split(pattern)
@@ -94,4 +92,22 @@ def _glob_in(root_fd: int, pattern: str) -> list[str]:
             os.close(fd)
     except (OSError, inroot.Unresolvable):
         return []
-    return [f"{directory}/{n}" for n in sorted(names) if fnmatch.fnmatch(n, wanted)]
+    return [f"{directory}/{n}" for n in sorted(names) if _matches(n, wanted)]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Shell-style ``*`` matching: fnmatch would need ``re`` after the container's root
+    has hidden the standard library."""
+    pieces = pattern.split("*")
+    if len(pieces) == 1:
+        return name == pattern
+    if not (name.startswith(pieces[0]) and name.endswith(pieces[-1])) or \
+            len(name) < len(pieces[0]) + len(pieces[-1]):
+        return False
+    position = len(pieces[0])
+    for piece in pieces[1:-1]:
+        found = name.find(piece, position, len(name) - len(pieces[-1]))
+        if found < 0:
+            return False
+        position = found + len(piece)
+    return True

@@ -117,3 +117,12 @@ def test_ldcache_listing_is_filtered_by_machine(tmp_path: Path) -> None:
     broken = config.SiteConfig(values={"ldconfig path": "/bin/false"})
     with pytest.raises(CapsidError, match="ldconfig path"):
         ldcache.entries(broken)
+
+
+@pytest.mark.parametrize(("name", "pattern", "matched"), [
+    ("x86_64-linux-gnu.conf", "*.conf", True), ("libc.conf", "lib*.conf", True),
+    ("a.conf.bak", "*.conf", False), ("conf", "*.conf", False), ("fakeroot.conf", "*", True),
+    ("a.conf", "a.conf", True), ("b.conf", "a.conf", False), ("abc.conf", "a*c*.conf", True),
+])
+def test_ld_so_conf_include_patterns(name: str, pattern: str, matched: bool) -> None:
+    assert glibc._matches(name, pattern) is matched

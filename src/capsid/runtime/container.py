@@ -1,4 +1,4 @@
-"""Launching a container: namespaces, the root, binds, identity, environment, execve.
+"""Launching a container: namespaces, the root, binds and identity, then the command.
 
 Everything happens in the calling process, which finally ``execve``s the command:
 the command keeps capsid's PID, so its exit status, signals and terminal pass
@@ -9,13 +9,21 @@ through untouched. Only ``--pid`` needs a parent to stay behind (see
 from __future__ import annotations
 
 import os
-import sys
 
-from capsid import log, tools
-from capsid.errors import RuntimeSetupError, UsageError
+from capsid import log
+from capsid.errors import RuntimeSetupError
 from capsid.image.locate import SANDBOX, Image
-from capsid.runtime import early, identity, inroot, isolation, linux, mounts, prefetch
-from capsid.runtime import env as envmod
+from capsid.runtime import (
+    command,
+    early,
+    hostmounts,
+    identity,
+    inroot,
+    isolation,
+    linux,
+    mounts,
+    prefetch,
+)
 from capsid.runtime import plan as planning
 
 TYPE_CHECKING = False
@@ -85,74 +93,12 @@ def _default_mounts(plan: Plan, opts: Options) -> None:
             mounts.bind_into(os.path.realpath(src), dst or src, required=False)
 
 
-def _whole_host_dev(plan: Plan, opts: Options) -> bool:
-    return "dev" not in opts.no_mount and not opts.contain and plan.site.mount_dev == "yes"
-
-
-def _device_mounts(plan: Plan, opts: Options) -> None:
-    """--nv, --rocm, --device: the driver's files and device nodes, and CDI's symlinks.
-    Then say which libraries the image's C library cannot load."""
-    gpu = plan.gpu
-    assert gpu is not None
-    for name, source in gpu.libraries.items():
-        mounts.bind_into(source, f"/.singularity.d/libs/{name}", readonly=True,
-                         required=False)
-    for each in gpu.mounts:
-        mounts.bind_into(each.source, each.destination, readonly=each.readonly, required=False)
-    whole_dev = _whole_host_dev(plan, opts)
-    for device in gpu.devices:
-        if not (whole_dev and device.source == device.destination):
-            mounts.bind_into(device.source, device.destination, nodev=False, required=False)
-    for target, link in gpu.symlinks:
-        mounts.symlink_into(target, link)
-    if gpu.libraries or gpu.library_dirs:
-        plan.library_path = _gpu_library_path(plan, warn=True)
-
-
-def _gpu_library_path(plan: Plan, *, warn: bool, root: str = mounts.FINAL) -> str:
-    """LD_LIBRARY_PATH for the GPU libraries of the container rooted at *root*: the
-    image's own directories first, the driver's after them (Apptainer 1.5's order).
-    With *warn*, say which libraries the image's C library cannot load."""
-    from capsid import glibc
-    from capsid.gpu import compat
-
-    gpu = plan.gpu
-    assert gpu is not None
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        version = glibc.image_glibc(fd)
-        dirs = glibc.image_library_dirs(fd) if version is not None else []
-    finally:
-        os.close(fd)
-    if warn:
-        compat.warn_unloadable(gpu.library_glibc, version, gpu.option, len(gpu.libraries))
-    return ":".join(dirs + [d for d in gpu.library_dirs if d not in dirs])
-
-
-def _mpi_mounts(plan: Plan) -> None:
-    """--mpi host: the host's MPI libraries in one place, its plugin and data directories
-    at their own paths; refused first if the image cannot use it."""
-    from capsid.mpi import host
-
-    mpi = plan.mpi
-    assert mpi is not None
-    root = os.open(mounts.FINAL, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        host.check(mpi, root)
-    finally:
-        os.close(root)
-    for name, source in mpi.libraries.items():
-        mounts.bind_into(source, f"{host.LIBS_DIR}/{name}", readonly=True, required=False)
-    for directory in mpi.directories:
-        mounts.bind_into(directory, directory, readonly=True, required=False)
-
-
 def _container_mounts(plan: Plan, opts: Options) -> None:
     _default_mounts(plan, opts)
     if plan.mpi is not None:
-        _mpi_mounts(plan)
+        hostmounts.mpi_mounts(plan)
     if plan.gpu is not None:
-        _device_mounts(plan, opts)
+        hostmounts.device_mounts(plan, opts)
     if plan.home_source is not None:
         mounts.bind_into(plan.home_source, plan.home_dest)
     else:
@@ -193,119 +139,6 @@ def _read_image_file(path: str) -> bytes | None:
         return None
     with open(fd, "rb") as f:
         return f.read(1 << 24)
-
-
-def _command(plan: Plan) -> list[str]:
-    action, args = plan.action, plan.argv
-    if action == "exec":
-        if not args:
-            raise UsageError("no command given", "name the command to run after the image")
-        return list(args)
-    if action == "run":
-        return ["/.singularity.d/runscript", *args]
-    if action == "test":
-        return ["/.singularity.d/test", *args]
-    shell = plan.options.shell or next(
-        (s for s in ("/bin/bash", "/bin/sh") if os.access(s, os.X_OK)), "/bin/sh")
-    return [shell, "--norc", *args] if shell.endswith("/bash") else [shell, *args]
-
-
-def _exec(plan: Plan, root_emulation: object | None) -> NoReturn:
-    opts, action = plan.options, plan.action
-    argv = _command(plan)
-    if action in ("run", "test") and not os.path.exists(argv[0]):
-        if action == "test":
-            print("capsid: no test script in this container", file=sys.stderr)
-            os._exit(0)
-        raise RuntimeSetupError("this container has no runscript",
-                                "use 'capsid exec IMAGE COMMAND' to run a command in it")
-    if action in ("run", "test") and not os.access(argv[0], os.X_OK):
-        argv.insert(0, "/bin/sh")  # a script saved without its execute bit still runs
-    use_shell = False
-    if opts.environment is not None:
-        environment = dict(opts.environment)
-        environment.setdefault("PATH", envmod.DEFAULT_PATH)
-    else:
-        environment, use_shell = _environment(plan)
-    if opts.user:
-        identity.become(opts.user, environment)
-    linux.no_new_privs()
-    if root_emulation is not None:
-        from capsid.runtime import rootemu  # imported before pivot_root, by launch
-
-        rootemu.load(root_emulation)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        if use_shell:
-            os.execve("/bin/sh", ["/bin/sh", "-c", envmod.PRELUDE, "capsid", *argv],
-                      environment)
-        path = argv[0] if "/" in argv[0] else tools.find(argv[0], environment["PATH"])
-        if path is None:
-            raise RuntimeSetupError(f"{argv[0]}: command not found in the container",
-                                    "check the name and the PATH inside the image "
-                                    f"({environment['PATH']})")
-        os.execve(path, argv, environment)
-    except OSError as err:
-        if err.errno == 5:  # EIO: what squashfuse answers for blocks it cannot decompress
-            raise RuntimeSetupError(
-                f"cannot read {argv[0]} from {plan.name}: the image is damaged "
-                "(input/output error)", "rebuild or download the image again") from None
-        raise RuntimeSetupError(f"cannot run {argv[0]}: {err.strerror}",
-                                "check that it is an executable for this machine") from None
-
-
-def _environment(plan: Plan) -> tuple[dict[str, str], bool]:
-    """The command's environment, and whether /bin/sh must source the image's scripts first."""
-    opts, action = plan.options, plan.action
-    where = os.path.abspath(plan.name)
-    name = os.path.basename(os.path.normpath(plan.name))
-    extra = {"APPTAINER_CONTAINER": where, "APPTAINER_NAME": name, "APPTAINER_COMMAND": action,
-             "SINGULARITY_CONTAINER": where, "SINGULARITY_NAME": name,
-             "SINGULARITY_COMMAND": action}
-    pinned: dict[str, str] = {}
-    library_path = plan.library_path or ""
-    if plan.gpu is not None:
-        extra.update(plan.gpu.passthrough)
-        pinned = plan.gpu.env
-    if plan.mpi is not None:
-        from capsid.mpi.host import LIBS_DIR  # imported with the plan, before pivot_root
-
-        extra.update(plan.mpi.passthrough)
-        library_path = f"{LIBS_DIR}:{library_path}" if library_path else LIBS_DIR
-    if library_path:
-        extra["LD_LIBRARY_PATH"] = library_path
-    # In a shell, a prompt that says where you are; --env PS1=... still wins.
-    forced = ("PS1=Capsid> ", *opts.env) if action == "shell" else opts.env
-    env_options = envmod.EnvOptions(opts.cleanenv, forced, opts.env_files, plan.home_dest,
-                                    extra, pinned)
-    if not os.access("/bin/sh", os.X_OK):
-        return envmod.container_env(env_options, use_prelude=False,
-                                    oci_env=plan.oci_env), False
-    scripts = _env_scripts()
-    finished = envmod.finished_env(env_options, scripts) if scripts is not None else None
-    if finished is not None:
-        finished["PWD"] = os.getcwd()  # as the shell would have exported it
-        return finished, False
-    return envmod.container_env(env_options, use_prelude=True, oci_env=plan.oci_env), True
-
-
-def _env_scripts() -> dict[str, bytes] | None:
-    """The image's /.singularity.d/env/*.sh (name → content); None if one cannot be read."""
-    try:
-        names = [n for n in os.listdir("/.singularity.d/env") if n.endswith(".sh")]
-    except FileNotFoundError:
-        return {}
-    except OSError:
-        return None
-    scripts = {}
-    for name in names:
-        try:
-            with open(f"/.singularity.d/env/{name}", "rb") as f:
-                scripts[name] = f.read(65536)
-        except OSError:
-            return None
-    return scripts
 
 
 def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Options,
@@ -354,15 +187,15 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
     if opts.pid:
         from capsid.runtime import pid1  # imported above, before pivot_root
 
-        command = os.fork()
-        if command:
-            pid1.init(command, status_pipe)
+        child = os.fork()
+        if child:
+            pid1.init(child, status_pipe)
         os.close(status_pipe)
     if started.fuse_mount is not None:
         started.fuse_mount.reap()
     if started.affinity is not None:
         os.sched_setaffinity(0, started.affinity)
-    _exec(plan, filter_)
+    command.run(plan, filter_)
 
 
 def assemble_for_sharing(image: str, opts: Options, started: early.Started) -> None:
@@ -383,12 +216,12 @@ def run_joined(plan: Plan) -> NoReturn:
     container's): the working directory, the GPU library path, then execve."""
     gpu = plan.gpu
     if gpu is not None and (gpu.libraries or gpu.library_dirs):
-        plan.library_path = _gpu_library_path(plan, warn=False, root="/")
+        plan.library_path = hostmounts.gpu_library_path(plan, warn=False, root="/")
     try:
         os.chdir(plan.cwd if os.path.isdir(plan.cwd) else plan.home_dest)
     except OSError:
         os.chdir("/")
-    _exec(plan, None)
+    command.run(plan)
 
 
 def _open_overlay(opts: Options) -> tuple[str | None, bool, int | None]:

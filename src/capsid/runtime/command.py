@@ -1,0 +1,137 @@
+"""The container's command: its argv and environment, then ``execve``.
+
+The last step of a start, run inside the container's root (:mod:`capsid.runtime.container`,
+or a rank joining a shared one, :mod:`capsid.runtime.sharens`). The command replaces this
+process, so its exit status, signals and terminal are capsid's own.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from capsid import tools
+from capsid.errors import RuntimeSetupError, UsageError
+from capsid.runtime import env as envmod
+from capsid.runtime import identity, linux
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+    from capsid.runtime.plan import Plan
+
+
+def _command(plan: Plan) -> list[str]:
+    action, args = plan.action, plan.argv
+    if action == "exec":
+        if not args:
+            raise UsageError("no command given", "name the command to run after the image")
+        return list(args)
+    if action == "run":
+        return ["/.singularity.d/runscript", *args]
+    if action == "test":
+        return ["/.singularity.d/test", *args]
+    shell = plan.options.shell or next(
+        (s for s in ("/bin/bash", "/bin/sh") if os.access(s, os.X_OK)), "/bin/sh")
+    return [shell, "--norc", *args] if shell.endswith("/bash") else [shell, *args]
+
+
+def run(plan: Plan, root_emulation: object | None = None) -> NoReturn:
+    """Replace this process with *plan*'s command (with *root_emulation*, the
+    builder's seccomp filter, loaded last)."""
+    opts, action = plan.options, plan.action
+    argv = _command(plan)
+    if action in ("run", "test") and not os.path.exists(argv[0]):
+        if action == "test":
+            print("capsid: no test script in this container", file=sys.stderr)
+            os._exit(0)
+        raise RuntimeSetupError("this container has no runscript",
+                                "use 'capsid exec IMAGE COMMAND' to run a command in it")
+    if action in ("run", "test") and not os.access(argv[0], os.X_OK):
+        argv.insert(0, "/bin/sh")  # a script saved without its execute bit still runs
+    use_shell = False
+    if opts.environment is not None:
+        environment = dict(opts.environment)
+        environment.setdefault("PATH", envmod.DEFAULT_PATH)
+    else:
+        environment, use_shell = _environment(plan)
+    if opts.user:
+        identity.become(opts.user, environment)
+    linux.no_new_privs()
+    if root_emulation is not None:
+        from capsid.runtime import rootemu  # imported before pivot_root, by launch
+
+        rootemu.load(root_emulation)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        if use_shell:
+            os.execve("/bin/sh", ["/bin/sh", "-c", envmod.PRELUDE, "capsid", *argv],
+                      environment)
+        path = argv[0] if "/" in argv[0] else tools.find(argv[0], environment["PATH"])
+        if path is None:
+            raise RuntimeSetupError(f"{argv[0]}: command not found in the container",
+                                    "check the name and the PATH inside the image "
+                                    f"({environment['PATH']})")
+        os.execve(path, argv, environment)
+    except OSError as err:
+        if err.errno == 5:  # EIO: what squashfuse answers for blocks it cannot decompress
+            raise RuntimeSetupError(
+                f"cannot read {argv[0]} from {plan.name}: the image is damaged "
+                "(input/output error)", "rebuild or download the image again") from None
+        raise RuntimeSetupError(f"cannot run {argv[0]}: {err.strerror}",
+                                "check that it is an executable for this machine") from None
+
+
+def _environment(plan: Plan) -> tuple[dict[str, str], bool]:
+    """The command's environment, and whether /bin/sh must source the image's scripts first."""
+    opts, action = plan.options, plan.action
+    where = os.path.abspath(plan.name)
+    name = os.path.basename(os.path.normpath(plan.name))
+    extra = {"APPTAINER_CONTAINER": where, "APPTAINER_NAME": name, "APPTAINER_COMMAND": action,
+             "SINGULARITY_CONTAINER": where, "SINGULARITY_NAME": name,
+             "SINGULARITY_COMMAND": action}
+    pinned: dict[str, str] = {}
+    library_path = plan.library_path or ""
+    if plan.gpu is not None:
+        extra.update(plan.gpu.passthrough)
+        pinned = plan.gpu.env
+    if plan.mpi is not None:
+        from capsid.mpi.host import LIBS_DIR  # imported with the plan, before pivot_root
+
+        extra.update(plan.mpi.passthrough)
+        library_path = f"{LIBS_DIR}:{library_path}" if library_path else LIBS_DIR
+    if library_path:
+        extra["LD_LIBRARY_PATH"] = library_path
+    # In a shell, a prompt that says where you are; --env PS1=... still wins.
+    forced = ("PS1=Capsid> ", *opts.env) if action == "shell" else opts.env
+    env_options = envmod.EnvOptions(opts.cleanenv, forced, opts.env_files, plan.home_dest,
+                                    extra, pinned)
+    if not os.access("/bin/sh", os.X_OK):
+        return envmod.container_env(env_options, use_prelude=False,
+                                    oci_env=plan.oci_env), False
+    scripts = _env_scripts()
+    finished = envmod.finished_env(env_options, scripts) if scripts is not None else None
+    if finished is not None:
+        finished["PWD"] = os.getcwd()  # as the shell would have exported it
+        return finished, False
+    return envmod.container_env(env_options, use_prelude=True, oci_env=plan.oci_env), True
+
+
+def _env_scripts() -> dict[str, bytes] | None:
+    """The image's /.singularity.d/env/*.sh (name → content); None if one cannot be read."""
+    try:
+        names = [n for n in os.listdir("/.singularity.d/env") if n.endswith(".sh")]
+    except FileNotFoundError:
+        return {}
+    except OSError:
+        return None
+    scripts = {}
+    for name in names:
+        try:
+            with open(f"/.singularity.d/env/{name}", "rb") as f:
+                scripts[name] = f.read(65536)
+        except OSError:
+            return None
+    return scripts
