@@ -211,19 +211,6 @@ def assemble_for_sharing(image: str, opts: Options, started: early.Started) -> N
         os.sched_setaffinity(0, started.affinity)
 
 
-def run_joined(plan: Plan) -> NoReturn:
-    """Run *plan*'s command in a container this process has joined (its root is now the
-    container's): the working directory, the GPU library path, then execve."""
-    gpu = plan.gpu
-    if gpu is not None and (gpu.libraries or gpu.library_dirs):
-        plan.library_path = hostmounts.gpu_library_path(plan, warn=False, root="/")
-    try:
-        os.chdir(plan.cwd if os.path.isdir(plan.cwd) else plan.home_dest)
-    except OSError:
-        os.chdir("/")
-    command.run(plan)
-
-
 def _open_overlay(opts: Options) -> tuple[str | None, bool, int | None]:
     """--overlay's path, whether it is read-only, and an overlay image opened and locked
     (now, before the session's tmpfs may cover it)."""

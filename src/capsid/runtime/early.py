@@ -13,7 +13,7 @@ import os
 
 from capsid import log, tools
 from capsid.image.locate import LAYERS, SANDBOX, Image, locate
-from capsid.runtime import identity, linux, prefetch, userns
+from capsid.runtime import identity, linux
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -59,6 +59,8 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
     A layered root (the builder's) needs no server; its steps run as root inside, mapped
     to the user alone unless *subordinate_ids*.
     """
+    from capsid.runtime import userns  # here: a rank joining a shared container has no use
+
     if not isinstance(image, str):
         userns.enter(identity.User.current(), True, subordinate_ids=subordinate_ids)
         return Started(Image(image.name, LAYERS), identity.User.current(), True, None,
@@ -116,5 +118,7 @@ def _serve(image: Image, owner: tuple[int, int], first_programs: list[str]) -> H
     served = fuse.serve_detached(path, image.offset, *owner)
     if served is None:
         return fuse.start_helper(path, image.offset, *owner)
+    from capsid.runtime import prefetch
+
     prefetch.start(os.dup(served.mount_fd), first_programs)
     return served

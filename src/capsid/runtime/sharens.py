@@ -287,12 +287,15 @@ def _join_and_exec(image: str, opts: Options, action: str, argv: list[str], pid:
                    conn: socket.socket) -> NoReturn:
     """Enter the keeper's namespaces and root, and run this rank's command there."""
     from capsid.image.locate import locate
-    from capsid.runtime import container, early, identity, linux
+    from capsid.runtime import command, early, identity, linux
     from capsid.runtime import plan as planning
 
     user = identity.User.current()
     started = early.Started(locate(image), user, True, None, [], None)
     plan = planning.make(image, action, tuple(argv), opts, started)
+    gpu = plan.gpu
+    if gpu is not None and (gpu.libraries or gpu.library_dirs):
+        from capsid.runtime import hostmounts  # now: the container's root hides it
     try:
         user_ns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         mnt_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
@@ -308,4 +311,10 @@ def _join_and_exec(image: str, opts: Options, action: str, argv: list[str], pid:
     for fd in (user_ns, mnt_ns, root):
         os.close(fd)
     os.set_inheritable(conn.fileno(), True)  # held by the command: the keeper counts it
-    container.run_joined(plan)
+    if gpu is not None and (gpu.libraries or gpu.library_dirs):
+        plan.library_path = hostmounts.gpu_library_path(plan, warn=False, root="/")
+    try:
+        os.chdir(plan.cwd if os.path.isdir(plan.cwd) else plan.home_dest)
+    except OSError:
+        os.chdir("/")
+    command.run(plan)
