@@ -267,3 +267,23 @@ def test_a_shared_container_that_cannot_start_is_one_error(mpi_sif: Path,
         f"capsid: error: overlay directory {tmp_path / 'missing'} does not exist; create it "
         f"first (mkdir -p {tmp_path / 'missing'}): changes to the image are kept there"]
     assert _sockets() == []
+
+
+def test_site_defaults_are_not_for_the_builders_steps(mpi_sif: Path, debian_sif: Path,
+                                                      tmp_path: Path) -> None:
+    site = tmp_path / "capsid.conf"
+    site.write_text("mpi = host\n")
+    probe = ("import sys\nfrom capsid.runtime import api\nfrom capsid.runtime.options import "
+             "Options\nsys.exit(api.run(sys.argv[1], ['test', '-e', '/.singularity.d/mpi'], "
+             "Options(environment={'PATH': '/usr/bin:/bin'})))\n")
+    env = {**os.environ, "CAPSID_CONFIG": str(site)}
+    step = subprocess.run([str(CAPSID.parent / "python"), "-c", probe, str(debian_sif)],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert step.returncode == 1, step.stderr  # a build step: no host MPI
+    user = run_capsid("exec", debian_sif, "test", "-e", "/.singularity.d/mpi", env=env)
+    assert user.returncode == 0, user.stderr  # a user's container: the site's default
+    site.write_text("mpi = hsot\n")
+    bad = run_capsid("exec", debian_sif, "true", env=env)
+    assert bad.returncode == 255
+    assert bad.stderr.strip() == ("capsid: error: capsid.conf: 'mpi = hsot' is not host or "
+                                  "none; fix the site configuration file")

@@ -115,14 +115,17 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
     bind_cwd = (opts.pwd is None and not opts.contain and "cwd" not in opts.no_mount
                 and cwd != "/" and not any(cwd == d or cwd.startswith(d + "/")
                                            for d in _SYSTEM_DIRS + tuple(bound)))
+    # The site's defaults are for users' containers, not the builder's steps.
+    defaults = not (opts.root_emulation or opts.environment is not None)
     gpu = None
-    if opts.nv or opts.nvccli or opts.rocm or opts.devices or site.values.get(
-            "always use nv") or site.values.get("always use rocm"):
+    if opts.nv or opts.nvccli or opts.rocm or opts.devices or (defaults and (
+            site.values.get("always use nv") or site.values.get("always use rocm"))):
         from capsid.gpu.select import edits_for
 
-        gpu = edits_for(opts, site)
+        gpu = edits_for(opts, site if defaults else config.SiteConfig(
+            values={k: v for k, v in site.values.items() if not k.startswith("always use")}))
     mpi = None
-    if (opts.mpi or site.values.get("mpi", "none").strip().lower()) == "host":
+    if (opts.mpi or (_site_mpi(site) if defaults else "none")) == "host":
         from capsid.mpi import host
 
         mpi = host.find(site)
@@ -130,6 +133,14 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
                 layers=started.layers, user=user, userns=userns, home_source=home_source,
                 home_dest=home_dest, binds=binds, cwd=cwd, bind_cwd=bind_cwd, site=site,
                 oci_env=_oci_env(image), gpu=gpu, mpi=mpi)
+
+
+def _site_mpi(site: config.SiteConfig) -> str:
+    value = site.values.get("mpi", "none").strip().lower()
+    if value not in ("host", "none"):
+        raise UsageError(f"capsid.conf: 'mpi = {site.values['mpi']}' is not host or none",
+                         "fix the site configuration file")
+    return value
 
 
 def _launcher_binds(binds: list[BindSpec], tmp_bound: bool) -> list[BindSpec]:
