@@ -287,3 +287,13 @@ def test_site_defaults_are_not_for_the_builders_steps(mpi_sif: Path, debian_sif:
     assert bad.returncode == 255
     assert bad.stderr.strip() == ("capsid: error: capsid.conf: 'mpi = hsot' is not host or "
                                   "none; fix the site configuration file")
+
+
+def test_a_socket_name_too_long_runs_a_container_of_its_own(mpi_sif: Path,
+                                                            tmp_path: Path) -> None:
+    runtime = tmp_path / ("r" * 90)
+    runtime.mkdir(mode=0o700)
+    result = subprocess.run([str(CAPSID), "exec", "--sharens", str(mpi_sif), "echo", "ran"],
+                            capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ran\n", "")

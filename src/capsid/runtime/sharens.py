@@ -144,6 +144,9 @@ def run(image: str, opts: Options, action: str, argv: list[str]) -> None:
     except OSError:
         return  # no such image: the container of its own says so
     socket_path = os.path.join(folder, f"{name}.sock")
+    if len(socket_path.encode()) > 107:  # sun_path's limit: a long XDG_RUNTIME_DIR
+        LOG.debug("not sharing: %s is too long a name for a socket", socket_path)
+        return
     lock = _locked(folder)
     try:
         conn = _connect(socket_path)
