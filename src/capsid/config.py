@@ -45,6 +45,16 @@ def env_flag(name: str) -> bool:
     return value is not None and value.strip().lower() not in ("", "0", "false", "no")
 
 
+def cache_root() -> str:
+    """capsid's cache: ``CAPSID_CACHEDIR`` (or Apptainer's), else ``~/.cache/capsid``."""
+    explicit = env("CACHEDIR")
+    if explicit:
+        return explicit
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return os.path.join(xdg, "capsid") if xdg else os.path.join(os.path.expanduser("~"),
+                                                                  ".cache", "capsid")
+
+
 DEFAULT_BIND_PATHS = ("/etc/localtime", "/etc/hosts")
 
 

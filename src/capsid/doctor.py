@@ -246,18 +246,20 @@ def host_side() -> Side:
         elif named.startswith("MPICH"):
             side.mpi, side.mpi_abi = named, "libmpi.so.12"
         side.details["launcher"] = launcher
-    side.pmix = bool(_ldconfig(r"libpmix\.so\.\d+"))
+    side.pmix = _in_ldcache(r"libpmix\.so\.\d+")
     side.cuda = host_driver()
     return side
 
 
-def _ldconfig(pattern: str) -> list[str]:
-    exe = tools.find("ldconfig") or "/sbin/ldconfig"
+def _in_ldcache(pattern: str) -> bool:
+    """Whether the host's ld.so cache has a library named like *pattern*."""
+    from capsid import config, ldcache
+    from capsid.errors import CapsidError
+
     try:
-        out = subprocess.run([exe, "-p"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return []
-    return [line.split()[0] for line in out.splitlines()[1:] if re.search(pattern, line)]
+        return any(re.fullmatch(pattern, name) for name, _ in ldcache.entries(config.load()))
+    except CapsidError:
+        return False
 
 
 def _glibc_tuple(libc: str) -> tuple[int, ...] | None:

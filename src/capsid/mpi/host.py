@@ -175,9 +175,7 @@ def _cache_key(launcher: str | None, prefix: str | None) -> str:
 
 
 def _cache_file(key: str) -> str:
-    root = config.env("CACHEDIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "capsid")
-    return os.path.join(root, "hostmpi", f"{key}.json")
+    return os.path.join(config.cache_root(), "hostmpi", f"{key}.json")
 
 
 def _cached(key: str) -> HostMPI | None:

@@ -45,11 +45,7 @@ def check_digest(digest: str) -> str:
 
 
 def default_root() -> Path:
-    explicit = config.env("CACHEDIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg) / "capsid" if xdg else Path.home() / ".cache" / "capsid"
+    return Path(config.cache_root())
 
 
 def fsync_rename(tmp: Path, final: Path) -> None:

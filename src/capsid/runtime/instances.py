@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from capsid.errors import CapsidError, UsageError
+from capsid.runtime import linux
 from capsid.runtime.options import Options
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -34,9 +35,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _INIT = ('trap "exit 0" TERM INT; '
          'if [ -x /.singularity.d/{script} ]; then /.singularity.d/{script} "$@" & fi; '
          'while :; do sleep 86400 & wait $!; done')
-#: namespaces joined when the instance has its own (user and mount come first)
-_OPTIONAL = (("ipc", 0x08000000), ("uts", 0x04000000), ("net", 0x40000000))
-CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWPID = 0x10000000, 0x00020000, 0x20000000
 
 
 @dataclass
@@ -60,22 +58,13 @@ def directory() -> Path:
     return Path.home() / ".capsid" / "instances"
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
 def _load(path: Path) -> Instance | None:
     """The instance recorded at *path* if it still runs; a stale record is removed."""
     try:
         instance = Instance(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         instance = None
-    if instance is not None and _start_time(instance.pid) == instance.started:
+    if instance is not None and linux.start_time(instance.pid) == instance.started:
         return instance
     for stale in (path, *((Path(instance.log_out), Path(instance.log_err)) if instance
                           else ())):
@@ -138,7 +127,7 @@ def start(image: str, name: str, args: Sequence[str], options: Options,
             for log in (out, err):  # a start that failed leaves nothing behind
                 log.unlink(missing_ok=True)
             raise
-        started = _start_time(pid)
+        started = linux.start_time(pid)
         if started is None:
             raise CapsidError(f"instance {name} ended as soon as it started",
                               f"see its messages in {err}")
@@ -155,7 +144,7 @@ def stop(instance: Instance, signum: int = signal.SIGTERM, timeout: float = 10.0
     with contextlib.suppress(ProcessLookupError):
         os.kill(instance.pid, signum)
         deadline = time.monotonic() + timeout
-        while _start_time(instance.pid) == instance.started:
+        while linux.start_time(instance.pid) == instance.started:
             if time.monotonic() > deadline:
                 os.kill(instance.pid, signal.SIGKILL)
                 gentle = False
@@ -167,40 +156,20 @@ def stop(instance: Instance, signum: int = signal.SIGTERM, timeout: float = 10.0
 
 def join(instance: Instance, action: str, argv: Sequence[str]) -> NoReturn:
     """Replace this process with *action* run inside *instance*'s namespaces and root."""
-    from capsid.runtime import linux
-
-    base = f"/proc/{instance.pid}"
     try:
-        fds = {kind: os.open(f"{base}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
-               for kind in ("user", "mnt", "pid_for_children", "ipc", "uts", "net")}
-        root = os.open(f"{base}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        spaces = linux.open_namespaces(instance.pid, all_kinds=True)
         cwd = os.getcwd()
     except OSError as err:
         raise CapsidError(f"cannot join instance {instance.name}: {err.strerror}",
                           "is it yours, and still running? see 'capsid instance list'"
                           ) from None
-    if _start_time(instance.pid) != instance.started:
+    if linux.start_time(instance.pid) != instance.started:
         raise UsageError(f"instance {instance.name} has ended", "start it again")
-    # Decided first: once in its mount namespace, /proc/self may be another PID
-    # namespace's /proc, where this process is not.
-    own_user = _differs(fds["user"], "user")
-    optional = [(fds[kind], flag) for kind, flag in _OPTIONAL if _differs(fds[kind], kind)]
-    new_pid = _differs(fds["pid_for_children"], "pid")
     try:
-        if own_user:
-            linux.setns(fds["user"], CLONE_NEWUSER)
-        linux.setns(fds["mnt"], CLONE_NEWNS)
-        for fd, flag in optional:
-            linux.setns(fd, flag)
-        if new_pid:
-            linux.setns(fds["pid_for_children"], CLONE_NEWPID)
+        new_pid = spaces.enter()
     except OSError as err:
         raise CapsidError(f"cannot join instance {instance.name}: {err.strerror}",
                           "it may belong to another user") from None
-    os.fchdir(root)
-    os.chroot(".")
-    for each in (*fds.values(), root):
-        os.close(each)
     if new_pid:  # only children enter a PID namespace
         child = os.fork()
         if child:
@@ -215,11 +184,6 @@ def join(instance: Instance, action: str, argv: Sequence[str]) -> NoReturn:
     except OSError as err:
         raise CapsidError(f"{command[0]}: {err.strerror} in instance {instance.name}",
                           "check the command and the PATH inside the image") from None
-
-
-def _differs(fd: int, kind: str) -> bool:
-    """Whether the namespace at *fd* is not this process's own of that *kind*."""
-    return os.fstat(fd).st_ino != os.stat(f"/proc/self/ns/{kind}").st_ino
 
 
 def _command(action: str, argv: list[str]) -> list[str]:

@@ -16,6 +16,8 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import ClassVar
+
     _Number = _ctypes._SimpleCData[int]
     _Bytes = _ctypes._SimpleCData[bytes | None]
 else:
@@ -253,3 +255,62 @@ def raise_ambient(caps: tuple[int, ...]) -> bool:
 
 def clear_ambient() -> None:
     _prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+
+
+def start_time(pid: int) -> int | None:
+    """When process *pid* started (clock ticks after boot), to tell it from a later
+    process given the same id; None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in (b"Z", b"X") else int(fields[19])
+
+
+class Namespaces:
+    """Process *pid*'s namespaces and root, opened (:func:`open_namespaces`) to be joined
+    with :meth:`enter`, as ``nsenter`` does."""
+
+    _FLAGS: ClassVar[dict[str, int]] = {
+        "user": CLONE_NEWUSER, "mnt": CLONE_NEWNS, "ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS,
+        "net": CLONE_NEWNET, "pid_for_children": CLONE_NEWPID}
+
+    def __init__(self, fds: dict[str, int], root: int) -> None:
+        self.fds, self.root = fds, root
+
+    def enter(self) -> bool:
+        """Join them: the mount namespace, and each other one that is not this process's;
+        then the root. True if that took a PID namespace, which only this process's
+        children enter. Raises OSError; the fds are closed either way."""
+        try:
+            # Decided first: in its mount namespace, /proc/self may be another PID
+            # namespace's /proc, where this process is not.
+            differs = {kind: os.fstat(fd).st_ino != os.stat(
+                f"/proc/self/ns/{'pid' if kind == 'pid_for_children' else kind}").st_ino
+                for kind, fd in self.fds.items()}
+            for kind, fd in self.fds.items():  # user first, then mount, then the rest
+                if kind == "mnt" or differs[kind]:
+                    setns(fd, self._FLAGS[kind])
+            os.fchdir(self.root)
+            os.chroot(".")
+        finally:
+            for fd in (*self.fds.values(), self.root):
+                os.close(fd)
+        return differs.get("pid_for_children", False)
+
+
+def open_namespaces(pid: int, *, all_kinds: bool = False) -> Namespaces:
+    """Open process *pid*'s user and mount namespaces (with *all_kinds*, its IPC, UTS,
+    network and PID ones too) and its root. Raises OSError."""
+    kinds = ("user", "mnt", *(("ipc", "uts", "net", "pid_for_children") if all_kinds else ()))
+    fds: dict[str, int] = {}
+    try:
+        for kind in kinds:
+            fds[kind] = os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+        root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return Namespaces(fds, root)

@@ -72,12 +72,10 @@ def job_step() -> str:
         return "pmix:" + env["PMIX_NAMESPACE"]
     if env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID"):
         return f"slurm:{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
+    from capsid.runtime import linux
+
     parent = os.getppid()
-    try:
-        with open(f"/proc/{parent}/stat", "rb") as f:
-            started = f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        started = "?"
+    started = linux.start_time(parent)
     return f"parent:{parent}:{started}"
 
 
@@ -300,19 +298,10 @@ def _join_and_exec(image: str, opts: Options, action: str, argv: list[str], pid:
     if gpu is not None and (gpu.libraries or gpu.library_dirs):
         from capsid.runtime import hostmounts  # now: the container's root hides it
     try:
-        user_ns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        mnt_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        if os.fstat(user_ns).st_ino != os.stat("/proc/self/ns/user").st_ino:
-            linux.setns(user_ns, linux.CLONE_NEWUSER)
-        linux.setns(mnt_ns, linux.CLONE_NEWNS)
-        os.fchdir(root)
-        os.chroot(".")
+        linux.open_namespaces(pid).enter()
     except OSError as err:
         raise RuntimeSetupError(f"cannot join this job's shared container: {err.strerror}",
                                 "run with --no-sharens") from None
-    for fd in (user_ns, mnt_ns, root):
-        os.close(fd)
     os.set_inheritable(conn.fileno(), True)  # held by the command: the keeper counts it
     if gpu is not None and (gpu.libraries or gpu.library_dirs):
         plan.library_path = hostmounts.gpu_library_path(plan, warn=False, root="/")
