@@ -133,13 +133,28 @@ class ImageFiles:
 
     def names(self) -> list[str]:
         if self.sandbox:
-            root = Path(self.image.path)
-            found = []
+            from capsid import inroot
+
+            found: list[str] = []
+            seen: set[str] = set()
             for top in (*_LIB_DIRS, "usr/bin", "bin", "usr/local/bin", "usr/local/cuda", "opt"):
-                base = root / top
-                if base.is_dir() and not base.is_symlink():
+                # resolved inside the image, as the runtime would: never into the host
+                try:
+                    with inroot.walk_path(self.image.path, top) as where:
+                        if where.missing or where.inside in seen:
+                            continue
+                        seen.add(where.inside)
+                        fd = where.reopen(os.O_RDONLY | os.O_DIRECTORY)
+                except (OSError, inroot.Unresolvable):
+                    continue
+                try:
+                    base = f"/proc/self/fd/{fd}"
                     for dirpath, _dirs, files in os.walk(base):
-                        found += [os.path.relpath(os.path.join(dirpath, n), root) for n in files]
+                        inside = where.inside.lstrip("/")
+                        found += [os.path.join(inside, os.path.relpath(
+                            os.path.join(dirpath, n), base)) for n in files]
+                finally:
+                    os.close(fd)
             return found
         listing = subprocess.run([tools.which("unsquashfs"), "-o", str(self.image.offset),
                                   "-lc", "-d", "", self.image.path], capture_output=True,
@@ -150,21 +165,33 @@ class ImageFiles:
     def read(self, name: str, limit: int = 64 << 20) -> bytes:
         if name in self._cache:
             return self._cache[name]
+        # Either way the file is read as the runtime resolves it: inside the image's root
+        # (its links cannot reach the host), a regular file only (no FIFO can hang this)
         if self.sandbox:
-            try:
-                with open(Path(self.image.path) / name, "rb") as f:
-                    data = f.read(limit)
-            except OSError:
-                data = b""
+            data = _read_inside(self.image.path, name, limit)
         else:
             with tempfile.TemporaryDirectory(prefix="capsid-doctor-") as tmp:
                 subprocess.run([tools.which("unsquashfs"), "-o", str(self.image.offset), "-n",
                                 "-q", "-f", "-d", f"{tmp}/r", self.image.path, name],
                                capture_output=True, check=False)
-                path = Path(tmp) / "r" / name
-                data = path.read_bytes()[:limit] if path.is_file() else b""
+                data = _read_inside(f"{tmp}/r", name, limit) if os.path.isdir(f"{tmp}/r") \
+                    else b""
         self._cache[name] = data
         return data
+
+
+def _read_inside(root: str, name: str, limit: int) -> bytes:
+    """At most *limit* bytes of *name* inside *root*; nothing for what is not a file."""
+    from capsid import hostfs
+
+    try:
+        fd = hostfs.open_in(root, name)
+    except (OSError, hostfs.Refused):
+        return b""
+    if fd is None:
+        return b""
+    with open(fd, "rb") as f:
+        return f.read(limit)
 
 
 def image_side(image: str) -> Side:

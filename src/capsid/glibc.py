@@ -28,7 +28,7 @@ def glibc_of(info: elf.Info) -> tuple[int, ...] | None:
 
 def image_glibc(root_fd: int) -> tuple[int, ...] | None:
     """The glibc version of the image under *root_fd*; None if it has none (musl, static)."""
-    from capsid.runtime import inroot
+    from capsid import inroot
 
     for path in libc_candidates(elf.this_machine()[1]):
         fd = inroot.open_file(root_fd, path)
@@ -46,7 +46,7 @@ def image_glibc(root_fd: int) -> tuple[int, ...] | None:
 def image_library_dirs(root_fd: int) -> list[str]:
     """The directories the image's dynamic loader searches: its ld.so.conf (with the
     files it includes) and the standard ones."""
-    from capsid.runtime import inroot
+    from capsid import inroot
 
     dirs: list[str] = []
 
@@ -78,7 +78,7 @@ def image_library_dirs(root_fd: int) -> list[str]:
 
 def _glob_in(root_fd: int, pattern: str) -> list[str]:
     """The files matching *pattern* (``*`` wildcards in its last part only) in the root."""
-    from capsid.runtime import inroot
+    from capsid import inroot
 
     directory, wanted = os.path.split(pattern)
     try:

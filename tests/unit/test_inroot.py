@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from capsid.runtime import inroot
+from capsid import inroot
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from capsid.runtime import inroot, prefetch
+from capsid import inroot
+from capsid.runtime import prefetch
 
 
 def _elf(interp: bytes | None) -> bytes:

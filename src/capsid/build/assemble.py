@@ -10,6 +10,7 @@ import shutil
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +118,12 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
         if cached is not None and not builder.opts.no_cache:  # every step was cached
             with output.atomic_file(out, force) as tmp:
                 shutil.copyfile(cached, tmp)
+                _give_back(tmp)
             LOG.info("%s is the cached image %s", out, cached.name)
             return
         tosif.write_sif(source, out, compression=compression, force=force, verified=True,
                         extra=files, objects=[_layers_record(result, builder, config)])
+        _give_back(out)
         with contextlib.suppress(OSError):
             _keep(out, builder.store.images, key)
         return
@@ -131,22 +134,33 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
         tosif.write_sif(source, image, compression=compression, force=True, verified=True,
                         extra=files)
         convert.image_to_sandbox(image, out, force=force)
+    from capsid import hostfs
     from capsid.runtime import userns
 
-    if os.geteuid() == 0 and 1 < userns.mapped_ids() < 0xFFFFFFFF:
-        _own(out)  # subordinate ids: a directory the user could not even remove
+    alias = hostfs.host_alias()
+    if alias is not None:  # root's build: the image's owners as they are, on the host
+        _own(out, lambda uid: alias + uid if uid < alias else uid)
+    elif os.geteuid() == 0 and 1 < userns.mapped_ids() < 0xFFFFFFFF:
+        _own(out, lambda _uid: 0)  # subordinate ids: a directory the user could not remove
 
 
-def _own(top: Path) -> None:
-    """Give everything under *top* to root inside, the user outside."""
-    os.lchown(top, 0, 0)
-    for parent, dirs, files in os.walk(top):
-        for name in dirs + files:
-            path = os.path.join(parent, name)
-            mode = os.lstat(path).st_mode
-            os.lchown(path, 0, 0)
-            if not stat.S_ISLNK(mode) and mode & 0o6000:
-                os.chmod(path, stat.S_IMODE(mode))  # chown cleared set-id bits
+def _give_back(path: Path) -> None:
+    """A root build's SIF belongs to the host's root, not to the range its steps ran as."""
+    from capsid import hostfs
+
+    alias = hostfs.host_alias()
+    if alias is not None:
+        os.chown(path, alias, alias)
+
+
+def _own(top: Path, owner: Callable[[int], int]) -> None:
+    """Give everything under *top* to ``owner(uid)`` (and likewise its group)."""
+    for path in [str(top), *(os.path.join(parent, name) for parent, dirs, files in
+                             os.walk(top) for name in dirs + files)]:
+        info = os.lstat(path)
+        os.lchown(path, owner(info.st_uid), owner(info.st_gid))
+        if not stat.S_ISLNK(info.st_mode) and info.st_mode & 0o6000:
+            os.chmod(path, stat.S_IMODE(info.st_mode))  # chown cleared set-id bits
 
 
 def _stamp(info: os.stat_result) -> str:
@@ -192,14 +206,18 @@ def run_test(result: StageResult, out: Path, sandbox: bool, quiet: bool = False)
     meta = result.stage.metadata
     if meta is None or meta.test is None:
         return
+    from capsid import hostfs
     from capsid.runtime import api
     from capsid.runtime.options import Options
 
     if not quiet:
         print("running %test", file=sys.stderr, flush=True)
+    # In a root build the test runs as the build's root, as its steps do (and is confined
+    # as they are: see capsid.runtime.userns.confine_build_step).
+    root_build = hostfs.host_alias() is not None
     try:
-        status = api.run(str(out), [], Options(cleanenv=True, writable_tmpfs=not sandbox),
-                         action="test")
+        status = api.run(str(out), [], Options(cleanenv=True, writable_tmpfs=not sandbox,
+                                               fakeroot=root_build), action="test")
     except CapsidError:
         output.remove(out)
         raise

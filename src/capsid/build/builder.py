@@ -269,7 +269,7 @@ class Builder:
         env["APT_CONFIG"] = f"{INSIDE}/apt.conf"
         binds = [BindSpec(str(scratch), INSIDE), *self.opts.binds]
         for index, mount in enumerate(step.mounts):
-            binds.append(self._run_mount(mount, step, scratch / f"tmpfs{index}"))
+            binds.append(self._run_mount(mount, step, scratch / f"mount{index}"))
         workdir = result.state.get("config", {}).get("WorkingDir") or "/"
         # A PID namespace of its own: when the build dies, every process of the step dies.
         options = Options(binds=binds, contain=True, no_home=True, cleanenv=True,
@@ -288,10 +288,10 @@ class Builder:
             raise BuildError(f"{step.where}: step {self.count}/{self.total} failed with exit "
                              f"code {status}: {step.text.splitlines()[0][:80]}",
                              "the steps before it are cached; fix it and build again")
-        added = (scratch / "environment").read_text(errors="replace")
+        added = _step_output(scratch, "environment", step)
         if added.strip():
             result.state["env91"] = result.state.get("env91", "") + added
-        for line in (scratch / "labels").read_text(errors="replace").splitlines():
+        for line in _step_output(scratch, "labels", step).splitlines():
             name, _, value = line.strip().partition(" ")
             if name:
                 result.state.setdefault("labels", {})[name] = value.strip()
@@ -306,7 +306,23 @@ class Builder:
             raise UsageError(f"{step.where}: RUN --mount=from=... is not supported",
                              "COPY --from the stage first")
         source = self.context.sources(mount.source or ".", str(step.where))[0]
-        return BindSpec(str(source), mount.target, readonly=mount.readonly)
+        if mount.readonly:
+            return BindSpec(str(source), mount.target, readonly=True)
+        # rw: the step may write, but what it writes is thrown away with the step, as
+        # BuildKit does; the context itself never changes
+        scratch.mkdir()
+        if source.is_dir():
+            (scratch / "upper").mkdir()
+            (scratch / "work").mkdir()
+            return BindSpec(str(source), mount.target, scratch=str(scratch))
+        if not source.is_file():
+            raise UsageError(f"{step.where}: RUN --mount source {mount.source} is neither a "
+                             "file nor a directory", "mount a file or a directory")
+        import shutil
+
+        copy = scratch / source.name
+        shutil.copy2(source, copy, follow_symlinks=True)
+        return BindSpec(str(copy), mount.target)
 
     # -- COPY / ADD / %files -----------------------------------------------------------
 
@@ -508,9 +524,26 @@ class Builder:
         mounted.call_in(roots, str(pending.scratch), setup)
 
 
+def _step_output(scratch: Path, name: str, step: Run) -> str:
+    """What a step wrote to ``$APPTAINER_ENVIRONMENT`` or ``$APPTAINER_LABELS``.
+
+    The step could write its scratch directory, so the file is read as untrusted: inside
+    that directory only (a link to a host file leads nowhere), a regular file only (a
+    FIFO cannot hang the build), at most 1 MiB.
+    """
+    from capsid import hostfs
+
+    try:
+        data = hostfs.read_in(str(scratch), name, what=f"${{APPTAINER_{name.upper()}}}")
+    except hostfs.Refused as err:
+        raise BuildError(f"{step.where}: the step left {err.message}",
+                         f"write plain text to {INSIDE}/{name}") from None
+    return (data or b"").decode(errors="replace")
+
+
 def _inside(root: str, path: str, where: str) -> str:
     """Host path of *path* inside the mounted stage *root*, its links resolved in there."""
-    from capsid.runtime import inroot
+    from capsid import inroot
 
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
     try:
@@ -531,16 +564,18 @@ def _owner(root: str, spec: str, where: str) -> tuple[int, int]:
     user, _, group = spec.partition(":")
 
     def lookup(name: str, table: str) -> int:
+        from capsid import hostfs
+
         if name.isdigit():
             return int(name)
         try:
-            with open(_inside(root, table, where), encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    fields = line.split(":")
-                    if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
-                        return int(fields[2])
-        except (UsageError, OSError):
-            pass
+            data = hostfs.read_in(root, table, 16 << 20) or b""
+        except (hostfs.Refused, OSError):
+            data = b""
+        for line in data.decode(errors="replace").splitlines():
+            fields = line.split(":")
+            if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
+                return int(fields[2])
         raise UsageError(f"{where}: --chown={spec}: no {name!r} in the image's {table}",
                          "use numeric ids or create the user in an earlier step")
 

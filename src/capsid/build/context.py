@@ -29,10 +29,22 @@ class Context:
         self._ignore = self._read_ignore()
 
     def _read_ignore(self) -> list[tuple[bool, str]]:
+        """``.dockerignore``, read as any source is: inside the context (a link out of it
+        leads nowhere), a regular file only."""
+        from capsid import hostfs
+
         path = self.root / ".dockerignore"
+        try:
+            data = hostfs.read_in(str(self.root), ".dockerignore", what=str(path))
+        except hostfs.Refused as err:
+            raise UsageError(err.message, f"replace {path} with a plain file of patterns"
+                             ) from None
+        except OSError as err:
+            raise UsageError(f"cannot read {path}: {err.strerror}",
+                             "make it readable, or remove it") from None
         rules = []
-        if path.is_file():
-            for line in path.read_text(errors="replace").splitlines():
+        if data is not None:
+            for line in data.decode(errors="replace").splitlines():
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue

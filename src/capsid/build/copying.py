@@ -1,6 +1,6 @@
 """Copying files into an image root without ever leaving it (COPY, ADD, %files).
 
-Destinations are resolved with :mod:`capsid.runtime.inroot`, so a symlink in the image
+Destinations are resolved with :mod:`capsid.inroot`, so a symlink in the image
 (``/bin -> usr/bin``, or a hostile ``/data -> /home/you``) is followed inside the image
 only; every file is then created relative to a directory descriptor with
 ``O_NOFOLLOW``. Sources are read from the host (the build context) or from another
@@ -15,8 +15,8 @@ import stat
 import tarfile
 from collections.abc import Callable
 
+from capsid import inroot
 from capsid.errors import CapsidError
-from capsid.runtime import inroot
 
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 20
@@ -168,7 +168,15 @@ class Destination:
         try:
             with tarfile.open(archive, "r:*") as tar:
                 for member in tar:
-                    self._member(tar, member, dest)
+                    try:
+                        self._member(tar, member, dest)
+                    except FileNotFoundError:
+                        if not member.islnk():
+                            raise
+                        raise CapsidError(
+                            f"cannot unpack {os.path.basename(archive)}: {member.name} is a "
+                            f"hard link to {member.linkname}, which the archive does not "
+                            "hold before it", "fix the archive (tar it again)") from None
         except tarfile.TarError as err:
             raise CapsidError(f"cannot unpack {os.path.basename(archive)}: {err}",
                               "ADD unpacks tar archives; COPY copies files as they are"

@@ -118,10 +118,17 @@ def filesystem_type(path: Path) -> str:
 
 def build_root(cache_root: Path) -> Path:
     """Where build layers live: beside the rest of the cache, or, when that is on a network
-    file system, in $CAPSID_BUILD_CACHEDIR or a local temporary directory."""
+    file system, in $CAPSID_BUILD_CACHEDIR or a local temporary directory.
+
+    The host's root keeps its layers apart (``build-root``): their files belong to the
+    range of ids its steps run as (see :func:`capsid.runtime.userns.enter_for_build`).
+    """
+    from capsid import hostfs
+
+    shifted = hostfs.host_alias() is not None
     explicit = os.environ.get("CAPSID_BUILD_CACHEDIR")
     if explicit:
-        return Path(explicit)
+        return Path(explicit) / "root-build" if shifted else Path(explicit)
     probe = cache_root
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -129,13 +136,14 @@ def build_root(cache_root: Path) -> Path:
         from capsid import config
 
         scratch = config.env("TMPDIR") or os.environ.get("TMPDIR") or "/var/tmp"
-        local = Path(scratch) / f"capsid-build-{os.getuid()}"
+        # the real uid: inside a build's user namespace os.getuid() is 0 for everyone
+        local = Path(scratch) / f"capsid-build-{hostfs.real_uid()}{'-root' if shifted else ''}"
         from capsid import log
 
         log.get(__name__).info("%s is on a network file system: build layers go to %s "
                                "(set CAPSID_BUILD_CACHEDIR to choose)", cache_root, local)
         return local
-    return cache_root / "build"
+    return cache_root / ("build-root" if shifted else "build")
 
 
 class BuildStore:
@@ -148,9 +156,15 @@ class BuildStore:
         self.images = self.root / "images"  #: SIFs of finished builds, by their last step
 
     def prepare(self) -> BuildStore:
-        try:
+        from capsid import hostfs
+
+        try:  # it may sit in a shared place ($TMPDIR): another user's is never reused
+            explicit = os.environ.get("CAPSID_BUILD_CACHEDIR")
+            if explicit:
+                hostfs.private_dir(explicit, "build cache")
+            hostfs.private_dir(str(self.root), "build cache")
             for d in (self.layers, self.bases, self.mounts, self.tmp, self.images):
-                d.mkdir(parents=True, exist_ok=True)
+                hostfs.private_dir(str(d), "build cache", parents=False)
         except OSError as err:
             raise CapsidError(f"cannot use the build cache {self.root}: {err.strerror}",
                               "set CAPSID_CACHEDIR to a writable directory") from None
@@ -173,8 +187,10 @@ class BuildStore:
 
     def cache_mount(self, name: str) -> Path:
         """The persistent directory of ``RUN --mount=type=cache,id=NAME``."""
+        from capsid import hostfs
+
         path = self.mounts / digest(name)[:32]
-        path.mkdir(exist_ok=True)
+        hostfs.private_dir(str(path), "build cache", parents=False, for_steps=True)
         return path
 
     def entries(self) -> list[tuple[str, Path, int, float]]:

@@ -176,7 +176,7 @@ def _build_recipe(args: argparse.Namespace) -> int:
         notest=args.notest, sections=tuple(args.section.split(",")) if args.section else None,
         binds=binds, arch=args.arch, nohttps=_nohttps_of(args), compression=args.compression,
         quiet=not log.enabled(log.NORMAL))
-    if not args.ignore_subuid:
+    if not args.ignore_subuid or os.geteuid() == 0:  # root's steps are never the host's root
         from capsid.runtime import identity, userns
 
         if userns.enter_for_build(identity.User.current()):

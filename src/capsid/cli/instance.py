@@ -96,10 +96,17 @@ def _stop(argv: list[str]) -> int:
     if everything == bool(names):
         raise UsageError("instance stop needs NAME or --all", "see 'capsid instance list'")
     targets = instances.listed() if everything else [instances.find(n) for n in names]
+    failed = 0
     for target in targets:
-        instances.stop(target, signum, timeout)
+        try:
+            instances.stop(target, signum, timeout)
+        except OSError as err:  # one that cannot be stopped does not keep the others running
+            sys.stderr.write(f"capsid: error: cannot stop instance {target.name}: "
+                             f"{err.strerror}\n")
+            failed += 1
+            continue
         sys.stderr.write(f"instance {target.name} stopped\n")
-    return 0
+    return 255 if failed else 0
 
 
 def _signal(text: str) -> int:

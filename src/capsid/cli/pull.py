@@ -85,6 +85,12 @@ def push(argv: list[str]) -> int:
     p.add_argument("image")
     p.add_argument("uri")
     args = p.parse_args(argv)
+    if args.uri.startswith("docker://"):
+        from capsid.runtime import identity, userns
+
+        # a built image's layers are read from the build cache as the build wrote them:
+        # in its user namespace (subordinate ids, or root's build range)
+        userns.enter_for_build(identity.User.current())
     from capsid.oci import push as pusher
     from capsid.oci import reference
     from capsid.oci.registries import Registries

@@ -157,7 +157,7 @@ def host_arch() -> str:
 
 def detect_arch(root: Path) -> str:
     """The architecture of the binaries in sandbox *root*; the host's if none is found."""
-    from capsid.runtime import inroot
+    from capsid import inroot
 
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

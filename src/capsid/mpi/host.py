@@ -22,9 +22,8 @@ import os
 # Imported here: check() runs after the container's root has hidden capsid's files. What
 # only working the closure out needs (re, subprocess, ldcache) is imported there: with
 # the closure cached, each rank's start stays light.
-from capsid import config, elf, glibc, log, tools
+from capsid import config, elf, glibc, inroot, log, tools
 from capsid.errors import CapsidError, RuntimeSetupError
-from capsid.runtime import inroot
 
 LOG = log.get(__name__)
 

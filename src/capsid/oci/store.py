@@ -70,9 +70,13 @@ class Store:
         self.locks = self.root / "locks"
 
     def prepare(self) -> Store:
+        from capsid import hostfs
+
         try:
-            for d in (self.blobs, self.sifs, self.partials, self.locks):
-                d.mkdir(parents=True, exist_ok=True)
+            hostfs.private_dir(str(self.root), "cache directory")
+            for d in (self.layout, self.layout / "blobs", self.blobs, self.sifs,
+                      self.partials, self.locks):
+                hostfs.private_dir(str(d), "cache directory")
             marker = self.layout / "oci-layout"
             if not marker.exists():
                 output.write_bytes(marker, b'{"imageLayoutVersion":"1.0.0"}')

@@ -10,22 +10,30 @@ from capsid.errors import UsageError
 class BindSpec:
     """One host path to bind into the container."""
 
-    __slots__ = ("destination", "readonly", "source")
+    __slots__ = ("destination", "readonly", "scratch", "source")
 
-    def __init__(self, source: str, destination: str, readonly: bool = False) -> None:
+    def __init__(self, source: str, destination: str, readonly: bool = False,
+                 scratch: str | None = None) -> None:
         self.source = source
         self.destination = destination
         self.readonly = readonly
+        #: a directory of the caller's: writes land there, over the source, and the source
+        #: never changes (a build's ``RUN --mount=type=bind,rw``)
+        self.scratch = scratch
+
+    def _key(self) -> tuple[str, str, bool, str | None]:
+        return (self.source, self.destination, self.readonly, self.scratch)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, BindSpec) and (self.source, self.destination, self.readonly) \
-            == (other.source, other.destination, other.readonly)
+        return isinstance(other, BindSpec) and self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self.source, self.destination, self.readonly))
+        return hash(self._key())
 
     def __repr__(self) -> str:
-        return f"BindSpec({self.source!r}, {self.destination!r}, readonly={self.readonly})"
+        extra = f", scratch={self.scratch!r}" if self.scratch else ""
+        return (f"BindSpec({self.source!r}, {self.destination!r}, "
+                f"readonly={self.readonly}{extra})")
 
 
 def parse_bind(text: str) -> list[BindSpec]:

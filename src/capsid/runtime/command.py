@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from capsid import tools
+from capsid import hostfs, tools
 from capsid.errors import RuntimeSetupError, UsageError
 from capsid.runtime import env as envmod
 from capsid.runtime import identity, linux
@@ -56,6 +56,10 @@ def run(plan: Plan, root_emulation: object | None = None) -> NoReturn:
         environment.setdefault("PATH", envmod.DEFAULT_PATH)
     else:
         environment, use_shell = _environment(plan)
+    if hostfs.host_alias() is not None:  # started by a root build: a step, or %test
+        from capsid.runtime import userns  # imported before pivot_root, by launch
+
+        userns.confine_build_step()
     if opts.user:
         identity.become(opts.user, environment)
     linux.no_new_privs()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from capsid import log
+from capsid import hostfs, inroot, log
 from capsid.errors import RuntimeSetupError
 from capsid.image.locate import SANDBOX, Image
 from capsid.runtime import (
@@ -18,7 +18,6 @@ from capsid.runtime import (
     early,
     hostmounts,
     identity,
-    inroot,
     isolation,
     linux,
     mounts,
@@ -76,6 +75,9 @@ def _check_served(image: Image) -> None:
 
 def _default_mounts(plan: Plan, opts: Options) -> None:
     site, no = plan.site, set(opts.no_mount)
+    if opts.root_emulation:  # a build step: it may read the kernel's knobs, never set them
+        _build_step_mounts()
+        return
     if site.mount_proc and "proc" not in no:
         mounts.mount_proc(opts.pid)
     if site.mount_sys and "sys" not in no:
@@ -91,6 +93,28 @@ def _default_mounts(plan: Plan, opts: Options) -> None:
             if src in no or (dst or src) in no:
                 continue
             mounts.bind_into(os.path.realpath(src), dst or src, required=False)
+
+
+def _build_step_mounts() -> None:
+    """What a RUN or %post step gets of the host: a /proc of its own PID namespace with
+    the kernel's settings read-only (as Docker masks them), /sys read-only (the host
+    owns its files besides), a minimal /dev, and copies of /etc/hosts and /etc/resolv.conf
+    (a step may edit them; the host's files never change)."""
+    mounts.mount_proc(True)
+    mounts.protect_proc()
+    mounts.bind_into("/sys", "/sys", readonly=True, required=False)
+    mounts.mount_minimal_dev()
+    for name in ("/etc/hosts", "/etc/resolv.conf"):
+        content = _host_file(name)
+        if content is not None:
+            mounts.bind_file(content, name.rsplit("/", 1)[1], name)
+
+
+def _host_file(path: str) -> bytes | None:
+    try:  # the host's own file; its links are followed inside the host's root
+        return hostfs.read_in(mounts.OLD, path)
+    except (OSError, hostfs.Refused):
+        return None
 
 
 def _container_mounts(plan: Plan, opts: Options) -> None:
@@ -111,7 +135,10 @@ def _container_mounts(plan: Plan, opts: Options) -> None:
             mounts.bind_into("/tmp", "/tmp", required=False)
             mounts.bind_into(os.path.realpath("/var/tmp"), "/var/tmp", required=False)
     for b in plan.binds:
-        mounts.bind_into(b.source, b.destination, readonly=b.readonly)
+        if b.scratch:
+            mounts.overlay_into(b.source, b.scratch, b.destination)
+        else:
+            mounts.bind_into(b.source, b.destination, readonly=b.readonly)
     if not (opts.fakeroot or opts.root_emulation):
         passwd = _read_image_file("/etc/passwd")
         if passwd is None:
@@ -120,7 +147,7 @@ def _container_mounts(plan: Plan, opts: Options) -> None:
                          "/etc/passwd")
         mounts.bind_file(identity.group(_read_image_file("/etc/group"), plan.user), "group",
                          "/etc/group")
-    if os.path.exists(f"{mounts.OLD}/etc/resolv.conf"):
+    if os.path.exists(f"{mounts.OLD}/etc/resolv.conf") and not opts.root_emulation:
         mounts.bind_into(os.path.realpath("/etc/resolv.conf"), "/etc/resolv.conf",
                          required=False)
     if opts.hostname:
@@ -169,6 +196,8 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
     if opts.net:
         isolation.loopback_up()
     filter_ = None
+    if hostfs.host_alias() is not None:
+        from capsid.runtime import userns  # now: command.run confines the command with it
     if opts.root_emulation:
         from capsid.runtime import (
             rootemu,  # now: pivot_root hides the host's libraries
@@ -220,6 +249,8 @@ def _open_overlay(opts: Options) -> tuple[str | None, bool, int | None]:
 
     path, readonly = overlayimg.split(opts.overlay)
     if overlayimg.is_image(path):
+        if not readonly:
+            from capsid.runtime import fuse  # noqa: F401 - used once the session covers /tmp
         return path, readonly, overlayimg.open_locked(os.path.realpath(path), readonly)
     return path, readonly, None
 

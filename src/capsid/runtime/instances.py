@@ -8,6 +8,11 @@ with the process's start time, so that a dead instance, or a process id reused b
 another program, is noticed and its entry removed, never trusted. ``exec``, ``run``
 and ``shell instance://NAME`` join its namespaces with ``setns`` (user, mount and,
 where it has its own, PID, IPC, UTS and network) and its root, as ``nsenter`` does.
+
+Records are not trusted: one is read only from the caller's private folder, only if it
+is a regular file of the caller's; the log paths are derived from the name, never
+taken from the record; and a process is signalled only if it is the caller's, its
+start time matches and it still lives in the user namespace recorded at the start.
 """
 
 from __future__ import annotations
@@ -48,35 +53,93 @@ class Instance:
     log_out: str
     log_err: str
     created: float
+    #: the container's user and mount namespaces (their inodes): a process outside them
+    #: is not the instance, whatever its id and start time
+    userns: int = 0
+    mntns: int = 0
 
 
 def directory() -> Path:
-    """Where this user's instances are recorded."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK):
-        return Path(runtime) / "capsid" / "instances"
-    return Path.home() / ".capsid" / "instances"
+    """Where this user's instances are recorded (made private, see :mod:`capsid.hostfs`)."""
+    from capsid import hostfs
+
+    try:
+        return Path(hostfs.runtime_dir("instances", str(Path.home() / ".capsid")))
+    except OSError as err:
+        raise CapsidError(f"cannot keep instance records: {err.strerror}: "
+                          f"{err.filename or ''}", "check $XDG_RUNTIME_DIR and $HOME") from None
+
+
+def _logs(folder: Path, name: str) -> tuple[Path, Path]:
+    return folder / "logs" / f"{name}.out", folder / "logs" / f"{name}.err"
+
+
+def _read(path: Path) -> Instance | None:
+    """The record at *path*, if it is a sound one of the caller's (else None)."""
+    from capsid import hostfs
+
+    name = path.name.removesuffix(".json")
+    try:
+        data = hostfs.read_nofollow(str(path), 64 << 10)
+        info = os.lstat(path)
+        if data is None or not hostfs.owned_by_caller(info.st_uid):
+            return None
+        fields = json.loads(data)
+        instance = Instance(**fields)
+    except (OSError, ValueError, TypeError, hostfs.Refused):
+        return None
+    numbers = (instance.pid, instance.started, instance.userns, instance.mntns)
+    if instance.name != name or not all(isinstance(n, int) and n > 1 for n in numbers):
+        return None
+    out, err = _logs(path.parent, name)
+    instance.log_out, instance.log_err = str(out), str(err)  # never the record's own paths
+    return instance
+
+
+def _alive(instance: Instance) -> bool:
+    """Whether the recorded process still runs: the same start time, the caller's, and
+    in the namespaces recorded when it started."""
+    if linux.start_time(instance.pid) != instance.started:
+        return False
+    try:
+        return os.stat(f"/proc/{instance.pid}").st_uid == os.getuid() and \
+            _namespaces(instance.pid) == (instance.userns, instance.mntns)
+    except OSError:
+        return False
+
+
+def _namespaces(pid: int) -> tuple[int, int]:
+    return (os.stat(f"/proc/{pid}/ns/user").st_ino, os.stat(f"/proc/{pid}/ns/mnt").st_ino)
 
 
 def _load(path: Path) -> Instance | None:
-    """The instance recorded at *path* if it still runs; a stale record is removed."""
-    try:
-        instance = Instance(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        instance = None
-    if instance is not None and linux.start_time(instance.pid) == instance.started:
+    """The instance recorded at *path* if it still runs; a stale record of the caller's is
+    removed with its logs."""
+    if not _NAME.fullmatch(path.name.removesuffix(".json")):
+        return None
+    instance = _read(path)
+    if instance is not None and _alive(instance):
         return instance
-    for stale in (path, *((Path(instance.log_out), Path(instance.log_err)) if instance
-                          else ())):
-        with contextlib.suppress(OSError):
-            stale.unlink()
+    if instance is not None or _is_own_file(path):
+        for stale in (path, *_logs(path.parent, path.name.removesuffix(".json"))):
+            with contextlib.suppress(OSError):
+                stale.unlink()  # unlink does not follow links; the folder is private
     return None
+
+
+def _is_own_file(path: Path) -> bool:
+    from capsid import hostfs
+
+    try:
+        return hostfs.owned_by_caller(os.lstat(path).st_uid)
+    except OSError:
+        return False
 
 
 def listed() -> list[Instance]:
     """The user's running instances, sorted by name (stale records are cleaned)."""
     folder = directory()
-    found = [_load(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    found = [_load(p) for p in sorted(folder.glob("*.json"))]
     return [i for i in found if i is not None]
 
 
@@ -91,8 +154,7 @@ def find(name: str) -> Instance:
 @contextlib.contextmanager
 def _locked() -> Iterator[Path]:
     folder = directory()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield folder
@@ -116,35 +178,59 @@ def start(image: str, name: str, args: Sequence[str], options: Options,
             raise UsageError(f"an instance named {name!r} is running already",
                              f"stop it first (capsid instance stop {name}) or choose "
                              "another name")
-        (folder / "logs").mkdir(exist_ok=True, mode=0o700)
-        out, err = folder / "logs" / f"{name}.out", folder / "logs" / f"{name}.err"
+        from capsid import hostfs
+
+        hostfs.private_dir(str(folder / "logs"), "runtime directory", parents=False)
+        out, err = _logs(folder, name)
+        made: list[Path] = []
         try:
-            with open(out, "wb") as out_f, open(err, "wb") as err_f:
+            out_fd, err_fd = _new_log(out, made), _new_log(err, made)
+            try:
                 pid = api.spawn(image, ["/bin/sh", "-c", _INIT.format(script=script), name,
-                                        *args], options,
-                                stdout=out_f.fileno(), stderr=err_f.fileno())
+                                        *args], options, stdout=out_fd, stderr=err_fd)
+            finally:
+                os.close(out_fd)
+                os.close(err_fd)
         except BaseException:
-            for log in (out, err):  # a start that failed leaves nothing behind
+            for log in made:  # a start that failed leaves nothing behind
                 log.unlink(missing_ok=True)
             raise
         started = linux.start_time(pid)
+        try:
+            userns, mntns = _namespaces(pid)
+        except OSError:
+            started = None
         if started is None:
             raise CapsidError(f"instance {name} ended as soon as it started",
                               f"see its messages in {err}")
         instance = Instance(name, pid, os.path.realpath(image), started, str(out), str(err),
-                            time.time())
+                            time.time(), userns, mntns)
         output.write_bytes(state, json.dumps(asdict(instance)).encode())
     return instance
 
 
+def _new_log(path: Path, made: list[Path]) -> int:
+    """A new log file at *path*, never through a link or into an existing file."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a stale one of a dead instance
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    made.append(path)
+    return fd
+
+
 def stop(instance: Instance, signum: int = signal.SIGTERM, timeout: float = 10.0) -> bool:
     """Signal the instance and wait for it to end (SIGKILL after *timeout*); its record
-    and logs go. False if it had to be killed."""
+    and logs go. False if it had to be killed. Only a process that is still the
+    instance (:func:`_alive`) is signalled."""
     gentle = True
+    if not _alive(instance):
+        _load(directory() / f"{instance.name}.json")
+        return gentle
     with contextlib.suppress(ProcessLookupError):
         os.kill(instance.pid, signum)
         deadline = time.monotonic() + timeout
-        while linux.start_time(instance.pid) == instance.started:
+        while _alive(instance):
             if time.monotonic() > deadline:
                 os.kill(instance.pid, signal.SIGKILL)
                 gentle = False
@@ -163,7 +249,7 @@ def join(instance: Instance, action: str, argv: Sequence[str]) -> NoReturn:
         raise CapsidError(f"cannot join instance {instance.name}: {err.strerror}",
                           "is it yours, and still running? see 'capsid instance list'"
                           ) from None
-    if linux.start_time(instance.pid) != instance.started:
+    if not _alive(instance):
         raise UsageError(f"instance {instance.name} has ended", "start it again")
     try:
         new_pid = spaces.enter()

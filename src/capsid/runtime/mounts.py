@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 import stat
 
-from capsid import log, tools
+from capsid import inroot, log, tools
 from capsid.errors import RuntimeSetupError
-from capsid.runtime import inroot, linux
+from capsid.runtime import linux
 
 LOG = log.get(__name__)
 
@@ -267,7 +267,7 @@ def _create_in(found: inroot.Walk, is_dir: bool) -> None:
 def ensure_target(root: str, path: str, is_dir: bool, *, required: bool = False) -> str | None:
     """The mount point for *path* under *root*, created if missing.
 
-    The path is resolved inside *root* only (:mod:`capsid.runtime.inroot`), and
+    The path is resolved inside *root* only (:mod:`capsid.inroot`), and
     whatever is created lies under it. Where that is impossible, a *required* mount
     point raises an error; others are skipped with a warning (None).
     """
@@ -318,6 +318,25 @@ def bind_into(source: str, destination: str, *, readonly: bool = False, nodev: b
             linux.mount("none", target, None,
                         linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID)
     return True
+
+
+def overlay_into(source: str, scratch: str, destination: str) -> None:
+    """Host directory *source* on *destination* in /final, writable, its changes kept in
+    host directory *scratch* (overlayfs): *source* itself never changes."""
+    target = ensure_target(FINAL, destination, True)
+    if target is None:
+        return
+    name = f"/files/overlay-{len(os.listdir('/files'))}"
+    os.mkdir(name)
+    for part, path in (("l", f"{OLD}{source}"), ("u", f"{OLD}{scratch}/upper"),
+                       ("w", f"{OLD}{scratch}/work")):
+        os.symlink(path, f"{name}/{part}")  # short names: paths may hold ',' or ':'
+    try:
+        linux.mount("overlay", target, "overlay", linux.MS_NOSUID | linux.MS_NODEV,
+                    f"lowerdir={name}/l,upperdir={name}/u,workdir={name}/w,userxattr")
+    except OSError as err:
+        raise RuntimeSetupError(f"cannot mount {source} writable at {destination}: "
+                                f"{err.strerror}", "mount it read-only instead") from None
 
 
 def symlink_into(target: str, link: str) -> None:
@@ -372,6 +391,24 @@ def mount_proc(new_pid_namespace: bool) -> None:
         linux.mount("proc", target, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
     else:
         linux.mount(f"{OLD}/proc", target, None, linux.MS_BIND | linux.MS_REC)
+
+
+#: Parts of /proc that set the kernel's behaviour for the whole machine: read-only in
+#: build steps, as Docker makes them for every container.
+PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+#: Parts of /proc that tell about the whole machine's memory and keys: hidden.
+PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug")
+
+
+def protect_proc() -> None:
+    """Make the kernel's knobs under the new /proc read-only and hide what Docker hides."""
+    target = f"{FINAL}/proc"
+    for name in PROC_READONLY:
+        if os.path.exists(f"{target}/{name}"):
+            linux.bind(f"{target}/{name}", f"{target}/{name}", readonly=True)
+    for name in PROC_MASKED:
+        if os.path.isfile(f"{target}/{name}") and os.path.exists(f"{OLD}/dev/null"):
+            linux.mount(f"{OLD}/dev/null", f"{target}/{name}", None, linux.MS_BIND)
 
 
 def mount_minimal_dev() -> None:

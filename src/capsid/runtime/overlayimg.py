@@ -170,6 +170,7 @@ def serve_writable(image_fd: int, lower: str, scratch: str, errors: str) -> int:
     try:
         linux.unshare(linux.CLONE_NEWNS)  # the copy: mounts made now stay in it
         os.mkdir(scratch)
+        before = os.stat(scratch).st_dev
         fuse_fd = fuse.open_device()
         try:
             mount_fd = linux.fs_mount("fuse", {
@@ -181,6 +182,8 @@ def serve_writable(image_fd: int, lower: str, scratch: str, errors: str) -> int:
                       '"$f2fs" -f -o fakeroot "/proc/self/fd/$img" "$mnt" & f=$!; n=0; '
                       'until mountpoint -q "$mnt"; do sleep 0.01; n=$((n+1)); '
                       '[ $n -gt 1000 ] || ! kill -0 $f 2>/dev/null && break; done; '
+                      'if ! mountpoint -q "$mnt"; then kill -TERM $f 2>/dev/null; '
+                      'echo "' + _ENDED + ' 1" >&2; exit 1; fi; '
                       '"$ovl" -f -o "lowerdir=$lower,upperdir=$mnt/upper,workdir=$mnt/work,'
                       'noacl,allow_other" "/dev/fd/$dev"; '
                       'echo "' + _ENDED + ' $?" >&2; kill -TERM $f; wait $f ) & exit 0')
@@ -196,6 +199,9 @@ def serve_writable(image_fd: int, lower: str, scratch: str, errors: str) -> int:
                 finally:
                     if raised:
                         linux.clear_ambient()
+            # fuse-overlayfs stacks on fuse2fs: say so now if fuse2fs cannot serve (a
+            # damaged image), not later as "Transport endpoint is not connected"
+            _wait_mounted(scratch, before, errors, "fuse2fs")
         finally:
             os.close(fuse_fd)
             os.close(image_fd)

@@ -97,7 +97,8 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
     binds = []
     for b in opts.binds:
         _check_source(b.source)
-        binds.append(BindSpec(os.path.realpath(b.source), b.destination, b.readonly))
+        binds.append(BindSpec(os.path.realpath(b.source), b.destination, b.readonly,
+                              b.scratch))
         if b.destination == "/":
             LOG.warning("binding %s onto / replaces the container's whole root filesystem "
                         "with it; bind it somewhere below / instead", b.source)

@@ -18,7 +18,7 @@ import _thread
 import os
 import stat
 
-from capsid.runtime import inroot
+from capsid import inroot
 
 #: Pieces the kernel asks FUSE for at a time (its readahead window).
 _PIECE = 128 * 1024

@@ -23,7 +23,6 @@ from __future__ import annotations
 import _socket as socket  # the C module: ``socket`` costs 5 ms to import, on every rank
 import fcntl
 import os
-import stat
 import sys
 
 from capsid import log
@@ -93,25 +92,13 @@ def key(image: str, opts: Options) -> str:
 def directory() -> str | None:
     """This user's directory for keepers' sockets on this node, made private; None if no
     safe one can be had."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = os.path.join(runtime, "capsid") if runtime and os.access(runtime, os.W_OK) else \
-        f"/tmp/capsid-{os.getuid()}"
-    path = os.path.join(base, "sharens")
+    from capsid import hostfs
+
     try:
-        for each, forbidden in ((base, 0o022), (path, 0o077)):
-            try:  # noqa: SIM105 - contextlib costs milliseconds to import
-                os.mkdir(each, 0o700)
-            except FileExistsError:
-                pass
-            info = os.lstat(each)
-            if info.st_uid != os.getuid() or info.st_mode & forbidden or \
-                    not stat.S_ISDIR(info.st_mode):
-                LOG.debug("not sharing: %s is not private to you", each)
-                return None
-    except OSError as err:
-        LOG.debug("not sharing: %s: %s", path, err.strerror)
+        return hostfs.runtime_dir("sharens", f"/tmp/capsid-{os.getuid()}")
+    except (OSError, hostfs.Refused) as err:
+        LOG.debug("not sharing: %s", getattr(err, "message", None) or err)
         return None
-    return path
 
 
 def _locked(path: str) -> int:

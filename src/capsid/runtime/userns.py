@@ -47,19 +47,60 @@ def mapped_ids() -> int:
     return sum(int(line.split()[2]) for line in id_maps()[0].splitlines() if line.strip())
 
 
+#: Inside a root build's namespace, host id N is seen as HOST_ALIAS + N (for N below
+#: 65536): how the builder still reads the recipe's context and gives the output to root.
+HOST_ALIAS = 65536
+
+
 def enter_for_build(user: identity.User) -> bool:
     """Move this (single-threaded) process into the user namespace a whole build runs in.
 
     With subordinate ids granted in /etc/subuid and /etc/subgid (and newuidmap), the
     user becomes root and ids 1… map onto the range, so the owners that package
     managers set are real, as in buildah or Apptainer's --fakeroot. The build's own
-    files, its cache and its output stay the user's. Returns False, changing nothing,
-    for root or without ranges: then each step maps the user alone.
+    files, its cache and its output stay the user's.
+
+    The host's root builds in a namespace whose root is an unused range of host ids
+    (:data:`capsid.hostfs.ROOT_BUILD_IDS`); the host's ids are there too, shifted by
+    :data:`HOST_ALIAS`, for the builder itself, never for the steps (see
+    :func:`enter`). Returns False, changing nothing, without ranges: then each step
+    maps the user alone.
     """
-    if user.uid == 0 or not _ranges(user):
+    from capsid import hostfs
+
+    if user.uid == 0:
+        if mapped_ids() != 0xFFFFFFFF:
+            return False  # root of a namespace already: its steps map what it has
+        _enter_root_build()
+        return True
+    if not _ranges(user):
         return False
     enter(user, True)
+    hostfs.entered_namespace(user.uid)
     return True
+
+
+def _enter_root_build() -> None:
+    from capsid import hostfs
+
+    start, count = hostfs.ROOT_BUILD_IDS
+    text = f"0 {start} {count}\n{HOST_ALIAS} 0 {HOST_ALIAS}\n"
+    maps = {"uid_map": text, "gid_map": text}
+
+    def write_maps(target: int) -> bool:  # pragma: no cover - runs in the child
+        for name, text in maps.items():
+            with open(f"/proc/{target}/{name}", "w") as f:
+                f.write(text)
+        return True
+
+    _unshare_mapped(write_maps, RuntimeSetupError(
+        "cannot map the build's ids into a new user namespace",
+        "run again with --debug; this may be a bug in capsid"))
+    # The host's root is HOST_ALIAS here: become the namespace's root, the build's owner.
+    os.setresgid(0, 0, 0)
+    os.setgroups([])
+    os.setresuid(0, 0, 0)
+    hostfs.entered_namespace(0, HOST_ALIAS)
 
 
 def _ranges(user: identity.User) -> tuple[tuple[int, int], tuple[int, int],
@@ -156,4 +197,27 @@ def _enter_identity() -> None:
 
     _unshare_mapped(write_maps, RuntimeSetupError(
         "cannot map root's ids into a new user namespace",
+        "run again with --debug; this may be a bug in capsid"))
+
+
+def confine_build_step() -> None:
+    """In a root build, the last thing before a step's command: a user namespace holding
+    only the image's ids (those :data:`capsid.hostfs.ROOT_BUILD_IDS` stand for), so the
+    host's ids that the builder used to set the step up are gone, and with them any way
+    to act as the host's root. The step owns none of the mounts it sees, so it cannot
+    undo a read-only one either. Nothing happens outside a root build."""
+    from capsid import hostfs
+
+    if hostfs.host_alias() is None:
+        return
+    text = f"0 0 {HOST_ALIAS}\n"
+
+    def write_maps(target: int) -> bool:  # pragma: no cover - runs in the child
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{target}/{name}", "w") as f:
+                f.write(text)
+        return True
+
+    _unshare_mapped(write_maps, RuntimeSetupError(
+        "cannot confine the build step to the image's ids",
         "run again with --debug; this may be a bug in capsid"))
