@@ -7,11 +7,15 @@
 # host side).
 # Needs root, and scripts/setup.sh's packages (slurm-wlm, munge, libpmix-dev: PMIx must
 # be installed before slurmd starts, or srun --mpi=pmix cannot load it).
+# Its configuration lives in a directory of its own ($state/etc), never in /etc/slurm, so
+# it runs beside a machine's own Slurm: clients reach it with SLURM_CONF=$state/etc/slurm.conf
+# (scripts/test.sh exports it).
 # Usage: scripts/slurm-cluster.sh start|stop|status
 set -euo pipefail
 cd "$(dirname "$0")/.."
-conf=/etc/slurm/slurm.conf
 state=/var/lib/capsid-slurm
+conf=$state/etc/slurm.conf
+export SLURM_CONF=$conf
 mark="# written by capsid's scripts/slurm-cluster.sh"
 nodes=(node1 node2)
 addr() { case $1 in node1) echo 10.77.0.11 ;; node2) echo 10.77.0.12 ;; esac; }
@@ -26,7 +30,7 @@ stop() {
     for n in "${nodes[@]}"; do ip netns del "capsid-$n" 2>/dev/null || true; done
     ip route del local 10.77.0.0/24 dev lo 2>/dev/null || true
     sed -i '/# capsid-slurm$/d' /etc/hosts
-    for f in "$conf" /etc/slurm/mpi.conf; do
+    for f in /etc/slurm/slurm.conf /etc/slurm/mpi.conf; do  # where older versions wrote
         grep -qs "$mark" "$f" && rm -f "$f"
     done
     rm -rf "$state"
@@ -35,7 +39,8 @@ stop() {
 
 start() {
     stop
-    mkdir -p "$state" /var/log/slurm /var/spool/slurmctld /run/munge
+    mkdir -p "$state/etc" "$state/ctld" /var/log/slurm /run/munge
+    chmod 755 "$state" "$state/etc"
     if ! pgrep -x munged >/dev/null; then
         chown munge:munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
         runuser -u munge -- /usr/sbin/munged --force
@@ -55,10 +60,6 @@ start() {
     # slurmctld reaches a node's slurmd at its address, delivered on the host's loopback
     ip route add local 10.77.0.0/24 dev lo
     host=$(hostname -s)
-    if [ -f "$conf" ] && ! grep -q "$mark" "$conf"; then
-        echo "slurm-cluster: $conf exists and is not ours; not touching it" >&2
-        exit 1
-    fi
     cat >"$conf" <<CONF
 $mark
 ClusterName=capsid
@@ -78,7 +79,7 @@ ReturnToService=2
 SlurmctldPidFile=$state/slurmctld.pid
 SlurmdPidFile=$state/slurmd-%n.pid
 SlurmdSpoolDir=$state/spool
-StateSaveLocation=/var/spool/slurmctld
+StateSaveLocation=$state/ctld
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd-%n.log
 NodeName=node1 NodeAddr=10.77.0.11 CPUs=4 RealMemory=2000 State=UNKNOWN
@@ -97,7 +98,7 @@ CONF
     # a directory for its clients (which must be where their containers see it: /tmp).
     # Each node has both of its own, at the same paths: a mount namespace of its own.
     clients=/tmp/capsid-slurm-pmix
-    printf '%s\nPMIxTimeout=60\nPMIxCliTmpDirBase=%s\n' "$mark" "$clients" >/etc/slurm/mpi.conf
+    printf '%s\nPMIxTimeout=60\nPMIxCliTmpDirBase=%s\n' "$mark" "$clients" >"$state/etc/mpi.conf"
     mkdir -p "$state/spool" "$clients"
     for n in "${nodes[@]}"; do
         mkdir -p "$state/spool-$n" "$state/clients-$n"
@@ -124,5 +125,6 @@ case ${1:-} in
     start) start ;;
     stop) stop ;;
     status) sinfo ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    conf) echo "$conf" ;;
+    *) echo "usage: $0 start|stop|status|conf" >&2; exit 2 ;;
 esac

@@ -10,6 +10,11 @@ scripts/setup.sh
 .venv/bin/mypy
 
 if [ "$(id -u)" = 0 ]; then
+    # The ordinary user the suite runs as again, and (#19) the second user that the root
+    # run's cross-user tests plant files and processes as.
+    user=${CAPSID_TEST_USER:-capsid-test}
+    id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+    export CAPSID_TEST_USER=$user
     CAPSID_TEST_CACHE=$(scripts/debian-image.sh)
     export CAPSID_TEST_CACHE
     scripts/oci-images.sh >/dev/null
@@ -24,6 +29,8 @@ if [ "$(id -u)" = 0 ]; then
     }
     trap cleanup EXIT
     scripts/slurm-cluster.sh start
+    SLURM_CONF=$(scripts/slurm-cluster.sh conf)  # the test cluster's, not /etc/slurm's
+    export SLURM_CONF
 fi
 
 shared=${CAPSID_SHARED:-$(cd .. && pwd)/shared}
@@ -33,8 +40,6 @@ status=0
 [ "$status" = 5 ] && status=0   # pytest's "no tests collected" is not a failure here
 
 if [ "$(id -u)" = 0 ]; then
-    user=${CAPSID_TEST_USER:-capsid-test}
-    id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
     # No admin set-up for the ordinary user: Debian's useradd granted subordinate ids.
     sed -i "/^$user:/d" /etc/subuid /etc/subgid
     # A second user keeps them, for the tests of what builds do with them.
@@ -55,10 +60,32 @@ if [ "$(id -u)" = 0 ]; then
     user_status=0
     runuser -u "$user" -- env -C "$repo" HOME="$(getent passwd "$user" | cut -d: -f6)" \
         CAPSID_SHARED="$shared" CAPSID_TEST_CACHE="$CAPSID_TEST_CACHE" \
-        PATH=/usr/local/bin:/usr/bin:/bin \
+        SLURM_CONF="$SLURM_CONF" PATH=/usr/local/bin:/usr/bin:/bin \
         "$repo/.venv/bin/pytest" -p no:cacheprovider "$@" || user_status=$?
     [ "$user_status" = 5 ] && user_status=0
     [ "$user_status" = 0 ] || status=$user_status
+    # Once more with capsid itself installed under /tmp, which every container's session
+    # tmpfs covers: a module imported only after that point cannot be found there (#19).
+    echo "test: the runtime's tests again as $user, with capsid installed under /tmp"
+    tmp_status=0
+    tmpinstall=$(mktemp -d /tmp/capsid-install.XXXXXX)
+    /usr/bin/python3 -m venv "$tmpinstall/venv"
+    deps=$("$repo/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    own=$("$tmpinstall/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "$deps" >"$own/capsid-test-deps.pth"   # pytest and capsid's dependencies
+    "$tmpinstall/venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+        --no-build-isolation --no-index "$repo" >/dev/null
+    "$tmpinstall/venv/bin/python" -m compileall -q "$own/capsid" >/dev/null
+    chmod -R a+rX "$tmpinstall"
+    runuser -u "$user" -- env -C "$repo" HOME="$(getent passwd "$user" | cut -d: -f6)" \
+        CAPSID_SHARED="$shared" CAPSID_TEST_CACHE="$CAPSID_TEST_CACHE" \
+        PATH=/usr/local/bin:/usr/bin:/bin \
+        "$tmpinstall/venv/bin/python" -m pytest -p no:cacheprovider -m "not subids" \
+        tests/integration/test_runtime.py tests/integration/test_security.py \
+        tests/integration/test_dropin.py tests/integration/test_hostile.py \
+        tests/integration/test_build.py || tmp_status=$?
+    rm -rf "$tmpinstall"
+    [ "$tmp_status" = 0 ] || status=$tmp_status
     echo "test: running the tests of subordinate ids as $subuser"
     sub_status=0
     runuser -u "$subuser" -- env -C "$repo" HOME="$(getent passwd "$subuser" | cut -d: -f6)" \

@@ -41,6 +41,18 @@ def run_capsid(*args: str | os.PathLike[str], check: bool = False, **kw: object
     return proc  # type: ignore[no-any-return]
 
 
+def barrier(count: int, probe: str = "readlink /proc/self/ns/mnt") -> str:
+    """A shell command: *probe*, then wait until *count* processes ran it (in the cwd).
+
+    Namespace ids are inode numbers the kernel reuses once a namespace dies: only those
+    of processes alive at the same time can be compared, and a rank that waits for the
+    others keeps its own alive while theirs are read.
+    """
+    return (f"{probe}; echo x >> barrier; n=0; "
+            f"while [ $(wc -l < barrier) -lt {count} ] && [ $n -lt 1200 ]; do "
+            "sleep 0.05; n=$((n+1)); done")
+
+
 @pytest.fixture
 def capsid() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_capsid

@@ -144,18 +144,18 @@ class ImageFiles:
                         if where.missing or where.inside in seen:
                             continue
                         seen.add(where.inside)
+                        inside = where.inside.lstrip("/")
                         fd = where.reopen(os.O_RDONLY | os.O_DIRECTORY)
                 except (OSError, inroot.Unresolvable):
                     continue
                 try:
                     base = f"/proc/self/fd/{fd}"
                     for dirpath, _dirs, files in os.walk(base):
-                        inside = where.inside.lstrip("/")
                         found += [os.path.join(inside, os.path.relpath(
                             os.path.join(dirpath, n), base)) for n in files]
                 finally:
                     os.close(fd)
-            return found
+            return list(dict.fromkeys(found))  # usr/lib holds usr/lib/x86_64-linux-gnu
         listing = subprocess.run([tools.which("unsquashfs"), "-o", str(self.image.offset),
                                   "-lc", "-d", "", self.image.path], capture_output=True,
                                  check=False)

@@ -211,6 +211,32 @@ def cdi_spec(data: bytes) -> None:
                 cdi.read_spec(path)
 
 
+def instance_record(data: bytes) -> None:
+    """A state file in the instances folder: read as untrusted, never followed."""
+    import tempfile
+
+    from capsid.runtime import instances
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fuzzed.json"
+        path.write_bytes(data)
+        found = instances._read(path)
+        if found is not None:
+            assert found.name == "fuzzed" and found.log_out == f"{folder}/logs/fuzzed.out"
+
+
+def step_output(data: bytes) -> None:
+    """What a build step leaves in $APPTAINER_ENVIRONMENT (read inside its directory)."""
+    import tempfile
+
+    from capsid import hostfs
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "environment").write_bytes(data)
+        got = hostfs.read_in(folder, "environment", 4096)
+        assert got == data
+
+
 def _capsid_error() -> type[Exception]:
     from capsid.errors import CapsidError
 
@@ -223,7 +249,8 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "registries_conf": registries_conf, "bind_specs": bind_specs, "env_file": env_file,
     "site_config": site_config, "image_reference": image_reference,
     "dockerfile_recipe": dockerfile_recipe, "definition_file": definition_file,
-    "elf_headers": elf_headers, "cdi_spec": cdi_spec,
+    "elf_headers": elf_headers, "cdi_spec": cdi_spec, "instance_record": instance_record,
+    "step_output": step_output,
 }
 
 
@@ -288,6 +315,10 @@ def starting_points(name: str) -> list[bytes]:
         "docker_archive": [manifest], "archive_tar": [tar_seed()],
         "registries_conf": [b'[[registry]]\nprefix = "docker.io"\n[[registry.mirror]]\n'
                             b'location = "m:5000/x"\n'],
+        "instance_record": [b'{"name": "fuzzed", "pid": 2, "image": "/x.sif", "started": 5, '
+                            b'"log_out": "/etc/passwd", "log_err": "/etc/shadow", '
+                            b'"created": 0.0, "userns": 3, "mntns": 4}'],
+        "step_output": [b"export A=b\n"],
         "bind_specs": [b"/a:/b:ro,/c"], "env_file": [b"export A='b'\nC=\"d\"\n"],
         "site_config": [b"mount dev = minimal\nbind path = /a:/b\n"],
         "image_reference": [b"registry:5000/a/b:c@sha256:" + b"0" * 64],

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPSID, run_capsid
+from tests.conftest import CAPSID, barrier, run_capsid
 
 pytestmark = pytest.mark.unprivileged
 
@@ -94,7 +94,7 @@ def test_ranks_share_one_container(mpi_sif: Path, tmp_path: Path) -> None:
 
 
 def test_no_sharens_gives_each_rank_its_own(mpi_sif: Path, tmp_path: Path) -> None:
-    result = mpirun(CAPSID, "exec", "--no-sharens", mpi_sif, "readlink", "/proc/self/ns/mnt",
+    result = mpirun(CAPSID, "exec", "--no-sharens", mpi_sif, "sh", "-c", barrier(3),
                     ranks=3, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(set(result.stdout.split())) == 3
@@ -135,13 +135,30 @@ def test_kill_9_of_every_rank_leaves_nothing(mpi_sif: Path, tmp_path: Path) -> N
 def test_ranks_that_start_and_end_apart(mpi_sif: Path, tmp_path: Path) -> None:
     """--sharens without a launcher: containers started by one parent share."""
     before = set(_live_servers(mpi_sif))
-    script = (f"for t in 1.0 1.2 0.6; do {CAPSID} exec --sharens {mpi_sif} "
-              "sh -c \"readlink /proc/self/ns/mnt; sleep $t\" & sleep 0.4; done; wait")
-    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    names = result.stdout.split()
-    assert len(names) == 3 and len(set(names)) == 1, result.stdout
+    started = []
+    held = -1
+    try:
+        for pause in (1.0, 1.2, 0.6):
+            started.append(subprocess.Popen(
+                [str(CAPSID), "exec", "--sharens", str(mpi_sif), "sh", "-c",
+                 f"readlink /proc/self/ns/mnt; sleep {pause}"], stdout=subprocess.PIPE,
+                text=True, cwd=tmp_path))
+            if held < 0:  # the first container's namespace, held open by the test: its
+                # number cannot go to a later namespace while the others are compared
+                first = started[0].stdout.readline() if started[0].stdout else ""
+                held = os.open(f"/proc/{started[0].pid}/ns/mnt", os.O_RDONLY)
+                assert os.readlink(f"/proc/self/fd/{held}") == first.strip()
+            time.sleep(0.4)
+        names = [first.strip()] + [p.communicate(timeout=60)[0].strip() for p in started[1:]]
+        started[0].wait(timeout=60)
+    finally:
+        if held >= 0:
+            os.close(held)
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert all(p.returncode == 0 for p in started)
+    assert len(names) == 3 and len(set(names)) == 1, names
     assert _gone(mpi_sif, before)
 
 

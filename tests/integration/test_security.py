@@ -477,6 +477,27 @@ def test_a_writable_overlay_image_on_a_sandbox(busybox_sandbox: Path, tmp_path: 
     wrote = run_capsid("exec", "--overlay", image, busybox_sandbox, "sh", "-c",
                        "echo kept > /kept", timeout=60)
     assert wrote.returncode == 0, wrote.stderr
+    before = _fuse2fs()
     read = run_capsid("exec", "--overlay", f"{image}:ro", busybox_sandbox, "cat", "/kept",
                       timeout=60)
     assert read.stdout == "kept\n", read.stderr
+    # its server ends with it (as root it waited for itself for ever, stuck in the kernel)
+    deadline = time.monotonic() + 10
+    while _fuse2fs() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _fuse2fs() - before == set()
+
+
+def _fuse2fs() -> set[str]:
+    """This user's fuse2fs processes that have not ended (zombies aside)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or entry.stat().st_uid != os.getuid():
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and (entry / "comm").read_text().strip() == "fuse2fs":
+                found.add(entry.name)
+        except OSError:
+            continue
+    return found

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPSID
+from tests.conftest import CAPSID, barrier
 
 pytestmark = [pytest.mark.unprivileged, pytest.mark.e2e]
 
 CACHE = Path(os.environ.get("CAPSID_TEST_CACHE", "/var/cache/capsid-test"))
+#: the test cluster's own configuration (scripts/slurm-cluster.sh), not the machine's
+CONF = os.environ.get("SLURM_CONF", "/var/lib/capsid-slurm/etc/slurm.conf")
 TROUBLE = ("WARNING", "ORTE_ERROR_LOG", "PMIX ERROR", "different user namespaces",
            "help message")
 
@@ -29,7 +31,7 @@ def cluster() -> None:
         pytest.skip("needs Slurm and the MPI image: scripts/slurm-cluster.sh start and "
                     "scripts/mpi-image.sh, as root (test.sh runs them)")
     states = subprocess.run(["sinfo", "-h", "-o", "%n %t"], capture_output=True, text=True,
-                            check=False, timeout=30)
+                            check=False, timeout=30, env=dict(os.environ, SLURM_CONF=CONF))
     if states.returncode != 0 or sorted(states.stdout.split()) != [
             "idle", "idle", "node1", "node2"]:
         pytest.skip(f"the test cluster is not up ({states.stdout.strip() or states.stderr})")
@@ -46,7 +48,7 @@ def sbatch(folder: Path, script: str, *flags: str) -> str:
     path.write_text("#!/bin/bash\nC=" + str(CACHE) + "\n" + script)
     out = folder / "job.out"
     env = dict(os.environ, PATH=f"{CAPSID.parent}:/usr/local/bin:/usr/bin:/bin",
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", SLURM_CONF=CONF)
     result = subprocess.run(["sbatch", "--wait", "-o", str(out), *flags, str(path)],
                             capture_output=True, text=True, env=env, cwd=folder, timeout=300,
                             check=False)
@@ -62,12 +64,13 @@ def _clean(output: str) -> None:
 
 def test_srun_pmix_across_two_nodes(cluster: None, jobs: Path) -> None:
     output = sbatch(jobs, """
-srun --mpi=pmix capsid exec $C/mpi.sif sh -c 'echo ns $(hostname) $(readlink /proc/self/ns/mnt)'
+srun --mpi=pmix capsid exec $C/mpi.sif sh -c '{probe}'
 srun --mpi=pmix capsid exec $C/mpi.sif mpitest hello
 OMPI_MCA_btl_vader_single_copy_mechanism=cma \\
     srun --mpi=pmix -N 1 -n 2 capsid exec $C/mpi.sif mpitest pingpong 1048576 20
 srun --mpi=pmix capsid exec $C/mpi.sif mpitest exit 2 6; echo "srun exit $?"
-""", "-N", "2", "-n", "4")
+""".format(probe=barrier(4, "echo ns $(hostname) $(readlink /proc/self/ns/mnt)")),
+                    "-N", "2", "-n", "4")
     lines = output.splitlines()
     spaces = [line.split()[1:] for line in lines if line.startswith("ns ")]
     assert sorted(host for host, _ in spaces) == ["node1", "node1", "node1", "node2"]

@@ -8,6 +8,7 @@ process, so its exit status, signals and terminal are capsid's own.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 
 from capsid import hostfs, tools
@@ -133,8 +134,11 @@ def _env_scripts() -> dict[str, bytes] | None:
         return None
     scripts = {}
     for name in names:
-        try:
-            with open(f"/.singularity.d/env/{name}", "rb") as f:
+        try:  # inside the container's root already; non-blocking: a FIFO cannot hang it
+            fd = os.open(f"/.singularity.d/env/{name}", os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return None
                 scripts[name] = f.read(65536)
         except OSError:
             return None

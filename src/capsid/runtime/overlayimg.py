@@ -38,8 +38,11 @@ CAP_SYS_ADMIN = 21
 _MOUNT_WAIT_SECONDS = 10.0
 #: $1 the process to outlive, then the server's command. The outer shell exits at once,
 #: so the server and its watcher are nobody's children here; a server that ends says so.
+#: It serves read-only (``:ro``): nothing to write back, so it is killed outright. On
+#: SIGTERM fuse2fs unmounts by path, and pivot_root has made its root the container's,
+#: whose lowest layer fuse2fs serves itself: it would wait for itself for ever.
 _SERVE = ('pid=$1; shift; ( "$@" & f=$!; '
-          '( tail -s 0.2 --pid="$pid" -f /dev/null; kill -TERM "$f" ) & '
+          '( tail -s 0.2 --pid="$pid" -f /dev/null; kill -KILL "$f" ) & '
           'wait "$f"; echo "' + '{ended}' + ' $?" >&2 ) & exit 0')
 _ENDED = "capsid: a FUSE server of the overlay ended with status"
 

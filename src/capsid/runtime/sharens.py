@@ -192,7 +192,8 @@ def _keeper(image: str, opts: Options, folder: str, name: str,
 
     null = os.open(os.devnull, os.O_RDWR)
     log_path = os.path.join(folder, f"{name}.log")
-    messages = os.open(log_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    messages = os.open(log_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, 0o600)
     os.unlink(log_path)  # read back through the fd
     for fd, target in ((null, 0), (null, 1), (messages, 2)):
         os.dup2(fd, target)
