@@ -53,6 +53,17 @@ def barrier(count: int, probe: str = "readlink /proc/self/ns/mnt") -> str:
             "sleep 0.05; n=$((n+1)); done")
 
 
+def one_error(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    """A failure reported as exactly one 'capsid: error:' line naming *words*: that line."""
+    assert result.returncode == 255, (result.returncode, result.stdout, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("capsid: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
 @pytest.fixture
 def capsid() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_capsid

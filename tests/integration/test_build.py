@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_capsid
+from tests.conftest import one_error, run_capsid
 from tests.support.registry import PASSWORD, USER, Registry
 
 pytestmark = pytest.mark.unprivileged
@@ -44,16 +44,6 @@ def ran(result: subprocess.CompletedProcess[str]) -> int:
     """How many steps a build ran (were not cached), from its summary line."""
     line = [x for x in result.stderr.splitlines() if x.startswith("built: ")][-1]
     return int(line.split(", ")[2].split()[0])
-
-
-def one_error(result: subprocess.CompletedProcess[str], *words: str) -> str:
-    assert result.returncode == 255, (result.returncode, result.stderr)
-    errors = [x for x in result.stderr.splitlines() if x.startswith("capsid: error:")]
-    assert len(errors) == 1, result.stderr
-    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
-    for word in words:
-        assert word in errors[0], errors[0]
-    return errors[0]
 
 
 def test_the_seed_workflow_verbatim(env: dict[str, str], tmp_path: Path) -> None:

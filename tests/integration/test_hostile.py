@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPSID, run_capsid
+from tests.conftest import CAPSID, one_error, run_capsid
 
 pytestmark = pytest.mark.unprivileged
 
@@ -29,16 +29,6 @@ def listing(*roots: Path) -> dict[str, tuple[int, int]]:
                 st = os.lstat(path)
                 seen[path] = (st.st_mode, st.st_size if not os.path.isdir(path) else 0)
     return seen
-
-
-def one_clear_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
-    """A failure reported as exactly one 'capsid: error:' line naming *words*."""
-    assert result.returncode == 255, (result.returncode, result.stdout, result.stderr)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("capsid: error:")]
-    assert len(errors) == 1, result.stderr
-    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
-    for word in words:
-        assert word in errors[0], errors[0]
 
 
 @pytest.fixture
@@ -95,7 +85,7 @@ def test_long_symlink_chain_cannot_reach_the_host(make_image: Callable[..., Path
         (tmp_path / "ov").mkdir()
         options += ["--overlay", str(tmp_path / "ov")]
     result = run_capsid("exec", *options, image, "true")
-    one_clear_error(result, "/data/newdir", "too many levels of symbolic links")
+    one_error(result, "/data/newdir", "too many levels of symbolic links")
     assert listing(sentinel) == before
     assert listing(source) == {}
 
@@ -124,7 +114,7 @@ def test_symlink_loops_are_refused(make_image: Callable[..., Path], tmp_path: Pa
         (root / "loop").symlink_to("loop")
     image = make_image(change)
     result = run_capsid("exec", "-B", f"{tmp_path}:/data", image, "true")
-    one_clear_error(result, "/data", "too many levels")
+    one_error(result, "/data", "too many levels")
 
 
 def test_default_mounts_through_hostile_links_are_skipped(make_image: Callable[..., Path],
@@ -147,7 +137,7 @@ def test_default_mounts_through_hostile_links_are_skipped(make_image: Callable[.
 def test_bind_onto_a_file_where_the_source_is_a_directory(busybox_sif: Path,
                                                          tmp_path: Path) -> None:
     result = run_capsid("exec", "-B", f"{tmp_path}:/bin/busybox", busybox_sif, "true")
-    one_clear_error(result, "/bin/busybox", "is a file in the image")
+    one_error(result, "/bin/busybox", "is a file in the image")
 
 
 def _peak_rss_mib(argv: list[str]) -> tuple[int, float, str]:
@@ -208,7 +198,7 @@ def test_special_files_as_images_are_refused_not_waited_on(
     out = tmp_path / "out"
     argv = command.format(special_files[kind], out=out).split()
     result = run_capsid(*argv, timeout=20)
-    one_clear_error(result, kind)
+    one_error(result, kind)
     assert not out.exists()
 
 
@@ -222,7 +212,7 @@ def test_unreadable_sif_is_one_line_for_every_command(busybox_sif: Path,
     for argv in (["sif", "list"], ["sif", "header"], ["inspect"], ["exec"],
                  ["build", "--sandbox", str(tmp_path / "sb")]):
         extra = ["true"] if argv == ["exec"] else []
-        one_clear_error(run_capsid(*argv, image, *extra), "permission denied")
+        one_error(run_capsid(*argv, image, *extra), "permission denied")
 
 
 def _patch(path: Path, offset: int, data: bytes) -> None:
@@ -245,13 +235,13 @@ def test_bad_sif_metadata_objects(busybox_sif: Path, tmp_path: Path) -> None:
     garbled = tmp_path / "ff.sif"
     shutil.copy(busybox_sif, garbled)
     _patch(garbled, meta.offset, b"\xff" * min(meta.size, 64))
-    one_clear_error(run_capsid("inspect", garbled), "inspect-metadata.json")
+    one_error(run_capsid("inspect", garbled), "inspect-metadata.json")
     # The descriptor's offset moved into the squashfs partition (offset field at byte 17).
     overlapping = tmp_path / "overlap.sif"
     shutil.copy(busybox_sif, overlapping)
     _patch(overlapping, table + index * DESCRIPTOR.size + 17,
            part.offset.to_bytes(8, "little"))
-    one_clear_error(run_capsid("inspect", "--all", overlapping), "inspect-metadata.json")
+    one_error(run_capsid("inspect", "--all", overlapping), "inspect-metadata.json")
     # The image itself still runs: the metadata is not on the start path.
     assert run_capsid("exec", overlapping, "true").returncode == 0
 
@@ -269,13 +259,13 @@ def test_odd_overlay_targets(busybox_sif: Path, tmp_path: Path, target: str) -> 
     words = {"missing": "does not exist", "file": "not an overlay image", "root": "cannot write",
              "slash": "cannot be /", "others": "cannot write"}[target]
     result = run_capsid("exec", "--overlay", paths[target], busybox_sif, "true")
-    one_clear_error(result, words)
+    one_error(result, words)
     assert not (tmp_path / "nowhere").exists()
 
 
 def test_hostile_cli_input(busybox_sif: Path, tmp_path: Path) -> None:
     """#10.8: --hostname of 300 characters; a non-UTF-8 --env-file (its bytes pass through)."""
-    one_clear_error(run_capsid("exec", "--hostname", "h" * 300, busybox_sif, "true"),
+    one_error(run_capsid("exec", "--hostname", "h" * 300, busybox_sif, "true"),
                     "--hostname", "64")
     env_file = tmp_path / "env"
     env_file.write_bytes(b"LATIN=caf\xe9\nPLAIN=yes\n")
@@ -293,7 +283,7 @@ def test_bad_tuning_variables(tmp_path: Path, name: str, value: str,
                               command: list[str]) -> None:
     env = dict(os.environ, **{name: value}, CAPSID_CACHEDIR=str(tmp_path / "cache"))
     argv = [c.format(out=tmp_path / "out.sif") for c in command]
-    one_clear_error(run_capsid(*argv, env=env, timeout=30), name)
+    one_error(run_capsid(*argv, env=env, timeout=30), name)
 
 
 def test_a_fifo_as_site_configuration_is_refused(busybox_sif: Path, tmp_path: Path) -> None:
@@ -301,7 +291,7 @@ def test_a_fifo_as_site_configuration_is_refused(busybox_sif: Path, tmp_path: Pa
     os.mkfifo(fifo)
     result = run_capsid("exec", busybox_sif, "true", timeout=20,
                         env=dict(os.environ, CAPSID_CONFIG=str(fifo)))
-    one_clear_error(result, str(fifo), "not a regular file")
+    one_error(result, str(fifo), "not a regular file")
 
 
 @pytest.mark.parametrize("line", ["mount dev = sometimes", "sessiondir max size = big",
@@ -313,7 +303,7 @@ def test_bad_site_configuration_is_refused(busybox_sif: Path, tmp_path: Path,
     conf.write_text(f"# site\n{line}\n")
     result = run_capsid("exec", busybox_sif, "true", env=dict(os.environ,
                                                               CAPSID_CONFIG=str(conf)))
-    one_clear_error(result, str(conf))
+    one_error(result, str(conf))
 
 
 def test_damaged_data_blocks_say_the_image_is_damaged(busybox_sif: Path,
@@ -329,13 +319,13 @@ def test_damaged_data_blocks_say_the_image_is_damaged(busybox_sif: Path,
     start = image.offset + 512
     data[start:image.offset + image.size // 2] = bytes(image.size // 2 - 512)
     damaged.write_bytes(bytes(data))
-    one_clear_error(run_capsid("exec", damaged, "/bin/true", timeout=30), "damaged")
+    one_error(run_capsid("exec", damaged, "/bin/true", timeout=30), "damaged")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may read /proc/1/root")
 def test_unreachable_bind_source_says_permission_denied(busybox_sif: Path) -> None:
     """#10.11: '-B /proc/1/root:/host' said 'does not exist'."""
-    one_clear_error(run_capsid("exec", "-B", "/proc/1/root:/host", busybox_sif, "true"),
+    one_error(run_capsid("exec", "-B", "/proc/1/root:/host", busybox_sif, "true"),
                     "/proc/1/root", "permission denied")
 
 
@@ -410,7 +400,7 @@ def test_hostile_archive_fields(busybox_sandbox: Path, tmp_path: Path, case: str
         return
     field = case.split("-")[0] if case.split("-")[0] not in ("manifest", "layers") \
         else "manifest.json"
-    one_clear_error(result, field)
+    one_error(result, field)
     assert not (tmp_path / "out.sif").exists()
 
 

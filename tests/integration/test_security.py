@@ -20,21 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPSID, run_capsid
+from tests.conftest import CAPSID, one_error, run_capsid
 
 pytestmark = pytest.mark.unprivileged
 
 ROOT = os.getuid() == 0
-
-
-def one_error(result: subprocess.CompletedProcess[str], *words: str) -> str:
-    assert result.returncode == 255, (result.returncode, result.stdout, result.stderr)
-    errors = [x for x in result.stderr.splitlines() if x.startswith("capsid: error:")]
-    assert len(errors) == 1, result.stderr
-    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
-    for word in words:
-        assert word in errors[0], errors[0]
-    return errors[0]
 
 
 def def_file(directory: Path, base: Path, body: str, name: str = "t.def") -> Path:

@@ -85,17 +85,7 @@ def _enter_root_build() -> None:
 
     start, count = hostfs.ROOT_BUILD_IDS
     text = f"0 {start} {count}\n{HOST_ALIAS} 0 {HOST_ALIAS}\n"
-    maps = {"uid_map": text, "gid_map": text}
-
-    def write_maps(target: int) -> bool:  # pragma: no cover - runs in the child
-        for name, text in maps.items():
-            with open(f"/proc/{target}/{name}", "w") as f:
-                f.write(text)
-        return True
-
-    _unshare_mapped(write_maps, RuntimeSetupError(
-        "cannot map the build's ids into a new user namespace",
-        "run again with --debug; this may be a bug in capsid"))
+    _unshare_with_maps(text, text, "cannot map the build's ids into a new user namespace")
     # The host's root is HOST_ALIAS here: become the namespace's root, the build's owner.
     os.setresgid(0, 0, 0)
     os.setgroups([])
@@ -184,20 +174,25 @@ def _unshare_mapped(write_maps: Callable[[int], bool], failure: RuntimeSetupErro
         raise failure
 
 
-def _enter_identity() -> None:
-    """A new user namespace mapping every id of the current one onto itself."""
-    uid_map, gid_map = id_maps()
-    identity_uid = "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, uid_map.splitlines()))
-    identity_gid = "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, gid_map.splitlines()))
+def _unshare_with_maps(uid_map: str, gid_map: str, failure: str) -> None:
+    """A new user namespace with these maps, written by a child from the current one."""
     def write_maps(target: int) -> bool:  # pragma: no cover - runs in the child
-        for name, text in (("uid_map", identity_uid), ("gid_map", identity_gid)):
+        for name, text in (("uid_map", uid_map), ("gid_map", gid_map)):
             with open(f"/proc/{target}/{name}", "w") as f:
                 f.write(text)
         return True
 
     _unshare_mapped(write_maps, RuntimeSetupError(
-        "cannot map root's ids into a new user namespace",
-        "run again with --debug; this may be a bug in capsid"))
+        failure, "run again with --debug; this may be a bug in capsid"))
+
+
+def _enter_identity() -> None:
+    """A new user namespace mapping every id of the current one onto itself."""
+    uid_map, gid_map = id_maps()
+    _unshare_with_maps(
+        "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, uid_map.splitlines())),
+        "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, gid_map.splitlines())),
+        "cannot map root's ids into a new user namespace")
 
 
 def confine_build_step() -> None:
@@ -208,16 +203,6 @@ def confine_build_step() -> None:
     undo a read-only one either. Nothing happens outside a root build."""
     from capsid import hostfs
 
-    if hostfs.host_alias() is None:
-        return
-    text = f"0 0 {HOST_ALIAS}\n"
-
-    def write_maps(target: int) -> bool:  # pragma: no cover - runs in the child
-        for name in ("uid_map", "gid_map"):
-            with open(f"/proc/{target}/{name}", "w") as f:
-                f.write(text)
-        return True
-
-    _unshare_mapped(write_maps, RuntimeSetupError(
-        "cannot confine the build step to the image's ids",
-        "run again with --debug; this may be a bug in capsid"))
+    if hostfs.host_alias() is not None:
+        text = f"0 0 {HOST_ALIAS}\n"
+        _unshare_with_maps(text, text, "cannot confine the build step to the image's ids")
