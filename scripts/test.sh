@@ -73,8 +73,11 @@ if [ "$(id -u)" = 0 ]; then
     deps=$("$repo/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     own=$("$tmpinstall/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     echo "$deps" >"$own/capsid-test-deps.pth"   # pytest and capsid's dependencies
-    "$tmpinstall/venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
-        --no-build-isolation --no-index "$repo" >/dev/null
+    cp -a "$repo/src/capsid" "$own/capsid"      # what an install puts there: package, scripts
+    for script in capsid apptainer singularity run-singularity; do
+        sed "1s|^#!.*|#!$tmpinstall/venv/bin/python|" "$repo/bin/$script" >"$tmpinstall/venv/bin/$script"
+        chmod 755 "$tmpinstall/venv/bin/$script"
+    done
     "$tmpinstall/venv/bin/python" -m compileall -q "$own/capsid" >/dev/null
     chmod -R a+rX "$tmpinstall"
     runuser -u "$user" -- env -C "$repo" HOME="$(getent passwd "$user" | cut -d: -f6)" \

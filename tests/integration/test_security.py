@@ -462,9 +462,9 @@ def test_a_damaged_writable_overlay_image_is_one_clear_line(busybox_sif: Path,
 def test_a_writable_overlay_image_on_a_sandbox(busybox_sandbox: Path, tmp_path: Path) -> None:
     """The path that imported a module after /tmp was covered (run by the suite under
     /tmp too, see scripts/test.sh)."""
-    image = tmp_path / "ov.img"
-    assert run_capsid("overlay", "create", "--size", "64", image).returncode == 0
-    wrote = run_capsid("exec", "--overlay", image, busybox_sandbox, "sh", "-c",
+    image = tmp_path / "ov.img"  # for containers run with --fakeroot, as Apptainer's
+    assert run_capsid("overlay", "create", "--fakeroot", "--size", "64", image).returncode == 0
+    wrote = run_capsid("exec", "--fakeroot", "--overlay", image, busybox_sandbox, "sh", "-c",
                        "echo kept > /kept", timeout=60)
     assert wrote.returncode == 0, wrote.stderr
     before = _fuse2fs()

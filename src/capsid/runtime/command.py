@@ -57,7 +57,7 @@ def run(plan: Plan, root_emulation: object | None = None) -> NoReturn:
         environment.setdefault("PATH", envmod.DEFAULT_PATH)
     else:
         environment, use_shell = _environment(plan)
-    if hostfs.host_alias() is not None:  # started by a root build: a step, or %test
+    if opts.root_emulation or hostfs.host_alias() is not None:  # a build step, or %test
         from capsid.runtime import userns  # imported before pivot_root, by launch
 
         userns.confine_build_step()

@@ -196,7 +196,7 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
     if opts.net:
         isolation.loopback_up()
     filter_ = None
-    if hostfs.host_alias() is not None:
+    if opts.root_emulation or hostfs.host_alias() is not None:
         from capsid.runtime import userns  # now: command.run confines the command with it
     if opts.root_emulation:
         from capsid.runtime import (

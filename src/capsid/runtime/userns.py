@@ -186,23 +186,30 @@ def _unshare_with_maps(uid_map: str, gid_map: str, failure: str) -> None:
         failure, "run again with --debug; this may be a bug in capsid"))
 
 
+def _identity_maps() -> tuple[str, str]:
+    """Maps of a new user namespace that keeps every id of the current one as it is."""
+    uid_map, gid_map = (
+        "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, text.splitlines()))
+        for text in id_maps())
+    return uid_map, gid_map
+
+
 def _enter_identity() -> None:
     """A new user namespace mapping every id of the current one onto itself."""
-    uid_map, gid_map = id_maps()
-    _unshare_with_maps(
-        "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, uid_map.splitlines())),
-        "".join(f"{f[0]} {f[0]} {f[2]}\n" for f in map(str.split, gid_map.splitlines())),
-        "cannot map root's ids into a new user namespace")
+    _unshare_with_maps(*_identity_maps(), "cannot map root's ids into a new user namespace")
 
 
 def confine_build_step() -> None:
-    """In a root build, the last thing before a step's command: a user namespace holding
-    only the image's ids (those :data:`capsid.hostfs.ROOT_BUILD_IDS` stand for), so the
+    """The last thing before a build step's command (or a root build's %test): a user
+    namespace of its own, which owns none of the mounts the step sees, so that it cannot
+    undo a read-only one (``/proc/sys``) or uncover what they hide. In a root build it
+    holds only the image's ids (those :data:`capsid.hostfs.ROOT_BUILD_IDS` stand for): the
     host's ids that the builder used to set the step up are gone, and with them any way
-    to act as the host's root. The step owns none of the mounts it sees, so it cannot
-    undo a read-only one either. Nothing happens outside a root build."""
+    to act as the host's root."""
     from capsid import hostfs
 
     if hostfs.host_alias() is not None:
-        text = f"0 0 {HOST_ALIAS}\n"
-        _unshare_with_maps(text, text, "cannot confine the build step to the image's ids")
+        uid_map = gid_map = f"0 0 {HOST_ALIAS}\n"
+    else:
+        uid_map, gid_map = _identity_maps()
+    _unshare_with_maps(uid_map, gid_map, "cannot confine the build step to its own ids")
