@@ -47,3 +47,11 @@ def test_version_imports_no_command_module() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.splitlines()[-1] == "['capsid', 'capsid.cli', 'capsid.cli.main']"
+
+
+def test_readme_shows_every_compatibility_flag() -> None:
+    """The README's table of Apptainer's accepted and refused flags is the code's."""
+    from capsid.cli import compat
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert compat.markdown() in readme, "run python -m capsid.cli.compat into the README"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from capsid.build import deffile, dockerfile, words
-from capsid.build.recipe import Config, Copy, Run, Setup
+from capsid.build.recipe import Config, Copy, Run, Setup, resolve
 from capsid.errors import UsageError
 
 
@@ -54,11 +54,34 @@ def test_args_env_and_expansion_scopes() -> None:
     first, second = recipe.stages
     assert first.base.ref == "debian:12" and second.base.kind == "stage"
     env = next(s for s in first.steps if isinstance(s, Config) and s.key == "Env")
-    assert env.value == {"A": "x", "B": "", "C": "7"}  # B sees A from before the line
+    # B sees A from before the line: unset, unless the base image's environment has it
+    assert resolve(env.value, {}) == {"A": "x", "B": "", "C": "7"}
+    assert resolve(env.value, {"A": "base"}) == {"A": "x", "B": "base", "C": "7"}
     copy = next(s for s in first.steps if isinstance(s, Copy))
-    assert copy.sources == ("",)  # TARGETARCH not declared in the stage: empty, as Docker
+    # TARGETARCH not declared in the stage: empty, as Docker
+    assert resolve(copy, {}).sources == ("",)
     workdir = next(s for s in second.steps if isinstance(s, Config) and s.key == "WorkingDir")
     assert workdir.value == "/w/arm64"
+
+
+def test_env_extends_the_base_images_environment() -> None:
+    """ENV PATH=/x:$PATH sees the PATH the stage inherited from its base (#20)."""
+    recipe = dockerfile.parse("FROM debian:12\nENV PATH=/opt/x/bin:$PATH HOME2=${HOME}\n"
+                              "WORKDIR $HOME/app\n", "Dockerfile", {})
+    env, workdir = recipe.stages[0].steps
+    base = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root"}
+    assert resolve(env, base).value == {"PATH": "/opt/x/bin:/usr/local/bin:/usr/bin:/bin",
+                                        "HOME2": "/root"}
+    assert resolve(workdir, {**base, "HOME": "/home/jovyan"}).value == "/home/jovyan/app"
+
+
+@pytest.mark.parametrize("flag", ['--chown="${NB_UID}:${NB_GID}"', "--chown=${NB_UID}:${NB_GID}",
+                                  '--chown="1000:100"', "--chown='1000:100'"])
+def test_copy_flags_follow_the_word_rules(flag: str) -> None:
+    recipe = dockerfile.parse(f"FROM x\nARG NB_UID=1000\nARG NB_GID=100\n"
+                              f"COPY {flag} --chmod=\"0755\" a.txt /b/\n", "Dockerfile", {})
+    copy = next(s for s in recipe.stages[0].steps if isinstance(s, Copy))
+    assert (copy.chown, copy.chmod, copy.sources) == ("1000:100", 0o755, ("a.txt",))
 
 
 def test_escape_directive_and_comments() -> None:

@@ -26,7 +26,17 @@ from capsid.build import mounted
 from capsid.build.base import BaseImage, open_base
 from capsid.build.context import Context
 from capsid.build.copying import Destination
-from capsid.build.recipe import Config, Copy, Mount, Recipe, Run, Setup, Stage, Step
+from capsid.build.recipe import (
+    Config,
+    Copy,
+    Mount,
+    Recipe,
+    Run,
+    Setup,
+    Stage,
+    Step,
+    resolve,
+)
 from capsid.build.store import BuildStore, Layer, Pending, digest
 from capsid.errors import CapsidError, UsageError
 from capsid.image import output
@@ -146,9 +156,13 @@ class Builder:
                                  f"{stage.base.ref or stage.base.kind}: {err.message}",
                                  err.hint) from None
             layers = []
-            state = {"config": dict(base.config.get("config") or {}), "env91": "",
-                     "labels": {}, "architecture": base.config.get("architecture")
-                     or platform[0]}
+            config = dict(base.config.get("config") or {})
+            if self.recipe.kind == "dockerfile" and not any(
+                    str(item).startswith("PATH=") for item in config.get("Env") or []):
+                # as BuildKit: a base without PATH (scratch, most archives) gets the default
+                config["Env"] = [*(config.get("Env") or []), f"PATH={DEFAULT_PATH}"]
+            state = {"config": config, "env91": "", "labels": {},
+                     "architecture": base.config.get("architecture") or platform[0]}
             key = digest("base", base.key, "owners" if self.real_owners else "")
         result = StageResult(stage, base, layers, state, key)
         if self.recipe.kind == "def" and stage.base.kind != "stage":
@@ -168,6 +182,9 @@ class Builder:
         return bool(kind) and kind not in sections
 
     def _step(self, result: StageResult, step: Step) -> None:
+        # variables only the base's environment knows, now that it is known
+        step = resolve(step, dict(str(item).partition("=")[::2] for item in
+                                  result.state.get("config", {}).get("Env") or []))
         if isinstance(step, Config):
             _apply(result.state, step)
             result.key = digest(result.key, "config", step.key, step.value)

@@ -28,8 +28,10 @@ def argv(suite: str, mirror: str, include: list[str], arch: str, target: Path,
         raise CapsidError("Bootstrap: debootstrap needs mmdebstrap on the host",
                           "apt-get install mmdebstrap, or start from an image: "
                           "Bootstrap: docker, From: debian:12")
+    # the package lists stay, as debootstrap leaves them: Apptainer's own Debian example
+    # runs apt-get install in %post without apt-get update
     args = [exe, "--mode=root", f"--variant={VARIANT}", "--format=directory",
-            "--skip=chroot/mount", f"--architectures={arch}",
+            "--skip=chroot/mount", "--skip=cleanup/apt/lists", f"--architectures={arch}",
             '--aptopt=APT::Sandbox::User "root"']
     if include:
         args.append("--include=" + ",".join(include))

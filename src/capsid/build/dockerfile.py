@@ -14,7 +14,17 @@ import re
 from collections.abc import Mapping
 
 from capsid.build import words
-from capsid.build.recipe import Base, Config, Copy, Mount, Recipe, Run, Stage, Where
+from capsid.build.recipe import (
+    Base,
+    Config,
+    Copy,
+    Mount,
+    Recipe,
+    Run,
+    Stage,
+    Where,
+    unresolved,
+)
 from capsid.errors import UsageError
 
 _DIRECTIVE = re.compile(r"#\s*([a-zA-Z]+)\s*=\s*(.*)")
@@ -32,6 +42,15 @@ def platform_args(arch: str) -> dict[str, str]:
               "TARGETPLATFORM": f"linux/{arch}", "BUILDOS": "linux", "BUILDARCH": arch,
               "BUILDVARIANT": "", "BUILDPLATFORM": f"linux/{arch}"}
     return values
+
+
+class _Scope(dict[str, str]):
+    """A stage's ARG and ENV values. A name they lack may be in the base image's
+    environment, which is known only when the stage builds: it expands to a marker that
+    the builder replaces then (see :func:`capsid.build.recipe.resolve`)."""
+
+    def get(self, key: str, default: str | None = None) -> str:  # type: ignore[override]
+        return super().get(key, unresolved(key))
 
 
 class _Line:
@@ -95,11 +114,14 @@ def _logical_lines(text: str, path: str) -> tuple[list[_Line], str]:
     return lines, escape
 
 
-def _flags(rest: str, allowed: tuple[str, ...], where: Where) -> tuple[dict[str, str], str]:
-    """Leading ``--name=value`` flags of an instruction, and the rest."""
+def _flags(rest: str, allowed: tuple[str, ...], where: Where, escape: str = "\\"
+           ) -> tuple[dict[str, str], str]:
+    """Leading ``--name=value`` flags of an instruction (their values as written: quotes
+    and variables are the caller's to expand), and the rest."""
     found: dict[str, str] = {}
     while rest.startswith("--"):
-        word, _, rest = rest.partition(" ")
+        word = words.split(rest, escape)[0]  # quotes may hold blanks: --chown="a b"
+        rest = rest[len(word):]
         name, eq, value = word[2:].partition("=")
         if name not in allowed:
             raise UsageError(f"{where}: unknown flag --{name}",
@@ -164,10 +186,12 @@ def parse(text: str, path: str, build_args: Mapping[str, str], *, arch: str = "a
         keyword, _, rest = line.text.partition(" ")
         keyword, rest = keyword.upper(), rest.strip()
         if keyword == "FROM":
-            flags, rest = _flags(rest, ("platform",), where)
+            flags, rest = _flags(rest, ("platform",), where, escape)
             items = words.split(rest, escape)
             scope = {**global_args, **{k: v for k, v in build_args.items()
                                        if k in global_args}}
+            flags = {k: words.expand(v, scope, escape, where=str(where))
+                     for k, v in flags.items()}
             if not items or len(items) not in (1, 3) or (
                     len(items) == 3 and items[1].upper() != "AS"):
                 raise UsageError(f"{where}: FROM {rest!r} is not 'FROM IMAGE [AS NAME]'",
@@ -198,11 +222,14 @@ def parse(text: str, path: str, build_args: Mapping[str, str], *, arch: str = "a
         if keyword not in _KNOWN:
             raise UsageError(f"{where}: unknown instruction {keyword}",
                              "see the Dockerfile reference for the instructions")
-        scope = {**args, **env}
+        scope = _Scope({**args, **env})
         step_env = tuple(sorted(args.items()))
         text = f"{keyword} {rest}"
         if keyword == "RUN":
-            flags, rest = _flags(rest, ("mount", "network", "security"), where)
+            flags, rest = _flags(rest, ("mount", "network", "security"), where, escape)
+            flags = {k: "\n".join(words.expand(v, scope, escape, where=str(where))
+                                  for v in value.split("\n"))
+                     for k, value in flags.items()}
             argv = _exec_form(rest)
             mounts = tuple(_run_mounts(flags.get("mount", ""), where))
             if line.heredocs and _HEREDOC.fullmatch(rest.strip()):
@@ -223,7 +250,10 @@ def parse(text: str, path: str, build_args: Mapping[str, str], *, arch: str = "a
         elif keyword in ("COPY", "ADD"):
             allowed = ("from", "chown", "chmod", "link", "parents") if keyword == "COPY" \
                 else ("chown", "chmod", "link", "checksum", "keep-git-dir")
-            flags, rest = _flags(rest, allowed, where)
+            flags, rest = _flags(rest, allowed, where, escape)
+            # flag values follow the arguments' word rules: --chown="${UID}:${GID}"
+            flags = {k: words.expand(v, scope, escape, where=str(where))
+                     for k, v in flags.items()}
             if line.heredocs:  # COPY <<EOF /dest: the heredoc's body is the file
                 rest = _HEREDOC.sub(lambda m: m.group(3), rest)
             items = _exec_form(rest) or words.split(rest, escape)

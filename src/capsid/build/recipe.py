@@ -2,12 +2,46 @@
 
 The Dockerfile and definition-file parsers both produce a :class:`Recipe`; the
 builder only ever sees these records. Values are already expanded (build args,
-``$VAR`` in Dockerfiles, ``{{ var }}`` in definition files) where the syntax says so.
+``$VAR`` in Dockerfiles, ``{{ var }}`` in definition files) where the syntax says so,
+but for variables only the base image's environment knows: those stand as markers
+(:func:`unresolved`) that the builder replaces when the stage's base is known
+(:func:`resolve`), so ``ENV PATH=/x:$PATH`` extends the base's PATH.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+_MARK = "\0"
+_MARKED = re.compile("\0([A-Za-z_][A-Za-z0-9_]*)\0")
+
+
+def unresolved(name: str) -> str:
+    """A reference to variable *name* of the base image's environment."""
+    return f"{_MARK}{name}{_MARK}"
+
+
+def resolve(value: Any, env: Mapping[str, str]) -> Any:
+    """*value* (a string, a collection or a step) with its markers replaced from *env*
+    (the stage's environment; an unset variable is empty, as Docker expands it)."""
+    if isinstance(value, str):
+        return _MARKED.sub(lambda m: env.get(m.group(1), ""), value) if _MARK in value \
+            else value
+    if isinstance(value, tuple):
+        return tuple(resolve(item, env) for item in value)
+    if isinstance(value, list):
+        return [resolve(item, env) for item in value]
+    if isinstance(value, dict):
+        return {resolve(k, env): resolve(v, env) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changed = {f.name: resolve(getattr(value, f.name), env)
+                   for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **changed)
+    return value
 
 
 @dataclass(frozen=True)

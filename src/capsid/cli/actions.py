@@ -39,17 +39,26 @@ FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
      "leave out default mounts: proc,sys,dev,home,tmp,cwd,bind-paths"),
     ("contain", "c", "", False, "minimal /dev, empty home and /tmp: share only explicit binds"),
     ("containall", "C", "", False, "--contain, plus --pid, --ipc and --cleanenv"),
+    ("compat", "", "", False,
+     "as Docker runs images: --containall, --no-umask and --writable-tmpfs"),
+    ("workdir", "W", "DIR", False,
+     "with --contain: keep /tmp, /var/tmp and the home directory in DIR, not in memory"),
+    ("scratch", "S", "DIR", True,
+     "an empty writable directory at DIR in the container (in memory, or under --workdir)"),
     ("pwd", "", "DIR", False, "working directory in the container (also --cwd)"),
     ("cleanenv", "e", "", False, "do not pass the host environment in"),
     ("env", "", "NAME=VALUE", True, "set a variable in the container (repeatable; comma lists)"),
     ("env-file", "", "FILE", True, "set variables from a file of NAME=VALUE lines (repeatable)"),
     ("fakeroot", "f", "", False, "be root (uid 0) inside the container"),
     ("pid", "p", "", False, "new PID namespace"),
+    ("no-pid", "", "", False, "no PID namespace of its own, even with --containall"),
     ("ipc", "i", "", False, "new IPC namespace"),
     ("uts", "", "", False, "new UTS namespace"),
     ("hostname", "", "NAME", False, "host name in the container (implies --uts)"),
     ("net", "n", "", False, "new network namespace (loopback only)"),
     ("network", "", "TYPE", False, "network type with --net: none (the default)"),
+    ("dns", "", "IP[,IP]", False, "name servers for the container's /etc/resolv.conf"),
+    ("no-umask", "", "", False, "start with umask 0022 instead of yours"),
     ("writable", "w", "", False, "write into a sandbox image"),
     ("writable-tmpfs", "", "", False,
      "allow writes to the image, kept in memory until the container exits"),
@@ -58,6 +67,8 @@ FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
     ("unsquash", "", "", False, "unpack the image into memory instead of mounting it"),
     ("shell", "s", "PATH", False, "shell to start with 'capsid shell'"),
     ("userns", "u", "", False, "use a user namespace (always the case; for compatibility)"),
+    ("ignore-subuid", "", "", False,
+     "--fakeroot maps only you, even where /etc/subuid grants you ids"),
     ("mpi", "", "host|none", False,
      "host: bind the host's MPI in, for an image without one (checked first)"),
     ("sharens", "", "", False,
@@ -68,17 +79,33 @@ FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
     ("nvccli", "", "", False,
      "set the NVIDIA GPUs up with nvidia-container-cli (implies --writable-tmpfs)"),
     ("rocm", "", "", False, "bind the host's AMD ROCm driver, tools and GPUs in"),
+    ("no-nv", "", "", False, "no NVIDIA GPUs, even where the site always binds them"),
+    ("no-rocm", "", "", False, "no AMD GPUs, even where the site always binds them"),
     ("device", "", "VENDOR/CLASS=NAME", True,
      "a CDI device, e.g. nvidia.com/gpu=0 or =all (repeatable; comma lists)"),
     ("cdi-dirs", "", "DIR[,DIR]", False,
      "directories of CDI specs (default: /etc/cdi,/var/run/cdi)"),
+    ("no-https", "", "", False, "plain HTTP to the registry of a docker:// image"),
     ("help", "h", "", False, "show this help and exit"),
 )
-_ALIASES = {"cwd": "pwd"}
+_ALIASES = {"cwd": "pwd", "nohttps": "no-https"}
 _BY_LONG = {f[0]: f for f in FLAGS}
 _BY_SHORT = {f[1]: f for f in FLAGS if f[1]}
 
 Parsed = dict[str, "str | bool | list[str]"]
+
+
+def _compat(verb: str, name: str) -> tuple[str, str, str, bool, str] | None:
+    """Apptainer's flag *name*, which capsid takes without acting on it (stored under a
+    name no one reads), or refuses here with one line (see :mod:`capsid.cli.compat`)."""
+    from capsid.cli import compat
+
+    for long, short, value, repeatable, kind, why in compat.rows(verb):
+        if long == name:
+            if kind == "refused":
+                compat.refuse(name, why)
+            return (f"compat:{long}", short, value, repeatable, why)
+    return None
 
 
 def _store(values: Parsed, flag: tuple[str, str, str, bool, str], value: str | None) -> None:
@@ -107,6 +134,8 @@ def parse(verb: str, argv: list[str]) -> tuple[Parsed, str | None, list[str]]:
         if arg.startswith("--"):
             name, eq, inline = arg[2:].partition("=")
             flag = _BY_LONG.get(_ALIASES.get(name, name))
+            if flag is None:  # one of Apptainer's that capsid accepts or refuses?
+                flag = _compat(verb, name)
             if flag is None:
                 raise UsageError(f"unknown flag --{name}", f"see 'capsid {verb} --help'")
             if flag[2] and not eq:
@@ -183,6 +212,8 @@ def run(verb: str, argv: list[str]) -> int:
     if image.startswith(("docker://", "oras://")):
         from capsid.runtime.api import resolve
 
+        if _flag(values, "no-https"):
+            os.environ["CAPSID_NOHTTPS"] = "1"  # what the conversion reads
         image = resolve(image)
     opts = options(values)
     if opts.sharens or (opts.sharens is None and any(
@@ -230,7 +261,12 @@ def options(values: Parsed) -> Options:
     for text in [*(config.env("MOUNT") or "").split("\n"), *_list(values, "mount")]:
         if text.strip():
             specs.append(binds.parse_mount(text))
-    containall = _flag(values, "containall", "CONTAINALL")
+    compat = _flag(values, "compat", "COMPAT")
+    containall = compat or _flag(values, "containall", "CONTAINALL")
+    dns = _items([_text(values, "dns") or config.env("DNS") or ""])
+    workdir = _text(values, "workdir") or config.env("WORKDIR")
+    if workdir is not None and not os.path.isdir(workdir):
+        raise UsageError(f"--workdir {workdir}: no such directory", "create it first")
     no_mount = [item.strip() for text in _list(values, "no-mount") for item in text.split(",")]
     return Options(
         binds=specs, home=_text(values, "home") or config.env("HOME"),
@@ -239,10 +275,11 @@ def options(values: Parsed) -> Options:
         cleanenv=containall or _flag(values, "cleanenv", "CLEANENV"),
         env=_list(values, "env"), env_files=_list(values, "env-file"),
         fakeroot=_flag(values, "fakeroot", "FAKEROOT"),
-        pid=containall or _flag(values, "pid", "PID"), ipc=containall or _flag(values, "ipc"),
+        pid=(containall or _flag(values, "pid", "PID")) and not _flag(values, "no-pid", "NO_PID"),
+        ipc=containall or _flag(values, "ipc"),
         uts=_flag(values, "uts"), hostname=hostname, net=_flag(values, "net"),
         writable=_flag(values, "writable"),
-        writable_tmpfs=_flag(values, "writable-tmpfs", "WRITABLE_TMPFS"),
+        writable_tmpfs=compat or _flag(values, "writable-tmpfs", "WRITABLE_TMPFS"),
         overlay=_text(values, "overlay") or config.env("OVERLAY"),
         tmpfs_size_mib=int(size) if size else None,
         unsquash=_flag(values, "unsquash", "UNSQUASH"), shell=_text(values, "shell"),
@@ -252,6 +289,10 @@ def options(values: Parsed) -> Options:
         cdi_dirs=_items([_text(values, "cdi-dirs") or config.env("CDI_DIRS") or ""]),
         sharens=False if _flag(values, "no-sharens", "NO_SHARENS") else
         True if _flag(values, "sharens", "SHARENS") else None, mpi=mpi,
+        no_umask=compat or _flag(values, "no-umask", "NO_UMASK"), dns=dns, workdir=workdir,
+        scratch=_items([*_list(values, "scratch"), config.env("SCRATCH") or ""]),
+        ignore_subuid=_flag(values, "ignore-subuid", "IGNORE_SUBUID"),
+        no_nv=_flag(values, "no-nv", "NO_NV"), no_rocm=_flag(values, "no-rocm", "NO_ROCM"),
     )
 
 

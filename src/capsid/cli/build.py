@@ -62,12 +62,18 @@ def run(verb: str, argv: list[str]) -> int:
                         help="definition files: run only these of setup,files,post")
     recipe.add_argument("-B", "--bind", action="append", default=[], metavar="SRC[:DST]",
                         help="bind a host path into RUN and %%post steps; repeatable")
-    recipe.add_argument("--fakeroot", "--userns", "-u", action="store_true",
+    recipe.add_argument("--fakeroot", "--userns", action="store_true",
                         help="accepted for Apptainer's command lines: steps always run as "
                              "root in a user namespace")
     recipe.add_argument("--ignore-subuid", action="store_true",
                         help="map only yourself, even where /etc/subuid grants you ids "
                              "(then every file in the image is root's)")
+    recipe.add_argument("--mount", action="append", default=[], metavar="SPEC",
+                        help="bind a host path into RUN and %%post steps, in --mount syntax "
+                             "(type=bind,src=S,dst=D[,ro]); repeatable")
+    from capsid.cli import compat
+
+    compat.add_to(p, "build")
     p.add_argument("output")
     p.add_argument("source", nargs="?")
     args = p.parse_args(argv)
@@ -112,8 +118,29 @@ def _is_recipe(source: str, syntax: str | None) -> bool:
         return True
     name = Path(source).name
     return (os.path.isfile(source) and (name.endswith((".def", ".dockerfile", ".Dockerfile"))
-            or name.startswith(("Dockerfile", "Containerfile")))) or (
+            or name.startswith(("Dockerfile", "Containerfile")) or _has_bootstrap(source))) or (
         name.endswith(".def") or name in ("Dockerfile", "Containerfile"))
+
+
+def _has_bootstrap(path: str) -> bool:
+    """Whether *path* is a definition file whatever its name (``Singularity``, ``Apptainer``,
+    ``recipe.txt``): as Apptainer decides, a regular file that is no image and opens with
+    a ``Bootstrap:`` header (after comments and blank lines)."""
+    from capsid.image.locate import open_file
+
+    try:
+        with open(open_file(path, "recipe"), "rb") as f:
+            head = f.read(64 << 10)
+    except (OSError, CapsidError):
+        return False
+    if head.startswith((b"SIF_MAGIC", b"hsqs", b"#!/usr/bin/env run-singularity")) or \
+            b"SIF_MAGIC" in head[:64]:
+        return False
+    for line in head.decode(errors="replace").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            return re.match(r"(?i)bootstrap\s*:", line) is not None
+    return False
 
 
 def _build_arguments(args: argparse.Namespace) -> dict[str, str]:
@@ -168,7 +195,10 @@ def _build_recipe(args: argparse.Namespace) -> int:
 
         parsed = dockerfile.parse(text, str(recipe_path), values,
                                   arch=parse_platform(args.arch)[0], target=args.target)
-    binds = tuple(b for item in args.bind for b in parse_bind(item))
+    from capsid.runtime.binds import parse_mount
+
+    binds = (*(b for item in args.bind for b in parse_bind(item)),
+             *(parse_mount(item) for item in args.mount))
     from capsid import log
 
     opts = builder.BuildOptions(

@@ -41,6 +41,9 @@ def run(verb: str, argv: list[str]) -> int:
     p.add_argument("-j", "--json", action="store_true", help="print JSON, as Apptainer does")
     p.add_argument("--all", action="store_true", help="show everything")
     p.add_argument("image")
+    from capsid.cli import compat
+
+    compat.add_to(p, "inspect")
     args = p.parse_args(argv)
     chosen = [s for s in _SECTIONS if args.all or getattr(args, s)] or ["labels"]
     info = inspect.metadata(locate(args.image))

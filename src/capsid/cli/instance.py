@@ -37,7 +37,8 @@ def _start(argv: list[str], script: str) -> int:
     from capsid.cli import actions
     from capsid.runtime import api, instances
 
-    values, image, args = actions.parse("exec", argv)
+    verb = f"instance {'start' if script == 'startscript' else 'run'}"
+    values, image, args = actions.parse(verb, argv)
     if values.get("help"):
         sys.stdout.write(USAGE)
         return 0
@@ -56,6 +57,9 @@ def _list(argv: list[str]) -> int:
     from capsid.runtime import instances
 
     as_json = "--json" in argv or "-j" in argv
+    for arg in argv:
+        if arg.startswith("-") and arg not in ("--json", "-j"):
+            _compat("instance list", arg)
     names = [a for a in argv if not a.startswith("-")]
     found = [i for i in instances.listed() if not names or i.name in names]
     if as_json:
@@ -90,7 +94,7 @@ def _stop(argv: list[str]) -> int:
                                  "e.g. --timeout 10")
             timeout = float(value)
         elif arg.startswith("-"):
-            raise UsageError(f"unknown flag {arg}", "see 'capsid instance --help'")
+            _compat("instance stop", arg)
         else:
             names.append(arg)
     if everything == bool(names):
@@ -107,6 +111,19 @@ def _stop(argv: list[str]) -> int:
             continue
         sys.stderr.write(f"instance {target.name} stopped\n")
     return 255 if failed else 0
+
+
+def _compat(verb: str, arg: str) -> None:
+    """Apptainer's flag *arg* of *verb*: accepted (returns) or refused (one line)."""
+    from capsid.cli import compat
+
+    name = arg.lstrip("-").partition("=")[0]
+    for long, short, _, _, kind, why in compat.rows(verb):
+        if name in (long, short):
+            if kind == "refused":
+                compat.refuse(long, why)
+            return
+    raise UsageError(f"unknown flag {arg}", f"see 'capsid {verb} --help'")
 
 
 def _signal(text: str) -> int:

@@ -50,6 +50,9 @@ def pull(argv: list[str]) -> int:
     p.add_argument("--dir", metavar="DIR", help="write the output into this directory")
     p.add_argument("-s", "--sandbox", action="store_true",
                    help="write a sandbox directory instead of a SIF file")
+    from capsid.cli import compat
+
+    compat.add_to(p, "pull")
     p.add_argument("args", nargs="+", metavar="[OUTPUT] URI")
     args = p.parse_args(argv)
     if len(args.args) > 2:
@@ -84,6 +87,9 @@ def push(argv: list[str]) -> int:
                    help="talk plain HTTP to the registry")
     p.add_argument("image")
     p.add_argument("uri")
+    from capsid.cli import compat
+
+    compat.add_to(p, "push")
     args = p.parse_args(argv)
     if args.uri.startswith("docker://"):
         from capsid.runtime import identity, userns

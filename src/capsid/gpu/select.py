@@ -18,9 +18,9 @@ def _site_yes(site: config.SiteConfig, key: str) -> bool:
 
 def edits_for(opts: Options, site: config.SiteConfig) -> Edits | None:
     """The edits for ``--nv``, ``--nvccli``, ``--rocm`` and ``--device``; None if none."""
-    nv = opts.nv or opts.nvccli or _site_yes(site, "always use nv")
+    nv = opts.nv or opts.nvccli or (_site_yes(site, "always use nv") and not opts.no_nv)
     nvccli = opts.nvccli or (nv and _site_yes(site, "use nvidia-container-cli"))
-    rocm = opts.rocm or _site_yes(site, "always use rocm")
+    rocm = opts.rocm or (_site_yes(site, "always use rocm") and not opts.no_rocm)
     if not (nv or rocm or opts.devices):
         return None
     from capsid.gpu import compat, legacy

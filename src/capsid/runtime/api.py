@@ -50,7 +50,7 @@ def start(image: str | Layers, options: Options, action: str = "exec",
     return early.start(image, fakeroot=options.fakeroot or options.root_emulation,
                        unsquash=options.unsquash,
                        first_programs=early.programs(action, tuple(argv), options.shell),
-                       subordinate_ids=not options.root_emulation)
+                       subordinate_ids=not (options.root_emulation or options.ignore_subuid))
 
 
 def exec_container(image: str | Layers, argv: Sequence[str], options: Options,

@@ -30,6 +30,14 @@ def _command(plan: Plan) -> list[str]:
             raise UsageError("no command given", "name the command to run after the image")
         return list(args)
     if action == "run":
+        if plan.oci_command is not None and not os.access("/bin/sh", os.X_OK):
+            # no shell for the generated runscript (FROM scratch): ENTRYPOINT and CMD
+            # themselves, as docker run starts them
+            entrypoint, cmd, workdir = plan.oci_command
+            if workdir and plan.options.pwd is None:
+                os.chdir(workdir)
+            if entrypoint or cmd or args:
+                return [*entrypoint, *(args or cmd)]
         return ["/.singularity.d/runscript", *args]
     if action == "test":
         return ["/.singularity.d/test", *args]
@@ -64,6 +72,8 @@ def run(plan: Plan, root_emulation: object | None = None) -> NoReturn:
     if opts.user:
         identity.become(opts.user, environment)
     linux.no_new_privs()
+    if opts.no_umask:
+        os.umask(0o022)
     if root_emulation is not None:
         from capsid.runtime import rootemu  # imported before pivot_root, by launch
 
@@ -76,7 +86,9 @@ def run(plan: Plan, root_emulation: object | None = None) -> NoReturn:
                       environment)
         path = argv[0] if "/" in argv[0] else tools.find(argv[0], environment["PATH"])
         if path is None:
-            raise RuntimeSetupError(f"{argv[0]}: command not found in the container",
+            # Apptainer's words, which clients (cwltool) look for
+            raise RuntimeSetupError(f'"{argv[0]}": executable file not found in $PATH of the '
+                                    "container",
                                     "check the name and the PATH inside the image "
                                     f"({environment['PATH']})")
         os.execve(path, argv, environment)
@@ -85,8 +97,25 @@ def run(plan: Plan, root_emulation: object | None = None) -> NoReturn:
             raise RuntimeSetupError(
                 f"cannot read {argv[0]} from {plan.name}: the image is damaged "
                 "(input/output error)", "rebuild or download the image again") from None
+        if err.errno == 2 and os.path.exists(argv[0]):  # ENOENT: its interpreter is missing
+            raise RuntimeSetupError(
+                f"cannot run {argv[0]}: its interpreter {_interpreter(argv[0])} is not in "
+                "the image", "run a program the image has with 'capsid exec'") from None
         raise RuntimeSetupError(f"cannot run {argv[0]}: {err.strerror}",
                                 "check that it is an executable for this machine") from None
+
+
+def _interpreter(path: str) -> str:
+    """The program named by *path*'s ``#!`` line (or its ELF loader, unnamed)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return "(unknown)"
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].split()
+        return words[0].decode(errors="replace") if words else "(none)"
+    return "(its ELF loader)"
 
 
 def _environment(plan: Plan) -> tuple[dict[str, str], bool]:

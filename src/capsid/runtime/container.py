@@ -125,12 +125,14 @@ def _container_mounts(plan: Plan, opts: Options) -> None:
         hostmounts.device_mounts(plan, opts)
     if plan.home_source is not None:
         mounts.bind_into(plan.home_source, plan.home_dest)
+    elif plan.home_empty:
+        mounts.private_home(plan.home_dest, opts.workdir)
     else:
         mounts.ensure_target(mounts.FINAL, plan.home_dest, True)
     # /tmp before the binds, which may lie under it (-B /tmp/x with --contain)
     if plan.site.mount_tmp and "tmp" not in opts.no_mount:
         if opts.contain:
-            mounts.private_tmp()
+            mounts.private_tmp(opts.workdir)
         else:
             mounts.bind_into("/tmp", "/tmp", required=False)
             mounts.bind_into(os.path.realpath("/var/tmp"), "/var/tmp", required=False)
@@ -147,9 +149,14 @@ def _container_mounts(plan: Plan, opts: Options) -> None:
                          "/etc/passwd")
         mounts.bind_file(identity.group(_read_image_file("/etc/group"), plan.user), "group",
                          "/etc/group")
-    if os.path.exists(f"{mounts.OLD}/etc/resolv.conf") and not opts.root_emulation:
+    if opts.dns:
+        mounts.bind_file("".join(f"nameserver {ip}\n" for ip in opts.dns).encode(),
+                         "resolv.conf", "/etc/resolv.conf")
+    elif os.path.exists(f"{mounts.OLD}/etc/resolv.conf") and not opts.root_emulation:
         mounts.bind_into(os.path.realpath("/etc/resolv.conf"), "/etc/resolv.conf",
                          required=False)
+    for directory in opts.scratch:
+        mounts.scratch_dir(directory, opts.workdir)
     if opts.hostname:
         mounts.bind_file(f"{opts.hostname}\n".encode(), "hostname", "/etc/hostname")
     if plan.bind_cwd:

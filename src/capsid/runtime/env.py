@@ -47,7 +47,7 @@ unset capsid_f capsid_k CAPSID_FORCED CAPSID_HOSTVARS
 [ -n "${PATH:-}" ] || PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 if ! command -v "$1" >/dev/null 2>&1; then
-    echo "capsid: error: $1: command not found in the container;" \
+    echo "capsid: error: \"$1\": executable file not found in \$PATH of the container;" \
         "check the name and the PATH inside the image ($PATH)" >&2
     exit 255
 fi
@@ -126,9 +126,12 @@ def forced_values(opts: EnvOptions, host: dict[str, str]) -> dict[str, str]:
     for path in opts.env_files:
         forced.update(read_env_file(path))
     forced.update(parse_assignments(list(opts.env), "--env"))
-    for refused in ("HOME",):
-        if refused in forced:
-            raise UsageError(f"{refused} cannot be set with --env", "use --home instead")
+    if "HOME" in forced:  # as Apptainer: a warning, and the home it chose stays
+        del forced["HOME"]
+        from capsid import log
+
+        log.get(__name__).warning("HOME cannot be set with --env or APPTAINERENV_HOME; "
+                                  "ignored (use --home to choose the home directory)")
     return forced
 
 

@@ -24,11 +24,12 @@ LAUNCHER_VARIABLES = ("PMIX_NAMESPACE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_ID",
 class Options:
     """Everything about a container but its image and command (Apptainer's action flags)."""
 
-    __slots__ = ("binds", "cdi_dirs", "cleanenv", "contain", "devices", "env", "env_files",
-                 "environment", "fakeroot", "home", "hostname", "ipc", "mpi", "net", "no_home",
-                 "no_mount", "nv", "nvccli", "overlay", "pid", "pwd", "rocm",
-                 "root_emulation", "sharens", "shell", "tmpfs_size_mib", "unsquash", "user",
-                 "uts", "writable", "writable_tmpfs")
+    __slots__ = ("binds", "cdi_dirs", "cleanenv", "contain", "devices", "dns", "env",
+                 "env_files", "environment", "fakeroot", "home", "hostname", "ignore_subuid",
+                 "ipc", "mpi", "net", "no_home", "no_mount", "no_nv", "no_rocm", "no_umask",
+                 "nv", "nvccli", "overlay", "pid", "pwd", "rocm", "root_emulation", "scratch",
+                 "sharens", "shell", "tmpfs_size_mib", "unsquash", "user", "uts", "workdir",
+                 "writable", "writable_tmpfs")
 
     def __init__(self, *, binds: Sequence[BindSpec] = (), home: str | None = None,
                  no_home: bool = False, no_mount: Sequence[str] = (), contain: bool = False,
@@ -42,7 +43,10 @@ class Options:
                  root_emulation: bool = False, user: str | None = None, nv: bool = False,
                  nvccli: bool = False, rocm: bool = False, devices: Sequence[str] = (),
                  cdi_dirs: Sequence[str] = (), sharens: bool | None = None,
-                 mpi: str | None = None) -> None:
+                 mpi: str | None = None, no_umask: bool = False, dns: Sequence[str] = (),
+                 workdir: str | None = None, scratch: Sequence[str] = (),
+                 ignore_subuid: bool = False, no_nv: bool = False,
+                 no_rocm: bool = False) -> None:
         self.binds = tuple(binds)  #: host paths to bind in (``-B``, ``--mount``)
         self.home = home  #: ``--home SRC[:DST]``
         self.no_home = no_home
@@ -79,6 +83,14 @@ class Options:
         self.sharens = sharens
         #: "host": bind the host's MPI in (the bind model); "none"; None: the site's choice
         self.mpi = mpi
+        self.no_umask = no_umask  #: start the command with umask 0022
+        self.dns = tuple(dns)  #: name servers for /etc/resolv.conf instead of the host's
+        #: with --contain: a host directory holding /tmp, /var/tmp and the home directory
+        self.workdir = workdir
+        self.scratch = tuple(scratch)  #: empty writable directories in the container
+        self.ignore_subuid = ignore_subuid  #: --fakeroot maps the user alone
+        #: no GPUs of that vendor, even where the site's configuration always binds them
+        self.no_nv, self.no_rocm = no_nv, no_rocm
 
     def __repr__(self) -> str:
         changed = {name: getattr(self, name) for name in self.__slots__

@@ -32,17 +32,24 @@ class Plan:
     """A container to start: what to run, in what, and the decisions about its mounts."""
 
     __slots__ = ("action", "argv", "bind_cwd", "binds", "cwd", "gpu", "home_dest",
-                 "home_source", "image", "layers", "library_path", "mpi", "name", "oci_env",
-                 "options", "site", "user", "userns")
+                 "home_empty", "home_source", "image", "layers", "library_path", "mpi", "name",
+                 "oci_command", "oci_env", "options", "site", "user", "userns")
 
     def __init__(self, *, name: str, action: str, argv: tuple[str, ...], options: Options,
                  image: Image, layers: Layers | None, user: identity.User, userns: bool,
                  home_source: str | None, home_dest: str, binds: list[BindSpec], cwd: str,
                  bind_cwd: bool, site: config.SiteConfig, oci_env: list[str],
-                 gpu: Edits | None = None, mpi: HostMPI | None = None) -> None:
+                 gpu: Edits | None = None, mpi: HostMPI | None = None,
+                 home_empty: bool = False,
+                 oci_command: tuple[list[str], list[str], str] | None = None) -> None:
         self.name, self.action, self.argv, self.options = name, action, argv, options
         self.image, self.layers, self.user, self.userns = image, layers, user, userns
         self.home_source, self.home_dest, self.binds = home_source, home_dest, binds
+        #: an empty writable home of the container's own (--contain), not a host directory
+        self.home_empty = home_empty
+        #: the OCI config's (ENTRYPOINT, CMD, WorkingDir): what ``run`` starts directly in
+        #: an image without a shell for its runscript (FROM scratch)
+        self.oci_command = oci_command
         self.cwd, self.bind_cwd, self.site, self.oci_env = cwd, bind_cwd, site, oci_env
         self.gpu = gpu  #: what --nv, --rocm, --device and --nvccli add
         self.mpi = mpi  #: the host's MPI, with --mpi host
@@ -61,6 +68,7 @@ class Plan:
         points += [(b.destination, os.path.isdir(f"{old_root}{b.source}")) for b in self.binds]
         if self.options.hostname:
             points.append(("/etc/hostname", False))
+        points += [(directory, True) for directory in self.options.scratch]
         if self.bind_cwd:
             points.append((self.cwd, True))
         if self.gpu is not None:
@@ -84,16 +92,8 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
                          "use --writable-tmpfs, or --overlay DIR for changes that persist")
     if opts.overlay:
         _check_overlay(opts.overlay)
-    fakeroot = opts.fakeroot or opts.root_emulation
-    home_dest = "/root" if fakeroot and not opts.home else user.home
-    home_source: str | None = user.home
-    if opts.home:
-        src, _, dst = opts.home.partition(":")
-        home_source, home_dest = os.path.realpath(os.path.expanduser(src)), dst or src
-    if opts.no_home or opts.contain or not site.mount_home or "home" in opts.no_mount:
-        home_source = None
-    if fakeroot and not opts.home:
-        home_source = user.home if not (opts.no_home or opts.contain) else None
+    home_source, home_dest, home_empty = home(opts, site, user)
+    oci = _oci_config(image)
     binds = []
     for b in opts.binds:
         _check_source(b.source)
@@ -133,7 +133,30 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
     return Plan(name=name, action=action, argv=argv, options=opts, image=image,
                 layers=started.layers, user=user, userns=userns, home_source=home_source,
                 home_dest=home_dest, binds=binds, cwd=cwd, bind_cwd=bind_cwd, site=site,
-                oci_env=_oci_env(image), gpu=gpu, mpi=mpi)
+                oci_env=_strings(oci.get("Env")), gpu=gpu, mpi=mpi, home_empty=home_empty,
+                oci_command=(_strings(oci.get("Entrypoint")), _strings(oci.get("Cmd")),
+                             str(oci.get("WorkingDir") or "")) if oci else None)
+
+
+def home(opts: Options, site: config.SiteConfig, user: identity.User
+         ) -> tuple[str | None, str, bool]:
+    """The home directory, decided once: (the host directory bound there or None, where
+    it is in the container, whether an empty writable directory goes there instead).
+
+    As Apptainer: an explicit ``--home SRC[:DST]`` is bound whatever else is asked
+    (cwltool binds its job's directory so, with --contain); otherwise the user's home
+    at its path (at /root with --fakeroot), none with --no-home, ``--no-mount home`` or
+    the site's ``mount home = no``, and an empty one in memory with --contain.
+    """
+    if opts.home:
+        src, _, dst = opts.home.partition(":")
+        return os.path.realpath(os.path.expanduser(src)), dst or src, False
+    dest = "/root" if opts.fakeroot or opts.root_emulation else user.home
+    if opts.no_home or not site.mount_home or "home" in opts.no_mount:
+        return None, dest, False
+    if opts.contain:
+        return None, dest, True
+    return user.home, dest, False
 
 
 def _site_mpi(site: config.SiteConfig) -> str:
@@ -204,10 +227,11 @@ def _check_overlay(spec: str) -> None:
                          "give a directory of your own")
 
 
-def _oci_env(image: Image) -> list[str]:
-    """The OCI ``Env`` stored in a SIF, for images without a shell to source env scripts."""
+def _oci_config(image: Image) -> dict[str, object]:
+    """The OCI image config stored in a SIF (Env, Entrypoint, Cmd, WorkingDir), for images
+    without a shell to source env scripts or run a runscript; {} if there is none."""
     if image.oci_config is None:
-        return []
+        return {}
     offset, size = image.oci_config
     with open(image.path, "rb") as f:
         f.seek(offset)
@@ -217,8 +241,11 @@ def _oci_env(image: Image) -> list[str]:
     try:
         doc = json.loads(raw)
     except ValueError:
-        return []
+        return {}
     if isinstance(doc, dict) and isinstance(doc.get("config"), dict) and "Env" not in doc:
         doc = doc["config"]
-    value = doc.get("Env") if isinstance(doc, dict) else None
+    return doc if isinstance(doc, dict) else {}
+
+
+def _strings(value: object) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []

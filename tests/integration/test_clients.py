@@ -1,0 +1,178 @@
+"""Drop-in for real clients and published recipes (#20): what cwltool, singularity-compose
+and recipes from Apptainer's docs, Jupyter and BioContainers rely on, as root and as an
+ordinary user."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CAPSID, one_error, run_capsid
+
+pytestmark = pytest.mark.unprivileged
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+# -- flags -------------------------------------------------------------------------------
+
+def test_cwltools_command_line(busybox_sif: Path, tmp_path: Path) -> None:
+    """cwltool's own flags for Apptainer >= 1.1: --no-eval, --userns, an explicit --home
+    under --contain (bound, and writable), --net --network none, --pwd."""
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    result = subprocess.run(
+        [str(CAPSID), "--quiet", "exec", "--contain", "--ipc", "--cleanenv", "--no-eval",
+         "--userns", "--home", f"{outdir}:/var/lib/cwl/home", "--bind",
+         f"{tmp_path}:/tmp:rw", "--pwd", "/var/lib/cwl/home", "--net", "--network", "none",
+         "--network-args", "portmap=8080:80/tcp", str(busybox_sif), "sh", "-c",
+         'echo out > result.txt; echo "$HOME $PWD"'],
+        capture_output=True, text=True, timeout=60, check=False,
+        env=dict(os.environ, SINGULARITYENV_TMPDIR="/tmp"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "/var/lib/cwl/home /var/lib/cwl/home\n"
+    assert (outdir / "result.txt").read_text() == "out\n"
+
+
+def test_contain_gives_an_empty_writable_home(busybox_sif: Path) -> None:
+    result = run_capsid("exec", "--contain", busybox_sif, "sh", "-c",
+                        'ls -A "$HOME" | wc -l; touch "$HOME/x" && echo writable')
+    assert result.stdout.split() == ["0", "writable"], result.stderr
+
+
+def test_cwltools_userns_probe_finds_apptainers_words(busybox_sif: Path) -> None:
+    """cwltool decides whether --userns works by the words of a missing command's error."""
+    result = run_capsid("exec", "--userns", busybox_sif, "no-such-program")
+    assert "executable file not found in" in one_error(result)
+
+
+def test_apptainerenv_home_is_a_warning(busybox_sif: Path) -> None:
+    for name in ("APPTAINERENV_HOME", "SINGULARITYENV_HOME"):
+        result = run_capsid("exec", busybox_sif, "sh", "-c", 'echo "$HOME"',
+                            env=dict(os.environ, **{name: "/elsewhere"}))
+        assert result.returncode == 0 and result.stdout != "/elsewhere\n", result.stderr
+        assert "WARNING" in result.stderr and "HOME" in result.stderr
+
+
+def test_every_apptainer_flag_is_taken_or_refused_in_one_line(busybox_sif: Path,
+                                                             tmp_path: Path) -> None:
+    """Each flag of capsid.cli.compat: accepted (the command runs) or refused with one
+    line naming the flag — never 'unknown flag'."""
+    from capsid.cli import compat
+
+    for name, _, value, _, kind, _ in compat.rows("exec"):
+        argv = [f"--{name}", *(["x"] if value else [])]
+        result = run_capsid("exec", *argv, busybox_sif, "true")
+        assert "unknown flag" not in result.stderr, (name, result.stderr)
+        if kind == "refused":
+            one_error(result, f"--{name}")
+        else:
+            assert result.returncode == 0, (name, result.stderr)
+    for verb, argv in (("build", ["--encrypt", str(tmp_path / "o.sif"), str(busybox_sif)]),
+                       ("pull", ["--library", "x", "docker://busybox"]),
+                       ("inspect", ["--list-apps", str(busybox_sif)])):
+        one_error(run_capsid(verb, *argv), argv[0])
+    accepted = run_capsid("build", "--fix-perms", "--no-cleanup", tmp_path / "o.sif",
+                          busybox_sif)
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_flags_capsid_implements_for_apptainers_sake(busybox_sif: Path,
+                                                     tmp_path: Path) -> None:
+    """--no-umask, --compat, --no-pid, --dns, --scratch, --workdir."""
+    umask = run_capsid("exec", "--no-umask", busybox_sif, "sh", "-c", "umask")
+    assert umask.stdout.strip() in ("0022", "022"), umask.stderr
+    compat = run_capsid("exec", "--compat", busybox_sif, "sh", "-c",
+                        'echo "${FROM_HOST:-clean}"; umask; touch /x && echo writable; '
+                        "ls /proc | grep -c '^[0-9]'", env=dict(os.environ, FROM_HOST="x"))
+    lines = compat.stdout.split()
+    assert lines[0] == "clean" and lines[1] in ("0022", "022") and lines[2] == "writable", \
+        compat.stderr
+    assert int(lines[3]) < 10  # a PID namespace of its own
+    no_pid = run_capsid("exec", "--containall", "--no-pid", busybox_sif, "sh", "-c", "echo $$")
+    assert no_pid.stdout.strip() != "1"
+    dns = run_capsid("exec", "--dns", "10.1.1.1,10.2.2.2", busybox_sif, "cat",
+                     "/etc/resolv.conf")
+    assert dns.stdout == "nameserver 10.1.1.1\nnameserver 10.2.2.2\n", dns.stderr
+    work = tmp_path / "work"
+    work.mkdir()
+    kept = run_capsid("exec", "--contain", "--workdir", work, "--scratch", "/scratch",
+                      busybox_sif, "sh", "-c", "touch /tmp/t /scratch/s && echo ok")
+    assert kept.stdout == "ok\n", kept.stderr
+    assert (work / "tmp" / "t").exists() and list(work.glob("scratch*/s"))
+
+
+def test_instance_hints_name_the_verb_run(busybox_sif: Path) -> None:
+    result = run_capsid("instance", "start", "--frobnicate", busybox_sif, "x")
+    one_error(result, "--frobnicate", "capsid instance start --help")
+
+
+# -- recipes --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["Singularity", "Apptainer", "recipe.txt"])
+def test_a_definition_file_by_its_content(busybox_sif: Path, tmp_path: Path,
+                                          name: str) -> None:
+    """singularity-compose and Singularity Hub name it Singularity: decided by content."""
+    recipe = write(tmp_path, name, f"""
+        # a comment first
+        Bootstrap: localimage
+        From: {busybox_sif}
+
+        %runscript
+            echo from {name}
+        """)
+    out = tmp_path / "o.sif"
+    result = run_capsid("build", out, recipe)
+    assert result.returncode == 0, result.stderr
+    assert run_capsid("run", out).stdout == f"from {name}\n"
+
+
+def test_run_of_an_image_without_a_shell(tmp_path: Path) -> None:
+    """FROM scratch: no /bin/sh for a runscript, so ENTRYPOINT and CMD run directly, with
+    arguments replacing CMD, as docker run does."""
+    shutil.copy("/bin/busybox", tmp_path / "busybox")
+    recipe = write(tmp_path, "Dockerfile", """
+        FROM scratch
+        COPY busybox /bin/busybox
+        ENTRYPOINT ["/bin/busybox"]
+        CMD ["echo", "from CMD"]
+        """)
+    out = tmp_path / "scratch.sif"
+    assert run_capsid("build", out, recipe).returncode == 0
+    assert run_capsid("run", out).stdout == "from CMD\n"
+    assert run_capsid("run", out, "echo", "from args").stdout == "from args\n"
+
+
+def test_env_extends_the_base_path_and_copy_flags_expand(hub_env: dict[str, str],
+                                                         tmp_path: Path) -> None:
+    """ENV PATH=/x:$PATH keeps the base's PATH (sh, mkdir stay found); COPY --chown and
+    --chmod values are expanded and unquoted (Jupyter's docker-stacks write them so)."""
+    write(tmp_path, "data.txt", "data\n")
+    recipe = write(tmp_path, "Dockerfile", """
+        FROM busybox:1
+        ARG NB_UID=1000
+        ARG NB_GID=100
+        ENV PATH=/opt/tool/bin:$PATH
+        RUN mkdir -p /opt/tool/bin && echo 'echo tool' > /opt/tool/bin/tool && \\
+            chmod 755 /opt/tool/bin/tool
+        COPY --chown="${NB_UID}:${NB_GID}" --chmod="0640" data.txt /home/data.txt
+        RUN tool > /ran && sh -c 'echo $PATH' > /path
+        """)
+    out = tmp_path / "env.sif"
+    result = run_capsid("build", out, recipe, env=hub_env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    check = run_capsid("exec", out, "cat", "/ran", "/path", env=hub_env)
+    lines = check.stdout.splitlines()
+    assert lines[0] == "tool" and lines[1].startswith("/opt/tool/bin:/"), check.stdout
+    assert "/bin" in lines[1].split(":")[1:], lines[1]
+    mode = run_capsid("exec", out, "stat", "-c", "%a", "/home/data.txt", env=hub_env)
+    assert mode.stdout.strip() == "640", mode.stderr
