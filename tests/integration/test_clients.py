@@ -4,6 +4,7 @@ ordinary user."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CAPSID, one_error, run_capsid
+from tests.support.registry import PASSWORD, USER, Registry
 
 pytestmark = pytest.mark.unprivileged
 
@@ -176,3 +178,49 @@ def test_env_extends_the_base_path_and_copy_flags_expand(hub_env: dict[str, str]
     assert "/bin" in lines[1].split(":")[1:], lines[1]
     mode = run_capsid("exec", out, "stat", "-c", "%a", "/home/data.txt", env=hub_env)
     assert mode.stdout.strip() == "640", mode.stderr
+
+
+def test_push_of_a_build_on_a_local_image_keeps_the_base(hub_env: dict[str, str],
+                                                         registry: Registry,
+                                                         busybox_sif: Path,
+                                                         tmp_path: Path) -> None:
+    """Bootstrap: localimage has no registry layers: its files are pushed as a layer of
+    their own, so the image pulled back is whole (it held only the steps' files)."""
+    recipe = write(tmp_path, "local.def", f"""
+        Bootstrap: localimage
+        From: {busybox_sif}
+
+        %post
+            echo added > /added
+        %runscript
+            cat /added; ls /bin/sh
+        """)
+    out = tmp_path / "local.sif"
+    assert run_capsid("build", out, recipe, env=hub_env).returncode == 0
+    target = f"docker://{registry.host}/test/local:1"
+    pushed = run_capsid("push", out, target, env=hub_env)
+    assert pushed.returncode == 0, pushed.stderr
+    raw = subprocess.run(["skopeo", "inspect", "--raw", "--cert-dir", str(registry.cert_dir()),
+                          "--creds", f"{USER}:{PASSWORD}", target], capture_output=True,
+                         text=True, check=True).stdout
+    assert len(json.loads(raw)["layers"]) >= 2  # the base's files, then the steps'
+    back = tmp_path / "back.sif"
+    assert run_capsid("pull", back, target, env=hub_env).returncode == 0
+    result = run_capsid("exec", back, "sh", "-c", "cat /added; ls /bin/sh", env=hub_env)
+    assert (result.returncode, result.stdout) == (0, "added\n/bin/sh\n"), result.stderr
+
+
+def test_a_name_the_mirror_lacks_fails_fast_and_says_so(hub_env: dict[str, str],
+                                                       registry: Registry,
+                                                       tmp_path: Path) -> None:
+    """docker.io through a mirror that has no such image: docker.io itself is tried
+    briefly (offline here), and the error says the mirror answered 'not found'."""
+    import time
+
+    env = {k: v for k, v in hub_env.items() if k != "CAPSID_RETRY_DELAY"}  # real back-off
+    started = time.monotonic()
+    result = run_capsid("pull", tmp_path / "o.sif", "docker://no-such-image:1", env=env,
+                        timeout=120)
+    assert time.monotonic() - started < 10
+    line = one_error(result, "no-such-image", registry.host)
+    assert "no such image" in line

@@ -76,11 +76,15 @@ BUILD_RECORD = "capsid-build.json"
 def _layers_record(result: StageResult, builder: Builder, config: dict[str, Any]) -> Any:
     from capsid.image import sif
 
-    base = result.base.layers or []
+    base = result.base.layers
+    from_registry = base is not None and all(layer.digest for layer in base)
     record = {
         "config": config,
         "base": [{"digest": layer.digest, "mediaType": layer.media_type, "size": layer.size}
-                 for layer in base] if all(layer.digest for layer in base) else None,
+                 for layer in base or []] if from_registry else None,
+        # a base of no registry's (a local SIF, a sandbox, debootstrap): its files, unpacked
+        # in the build cache, become a layer of their own when pushed
+        "base_rootfs": None if from_registry or base else str(result.base.rootfs(builder.store)),
         "base_diff_ids": list((result.base.config.get("rootfs") or {}).get("diff_ids") or []),
         "steps": [layer.key for layer in result.layers if not layer.empty],
     }

@@ -20,7 +20,7 @@ from capsid.errors import CapsidError, ImageNotFoundError
 from capsid.oci import image as oci
 from capsid.oci.reference import Reference
 from capsid.oci.registries import Endpoint, Registries
-from capsid.oci.registry import Client, RegistryError, UnreachableError
+from capsid.oci.registry import ATTEMPTS, Client, RegistryError, UnreachableError
 from capsid.oci.store import Store, check_digest
 
 LOG = log.get(__name__)
@@ -93,18 +93,31 @@ class Puller:
         """The platform's image manifest for *ref*, trying mirrors first."""
         errors: list[CapsidError] = []
         unreachable = True
+        missing_on: list[str] = []  # mirrors that answered "not found"
         for ep in self.registries.endpoints(ref, self.nohttps):
+            # after a mirror said "not found", the registry itself is a last resort, tried
+            # briefly (offline, it would otherwise take half a minute to fail)
+            self.client.attempts = 2 if missing_on and not ep.mirror else ATTEMPTS
             try:
                 return self._resolve_at(ref, ep, platform)
             except (RegistryError, ImageNotFoundError) as e:
                 if ep.mirror:
                     LOG.info("mirror %s: %s", ep.ref.registry, e.message)
+                    if isinstance(e, ImageNotFoundError):
+                        missing_on.append(ep.ref.registry)
                 unreachable = unreachable and isinstance(e, UnreachableError)
                 errors.append(e)
+            finally:
+                self.client.attempts = ATTEMPTS
         cached = self.store.lookup(str(ref))
         if cached and unreachable:
             LOG.warning("%s is unreachable; using the cached %s", ref.registry, cached[:19])
             return self._from_cache(ref, cached, platform)
+        if missing_on and isinstance(errors[-1], UnreachableError):
+            raise ImageNotFoundError(
+                f"{ref}: the mirror {', '.join(missing_on)} answered that it has no such "
+                f"image, and {ref.registry} could not be reached ({errors[-1].message})",
+                "check the name and tag, or ask for the image on the mirror")
         raise errors[-1]
 
     def _resolve_at(self, ref: Reference, ep: Endpoint, platform: tuple[str, str]) -> Resolved:

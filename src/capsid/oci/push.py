@@ -167,6 +167,12 @@ def _push_layers(client: Client, record: dict[str, Any], ep: Endpoint,
     builds = BuildStore(store.root)
     base, steps = record.get("base"), record.get("steps")
     config = record.get("config")
+    rootfs = record.get("base_rootfs")
+    if base is None and isinstance(rootfs, str) and os.path.isdir(rootfs) and \
+            os.path.realpath(rootfs).startswith(os.path.realpath(builds.bases) + "/"):
+        base = []  # the base's files are pushed as the first layer, below the steps'
+    else:
+        rootfs = None
     if not (isinstance(base, list) and isinstance(steps, list) and isinstance(config, dict)):
         return None
     blobs = []
@@ -188,12 +194,12 @@ def _push_layers(client: Client, record: dict[str, Any], ep: Endpoint,
         size = path.stat().st_size
         client.upload_blob(ep, digest, size, file_chunks(path))
         descriptors.append(_descriptor(media, digest, size))
-    diff_ids = [str(d) for d in record.get("base_diff_ids") or []]
+    diff_ids = [str(d) for d in record.get("base_diff_ids") or []] if rootfs is None else []
+    trees = ([rootfs] if rootfs else []) + [str(layer.diff) for layer in diffs if layer]
     with tempfile.TemporaryDirectory(prefix="capsid-push-") as tmp:
-        for index, layer in enumerate(diffs):
-            assert layer is not None
-            path = Path(tmp) / f"step{index}.tar.gz"
-            digest, diff_id = _gzip_layer(treetar.chunks(str(layer.diff)), path)
+        for index, tree in enumerate(trees):
+            path = Path(tmp) / f"layer{index}.tar.gz"
+            digest, diff_id = _gzip_layer(treetar.chunks(tree), path)
             size = path.stat().st_size
             client.upload_blob(ep, digest, size, file_chunks(path))
             descriptors.append(_descriptor(oci.OCI_LAYER_GZIP, digest, size))

@@ -74,6 +74,8 @@ class Client:
         self.progress = progress
         #: first retry's delay (CAPSID_RETRY_DELAY; tests make it short)
         self.retry_delay = config.env_seconds("RETRY_DELAY", 0.5)
+        #: tries of one request on transient failures (fewer for a last-resort fallback)
+        self.attempts = ATTEMPTS
 
     def close(self) -> None:
         self._http.close()
@@ -98,7 +100,7 @@ class Client:
         import httpx
 
         last: Exception | None = None
-        for attempt in range(ATTEMPTS):
+        for attempt in range(self.attempts):
             try:
                 request = self._http.build_request(
                     method, url, headers=headers,
@@ -109,7 +111,7 @@ class Client:
                 LOG.debug("%s %s: %s (attempt %d)", method, url, e, attempt + 1)
                 time.sleep(_delay(self.retry_delay, attempt))
                 continue
-            if response.status_code in RETRY_STATUS and attempt + 1 < ATTEMPTS:
+            if response.status_code in RETRY_STATUS and attempt + 1 < self.attempts:
                 LOG.debug("%s %s: HTTP %d (attempt %d)", method, url, response.status_code,
                           attempt + 1)
                 wait = _delay(self.retry_delay, attempt, response.headers.get("retry-after"))
