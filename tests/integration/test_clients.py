@@ -224,3 +224,37 @@ def test_a_name_the_mirror_lacks_fails_fast_and_says_so(hub_env: dict[str, str],
     assert time.monotonic() - started < 10
     line = one_error(result, "no-such-image", registry.host)
     assert "no such image" in line
+
+
+def test_files_copies_host_paths_as_apptainer(busybox_sif: Path, tmp_path: Path) -> None:
+    """%files takes host paths (absolute, or relative to where you build), not only the
+    context: the docs' example copies a file its own %setup made. An unreadable one is
+    one line."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "abs.txt").write_text("absolute\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "rel.txt").write_text("relative\n")
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    recipe = write(recipes, "files.def", f"""
+        Bootstrap: localimage
+        From: {busybox_sif}
+
+        %setup
+            echo made-by-setup > {tmp_path}/from-setup.txt
+        %files
+            {outside}/abs.txt /abs.txt
+            rel.txt /rel.txt
+            {tmp_path}/from-setup.txt /setup.txt
+        """)
+    out = tmp_path / "files.sif"
+    result = run_capsid("build", out, recipe, cwd=work)
+    assert result.returncode == 0, result.stderr
+    check = run_capsid("exec", out, "cat", "/abs.txt", "/rel.txt", "/setup.txt")
+    assert check.stdout == "absolute\nrelative\nmade-by-setup\n", check.stderr
+    if os.getuid() != 0:
+        (outside / "abs.txt").chmod(0)
+        denied = run_capsid("build", "--force", out, recipe, cwd=work)
+        one_error(denied, "abs.txt", "cannot read")

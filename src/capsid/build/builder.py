@@ -359,10 +359,16 @@ class Builder:
             raise UsageError(f"{step.where}: COPY takes files from the context, not URLs",
                              "use ADD for a URL")
         paths = [p for source in step.sources if not _is_url(source)
-                 for p in self.context.sources(source, str(step.where))]
+                 for p in self._sources(step, source)]
         fetched = [self._download(url, str(step.where)) for url in urls]
         return [self.context.digest(paths), [_file_digest(p) for p in fetched],
                 list(step.sources), step.dest, str(step.chmod), str(step.extract)]
+
+    def _sources(self, step: Copy, source: str) -> list[Path]:
+        """COPY's sources come from the context; %files copies host paths, as Apptainer."""
+        if step.dockerish:
+            return self.context.sources(source, str(step.where))
+        return self.context.host_sources(source, str(step.where))
 
     def _download(self, url: str, where: str) -> Path:
         """ADD's URL, fetched once per build into the build's scratch space."""
@@ -417,8 +423,7 @@ class Builder:
                 name = os.path.basename(source.split("?")[0].rstrip("/")) or "index.html"
                 host_sources.append((str(self._download(source, str(step.where))), name))
             else:
-                host_sources += [(str(p), p.name) for p in self.context.sources(
-                    source, str(step.where))]
+                host_sources += [(str(p), p.name) for p in self._sources(step, source)]
         downloaded = set(map(str, self.downloads.values()))
         context_root = str(self.context.root)
 

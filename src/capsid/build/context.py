@@ -93,12 +93,34 @@ class Context:
                              ".dockerignore")
         return found
 
+    def host_sources(self, pattern: str, where: str) -> list[Path]:
+        """A definition file's ``%files`` source, as Apptainer copies it: a host path,
+        absolute or relative to the current directory, globs expanded; not confined to
+        the context (that is Docker's COPY rule). A relative one found only beside the
+        recipe (the context) is taken from there."""
+        found: list[Path] = []
+        for base in (os.getcwd(), str(self.root)):
+            path = os.path.join(base, os.path.expanduser(pattern))
+            found = [Path(p) for p in sorted(glob.glob(path))] if glob.has_magic(pattern) \
+                else ([Path(path)] if os.path.lexists(path) else [])
+            if found or os.path.isabs(pattern):
+                break
+        if not found:
+            raise UsageError(f"{where}: {pattern} does not exist on this machine",
+                             "%files copies host paths: absolute, or relative to the "
+                             "directory you build in")
+        for each in found:
+            if not os.access(each, os.R_OK):
+                raise UsageError(f"{where}: you cannot read {each}",
+                                 "make it readable, or copy another file")
+        return found
+
     def digest(self, paths: list[Path]) -> str:
         """A digest of *paths* and everything under them that is not ignored."""
         h = hashlib.sha256()
         for path in paths:
             for entry in self._walk(path):
-                rel = str(entry.relative_to(self.root)) if entry != self.root else "."
+                rel = self._name(entry)
                 info = entry.lstat()
                 h.update(f"{rel}\0{stat.S_IMODE(info.st_mode):o}\0{stat.S_IFMT(info.st_mode)}"
                          "\0".encode())
@@ -113,8 +135,15 @@ class Context:
                 h.update(b"\1")
         return h.hexdigest()
 
+    def _name(self, entry: Path) -> str:
+        """*entry*'s name in digests: relative inside the context, else as it is."""
+        if entry == self.root:
+            return "."
+        return str(entry.relative_to(self.root)) if self.root in entry.parents else str(entry)
+
     def _walk(self, path: Path) -> list[Path]:
         found = [path]
+        inside = path == self.root or self.root in path.parents
         target = path.resolve() if path.is_symlink() else path
         if target.is_dir():
             negations = any(negate for negate, _ in self._ignore)
@@ -123,7 +152,7 @@ class Context:
                 for name in sorted(dirnames + filenames):
                     full = Path(dirpath) / name
                     shown = path / full.relative_to(target)
-                    if not self.ignored(str(shown.relative_to(self.root))):
+                    if not inside or not self.ignored(str(shown.relative_to(self.root))):
                         found.append(full)
                         if name in dirnames:
                             kept.append(name)
