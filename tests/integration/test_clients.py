@@ -258,3 +258,167 @@ def test_files_copies_host_paths_as_apptainer(busybox_sif: Path, tmp_path: Path)
         (outside / "abs.txt").chmod(0)
         denied = run_capsid("build", "--force", out, recipe, cwd=work)
         one_error(denied, "abs.txt", "cannot read")
+
+
+# -- real clients, from PyPI (the dev extra installs them) ----------------------------------
+
+TOOL = """\
+cwlVersion: v1.2
+class: CommandLineTool
+requirements:
+  DockerRequirement:
+    {requirement}
+baseCommand: [sh, -c]
+arguments: ["{script}"]
+inputs:
+  name: {{type: string, default: world}}
+  infile: {{type: File?}}
+outputs:
+  out: {{type: File, outputBinding: {{glob: out.txt}}}}
+"""
+
+WORKFLOW = """\
+cwlVersion: v1.2
+class: Workflow
+inputs:
+  name: string
+outputs:
+  final: {type: File, outputSource: second/out}
+steps:
+  first:
+    run: first.cwl
+    in: {name: name}
+    out: [out]
+  second:
+    run: second.cwl
+    in: {infile: first/out}
+    out: [out]
+"""
+
+
+def _cwltool(tmp_path: Path, env: dict[str, str], *args: str | Path
+             ) -> subprocess.CompletedProcess[str]:
+    cwltool = CAPSID.parent / "cwltool"
+    if not cwltool.exists():
+        pytest.skip("cwltool is not installed (pip install -e '.[dev]' installs it)")
+    run_env = dict(env, PATH=f"{CAPSID.parent}:/usr/local/bin:/usr/bin:/bin",
+                   CWL_SINGULARITY_CACHE=str(tmp_path / "images"))
+    (tmp_path / "images").mkdir(exist_ok=True)
+    return subprocess.run([str(cwltool), "--singularity", "--outdir", str(tmp_path / "out"),
+                           *map(str, args)], capture_output=True, text=True, env=run_env,
+                          cwd=tmp_path, timeout=600, check=False)
+
+
+def test_cwltool_runs_tools_and_workflows(hub_env: dict[str, str], tmp_path: Path) -> None:
+    """cwltool --singularity, unchanged: a dockerPull tool (its output file checked), a
+    two-step workflow passing a file, and a tool's non-zero exit seen by cwltool."""
+    pull = 'dockerPull: "busybox:1"'
+    write(tmp_path, "tool.cwl", TOOL.format(
+        requirement=pull, script="echo hello from $(inputs.name) > out.txt"))
+    result = _cwltool(tmp_path, hub_env, "tool.cwl", "--name", "capsid")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "out.txt").read_text() == "hello from capsid\n"
+
+    write(tmp_path, "first.cwl", TOOL.format(
+        requirement=pull, script="echo passed $(inputs.name) > out.txt"))
+    write(tmp_path, "second.cwl", TOOL.format(
+        requirement=pull, script="tr a-z A-Z < $(inputs.infile.path) > out.txt"))
+    write(tmp_path, "flow.cwl", WORKFLOW)
+    flow = _cwltool(tmp_path, hub_env, "flow.cwl", "--name", "along")
+    assert flow.returncode == 0, flow.stderr[-3000:]
+    assert (tmp_path / "out" / "out.txt").read_text() == "PASSED ALONG\n"
+
+    write(tmp_path, "fails.cwl", TOOL.format(requirement=pull, script="exit 3"))
+    failed = _cwltool(tmp_path, hub_env, "fails.cwl")
+    assert failed.returncode != 0 and "permanentFail" in failed.stderr, failed.stderr[-3000:]
+
+
+def test_cwltool_docker_load(tmp_path: Path) -> None:
+    """dockerLoad: cwltool builds the SIF from a docker-archive:// itself."""
+    archive = Path(os.environ.get("CAPSID_TEST_CACHE", "/var/cache/capsid-test")) / "oci" / \
+        "busybox.docker.tar"
+    if not archive.is_file():
+        pytest.skip(f"{archive} is absent: scripts/oci-images.sh makes it")
+    write(tmp_path, "load.cwl", TOOL.format(
+        requirement=f'dockerLoad: "{archive}"\n    dockerImageId: "busybox-loaded"',
+        script="echo loaded > out.txt"))
+    result = _cwltool(tmp_path, dict(os.environ), "load.cwl")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "out.txt").read_text() == "loaded\n"
+
+
+COMPOSE = """\
+version: "2.0"
+instances:
+  web:
+    build:
+      context: ./web
+      recipe: Singularity
+      options:
+        - fakeroot
+    volumes:
+      - ./data:/data
+  worker:
+    build:
+      context: ./worker
+      recipe: Singularity
+      options:
+        - fakeroot
+    volumes:
+      - ./data:/data
+    depends_on:
+      - web
+"""
+
+SERVICE = """\
+Bootstrap: localimage
+From: {base}
+
+%startscript
+    echo "{name} started" >> /data/{name}.log
+    exec sleep 1000
+"""
+
+
+def test_singularity_compose_up_ps_exec_down(busybox_sif: Path, tmp_path: Path) -> None:
+    """singularity-compose, unchanged: build from files named Singularity, then up (two
+    instances with a startscript, a volume and the hosts file), ps, exec and down."""
+    compose = CAPSID.parent / "singularity-compose"
+    if not compose.exists():
+        pytest.skip("singularity-compose is not installed (the dev extra installs it)")
+    for name in ("web", "worker"):
+        (tmp_path / name).mkdir()
+        write(tmp_path / name, "Singularity", SERVICE.format(base=busybox_sif, name=name))
+    (tmp_path / "data").mkdir()
+    write(tmp_path, "singularity-compose.yml", COMPOSE)
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = dict(os.environ, PATH=f"{CAPSID.parent}:/usr/local/bin:/usr/bin:/bin",
+               XDG_RUNTIME_DIR=str(runtime))
+
+    def sc(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(compose), *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300, check=False)
+
+    built = sc("build")
+    assert built.returncode == 0, built.stdout + built.stderr
+    up = sc("up")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        ps = sc("ps")
+        assert ps.returncode == 0 and "web" in ps.stdout and "worker" in ps.stdout, ps.stdout
+        # instances are named by replica: worker1 reaches web1 through the hosts file
+        hosts = sc("exec", "worker1", "cat", "/etc/hosts")
+        assert hosts.returncode == 0 and "web1" in hosts.stdout, hosts.stdout + hosts.stderr
+        import time
+
+        for _ in range(100):
+            if (tmp_path / "data" / "worker.log").exists():
+                break
+            time.sleep(0.1)
+        assert (tmp_path / "data" / "web.log").read_text() == "web started\n"
+    finally:
+        down = sc("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    listed = run_capsid("instance", "list", "--json", env=env)
+    assert json.loads(listed.stdout)["instances"] == []
