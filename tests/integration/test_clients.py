@@ -422,3 +422,19 @@ def test_singularity_compose_up_ps_exec_down(busybox_sif: Path, tmp_path: Path) 
     assert down.returncode == 0, down.stdout + down.stderr
     listed = run_capsid("instance", "list", "--json", env=env)
     assert json.loads(listed.stdout)["instances"] == []
+
+
+def test_instance_start_pid_file(busybox_sif: Path, tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
+    pid_file = tmp_path / "instance.pid"
+    name = f"pidfile{os.getpid()}"
+    started = run_capsid("instance", "start", "--pid-file", pid_file, busybox_sif, name,
+                         env=env, timeout=60)
+    try:
+        assert started.returncode == 0, started.stderr
+        listed = json.loads(run_capsid("instance", "list", "--json", env=env).stdout)
+        assert pid_file.read_text() == f"{listed['instances'][0]['pid']}\n"
+    finally:
+        assert run_capsid("instance", "stop", name, env=env).returncode == 0

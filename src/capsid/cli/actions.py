@@ -86,6 +86,8 @@ FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
     ("cdi-dirs", "", "DIR[,DIR]", False,
      "directories of CDI specs (default: /etc/cdi,/var/run/cdi)"),
     ("no-https", "", "", False, "plain HTTP to the registry of a docker:// image"),
+    ("pid-file", "", "FILE", False, "instance start|run: write the instance's process id "
+     "to FILE"),
     ("help", "h", "", False, "show this help and exit"),
 )
 _ALIASES = {"cwd": "pwd", "nohttps": "no-https"}

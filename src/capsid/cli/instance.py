@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from pathlib import Path
 
 from capsid.errors import UsageError
 
@@ -39,6 +40,7 @@ def _start(argv: list[str], script: str) -> int:
 
     verb = f"instance {'start' if script == 'startscript' else 'run'}"
     values, image, args = actions.parse(verb, argv)
+    pid_file = values.get("pid-file")
     if values.get("help"):
         sys.stdout.write(USAGE)
         return 0
@@ -49,8 +51,13 @@ def _start(argv: list[str], script: str) -> int:
     options = actions.options(values)
     options.pid = True  # as Apptainer's: an instance has a PID namespace of its own
     started = instances.start(api.resolve(image), name, rest, options, script)
+    if isinstance(pid_file, str) and pid_file:
+        from capsid.image import output
+
+        output.write_bytes(Path(pid_file), f"{started.pid}\n".encode())
     sys.stderr.write(f"instance {started.name} started (pid {started.pid})\n")
     return 0
+
 
 
 def _list(argv: list[str]) -> int:
