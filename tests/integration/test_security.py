@@ -146,10 +146,11 @@ def test_root_build_steps_run_as_an_unused_range(busybox_sif: Path, tmp_path: Pa
     from capsid import hostfs
 
     marker = tmp_path / "step-pid"
+    pause = f"3.{os.getpid()}"  # names this test's process among the machine's
     recipe = def_file(tmp_path, busybox_sif, f"""
         %post
             mkdir /owned && touch /owned/f && chown 123:45 /owned/f
-            echo $$ > /pid; sleep 3
+            echo $$ > /pid; sleep {pause}
         %setup
             touch {marker}
         """)
@@ -162,7 +163,7 @@ def test_root_build_steps_run_as_an_unused_range(busybox_sif: Path, tmp_path: Pa
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 try:
-                    if b"sleep\x003" in (entry / "cmdline").read_bytes():
+                    if (entry / "cmdline").read_bytes() == f"sleep\0{pause}\0".encode():
                         seen.add((entry / "status").stat().st_uid)
                 except OSError:
                     pass
