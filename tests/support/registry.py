@@ -202,6 +202,18 @@ class Registry:
                    if "http.request.method=GET" in line and f"/blobs/{digest}" in line
                    and "http.response.status=200" in line)
 
+    def manifest(self, target: str) -> dict[str, object]:
+        """The manifest at ``docker://`` *target*, as skopeo reads it (with the test's
+        credentials and CA)."""
+        import json
+
+        raw = subprocess.run(["skopeo", "inspect", "--raw", "--cert-dir", str(self.cert_dir()),
+                              "--creds", f"{USER}:{PASSWORD}", target], capture_output=True,
+                             text=True, check=True).stdout
+        doc = json.loads(raw)
+        assert isinstance(doc, dict)
+        return doc
+
     def cert_dir(self) -> Path:
         d = self.root / "certs.d"
         d.mkdir(exist_ok=True)
