@@ -22,7 +22,7 @@ import os
 # Imported here: check() runs after the container's root has hidden capsid's files. What
 # only working the closure out needs (re, subprocess, ldcache) is imported there: with
 # the closure cached, each rank's start stays light.
-from capsid import config, elf, glibc, inroot, log, tools
+from capsid import config, elf, glibc, hostfs, inroot, log, tools
 from capsid.errors import CapsidError, RuntimeSetupError
 
 LOG = log.get(__name__)
@@ -178,15 +178,20 @@ def _cache_file(key: str) -> str:
 
 
 def _cached(key: str) -> HostMPI | None:
+    """The closure cached for *key*, read only from a private cache folder of the
+    caller's (another user could otherwise point ranks at libraries of theirs)."""
     import json
 
+    path = _cache_file(key)
     try:
-        with open(_cache_file(key), "rb") as f:
-            doc = json.loads(f.read())
-        mpi = HostMPI(**doc)
+        hostfs.check_private(os.path.dirname(path), "host-MPI cache")
+        data = hostfs.read_nofollow(path, what="the host-MPI cache entry")
+        if data is None:
+            return None
+        mpi = HostMPI(**json.loads(data))
         if mpi.glibc_needed is not None:
             mpi.glibc_needed = tuple(mpi.glibc_needed)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, hostfs.Refused):
         return None
     if not all(os.path.exists(p) for p in [*mpi.libraries.values(), *mpi.directories]):
         return None  # the installation changed
@@ -201,9 +206,9 @@ def _store(key: str, mpi: HostMPI) -> None:
 
     target = Path(_cache_file(key))
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        hostfs.private_dir(str(target.parent), "host-MPI cache")
         write_bytes(target, json.dumps(mpi.as_dict()).encode())
-    except OSError as err:
+    except (OSError, hostfs.Refused) as err:
         LOG.debug("cannot cache the host's MPI in %s: %s", target, err)
 
 
