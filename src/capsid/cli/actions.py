@@ -102,12 +102,8 @@ def _compat(verb: str, name: str) -> tuple[str, str, str, bool, str] | None:
     name no one reads), or refuses here with one line (see :mod:`capsid.cli.compat`)."""
     from capsid.cli import compat
 
-    for long, short, value, repeatable, kind, why in compat.rows(verb):
-        if long == name:
-            if kind == "refused":
-                compat.refuse(name, why)
-            return (f"compat:{long}", short, value, repeatable, why)
-    return None
+    row = compat.accepted(verb, name)
+    return None if row is None else (f"compat:{row[0]}", row[1], row[2], row[3], row[5])
 
 
 def _store(values: Parsed, flag: tuple[str, str, str, bool, str], value: str | None) -> None:

@@ -163,6 +163,17 @@ def refuse(name: str, why: str) -> None:
     raise UsageError(f"--{name} is not supported by capsid", why)
 
 
+def accepted(verb: str, name: str) -> Row | None:
+    """*verb*'s compatibility flag *name* (long or short, without dashes) if capsid
+    accepts it; refused here with one line; None if Apptainer has no such flag."""
+    for row in rows(verb):
+        if name in (row[0], row[1]) and name:
+            if row[4] == "refused":
+                refuse(row[0], row[5])
+            return row
+    return None
+
+
 def add_to(p: argparse.ArgumentParser, verb: str, taken: frozenset[str] = frozenset()
            ) -> None:
     """Add *verb*'s compatibility flags to an argparse parser (those not in *taken*)."""
@@ -171,7 +182,7 @@ def add_to(p: argparse.ArgumentParser, verb: str, taken: frozenset[str] = frozen
     class Refused(argparse.Action):
         def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                      values: object, option_string: str | None = None) -> None:
-            refuse(self.dest.replace("_", "-"), str(self.help).split(": ", 1)[-1])
+            accepted(verb, self.dest.replace("_", "-"))  # raises, with the reason
 
     group = p.add_argument_group("Apptainer's flags capsid accepts or refuses")
     for name, short, value, repeatable, kind, why in rows(verb):

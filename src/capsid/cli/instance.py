@@ -124,13 +124,8 @@ def _compat(verb: str, arg: str) -> None:
     """Apptainer's flag *arg* of *verb*: accepted (returns) or refused (one line)."""
     from capsid.cli import compat
 
-    name = arg.lstrip("-").partition("=")[0]
-    for long, short, _, _, kind, why in compat.rows(verb):
-        if name in (long, short):
-            if kind == "refused":
-                compat.refuse(long, why)
-            return
-    raise UsageError(f"unknown flag {arg}", f"see 'capsid {verb} --help'")
+    if compat.accepted(verb, arg.lstrip("-").partition("=")[0]) is None:
+        raise UsageError(f"unknown flag {arg}", f"see 'capsid {verb} --help'")
 
 
 def _signal(text: str) -> int:
