@@ -72,6 +72,10 @@ class SiteConfig:
         self.mount_proc, self.mount_sys, self.mount_dev = mount_proc, mount_sys, mount_dev
         self.tmpfs_size_mib, self.values = tmpfs_size_mib, values or {}
 
+    def yes(self, key: str) -> bool:
+        """Whether the site's *key* is set to yes (true, 1); anything else is no."""
+        return self.values.get(key, "no").strip().lower() in ("yes", "true", "1")
+
 
 def _yes(value: str, key: str, path: str) -> bool:
     v = value.strip().lower()

@@ -292,7 +292,8 @@ def test_site_defaults_are_not_for_the_builders_steps(mpi_sif: Path, debian_sif:
     site.write_text("mpi = host\n")
     probe = ("import sys\nfrom capsid.runtime import api\nfrom capsid.runtime.options import "
              "Options\nsys.exit(api.run(sys.argv[1], ['test', '-e', '/.singularity.d/mpi'], "
-             "Options(environment={'PATH': '/usr/bin:/bin'})))\n")
+             "Options(environment={'PATH': '/usr/bin:/bin'}, root_emulation=True, "
+             "pid=True)))\n")  # as the builder runs a step
     env = {**os.environ, "CAPSID_CONFIG": str(site)}
     step = subprocess.run([str(CAPSID.parent / "python"), "-c", probe, str(debian_sif)],
                           capture_output=True, text=True, env=env, timeout=60, check=False)

@@ -12,17 +12,11 @@ if TYPE_CHECKING:
     from capsid.runtime.options import Options
 
 
-def _site_yes(site: config.SiteConfig, key: str) -> bool:
-    return site.values.get(key, "no").strip().lower() in ("yes", "true", "1")
-
-
-def edits_for(opts: Options, site: config.SiteConfig) -> Edits | None:
-    """The edits for ``--nv``, ``--nvccli``, ``--rocm`` and ``--device``; None if none."""
-    nv = opts.nv or opts.nvccli or (_site_yes(site, "always use nv") and not opts.no_nv)
-    nvccli = opts.nvccli or (nv and _site_yes(site, "use nvidia-container-cli"))
-    rocm = opts.rocm or (_site_yes(site, "always use rocm") and not opts.no_rocm)
-    if not (nv or rocm or opts.devices):
-        return None
+def edits_for(opts: Options, site: config.SiteConfig, *, nv: bool, rocm: bool) -> Edits:
+    """The edits for the NVIDIA driver (*nv*), AMD's (*rocm*), ``--nvccli`` and
+    ``--device``; whether a GPU is wanted at all is decided by the caller
+    (:mod:`capsid.runtime.plan`)."""
+    nvccli = opts.nvccli or (nv and site.yes("use nvidia-container-cli"))
     from capsid.gpu import compat, legacy
 
     result = Edits()

@@ -11,7 +11,7 @@ import os
 import stat
 import sys
 
-from capsid import hostfs, tools
+from capsid import tools
 from capsid.errors import RuntimeSetupError, UsageError
 from capsid.runtime import env as envmod
 from capsid.runtime import identity, linux
@@ -20,6 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
+    from capsid.runtime.perform import Environment
     from capsid.runtime.plan import Plan
 
 
@@ -46,9 +47,9 @@ def _command(plan: Plan) -> list[str]:
     return [shell, "--norc", *args] if shell.endswith("/bash") else [shell, *args]
 
 
-def run(plan: Plan, root_emulation: object | None = None) -> NoReturn:
-    """Replace this process with *plan*'s command (with *root_emulation*, the
-    builder's seccomp filter, loaded last)."""
+def run(plan: Plan, added: Environment, root_emulation: object | None = None) -> NoReturn:
+    """Replace this process with *plan*'s command, with the variables its mounts *added*
+    (with *root_emulation*, the builder's seccomp filter, loaded last)."""
     opts, action = plan.options, plan.action
     argv = _command(plan)
     if action in ("run", "test") and not os.path.exists(argv[0]):
@@ -64,8 +65,8 @@ def run(plan: Plan, root_emulation: object | None = None) -> NoReturn:
         environment = dict(opts.environment)
         environment.setdefault("PATH", envmod.DEFAULT_PATH)
     else:
-        environment, use_shell = _environment(plan)
-    if opts.root_emulation or hostfs.host_alias() is not None:  # a build step, or %test
+        environment, use_shell = _environment(plan, added)
+    if plan.confined:  # a build step, or a root build's %test
         from capsid.runtime import userns  # imported before pivot_root, by launch
 
         userns.confine_build_step()
@@ -118,30 +119,18 @@ def _interpreter(path: str) -> str:
     return "(its ELF loader)"
 
 
-def _environment(plan: Plan) -> tuple[dict[str, str], bool]:
+def _environment(plan: Plan, added: Environment) -> tuple[dict[str, str], bool]:
     """The command's environment, and whether /bin/sh must source the image's scripts first."""
     opts, action = plan.options, plan.action
     where = os.path.abspath(plan.name)
     name = os.path.basename(os.path.normpath(plan.name))
     extra = {"APPTAINER_CONTAINER": where, "APPTAINER_NAME": name, "APPTAINER_COMMAND": action,
              "SINGULARITY_CONTAINER": where, "SINGULARITY_NAME": name,
-             "SINGULARITY_COMMAND": action}
-    pinned: dict[str, str] = {}
-    library_path = plan.library_path or ""
-    if plan.gpu is not None:
-        extra.update(plan.gpu.passthrough)
-        pinned = plan.gpu.env
-    if plan.mpi is not None:
-        from capsid.mpi.host import LIBS_DIR  # imported with the plan, before pivot_root
-
-        extra.update(plan.mpi.passthrough)
-        library_path = f"{LIBS_DIR}:{library_path}" if library_path else LIBS_DIR
-    if library_path:
-        extra["LD_LIBRARY_PATH"] = library_path
+             "SINGULARITY_COMMAND": action, **added.extra}
     # In a shell, a prompt that says where you are; --env PS1=... still wins.
     forced = ("PS1=Capsid> ", *opts.env) if action == "shell" else opts.env
     env_options = envmod.EnvOptions(opts.cleanenv, forced, opts.env_files, plan.home_dest,
-                                    extra, pinned)
+                                    extra, added.pinned)
     if not os.access("/bin/sh", os.X_OK):
         return envmod.container_env(env_options, use_prelude=False,
                                     oci_env=plan.oci_env), False

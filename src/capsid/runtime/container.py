@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import os
 
-from capsid import hostfs, inroot, log
+from capsid import log
 from capsid.errors import RuntimeSetupError
 from capsid.image.locate import SANDBOX, Image
 from capsid.runtime import (
     command,
     early,
-    hostmounts,
-    identity,
     isolation,
     linux,
     mounts,
+    perform,
     prefetch,
 )
 from capsid.runtime import plan as planning
@@ -73,108 +72,6 @@ def _check_served(image: Image) -> None:
         ) from None
 
 
-def _default_mounts(plan: Plan, opts: Options) -> None:
-    site, no = plan.site, set(opts.no_mount)
-    if opts.root_emulation:  # a build step: it may read the kernel's knobs, never set them
-        _build_step_mounts()
-        return
-    if site.mount_proc and "proc" not in no:
-        mounts.mount_proc(opts.pid)
-    if site.mount_sys and "sys" not in no:
-        mounts.bind_into("/sys", "/sys", required=False)
-    if "dev" not in no:
-        if opts.contain or site.mount_dev == "minimal":
-            mounts.mount_minimal_dev()
-        elif site.mount_dev != "no":
-            mounts.bind_into("/dev", "/dev", nodev=False, required=False)
-    if "bind-paths" not in no:
-        for spec in site.bind_paths:
-            src, _, dst = spec.partition(":")
-            if src in no or (dst or src) in no:
-                continue
-            mounts.bind_into(os.path.realpath(src), dst or src, required=False)
-
-
-def _build_step_mounts() -> None:
-    """What a RUN or %post step gets of the host: a /proc of its own PID namespace with
-    the kernel's settings read-only (as Docker masks them), /sys read-only (the host
-    owns its files besides), a minimal /dev, and copies of /etc/hosts and /etc/resolv.conf
-    (a step may edit them; the host's files never change)."""
-    mounts.mount_proc(True)
-    mounts.protect_proc()
-    mounts.bind_into("/sys", "/sys", readonly=True, required=False)
-    mounts.mount_minimal_dev()
-    for name in ("/etc/hosts", "/etc/resolv.conf"):
-        content = _host_file(name)
-        if content is not None:
-            mounts.bind_file(content, name.rsplit("/", 1)[1], name)
-
-
-def _host_file(path: str) -> bytes | None:
-    try:  # the host's own file; its links are followed inside the host's root
-        return hostfs.read_in(mounts.OLD, path)
-    except (OSError, hostfs.Refused):
-        return None
-
-
-def _container_mounts(plan: Plan, opts: Options) -> None:
-    _default_mounts(plan, opts)
-    if plan.mpi is not None:
-        hostmounts.mpi_mounts(plan)
-    if plan.gpu is not None:
-        hostmounts.device_mounts(plan, opts)
-    if plan.home_source is not None:
-        mounts.bind_into(plan.home_source, plan.home_dest)
-    elif plan.home_empty:
-        mounts.private_home(plan.home_dest, opts.workdir)
-    else:
-        mounts.ensure_target(mounts.FINAL, plan.home_dest, True)
-    # /tmp before the binds, which may lie under it (-B /tmp/x with --contain)
-    if plan.site.mount_tmp and "tmp" not in opts.no_mount:
-        if opts.contain:
-            mounts.private_tmp(opts.workdir)
-        else:
-            mounts.bind_into("/tmp", "/tmp", required=False)
-            mounts.bind_into(os.path.realpath("/var/tmp"), "/var/tmp", required=False)
-    for b in plan.binds:
-        if b.scratch:
-            mounts.overlay_into(b.source, b.scratch, b.destination)
-        else:
-            mounts.bind_into(b.source, b.destination, readonly=b.readonly)
-    if not (opts.fakeroot or opts.root_emulation):
-        passwd = _read_image_file("/etc/passwd")
-        if passwd is None:
-            LOG.info("the image has no /etc/passwd; adding one")
-        mounts.bind_file(identity.passwd(passwd, plan.user, plan.home_dest), "passwd",
-                         "/etc/passwd")
-        mounts.bind_file(identity.group(_read_image_file("/etc/group"), plan.user), "group",
-                         "/etc/group")
-    if opts.dns:
-        mounts.bind_file("".join(f"nameserver {ip}\n" for ip in opts.dns).encode(),
-                         "resolv.conf", "/etc/resolv.conf")
-    elif os.path.exists(f"{mounts.OLD}/etc/resolv.conf") and not opts.root_emulation:
-        mounts.bind_into(os.path.realpath("/etc/resolv.conf"), "/etc/resolv.conf",
-                         required=False)
-    for directory in opts.scratch:
-        mounts.scratch_dir(directory, opts.workdir)
-    if opts.hostname:
-        mounts.bind_file(f"{opts.hostname}\n".encode(), "hostname", "/etc/hostname")
-    if plan.bind_cwd:
-        mounts.bind_into(plan.cwd, plan.cwd, required=False)
-
-
-def _read_image_file(path: str) -> bytes | None:
-    root = os.open(mounts.FINAL, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fd = inroot.open_file(root, path)
-    finally:
-        os.close(root)
-    if fd is None:
-        return None
-    with open(fd, "rb") as f:
-        return f.read(1 << 24)
-
-
 def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Options,
            started: early.Started) -> NoReturn:
     """Run the container in place of this process (after :func:`early.start`)."""
@@ -203,9 +100,9 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
     if opts.net:
         isolation.loopback_up()
     filter_ = None
-    if opts.root_emulation or hostfs.host_alias() is not None:
+    if plan.confined:
         from capsid.runtime import userns  # now: command.run confines the command with it
-    if opts.root_emulation:
+    if plan.build_step:
         from capsid.runtime import (
             rootemu,  # now: pivot_root hides the host's libraries
             userns,
@@ -213,7 +110,7 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
 
         # Where ids besides root are mapped (subordinate ids, or root's), owners are real.
         filter_ = rootemu.prepare(fake_owners=userns.mapped_ids() == 1)
-    _assemble_root(plan, started)
+    env = _assemble_root(plan, started)
     target = plan.cwd if os.path.isdir(plan.cwd) else plan.home_dest
     try:
         os.chdir(target)
@@ -231,7 +128,7 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
         started.fuse_mount.reap()
     if started.affinity is not None:
         os.sched_setaffinity(0, started.affinity)
-    command.run(plan, filter_)
+    command.run(plan, env, filter_)
 
 
 def assemble_for_sharing(image: str, opts: Options, started: early.Started) -> None:
@@ -279,8 +176,9 @@ def _overlay(path: str | None, readonly: bool, image_fd: int | None) -> str | No
     return "/overlay-image"
 
 
-def _assemble_root(plan: Plan, started: early.Started) -> None:
-    """The session, the image, the overlay and every mount, then pivot_root into it."""
+def _assemble_root(plan: Plan, started: early.Started) -> perform.Environment:
+    """The session, the image, the overlay and every mount, then pivot_root into it.
+    Returns the variables the mounts call for."""
     opts = plan.options
     # The image is opened before the session covers /tmp, where it may lie.
     layers = plan.layers
@@ -289,7 +187,7 @@ def _assemble_root(plan: Plan, started: early.Started) -> None:
     else:
         fd = _open_image(plan.image)
     overlay_path, overlay_ro, overlay_fd = _open_overlay(opts)
-    nvccli = plan.gpu.nvccli if plan.gpu is not None else None
+    nvccli = plan.nvccli
     # nvidia-container-cli runs on the host's root, reached later through this
     host_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if nvccli else -1
     mounts.start_session(opts.tmpfs_size_mib or plan.site.tmpfs_size_mib)
@@ -323,7 +221,7 @@ def _assemble_root(plan: Plan, started: early.Started) -> None:
             mounts.make_root(None if overlay_ro else overlay, userns=plan.userns,
                              writable_image=opts.writable,
                              lower=f"{overlay}/upper" if overlay_ro else None)
-    _container_mounts(plan, opts)
+    env = perform.run(plan.mounts)
     if nvccli:
         from capsid.gpu import nvccli as cli
 
@@ -332,3 +230,4 @@ def _assemble_root(plan: Plan, started: early.Started) -> None:
     writable = opts.writable or opts.writable_tmpfs or (overlay and not overlay_ro) \
         or plan.layers is not None or bool(nvccli)
     mounts.finish(readonly_root=not writable)
+    return env

@@ -371,28 +371,9 @@ def bind_file(content: bytes, name: str, destination: str) -> None:
         linux.bind(path, target)
 
 
-def private_tmp(workdir: str | None = None) -> None:
-    """--contain: empty, writable /tmp and /var/tmp of the container's own (in the
-    session's memory, gone with the container, or kept in --workdir's ``tmp`` and
-    ``var_tmp``), as Apptainer gives."""
-    for name, destination in (("tmp", "/tmp"), ("var_tmp", "/var/tmp")):
-        _own_dir(name, destination, workdir, 0o1777)
-
-
-def private_home(destination: str, workdir: str | None = None) -> None:
-    """--contain: an empty, writable home directory of the container's own (in memory,
-    or --workdir's ``home``), as Apptainer gives."""
-    _own_dir("home", destination, workdir, 0o700)
-
-
-def scratch_dir(destination: str, workdir: str | None = None) -> None:
-    """--scratch: an empty writable directory at *destination* (in memory, or under
-    --workdir)."""
-    name = "scratch-" + destination.strip("/").replace("/", "_")
-    _own_dir(name, destination, workdir, 0o755)
-
-
-def _own_dir(name: str, destination: str, workdir: str | None, mode: int) -> None:
+def own_dir(name: str, destination: str, workdir: str | None, mode: int) -> None:
+    """An empty writable directory *name* on *destination* in /final: in the session's
+    memory (gone with the container), or in --workdir *workdir* on the host (kept)."""
     if workdir is not None:  # on the host, kept after the container
         path = f"{OLD}{os.path.realpath(workdir)}/{name}"
         os.makedirs(path, exist_ok=True)

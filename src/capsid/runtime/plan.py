@@ -1,17 +1,18 @@
 """The plan of a container: every decision taken before its mount namespace exists.
 
-Which home, which binds (checked on the host), which working directory, which mount
-points the image needs, and the OCI environment stored in a SIF.
+Which home, /tmp, /dev, binds (checked on the host), GPU and MPI files, working
+directory and variables: each decided once, here, into one ordered list of
+operations (:mod:`capsid.runtime.ops`) that :mod:`capsid.runtime.perform` carries out.
 """
 
 from __future__ import annotations
 
 import os
 
-from capsid import config, log
+from capsid import config, hostfs, log
 from capsid.errors import RuntimeSetupError, UsageError
 from capsid.image.locate import SANDBOX, Image
-from capsid.runtime import identity
+from capsid.runtime import identity, ops
 from capsid.runtime.binds import BindSpec
 
 TYPE_CHECKING = False
@@ -29,62 +30,47 @@ _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/l
 
 
 class Plan:
-    """A container to start: what to run, in what, and the decisions about its mounts."""
+    """A container to start: what to run, in what, and its mounts as data (:attr:`mounts`)."""
 
-    __slots__ = ("action", "argv", "bind_cwd", "binds", "cwd", "gpu", "home_dest",
-                 "home_empty", "home_source", "image", "layers", "library_path", "mpi", "name",
-                 "oci_command", "oci_env", "options", "site", "user", "userns")
+    __slots__ = ("action", "argv", "build_step", "confined", "cwd", "home_dest", "image",
+                 "layers",
+                 "mounts", "name", "nvccli", "oci_command", "oci_env", "options", "site",
+                 "user", "userns")
 
     def __init__(self, *, name: str, action: str, argv: tuple[str, ...], options: Options,
                  image: Image, layers: Layers | None, user: identity.User, userns: bool,
-                 home_source: str | None, home_dest: str, binds: list[BindSpec], cwd: str,
-                 bind_cwd: bool, site: config.SiteConfig, oci_env: list[str],
-                 gpu: Edits | None = None, mpi: HostMPI | None = None,
-                 home_empty: bool = False,
+                 home_dest: str, cwd: str, site: config.SiteConfig, oci_env: list[str],
+                 mounts: list[ops.Op], build_step: bool = False,
+                 nvccli: list[str] | None = None,
                  oci_command: tuple[list[str], list[str], str] | None = None) -> None:
         self.name, self.action, self.argv, self.options = name, action, argv, options
         self.image, self.layers, self.user, self.userns = image, layers, user, userns
-        self.home_source, self.home_dest, self.binds = home_source, home_dest, binds
-        #: an empty writable home of the container's own (--contain), not a host directory
-        self.home_empty = home_empty
+        self.home_dest, self.cwd, self.site, self.oci_env = home_dest, cwd, site, oci_env
+        #: every mount, file, directory and variable of the container, in order
+        self.mounts = mounts
+        #: a builder's step (RUN, %post, a root build's %test): the host's kernel knobs,
+        #: devices and files are out of its reach
+        self.build_step = build_step
+        #: the command runs confined (:func:`capsid.runtime.userns.confine_build_step`):
+        #: a build step, or a root build's %test
+        self.confined = build_step or hostfs.host_alias() is not None
+        #: ``nvidia-container-cli`` and its ``configure`` flags, when it sets GPUs up
+        self.nvccli = nvccli
         #: the OCI config's (ENTRYPOINT, CMD, WorkingDir): what ``run`` starts directly in
         #: an image without a shell for its runscript (FROM scratch)
         self.oci_command = oci_command
-        self.cwd, self.bind_cwd, self.site, self.oci_env = cwd, bind_cwd, site, oci_env
-        self.gpu = gpu  #: what --nv, --rocm, --device and --nvccli add
-        self.mpi = mpi  #: the host's MPI, with --mpi host
-        #: LD_LIBRARY_PATH to start from (decided once the image is mounted), or None
-        self.library_path: str | None = None
 
     def mount_points(self, old_root: str) -> list[tuple[str, bool]]:
         """Where the container's mounts land: (path, is a directory). Host paths under
         *old_root*."""
-        points = [("/proc", True), ("/sys", True), ("/dev", True), (self.home_dest, True),
-                  ("/tmp", True), ("/var/tmp", True), ("/etc/passwd", False),
-                  ("/etc/group", False), ("/etc/resolv.conf", False)]
-        for spec in self.site.bind_paths:
-            src, _, dst = spec.partition(":")
-            points.append((dst or src, os.path.isdir(f"{old_root}{src}")))
-        points += [(b.destination, os.path.isdir(f"{old_root}{b.source}")) for b in self.binds]
-        if self.options.hostname:
-            points.append(("/etc/hostname", False))
-        points += [(directory, True) for directory in self.options.scratch]
-        if self.bind_cwd:
-            points.append((self.cwd, True))
-        if self.gpu is not None:
-            points += self.gpu.mount_points(old_root)
-        if self.mpi is not None:
-            from capsid.mpi.host import LIBS_DIR
-
-            points += [(f"{LIBS_DIR}/{name}", False) for name in self.mpi.libraries]
-            points += [(path, True) for path in self.mpi.directories]
-        return points
+        return ops.points(self.mounts, old_root)
 
 
 def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
-         started: Started) -> Plan:
-    """Decide, on the host (inside the user namespace), how the container will look."""
-    site = config.load()
+         started: Started, site: config.SiteConfig | None = None) -> Plan:
+    """Decide, on the host (inside the user namespace), how the container will look
+    (under the site's configuration *site*, read from its file by default)."""
+    site = site or config.load()
     image, user, userns = started.image, started.user, started.userns
     if opts.writable and image.kind != SANDBOX:
         raise UsageError(f"--writable needs a sandbox directory, and {name} is a "
@@ -93,7 +79,172 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
     if opts.overlay:
         _check_overlay(opts.overlay)
     home_source, home_dest, home_empty = home(opts, site, user)
+    if home_dest == "/" and home_source is not None:
+        LOG.warning("--home %s puts the home directory on / and so replaces the container's "
+                    "whole root filesystem with it; give a destination such as %s:/home/me",
+                    opts.home, home_source)
+    if home_source is not None and not os.path.isdir(home_source):
+        LOG.warning("home directory %s does not exist; not binding it", home_source)
+        home_source = None
+    binds = _binds(opts, tmp_shared(opts, site))
+    cwd = opts.pwd or os.getcwd()
+    bound = [home_dest] + [b.destination for b in binds] + ["/tmp", "/var/tmp"]
+    bind_cwd = (opts.pwd is None and not opts.contain and "cwd" not in opts.no_mount
+                and cwd != "/" and not any(cwd == d or cwd.startswith(d + "/")
+                                           for d in _SYSTEM_DIRS + tuple(bound)))
+    build_step = opts.root_emulation
+    gpu, mpi = _gpu(opts, site, build_step), _mpi(opts, site, build_step)
+    workdir = os.path.realpath(opts.workdir) if opts.workdir else None
+    steps: list[ops.Op] = _build_step_mounts() if build_step else _default_mounts(opts, site)
+    if mpi is not None:
+        from capsid.mpi.host import LIBS_DIR
+
+        steps.append(ops.CheckMPI(mpi))
+        steps += [ops.Bind(source, f"{LIBS_DIR}/{lib}", readonly=True, required=False)
+                  for lib, source in mpi.libraries.items()]
+        steps += [ops.Bind(d, d, readonly=True, required=False) for d in mpi.directories]
+        steps += [ops.Env(k, v) for k, v in mpi.passthrough.items()]
+    if gpu is not None:
+        steps += _gpu_mounts(gpu, whole_dev=_dev(opts, site) == "host")
+    if home_source is not None:
+        steps.append(ops.Bind(home_source, home_dest))
+    elif home_empty:
+        steps.append(ops.OwnDir("home", home_dest, 0o700, workdir))
+    else:
+        steps.append(ops.Target(home_dest))
+    # /tmp before the binds, which may lie under it (-B /tmp/x with --contain)
+    if tmp_shared(opts, site):
+        steps += [ops.Bind("/tmp", "/tmp", required=False),
+                  ops.Bind(os.path.realpath("/var/tmp"), "/var/tmp", required=False)]
+    elif site.mount_tmp and "tmp" not in opts.no_mount:  # --contain: its own, empty
+        steps += [ops.OwnDir("tmp", "/tmp", 0o1777, workdir),
+                  ops.OwnDir("var_tmp", "/var/tmp", 0o1777, workdir)]
+    for b in binds:
+        steps.append(ops.Overlay(b.source, b.scratch, b.destination) if b.scratch else
+                     ops.Bind(b.source, b.destination, readonly=b.readonly))
+    if not (opts.fakeroot or build_step):
+        steps.append(ops.Identity(user, home_dest))
+    if opts.dns:
+        steps.append(ops.File("/etc/resolv.conf",
+                              "".join(f"nameserver {ip}\n" for ip in opts.dns).encode()))
+    elif not build_step and os.path.exists("/etc/resolv.conf"):
+        steps.append(ops.Bind(os.path.realpath("/etc/resolv.conf"), "/etc/resolv.conf",
+                              required=False))
+    steps += [ops.OwnDir("scratch-" + d.strip("/").replace("/", "_"), d, 0o755, workdir)
+              for d in opts.scratch]
+    if opts.hostname:
+        steps.append(ops.File("/etc/hostname", f"{opts.hostname}\n".encode()))
+    if bind_cwd:
+        steps.append(ops.Bind(cwd, cwd, required=False))
+    if mpi is not None or (gpu is not None and (gpu.libraries or gpu.library_dirs)):
+        from capsid.mpi.host import LIBS_DIR
+
+        steps.append(ops.LibraryPath(gpu if gpu is not None and (
+            gpu.libraries or gpu.library_dirs) else None, LIBS_DIR if mpi else None))
     oci = _oci_config(image)
+    return Plan(name=name, action=action, argv=argv, options=opts, image=image,
+                layers=started.layers, user=user, userns=userns, home_dest=home_dest,
+                cwd=cwd, site=site, oci_env=_strings(oci.get("Env")), mounts=steps,
+                build_step=build_step, nvccli=gpu.nvccli if gpu is not None else None,
+                oci_command=(_strings(oci.get("Entrypoint")), _strings(oci.get("Cmd")),
+                             str(oci.get("WorkingDir") or "")) if oci else None)
+
+
+def tmp_shared(opts: Options, site: config.SiteConfig) -> bool:
+    """Whether the host's /tmp and /var/tmp are the container's (not with --contain,
+    ``--no-mount tmp`` or the site's ``mount tmp = no``)."""
+    return site.mount_tmp and not opts.contain and "tmp" not in opts.no_mount
+
+
+def _dev(opts: Options, site: config.SiteConfig) -> str:
+    """The container's /dev: "host" (the host's, bound), "minimal" (one of its own, with
+    the usual devices: --contain, the site's ``mount dev = minimal``) or "none"."""
+    if "dev" in opts.no_mount:
+        return "none"
+    if opts.contain or site.mount_dev == "minimal":
+        return "minimal"
+    return "host" if site.mount_dev != "no" else "none"
+
+
+def _default_mounts(opts: Options, site: config.SiteConfig) -> list[ops.Op]:
+    """/proc, /sys, /dev and the site's bind paths, as the site and the flags allow."""
+    no = set(opts.no_mount)
+    steps: list[ops.Op] = []
+    if site.mount_proc and "proc" not in no:
+        steps.append(ops.Proc(opts.pid))
+    if site.mount_sys and "sys" not in no:
+        steps.append(ops.Bind("/sys", "/sys", required=False))
+    dev = _dev(opts, site)
+    if dev == "minimal":
+        steps.append(ops.MinimalDev())
+    elif dev == "host":
+        steps.append(ops.Bind("/dev", "/dev", device=True, required=False))
+    if "bind-paths" not in no:
+        for spec in site.bind_paths:
+            src, _, dst = spec.partition(":")
+            if src not in no and (dst or src) not in no:
+                steps.append(ops.Bind(os.path.realpath(src), dst or src, required=False))
+    return steps
+
+
+def _build_step_mounts() -> list[ops.Op]:
+    """What a RUN or %post step gets of the host: a /proc of its own PID namespace with
+    the kernel's settings read-only (as Docker masks them), /sys read-only (the host
+    owns its files besides), a minimal /dev, and copies of /etc/hosts and /etc/resolv.conf
+    (a step may edit them; the host's files never change)."""
+    steps: list[ops.Op] = [ops.Proc(True, protect=True),
+                           ops.Bind("/sys", "/sys", readonly=True, required=False),
+                           ops.MinimalDev()]
+    for path in ("/etc/hosts", "/etc/resolv.conf"):
+        try:  # the host's own file; its links are followed inside the host's root
+            content = hostfs.read_in("/", path)
+        except (OSError, hostfs.Refused):
+            content = None
+        if content is not None:
+            steps.append(ops.File(path, content))
+    return steps
+
+
+def _gpu(opts: Options, site: config.SiteConfig, build_step: bool) -> Edits | None:
+    """What --nv, --rocm, --device and --nvccli add, or the site's ``always use nv|rocm``
+    (for users' containers, not the builder's steps, and not with --no-nv|--no-rocm)."""
+    nv = opts.nv or opts.nvccli or (not build_step and not opts.no_nv
+                                    and site.yes("always use nv"))
+    rocm = opts.rocm or (not build_step and not opts.no_rocm and site.yes("always use rocm"))
+    if not (nv or rocm or opts.devices):
+        return None
+    from capsid.gpu.select import edits_for
+
+    return edits_for(opts, site, nv=nv, rocm=rocm)
+
+
+def _mpi(opts: Options, site: config.SiteConfig, build_step: bool) -> HostMPI | None:
+    """The host's MPI with --mpi host (or the site's ``mpi = host``, not in build steps)."""
+    if (opts.mpi or ("none" if build_step else _site_mpi(site))) != "host":
+        return None
+    from capsid.mpi import host
+
+    return host.find(site)
+
+
+def _gpu_mounts(gpu: Edits, *, whole_dev: bool) -> list[ops.Op]:
+    """The GPU driver's libraries, files and devices (those under a /dev bound whole
+    are there already), CDI's symlinks and variables."""
+    steps: list[ops.Op] = [
+        ops.Bind(source, f"/.singularity.d/libs/{name}", readonly=True, required=False)
+        for name, source in gpu.libraries.items()]
+    steps += [ops.Bind(m.source, m.destination, readonly=m.readonly, required=False)
+              for m in gpu.mounts]
+    steps += [ops.Bind(d.source, d.destination, device=True, required=False)
+              for d in gpu.devices if not (whole_dev and d.source == d.destination)]
+    steps += [ops.Symlink(target, link) for target, link in gpu.symlinks]
+    steps += [ops.Env(k, v) for k, v in gpu.passthrough.items()]
+    steps += [ops.Env(k, v, pinned=True) for k, v in gpu.env.items()]
+    return steps
+
+
+def _binds(opts: Options, tmp_bound: bool) -> list[BindSpec]:
+    """The user's binds, checked on the host, and a launched rank's PMIx directories."""
     binds = []
     for b in opts.binds:
         _check_source(b.source)
@@ -102,40 +253,7 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
         if b.destination == "/":
             LOG.warning("binding %s onto / replaces the container's whole root filesystem "
                         "with it; bind it somewhere below / instead", b.source)
-    binds += _launcher_binds(binds, site.mount_tmp and not opts.contain
-                             and "tmp" not in opts.no_mount)
-    if home_dest == "/" and home_source is not None:
-        LOG.warning("--home %s puts the home directory on / and so replaces the container's "
-                    "whole root filesystem with it; give a destination such as %s:/home/me",
-                    opts.home, home_source)
-    if home_source is not None and not os.path.isdir(home_source):
-        LOG.warning("home directory %s does not exist; not binding it", home_source)
-        home_source = None
-    cwd = opts.pwd or os.getcwd()
-    bound = [home_dest] + [b.destination for b in binds] + ["/tmp", "/var/tmp"]
-    bind_cwd = (opts.pwd is None and not opts.contain and "cwd" not in opts.no_mount
-                and cwd != "/" and not any(cwd == d or cwd.startswith(d + "/")
-                                           for d in _SYSTEM_DIRS + tuple(bound)))
-    # The site's defaults are for users' containers, not the builder's steps.
-    defaults = not (opts.root_emulation or opts.environment is not None)
-    gpu = None
-    if opts.nv or opts.nvccli or opts.rocm or opts.devices or (defaults and (
-            site.values.get("always use nv") or site.values.get("always use rocm"))):
-        from capsid.gpu.select import edits_for
-
-        gpu = edits_for(opts, site if defaults else config.SiteConfig(
-            values={k: v for k, v in site.values.items() if not k.startswith("always use")}))
-    mpi = None
-    if (opts.mpi or (_site_mpi(site) if defaults else "none")) == "host":
-        from capsid.mpi import host
-
-        mpi = host.find(site)
-    return Plan(name=name, action=action, argv=argv, options=opts, image=image,
-                layers=started.layers, user=user, userns=userns, home_source=home_source,
-                home_dest=home_dest, binds=binds, cwd=cwd, bind_cwd=bind_cwd, site=site,
-                oci_env=_strings(oci.get("Env")), gpu=gpu, mpi=mpi, home_empty=home_empty,
-                oci_command=(_strings(oci.get("Entrypoint")), _strings(oci.get("Cmd")),
-                             str(oci.get("WorkingDir") or "")) if oci else None)
+    return binds + _launcher_binds(binds, tmp_bound)
 
 
 def home(opts: Options, site: config.SiteConfig, user: identity.User

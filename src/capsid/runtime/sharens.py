@@ -276,25 +276,24 @@ def _join_and_exec(image: str, opts: Options, action: str, argv: list[str], pid:
                    conn: socket.socket) -> NoReturn:
     """Enter the keeper's namespaces and root, and run this rank's command there."""
     from capsid.image.locate import locate
-    from capsid.runtime import command, early, identity, linux
+    from capsid.runtime import command, early, identity, linux, ops, perform
     from capsid.runtime import plan as planning
 
     user = identity.User.current()
     started = early.Started(locate(image), user, True, None, [], None)
     plan = planning.make(image, action, tuple(argv), opts, started)
-    gpu = plan.gpu
-    if gpu is not None and (gpu.libraries or gpu.library_dirs):
-        from capsid.runtime import hostmounts  # now: the container's root hides it
+    if any(isinstance(op, ops.LibraryPath) and op.gpu is not None for op in plan.mounts):
+        from capsid import glibc  # noqa: F401 - now: the container's root hides them
+        from capsid.gpu import compat  # noqa: F401
     try:
         linux.open_namespaces(pid).enter()
     except OSError as err:
         raise RuntimeSetupError(f"cannot join this job's shared container: {err.strerror}",
                                 "run with --no-sharens") from None
     os.set_inheritable(conn.fileno(), True)  # held by the command: the keeper counts it
-    if gpu is not None and (gpu.libraries or gpu.library_dirs):
-        plan.library_path = hostmounts.gpu_library_path(plan, warn=False, root="/")
+    added = perform.environment(plan.mounts, "/", warn=False)
     try:
         os.chdir(plan.cwd if os.path.isdir(plan.cwd) else plan.home_dest)
     except OSError:
         os.chdir("/")
-    command.run(plan)
+    command.run(plan, added)
