@@ -67,7 +67,7 @@ PASSWD = ["identity HOME"]
 RESOLV = ["bind /etc/resolv.conf"]
 
 
-def _short(op: ops.Op, names: dict[str, str]) -> str:  # noqa: PLR0911 - one line an op
+def _short(op: ops.Op, names: dict[str, str]) -> str:
     def n(path: str) -> str:
         for real, name in names.items():
             if path == real or path.startswith(real + "/"):

@@ -46,13 +46,3 @@ class Edits:
         if other.nvccli is not None:
             self.nvccli = other.nvccli
         self.library_glibc.update(other.library_glibc)
-
-    def mount_points(self, old_root: str) -> list[tuple[str, bool]]:
-        """Where the container's mounts for these edits land: (path, is a directory).
-        Host paths under *old_root*."""
-        import os
-
-        points = [(f"/.singularity.d/libs/{name}", False) for name in self.libraries]
-        points += [(m.destination, os.path.isdir(old_root + m.source))
-                   for m in self.mounts + self.devices]
-        return points
