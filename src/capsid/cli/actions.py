@@ -14,7 +14,6 @@ import sys
 
 from capsid import config
 from capsid.errors import CapsidError, UsageError
-from capsid.runtime.options import LAUNCHER_VARIABLES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -203,30 +202,10 @@ def run(verb: str, argv: list[str]) -> int:
         return 0
     if image is None:
         raise UsageError("no image given", f"usage: capsid {verb} {_USAGE[verb][0]}")
-    if image.startswith("instance://"):
-        from capsid.runtime import instances
-
-        instances.join(instances.find(image.removeprefix("instance://")), verb, args)
-    if image.startswith(("docker://", "oras://")):
-        from capsid.runtime.api import resolve
-
-        if _flag(values, "no-https"):
-            os.environ["CAPSID_NOHTTPS"] = "1"  # what the conversion reads
-        image = resolve(image)
-    opts = options(values)
-    if opts.sharens or (opts.sharens is None and any(
-            name in os.environ for name in LAUNCHER_VARIABLES)):
-        from capsid.runtime import sharens
-
-        if sharens.wanted(opts):
-            sharens.run(image, opts, verb, args)  # returns only where it cannot share
     from capsid.runtime import api
 
-    # The user namespace and the image's server first, so that squashfuse starts
-    # while the rest of the runtime is imported and the container planned.
-    started = api.start(image, opts, verb, args)
-    api.exec_container(image, args, opts, verb, started)
-    return 255  # not reached: exec_container() replaces this process
+    api.exec_container(image, args, options(values), verb)  # replaces this process
+    return 255
 
 
 def options(values: Parsed) -> Options:
@@ -291,6 +270,7 @@ def options(values: Parsed) -> Options:
         scratch=_items([*_list(values, "scratch"), config.env("SCRATCH") or ""]),
         ignore_subuid=_flag(values, "ignore-subuid", "IGNORE_SUBUID"),
         no_nv=_flag(values, "no-nv", "NO_NV"), no_rocm=_flag(values, "no-rocm", "NO_ROCM"),
+        no_https=_flag(values, "no-https"),
     )
 
 

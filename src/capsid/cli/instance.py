@@ -48,9 +48,9 @@ def _start(argv: list[str], script: str) -> int:
         raise UsageError("instance start needs IMAGE and NAME",
                          "capsid instance start [options] IMAGE NAME [ARGS...]")
     name, rest = args[0], args[1:]
-    options = actions.options(values)
-    options.pid = True  # as Apptainer's: an instance has a PID namespace of its own
-    started = instances.start(api.resolve(image), name, rest, options, script)
+    # as Apptainer's: an instance has a PID namespace of its own
+    options = actions.options(values).replace(pid=True)
+    started = instances.start(api.resolve(image, options), name, rest, options, script)
     if isinstance(pid_file, str) and pid_file:
         from capsid.image import output
 

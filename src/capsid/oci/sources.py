@@ -129,13 +129,14 @@ def default_name(uri: str) -> str:
                      f"use one of {', '.join(s + '://' for s in SCHEMES)}")
 
 
-def cached_for_run(uri: str) -> str:
-    """The cached SIF to run for a ``docker://`` or ``oras://`` image."""
+def cached_for_run(uri: str, nohttps: bool = False) -> str:
+    """The cached SIF to run for a ``docker://`` or ``oras://`` image (over plain HTTP
+    with *nohttps*, or where the variables ask for it)."""
     from capsid.oci.pull import Puller
 
     scheme, rest = split(uri) or ("", uri)
     ref = reference.parse(rest)
-    opts = Options(nohttps=_env_nohttps())
+    opts = Options(nohttps=nohttps or _env_nohttps())
     with Puller(nohttps=opts.nohttps) as puller:
         if scheme == "oras":
             return str(puller.oras_sif(ref, opts.platform))

@@ -29,12 +29,12 @@ if TYPE_CHECKING:
 ACTIONS = ("exec", "run", "shell", "test")
 
 
-def resolve(image: str) -> str:
+def resolve(image: str, options: Options | None = None) -> str:
     """The local image to run for *image*: registry images are converted and cached once."""
     if image.startswith(("docker://", "oras://")):
         from capsid.oci.sources import cached_for_run
 
-        return cached_for_run(image)
+        return cached_for_run(image, nohttps=options is not None and options.no_https)
     return image
 
 
@@ -55,9 +55,24 @@ def start(image: str | Layers, options: Options, action: str = "exec",
 
 def exec_container(image: str | Layers, argv: Sequence[str], options: Options,
                    action: str = "exec", started: early.Started | None = None) -> NoReturn:
-    """Replace this process with the container running *argv* (or the *action*'s command)."""
-    if isinstance(image, str):
-        image = resolve(image)
+    """Replace this process with the container running *argv* (or the *action*'s command).
+
+    The one way in: ``instance://NAME`` joins a running instance, registry images are
+    converted (once), a launcher's ranks join their node's shared container when
+    :meth:`Options.shares` says so, and any other start goes through :func:`start`
+    (squashfuse starts while the rest of the runtime is imported) and the launch.
+    """
+    if isinstance(image, str) and started is None:
+        if image.startswith("instance://"):
+            from capsid.runtime import instances
+
+            instances.join(instances.find(image.removeprefix("instance://")), action, argv,
+                           options)
+        image = resolve(image, options)
+        if options.shares():
+            from capsid.runtime import sharens
+
+            sharens.run(image, options, action, list(argv))  # returns where it cannot share
     started = started or start(image, options, action, argv)
     from capsid.runtime.container import launch
 
@@ -73,7 +88,7 @@ def run(image: str | Layers, argv: Sequence[str], options: Options,
     reports it through a pipe that closes by itself when the command starts).
     """
     if isinstance(image, str):
-        image = resolve(image)
+        image = resolve(image, options)
     sys.stdout.flush()
     sys.stderr.flush()
     reader, writer = os.pipe()  # both close on exec
@@ -108,7 +123,7 @@ def spawn(image: str | Layers, argv: Sequence[str], options: Options, *, stdout:
     It outlives the caller (an instance). A failure to set it up is raised here.
     """
     if isinstance(image, str):
-        image = resolve(image)
+        image = resolve(image, options)
     sys.stdout.flush()
     sys.stderr.flush()
     reader, writer = os.pipe()

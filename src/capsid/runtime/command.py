@@ -47,6 +47,20 @@ def _command(plan: Plan) -> list[str]:
     return [shell, "--norc", *args] if shell.endswith("/bash") else [shell, *args]
 
 
+def enter_cwd(plan: Plan) -> None:
+    """Start in the working directory; else the home directory, else /."""
+    for where in (plan.cwd, plan.home_dest):
+        try:
+            os.chdir(where)
+            return
+        except OSError:
+            continue
+    from capsid import log
+
+    log.get(__name__).warning("%s does not exist in the container; starting in /", plan.cwd)
+    os.chdir("/")
+
+
 def run(plan: Plan, added: Environment, root_emulation: object | None = None) -> NoReturn:
     """Replace this process with *plan*'s command, with the variables its mounts *added*
     (with *root_emulation*, the builder's seccomp filter, loaded last)."""

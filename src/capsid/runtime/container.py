@@ -16,9 +16,11 @@ from capsid.image.locate import SANDBOX, Image
 from capsid.runtime import (
     command,
     early,
+    identity,
     isolation,
     linux,
     mounts,
+    ops,
     perform,
     prefetch,
 )
@@ -26,6 +28,7 @@ from capsid.runtime import plan as planning
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import NoReturn
 
     from capsid.runtime.options import Layers, Options
@@ -111,12 +114,7 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
         # Where ids besides root are mapped (subordinate ids, or root's), owners are real.
         filter_ = rootemu.prepare(fake_owners=userns.mapped_ids() == 1)
     env = _assemble_root(plan, started)
-    target = plan.cwd if os.path.isdir(plan.cwd) else plan.home_dest
-    try:
-        os.chdir(target)
-    except OSError:
-        LOG.warning("%s does not exist in the container; starting in /", plan.cwd)
-        os.chdir("/")
+    command.enter_cwd(plan)
     if opts.pid:
         from capsid.runtime import pid1  # imported above, before pivot_root
 
@@ -129,6 +127,29 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
     if started.affinity is not None:
         os.sched_setaffinity(0, started.affinity)
     command.run(plan, env, filter_)
+
+
+def join(image: str, action: str, argv: tuple[str, ...], opts: Options,
+         enter: Callable[[], None]) -> NoReturn:
+    """Run *action* in a container that runs already (a shared one, an instance):
+    *enter* joins its namespaces and root. The plan is made as for a start, for the
+    command, its environment and its working directory; the mounts are there."""
+    from capsid.errors import CapsidError
+    from capsid.image.locate import locate
+
+    try:
+        image_found = locate(image)
+    except (OSError, CapsidError):  # gone since: it is read only for its OCI config
+        image_found = Image(image, SANDBOX)
+    started = early.Started(image_found, identity.User.current(), True, None, [], None)
+    plan = planning.make(image, action, argv, opts, started)
+    if any(isinstance(op, ops.LibraryPath) and op.gpu is not None for op in plan.mounts):
+        from capsid import glibc  # noqa: F401 - now: the container's root hides them
+        from capsid.gpu import compat  # noqa: F401
+    enter()
+    added = perform.environment(plan.mounts, "/", warn=False)
+    command.enter_cwd(plan)
+    command.run(plan, added)
 
 
 def assemble_for_sharing(image: str, opts: Options, started: early.Started) -> None:

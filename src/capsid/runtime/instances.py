@@ -240,50 +240,31 @@ def stop(instance: Instance, signum: int = signal.SIGTERM, timeout: float = 10.0
     return gentle
 
 
-def join(instance: Instance, action: str, argv: Sequence[str]) -> NoReturn:
+def join(instance: Instance, action: str, argv: Sequence[str], options: Options
+         ) -> NoReturn:
     """Replace this process with *action* run inside *instance*'s namespaces and root."""
-    try:
-        spaces = linux.open_namespaces(instance.pid, all_kinds=True)
-        cwd = os.getcwd()
-    except OSError as err:
-        raise CapsidError(f"cannot join instance {instance.name}: {err.strerror}",
-                          "is it yours, and still running? see 'capsid instance list'"
-                          ) from None
-    if not _alive(instance):
-        raise UsageError(f"instance {instance.name} has ended", "start it again")
-    try:
-        new_pid = spaces.enter()
-    except OSError as err:
-        raise CapsidError(f"cannot join instance {instance.name}: {err.strerror}",
-                          "it may belong to another user") from None
-    if new_pid:  # only children enter a PID namespace
-        child = os.fork()
-        if child:
-            _wait_and_exit(child)
-    for where in (cwd, os.environ.get("HOME", "/"), "/"):
-        with contextlib.suppress(OSError):
-            os.chdir(where)
-            break
-    command = _command(action, list(argv))
-    try:
-        os.execvpe(command[0], command, dict(os.environ))
-    except OSError as err:
-        raise CapsidError(f"{command[0]}: {err.strerror} in instance {instance.name}",
-                          "check the command and the PATH inside the image") from None
+    from capsid.runtime import container
 
+    def enter() -> None:
+        try:
+            spaces = linux.open_namespaces(instance.pid, all_kinds=True)
+        except OSError as err:
+            raise CapsidError(f"cannot join instance {instance.name}: {err.strerror}",
+                              "is it yours, and still running? see 'capsid instance list'"
+                              ) from None
+        if not _alive(instance):
+            raise UsageError(f"instance {instance.name} has ended", "start it again")
+        try:
+            new_pid = spaces.enter()
+        except OSError as err:
+            raise CapsidError(f"cannot join instance {instance.name}: {err.strerror}",
+                              "it may belong to another user") from None
+        if new_pid:  # only children enter a PID namespace
+            child = os.fork()
+            if child:
+                _wait_and_exit(child)
 
-def _command(action: str, argv: list[str]) -> list[str]:
-    """What to run for *action*: through the image's action scripts, as Apptainer does."""
-    script = f"/.singularity.d/actions/{action}"
-    if os.access(script, os.X_OK):
-        return [script, *argv]
-    if action == "exec":
-        if not argv:
-            raise UsageError("no command given", "name the command to run after the instance")
-        return argv
-    if action == "run" and os.access("/.singularity.d/runscript", os.X_OK):
-        return ["/.singularity.d/runscript", *argv]
-    return ["/bin/sh", *argv]
+    container.join(instance.image, action, tuple(argv), options, enter)
 
 
 def _wait_and_exit(child: int) -> NoReturn:

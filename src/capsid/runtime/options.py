@@ -26,7 +26,8 @@ class Options:
 
     __slots__ = ("binds", "cdi_dirs", "cleanenv", "contain", "devices", "dns", "env",
                  "env_files", "environment", "fakeroot", "home", "hostname", "ignore_subuid",
-                 "ipc", "mpi", "net", "no_home", "no_mount", "no_nv", "no_rocm", "no_umask",
+                 "ipc", "mpi", "net", "no_home", "no_https", "no_mount", "no_nv", "no_rocm",
+                 "no_umask",
                  "nv", "nvccli", "overlay", "pid", "pwd", "rocm", "root_emulation", "scratch",
                  "sharens", "shell", "tmpfs_size_mib", "unsquash", "user", "uts", "workdir",
                  "writable", "writable_tmpfs")
@@ -46,7 +47,7 @@ class Options:
                  mpi: str | None = None, no_umask: bool = False, dns: Sequence[str] = (),
                  workdir: str | None = None, scratch: Sequence[str] = (),
                  ignore_subuid: bool = False, no_nv: bool = False,
-                 no_rocm: bool = False) -> None:
+                 no_rocm: bool = False, no_https: bool = False) -> None:
         self.binds = tuple(binds)  #: host paths to bind in (``-B``, ``--mount``)
         self.home = home  #: ``--home SRC[:DST]``
         self.no_home = no_home
@@ -91,11 +92,43 @@ class Options:
         self.ignore_subuid = ignore_subuid  #: --fakeroot maps the user alone
         #: no GPUs of that vendor, even where the site's configuration always binds them
         self.no_nv, self.no_rocm = no_nv, no_rocm
+        self.no_https = no_https  #: a ``docker://`` image's registry over plain HTTP
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if hasattr(self, name):  # each is set once, by __init__
+            raise AttributeError(f"Options are frozen: use .replace({name}=...)")
+        object.__setattr__(self, name, value)
+
+    def replace(self, **changes: object) -> Options:
+        """A copy with *changes*."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return Options(**values)
 
     def __repr__(self) -> str:
         changed = {name: getattr(self, name) for name in self.__slots__
                    if getattr(self, name) not in (None, False, ())}
         return f"Options({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+    def shares(self) -> bool:
+        """Whether this container joins the other ranks' on this node
+        (:mod:`capsid.runtime.sharens`): as asked (``--sharens``, ``--no-sharens``), else
+        when this is a launcher's rank; never with options that give each its own
+        namespaces (PID, IPC, network, UTS), nor for the builder's steps."""
+        if self.sharens is False:
+            return False
+        if (self.pid or self.ipc or self.net or self.uts or self.hostname
+                or self.root_emulation or self.user or self.environment is not None):
+            if self.sharens:
+                from capsid import log
+
+                log.get(__name__).warning(
+                    "--sharens is ignored with --pid, --ipc, --net, --uts or --hostname: "
+                    "each rank gets namespaces of its own")
+            return False
+        import os
+
+        return bool(self.sharens) or any(name in os.environ for name in LAUNCHER_VARIABLES)
 
 
 class Layers:

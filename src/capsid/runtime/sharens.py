@@ -27,7 +27,6 @@ import sys
 
 from capsid import log
 from capsid.errors import CapsidError, RuntimeSetupError
-from capsid.runtime.options import LAUNCHER_VARIABLES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,29 +37,6 @@ if TYPE_CHECKING:
 LOG = log.get(__name__)
 
 _FIRST_RANK_PATIENCE = 120.0  #: seconds a keeper waits for its first rank to join
-
-
-def launched_rank() -> bool:
-    """Whether this process looks like a rank of a parallel launcher."""
-    return any(name in os.environ for name in LAUNCHER_VARIABLES)
-
-
-def eligible(opts: Options) -> bool:
-    """Options whose container can be shared: not those that give each its own namespaces
-    (PID, IPC, network, UTS), nor the builder's."""
-    return not (opts.pid or opts.ipc or opts.net or opts.uts or opts.hostname
-                or opts.root_emulation or opts.user or opts.environment is not None)
-
-
-def wanted(opts: Options) -> bool:
-    """Whether to share: as asked (``--sharens``, ``--no-sharens``), else when this is a
-    launcher's rank; never for options that cannot be shared."""
-    if opts.sharens is False or not eligible(opts):
-        if opts.sharens:
-            LOG.warning("--sharens is ignored with --pid, --ipc, --net, --uts or "
-                        "--hostname: each rank gets namespaces of its own")
-        return False
-    return bool(opts.sharens) or launched_rank()
 
 
 def job_step() -> str:
@@ -275,25 +251,14 @@ def _drain(fd: int) -> str:  # pragma: no cover - runs in the keeper
 def _join_and_exec(image: str, opts: Options, action: str, argv: list[str], pid: int,
                    conn: socket.socket) -> NoReturn:
     """Enter the keeper's namespaces and root, and run this rank's command there."""
-    from capsid.image.locate import locate
-    from capsid.runtime import command, early, identity, linux, ops, perform
-    from capsid.runtime import plan as planning
+    from capsid.runtime import container, linux
 
-    user = identity.User.current()
-    started = early.Started(locate(image), user, True, None, [], None)
-    plan = planning.make(image, action, tuple(argv), opts, started)
-    if any(isinstance(op, ops.LibraryPath) and op.gpu is not None for op in plan.mounts):
-        from capsid import glibc  # noqa: F401 - now: the container's root hides them
-        from capsid.gpu import compat  # noqa: F401
-    try:
-        linux.open_namespaces(pid).enter()
-    except OSError as err:
-        raise RuntimeSetupError(f"cannot join this job's shared container: {err.strerror}",
-                                "run with --no-sharens") from None
-    os.set_inheritable(conn.fileno(), True)  # held by the command: the keeper counts it
-    added = perform.environment(plan.mounts, "/", warn=False)
-    try:
-        os.chdir(plan.cwd if os.path.isdir(plan.cwd) else plan.home_dest)
-    except OSError:
-        os.chdir("/")
-    command.run(plan, added)
+    def enter() -> None:
+        try:
+            linux.open_namespaces(pid).enter()
+        except OSError as err:
+            raise RuntimeSetupError(f"cannot join this job's shared container: "
+                                    f"{err.strerror}", "run with --no-sharens") from None
+        os.set_inheritable(conn.fileno(), True)  # held by the command: the keeper counts it
+
+    container.join(image, action, tuple(argv), opts, enter)
