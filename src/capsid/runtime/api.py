@@ -15,13 +15,12 @@ Images are anything the CLI takes: a SIF, a squashfs, a sandbox, ``docker://`` o
 from __future__ import annotations
 
 import os
-import sys
 
-from capsid.runtime import early
+from capsid.runtime import child, early
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from typing import NoReturn
 
     from capsid.runtime.options import Layers, Options
@@ -84,35 +83,11 @@ def run(image: str | Layers, argv: Sequence[str], options: Options,
     """Run the container as a child process and return its command's exit status.
 
     A status above 128 is a death by signal, as a shell reports it. A failure to set the
-    container up is raised here as a :class:`~capsid.errors.CapsidError` (the child
-    reports it through a pipe that closes by itself when the command starts).
+    container up is raised here as a :class:`~capsid.errors.CapsidError`.
     """
     if isinstance(image, str):
         image = resolve(image, options)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    reader, writer = os.pipe()  # both close on exec
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child ends in execve or _exit
-        os.close(reader)
-        _child(image, argv, options, action, writer)
-    os.close(writer)
-    with os.fdopen(reader, "rb") as pipe:
-        report = pipe.read().decode(errors="replace")
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-    if report:
-        from capsid.errors import CapsidError
-
-        message, _, hint = report.partition("\0")
-        raise CapsidError(message, hint)
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.waitstatus_to_exitcode(status)
+    return child.start(_container(image, argv, options, action)).wait()
 
 
 def spawn(image: str | Layers, argv: Sequence[str], options: Options, *, stdout: int,
@@ -124,46 +99,20 @@ def spawn(image: str | Layers, argv: Sequence[str], options: Options, *, stdout:
     """
     if isinstance(image, str):
         image = resolve(image, options)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    reader, writer = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child ends in execve or _exit
-        os.close(reader)
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDONLY)
-        for fd, target in ((null, 0), (stdout, 1), (stderr, 2)):
-            os.dup2(fd, target)
-        os.closerange(3, writer)  # nothing of the caller's (locks, pipes) lives on in it
-        os.closerange(writer + 1, os.sysconf("SC_OPEN_MAX"))
-        _child(image, argv, options, "exec", writer, tied=False)
-    os.close(writer)
-    with os.fdopen(reader, "rb") as pipe:
-        report = pipe.read().decode(errors="replace")
-    if report:
-        from capsid.errors import CapsidError
-
-        os.waitpid(pid, 0)
-        message, _, hint = report.partition("\0")
-        raise CapsidError(message, hint)
-    return pid
-
-
-def _child(image: str | Layers, argv: Sequence[str], options: Options, action: str,
-           report: int, tied: bool = True) -> NoReturn:
-    from capsid.errors import CapsidError
-    from capsid.runtime import linux, pid1
-
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        return child.start(_container(image, argv, options, "exec"), tied=False, detach=True,
+                           stdio=(null, stdout, stderr), keep_fds=False).pid
+    finally:
+        os.close(null)
+
+
+def _container(image: str | Layers, argv: Sequence[str], options: Options,
+               action: str) -> Callable[[int], NoReturn]:
+    def work(report: int) -> NoReturn:  # pragma: no cover - the child ends in execve
+        from capsid.runtime import pid1
+
         pid1.REPORT_FDS.append(report)  # --pid: the processes that never exec close it
-        if tied:
-            linux.parent_death_signal(9)  # SIGKILL when the caller dies (kill -9 of a build)
-            if os.getppid() == 1:
-                os._exit(255)  # it died already
         exec_container(image, argv, options, action)
-    except CapsidError as err:
-        os.write(report, f"{err.message}\0{err.hint}".encode(errors="replace"))
-    except BaseException as err:  # the parent must hear of it, whatever happened
-        os.write(report, f"internal error ({type(err).__name__}: {err})\0this is a bug in "
-                         "capsid: please report it".encode(errors="replace"))
-    os._exit(255)
+
+    return work

@@ -217,7 +217,7 @@ def _assemble_root(plan: Plan, started: early.Started) -> perform.Environment:
         mounts.enter_session()
         mounts.stack_lowers(fds[:-2])
         mounts.prepare_upper(plan.mount_points(mounts.OLD))
-        mounts.mount_layers(fds[-2], fds[-1], len(layers.lowers))
+        mounts.mount_layers(fds[-2], fds[-1], fds[:-2])
         for each in fds:
             os.close(each)
     else:

@@ -23,6 +23,10 @@ from capsid import inroot, log, tools
 from capsid.errors import RuntimeSetupError
 from capsid.runtime import linux
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 LOG = log.get(__name__)
 
 SESSION = "/tmp"
@@ -143,28 +147,26 @@ def _by_fd(fd: int) -> str:
     return f"{OLD}/proc/self/fd/{fd}"
 
 
-def stack_lowers(lowers: list[int]) -> None:
-    """A layered root's read-only directories (fds, newest first): short names, and their
-    merged view at /image (for :func:`prepare_upper` to resolve mount points in).
-
-    The names keep the overlay's option string short (it is limited to a page).
+def stack(target: str, lowers: Sequence[str], *, links: str, upper: str | None = None,
+          work: str | None = None) -> None:
+    """The one overlay stacker: *lowers* (directories, newest first) at *target*,
+    read-only, or under *upper* receiving every change (*work*: overlayfs's scratch
+    directory beside it). The lowers get short names in the directory *links* (relative
+    to the cwd, or absolute), which keep the overlay's options within their page.
     """
-    os.mkdir("/L")
-    for index, fd in enumerate(lowers):
-        os.symlink(_by_fd(fd), f"/L/{index}")
-    if len(lowers) == 1:
-        linux.bind("/L/0", IMAGE, readonly=True)
-    else:
-        # read-only without MS_RDONLY: with userxattr and no upper layer, that flag
-        # makes overlayfs refuse the mount (Linux 6.18)
-        _overlay(IMAGE, "lowerdir=" + _lowerdirs(len(lowers)))
-
-
-def _lowerdirs(count: int) -> str:
-    return ":".join(f"/L/{index}" for index in range(count))
-
-
-def _overlay(target: str, options: str) -> None:
+    os.makedirs(links, exist_ok=True)
+    names: list[str] = []
+    for lower in lowers:
+        name = f"{links}/{len(names)}"
+        os.symlink(lower, name)
+        names.append(name)
+    if upper is None and len(names) == 1:
+        linux.bind(names[0], target, readonly=True)
+        return
+    # read-only without MS_RDONLY: with userxattr and no upper layer, that flag makes
+    # overlayfs refuse the mount (Linux 6.18)
+    options = "lowerdir=" + ":".join(names) + (
+        f",upperdir={upper},workdir={work}" if upper is not None else "")
     try:
         linux.mount("overlay", target, "overlay", linux.MS_NOSUID | linux.MS_NODEV,
                     options + ",userxattr")
@@ -174,11 +176,17 @@ def _overlay(target: str, options: str) -> None:
                                 "system (ext4, xfs, btrfs, tmpfs); set CAPSID_CACHEDIR") from None
 
 
-def mount_layers(upper: int, work: int, count: int) -> None:
-    """/final: the lowers of :func:`stack_lowers` under the mount points of
-    :func:`prepare_upper`, with *upper* (an fd of a host directory) receiving every change."""
-    _overlay(FINAL, f"lowerdir=/upper:{_lowerdirs(count)},upperdir={_by_fd(upper)},"
-                    f"workdir={_by_fd(work)}")
+def stack_lowers(lowers: list[int]) -> None:
+    """A layered root's read-only directories (fds, newest first), merged at /image (for
+    :func:`prepare_upper` to resolve mount points in)."""
+    stack(IMAGE, [_by_fd(fd) for fd in lowers], links="/L")
+
+
+def mount_layers(upper: int, work: int, lowers: list[int]) -> None:
+    """/final: the mount points of :func:`prepare_upper` over the *lowers* (fds), with
+    *upper* (an fd of a host directory) receiving every change."""
+    stack(FINAL, ["/upper", *(_by_fd(fd) for fd in lowers)], links="/F", upper=_by_fd(upper),
+          work=_by_fd(work))
 
 
 def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool,

@@ -130,33 +130,19 @@ def run(image: str, opts: Options, action: str, argv: list[str]) -> None:
 
 def _start_keeper(image: str, opts: Options, folder: str, name: str) -> None:
     """Fork the keeper (detached: it outlives this rank) and wait until it serves."""
-    from capsid.runtime import api, container  # noqa: F401 - once, for both processes
+    from capsid.runtime import api, child, container  # noqa: F401 - once, for both processes
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    reader, writer = os.pipe()
-    middle = os.fork()
-    if middle == 0:  # pragma: no cover - runs in the children
-        try:
-            os.close(reader)
-            os.setsid()
-            if os.fork():
-                os._exit(0)  # the keeper is orphaned: no rank has it as a child
-            _keeper(image, opts, folder, name, writer)
-        except BaseException:
-            pass
-        os._exit(255)
-    os.close(writer)
-    os.waitpid(middle, 0)
-    with os.fdopen(reader, "rb") as pipe:
-        report = pipe.read().decode(errors="replace")
-    status, said, problem, hint = [*report.split("\0"), "", "", ""][:4]
-    if said:  # what the set-up said: warnings
-        sys.stderr.write(said)
-        sys.stderr.flush()
-    if status != "ready":
-        raise RuntimeSetupError(problem or "the shared container of this job could not be set "
-                                "up", hint or "run with --no-sharens, and report it")
+    def work(report: int) -> None:  # pragma: no cover - runs in the children
+        if os.fork():
+            return  # the keeper is orphaned: no rank has it as a child
+        _keeper(image, opts, folder, name, report)
+
+    try:
+        child.start(work, tied=False, detach=True).wait()
+    except CapsidError as err:
+        raise RuntimeSetupError(err.message or "the shared container of this job could not "
+                                "be set up", err.hint or "run with --no-sharens, and report "
+                                "it") from None
 
 
 def _keeper(image: str, opts: Options, folder: str, name: str,
@@ -164,7 +150,7 @@ def _keeper(image: str, opts: Options, folder: str, name: str,
     """Set the container up, say so on *report*, then wait for the ranks to be done."""
     import select
 
-    from capsid.runtime import api, container
+    from capsid.runtime import api, child, container
 
     null = os.open(os.devnull, os.O_RDWR)
     log_path = os.path.join(folder, f"{name}.log")
@@ -188,15 +174,11 @@ def _keeper(image: str, opts: Options, folder: str, name: str,
         started = api.start(image, opts, "exec", ())
         container.assemble_for_sharing(image, opts, started)
     except BaseException as err:  # the rank must hear of it, whatever it is
-        said = _drain(messages)
-        problem, hint = (err.message, err.hint) if isinstance(err, CapsidError) else (
-            f"internal error ({type(err).__name__}: {err})", "this is a bug in capsid: "
-            "please report it; --no-sharens runs each rank alone")
-        os.write(report, "\0".join(("failed", said, problem, hint)).encode(errors="replace"))
+        os.write(report, _drain(messages).replace("\1", "").encode(errors="replace"))
+        child.failed(report, err, "--no-sharens runs each rank alone")
         os.unlink(f"{name}.sock", dir_fd=folder_fd)
         os._exit(255)
-    os.write(report, f"ready\0{_drain(messages)}\0".encode(errors="replace"))
-    os.close(report)
+    child.ready(report, _drain(messages))
     os.dup2(null, 2)
     os.close(messages)
     poller = select.poll()
