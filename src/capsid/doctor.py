@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,11 +155,9 @@ class ImageFiles:
                 finally:
                     os.close(fd)
             return list(dict.fromkeys(found))  # usr/lib holds usr/lib/x86_64-linux-gnu
-        listing = subprocess.run([tools.which("unsquashfs"), "-o", str(self.image.offset),
-                                  "-lc", "-d", "", self.image.path], capture_output=True,
-                                 check=False)
-        return [line.lstrip("/") for line in listing.stdout.decode(errors="replace")
-                .splitlines() if line.startswith("/")]
+        listing = tools.output([tools.which("unsquashfs"), "-o", str(self.image.offset),
+                                "-lc", "-d", "", self.image.path], timeout=300) or ""
+        return [line.lstrip("/") for line in listing.splitlines() if line.startswith("/")]
 
     def read(self, name: str, limit: int = 64 << 20) -> bytes:
         if name in self._cache:
@@ -171,9 +168,8 @@ class ImageFiles:
             data = _read_inside(self.image.path, name, limit)
         else:
             with tempfile.TemporaryDirectory(prefix="capsid-doctor-") as tmp:
-                subprocess.run([tools.which("unsquashfs"), "-o", str(self.image.offset), "-n",
-                                "-q", "-f", "-d", f"{tmp}/r", self.image.path, name],
-                               capture_output=True, check=False)
+                tools.output([tools.which("unsquashfs"), "-o", str(self.image.offset), "-n",
+                              "-q", "-f", "-d", f"{tmp}/r", self.image.path, name], timeout=300)
                 data = _read_inside(f"{tmp}/r", name, limit) if os.path.isdir(f"{tmp}/r") \
                     else b""
         self._cache[name] = data
@@ -235,14 +231,10 @@ def host_driver() -> str:
     """The NVIDIA driver's version: nvidia-smi says it, else libcuda's file name."""
     smi = shutil.which("nvidia-smi")
     if smi:
-        try:
-            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, check=False, timeout=30)
-            first = out.stdout.strip().splitlines()[:1]
-            if out.returncode == 0 and first and re.fullmatch(r"[\d.]+", first[0].strip()):
-                return first[0].strip()
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+        out = tools.output([smi, "--query-gpu=driver_version", "--format=csv,noheader"])
+        first = (out or "").strip().splitlines()[:1]
+        if first and re.fullmatch(r"[\d.]+", first[0].strip()):
+            return first[0].strip()
     from capsid import config, ldcache
     from capsid.errors import CapsidError
 

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import os
 
-from capsid import elf
+from capsid import arch, elf
 
-#: where a C library lies in an image, by ELF machine
-TRIPLETS = {62: "x86_64-linux-gnu", 183: "aarch64-linux-gnu", 21: "powerpc64le-linux-gnu",
-             22: "s390x-linux-gnu", 3: "i386-linux-gnu", 243: "riscv64-linux-gnu"}
 
 def libc_candidates(machine: int) -> list[str]:
-    triplet = TRIPLETS.get(machine, "")
+    triplet = arch.triplet(machine)
     return [f"{d}/libc.so.6" for d in (f"/lib/{triplet}", f"/usr/lib/{triplet}", "/lib64",
                                        "/usr/lib64", "/lib", "/usr/lib") if d]
 
@@ -68,7 +65,7 @@ def image_library_dirs(root_fd: int) -> list[str]:
                 dirs.append(line)
 
     read("/etc/ld.so.conf", 0)
-    triplet = TRIPLETS.get(elf.this_machine()[1], "")
+    triplet = arch.triplet(elf.this_machine()[1])
     for standard in (f"/lib/{triplet}", f"/usr/lib/{triplet}", "/lib64", "/usr/lib64",
                      "/lib", "/usr/lib"):
         if standard not in dirs:

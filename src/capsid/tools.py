@@ -77,15 +77,40 @@ def failure(tool: str, returncode: int, stderr: bytes | str) -> ToolError:
     )
 
 
-def run(argv: Sequence[str], *, input: bytes | None = None) -> bytes:
-    """Run *argv* to completion and return its stdout; raise ToolError on failure."""
+def run(argv: Sequence[str], *, input: bytes | None = None, pass_fds: Sequence[int] = (),
+        ok: Sequence[int] = (0,), timeout: float | None = None) -> bytes:
+    """Run *argv* to completion and return its stdout; raise ToolError unless it exits
+    with a status in *ok* within *timeout* seconds. *argv[0]* is looked up on PATH
+    unless it is a path; *pass_fds* are left open for it."""
     import subprocess
 
-    exe = which(argv[0])
-    proc = subprocess.run([exe, *argv[1:]], input=input, capture_output=True, check=False)
-    if proc.returncode != 0:
+    exe = argv[0] if "/" in argv[0] else which(argv[0])
+    try:
+        proc = subprocess.run([exe, *argv[1:]], input=input, capture_output=True,
+                              pass_fds=tuple(pass_fds), timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"{argv[0]} did not finish within {timeout:g} s",
+                        "run again with --debug for the full command") from None
+    except OSError as err:
+        raise ToolError(f"cannot run {argv[0]}: {err.strerror}",
+                        "check that it is installed and runs") from None
+    if proc.returncode not in ok:
         raise failure(argv[0], proc.returncode, proc.stderr)
     return proc.stdout
+
+
+def output(argv: Sequence[str], *, timeout: float = 30, stderr: bool = False) -> str | None:
+    """What a program asked for information prints (with *stderr*, both streams); None
+    where it is missing, fails or takes longer than *timeout* seconds."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return (proc.stdout + (proc.stderr if stderr else b"")).decode(errors="replace")
 
 
 class reading:  # lower case: used like a function, `with tools.reading(argv) as out`

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,8 +155,7 @@ def _busybox(store: BuildStore) -> BaseImage:
     def unpack(target: Path) -> None:
         import shutil
 
-        applets = subprocess.run([busybox, "--list"], capture_output=True, text=True,
-                                 check=True).stdout.split()
+        applets = tools.run([busybox, "--list"]).decode().split()
         for d in ("bin", "etc", "root", "tmp", "usr/bin", "usr/sbin", "sbin", "dev", "proc",
                   "sys", "home", "var/tmp"):
             (target / d).mkdir(parents=True, exist_ok=True)

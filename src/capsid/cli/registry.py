@@ -17,7 +17,9 @@ def _host(text: str) -> str:
     host = text.split("/", 1)[0]
     if not host:
         raise UsageError("no registry given", "usage: capsid registry login [-u USER] HOST")
-    return "docker.io" if host in ("index.docker.io", "registry-1.docker.io") else host
+    from capsid.oci.reference import hub_alias
+
+    return hub_alias(host)
 
 
 def run(verb: str, argv: list[str]) -> int:

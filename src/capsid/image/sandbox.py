@@ -20,9 +20,6 @@ from capsid.errors import CapsidError, ImageNotFoundError
 
 LOG = log.get(__name__)
 
-#: ELF e_machine → Go architecture name (as SIF records it).
-_ELF_MACHINES = {3: "386", 62: "amd64", 40: "arm", 183: "arm64", 22: "s390x", 243: "riscv64",
-                 258: "loong64", 8: "mips"}
 _PROBES = ("bin/sh", "bin/busybox", "usr/bin/env", "bin/bash", "usr/bin/python3", "bin/true")
 
 
@@ -145,7 +142,10 @@ def elf_arch(header: bytes) -> str | None:
         return "mips64le" if little else "mips64"
     if machine == 8:
         return "mipsle" if little else "mips"
-    return _ELF_MACHINES.get(machine)
+    from capsid import arch
+
+    found = arch.BY_ELF.get(machine)
+    return found.oci if found else None
 
 
 def host_arch() -> str:

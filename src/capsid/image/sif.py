@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from capsid import arch
 from capsid.errors import ImageFormatError
 from capsid.image.siftable import DESCRIPTOR, HEADER, MAGIC, VERSION, cstr, read_table
 
@@ -100,10 +101,8 @@ MESSAGE_TYPE_LABELS = {0x100: "Clear Signature", 0x200: "RSA-OAEP"}
 SBOM_FORMAT_LABELS = {1: "cyclonedx-json", 2: "cyclonedx-xml", 3: "github-json", 4: "spdx-json",
                       5: "spdx-rdf", 6: "spdx-tag-value", 7: "spdx-yaml", 8: "syft-json"}
 
-#: SIF architecture codes ↔ Go architecture names.
-ARCH_CODES = {"00": "unknown", "01": "386", "02": "amd64", "03": "arm", "04": "arm64",
-              "05": "ppc64", "06": "ppc64le", "07": "mips", "08": "mipsle", "09": "mips64",
-              "10": "mips64le", "11": "s390x", "12": "riscv64", "13": "loong64"}
+#: SIF architecture codes ↔ Go architecture names (the machine table's)
+ARCH_CODES = arch.SIF_CODES
 ARCH_BY_NAME = {name: code for code, name in ARCH_CODES.items()}
 
 

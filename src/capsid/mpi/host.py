@@ -22,7 +22,7 @@ import os
 # Imported here: check() runs after the container's root has hidden capsid's files. What
 # only working the closure out needs (re, subprocess, ldcache) is imported there: with
 # the closure cached, each rank's start stays light.
-from capsid import config, elf, glibc, hostfs, inroot, log, tools
+from capsid import arch, config, elf, glibc, hostfs, inroot, log, tools
 from capsid.errors import CapsidError, RuntimeSetupError
 
 LOG = log.get(__name__)
@@ -95,16 +95,9 @@ def _libmpi(prefix: str | None, cache: dict[str, str]) -> str | None:
 def version(launcher: str | None) -> str:
     """What ``LAUNCHER --version`` says it is: "Open MPI 4.1.4", "MPICH 4.0", or ""."""
     import re
-    import subprocess
-
     if launcher is None:
         return ""
-    try:
-        out = subprocess.run([launcher, "--version"], capture_output=True, text=True,
-                             check=False, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    text = out.stdout + out.stderr
+    text = tools.output([launcher, "--version"], timeout=20, stderr=True) or ""
     if "Open MPI" in text or "OpenRTE" in text:
         found = re.search(r"(\d+\.\d+\.\d+)", text)
         return f"Open MPI {found.group(1) if found else '(version unknown)'}"
@@ -131,16 +124,11 @@ def _resolve(name: str, origin: str, runpath: list[str], cache: dict[str, str],
 def _ompi_paths(launcher: str | None) -> dict[str, str]:
     """Open MPI's compiled-in directories (``ompi_info --path all``): where its plugins,
     help texts and parameter files are."""
-    import subprocess
 
     program = os.path.join(os.path.dirname(launcher), "ompi_info") if launcher else None
     if program is None or not os.access(program, os.X_OK):
         return {}
-    try:
-        out = subprocess.run([program, "--path", "all", "--parsable"], capture_output=True,
-                             text=True, check=False, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
+    out = tools.output([program, "--path", "all", "--parsable"]) or ""
     return {parts[1]: parts[2] for line in out.splitlines()
             if len(parts := line.split(":", 2)) == 3 and parts[0] == "path"}
 
@@ -234,7 +222,7 @@ def _find(site: config.SiteConfig, launcher: str | None, prefix: str | None) -> 
     implementation = named if family == "Open MPI" and named else \
         f"{family} ({named})" if named else family
     result = HostMPI(implementation=implementation, abi=abi)
-    triplet = glibc.TRIPLETS.get(machine[1], "")
+    triplet = arch.triplet(machine[1])
     fallback = [f"/lib/{triplet}", f"/usr/lib/{triplet}", "/lib64", "/usr/lib64", "/lib",
                 "/usr/lib"]
     queue, seen_files = [(abi, libmpi)], set()

@@ -17,10 +17,11 @@ from typing import Any
 
 from capsid import config
 from capsid.errors import CapsidError
+from capsid.oci import reference
 from capsid.oci.reference import DOCKER_HUB
 
-#: Docker's key for Docker Hub in config.json
-DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io")
+#: Docker's keys for Docker Hub in config.json
+DOCKER_HUB_KEYS = reference.DOCKER_HUB_ALIASES
 
 
 def own_file() -> Path:

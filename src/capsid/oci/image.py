@@ -67,9 +67,10 @@ def parse_platform(arch: str | None) -> tuple[str, str]:
     if not parts or not parts[0]:
         raise CapsidError(f"--arch {arch!r} names no architecture",
                           "use e.g. --arch amd64, --arch arm64 or --arch arm/v7")
-    architecture = machines.MACHINES.get(parts[0], (parts[0], ""))[0]  # x86_64 is amd64
-    variant = parts[1] if len(parts) > 1 else \
-        dict(machines.MACHINES.values()).get(architecture, "")
+    known = machines.TABLE.get(parts[0])  # x86_64 is amd64
+    architecture = known.oci if known else parts[0]
+    default = machines.BY_OCI.get(architecture)
+    variant = parts[1] if len(parts) > 1 else default.variant if default else ""
     return architecture, variant
 
 

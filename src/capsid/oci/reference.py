@@ -14,6 +14,13 @@ from capsid.errors import UsageError
 DOCKER_HUB = "docker.io"
 #: Where Docker Hub's registry API actually answers.
 DOCKER_HUB_API = "registry-1.docker.io"
+#: Docker Hub's other names (and, first, the key Docker's config.json keeps its login under)
+DOCKER_HUB_ALIASES = ("https://index.docker.io/v1/", "index.docker.io", DOCKER_HUB_API)
+
+
+def hub_alias(host: str) -> str:
+    """*host*, or docker.io where it is another of Docker Hub's names."""
+    return DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -108,8 +115,7 @@ def parse(text: str) -> Reference:
             raise _bad(original, f"{registry!r} is not a registry host name")
     else:
         registry, repository = DOCKER_HUB, text
-    if registry in ("index.docker.io", "registry-1.docker.io"):
-        registry = DOCKER_HUB
+    registry = hub_alias(registry)
     if registry == DOCKER_HUB and "/" not in repository:
         repository = f"library/{repository}"
     if repository != repository.lower():

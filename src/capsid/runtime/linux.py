@@ -14,6 +14,8 @@ from __future__ import annotations
 import _ctypes
 import os
 
+from capsid import arch
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import ClassVar
@@ -115,8 +117,7 @@ CLONE_NEWNET = 0x40000000
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1
-_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217,
-                   "riscv64": 41, "loongarch64": 41}.get(os.uname().machine, 155)
+_SYS_PIVOT_ROOT = getattr(arch.this(), "pivot_root", 155)
 
 # statvfs f_flag bits → mount flags that a bind remount inside a user namespace must keep.
 _LOCKED_FLAGS = {os.ST_RDONLY: MS_RDONLY, os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV,

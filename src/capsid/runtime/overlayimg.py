@@ -105,11 +105,11 @@ def create(path: Path, size_mib: int, *, sparse: bool = False, fakeroot: bool = 
         argv = [mkfs, "-q", "-F", "-d", str(scratch), "-E", f"root_owner={owner}", str(tmp)]
         if fakeroot and os.getuid() != 0:  # mkfs records owners as it sees them
             argv = [tools.which("unshare"), "--map-root-user", *argv]
-        proc = subprocess.run(argv, capture_output=True, check=False)
-        for each in ("upper", "work"):
-            os.rmdir(scratch / each)
-        if proc.returncode != 0:
-            raise tools.failure("mkfs.ext3", proc.returncode, proc.stderr)
+        try:
+            tools.run(argv)
+        finally:
+            for each in ("upper", "work"):
+                os.rmdir(scratch / each)
 
 
 def open_locked(image: str, readonly: bool, patience: float = 3.0) -> int:
