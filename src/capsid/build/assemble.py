@@ -68,27 +68,22 @@ def _def_files(result: StageResult, builder: Builder, config: dict[str, Any]
     return files
 
 
-#: The SIF object naming the layers a build made, so that ``push docker://`` can upload
-#: them as layers (from the caches) rather than as one flattened layer.
-BUILD_RECORD = "capsid-build.json"
-
-
 def _layers_record(result: StageResult, builder: Builder, config: dict[str, Any]) -> Any:
+    from capsid.build import record
     from capsid.image import sif
 
     base = result.base.layers
     from_registry = base is not None and all(layer.digest for layer in base)
-    record = {
-        "config": config,
-        "base": [{"digest": layer.digest, "mediaType": layer.media_type, "size": layer.size}
-                 for layer in base or []] if from_registry else None,
+    content = record.make(
+        config,
+        [{"digest": layer.digest, "mediaType": layer.media_type, "size": layer.size}
+         for layer in base or []] if from_registry else None,
         # a base of no registry's (a local SIF, a sandbox, debootstrap): its files, unpacked
         # in the build cache, become a layer of their own when pushed
-        "base_rootfs": None if from_registry or base else str(result.base.rootfs(builder.store)),
-        "base_diff_ids": list((result.base.config.get("rootfs") or {}).get("diff_ids") or []),
-        "steps": [layer.key for layer in result.layers if not layer.empty],
-    }
-    return sif.NewObject(sif.DataType.GENERIC_JSON, json.dumps(record).encode(), BUILD_RECORD)
+        None if from_registry or base else str(result.base.rootfs(builder.store)),
+        list((result.base.config.get("rootfs") or {}).get("diff_ids") or []),
+        [layer.key for layer in result.layers if not layer.empty])
+    return sif.NewObject(sif.DataType.GENERIC_JSON, content, record.NAME)
 
 
 def _opener(diff: str, epoch: int | None) -> oci.Opener:

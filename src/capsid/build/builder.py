@@ -40,9 +40,9 @@ from capsid.build.recipe import (
 from capsid.build.store import BuildStore, Layer, Pending, digest
 from capsid.errors import CapsidError, UsageError
 from capsid.image import output
+from capsid.image.stock import DEFAULT_PATH
 from capsid.oci import image as oci
 from capsid.runtime.binds import BindSpec
-from capsid.runtime.env import DEFAULT_PATH
 from capsid.runtime.options import Layers, Options
 
 LOG = log.get(__name__)

@@ -112,6 +112,10 @@ def push(argv: list[str]) -> int:
         if scheme == "oras":
             digest = pusher.push_oras(client, image, ref, insecure)
         else:
-            digest = pusher.push_docker(client, image, ref, insecure)
+            from capsid.build import record
+            from capsid.image.locate import SIF, locate
+
+            built = record.layers_of(image) if locate(image).kind == SIF else None
+            digest = pusher.push_docker(client, image, ref, insecure, built)
     sys.stderr.write(f"pushed {image} to {scheme}://{ref} ({digest})\n")
     return 0

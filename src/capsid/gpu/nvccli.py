@@ -63,8 +63,8 @@ def configure(argv: list[str], host_root: int, rootfs: str, userns: bool) -> Non
     *rootfs* is the container's root as this process sees it; *userns*: whether this is
     a user namespace (``--user``: it then asks for no privileges of the host).
     """
+    from capsid.image.stock import DEFAULT_PATH
     from capsid.runtime import linux
-    from capsid.runtime.env import DEFAULT_PATH
 
     parent = os.getpid()
     child = os.fork()

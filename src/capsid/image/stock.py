@@ -5,6 +5,9 @@ with these on every start (see :func:`capsid.runtime.env.apply_stock_scripts`),
 and :mod:`capsid.image.meta` writes them into every image it builds.
 """
 
+#: PATH in a container whose image sets none
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 #: ``/.singularity.d/env`` file name → content (None: written per image).
 ENV_SCRIPTS = {
     "01-base.sh": "#!/bin/sh\n# Base environment of every image; intentionally empty.\n",

@@ -23,12 +23,16 @@ from capsid import log, tools
 from capsid.errors import ImageFormatError
 from capsid.image import sif
 from capsid.image.locate import SIF, locate
+from capsid.image.stock import DEFAULT_PATH
 from capsid.oci import image as oci
 from capsid.oci.image import digest_of, sha256_digest
 from capsid.oci.reference import Reference
 from capsid.oci.registries import Endpoint
 from capsid.oci.registry import Client, file_chunks
-from capsid.runtime.env import DEFAULT_PATH
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from capsid.build.record import BuiltLayers
 
 LOG = log.get(__name__)
 
@@ -108,11 +112,12 @@ def _gzip_layer(chunks: Iterable[bytes], layer: Path) -> tuple[str, str]:
     return digest_of(digest), digest_of(diff)
 
 
-def push_docker(client: Client, image: Path, ref: Reference, insecure: bool) -> str:
+def push_docker(client: Client, image: Path, ref: Reference, insecure: bool,
+                built: BuiltLayers | None = None) -> str:
     """Upload SIF *image* as an OCI image; return the manifest digest.
 
-    An image capsid built keeps its layers (the base image's, then one per step), when
-    the caches still hold them; any other SIF becomes one layer.
+    An image capsid built keeps its layers (the base image's, then one per step) when
+    the builder found them in its caches (*built*); any other SIF becomes one layer.
     """
     if locate(image).kind != SIF:
         raise ImageFormatError(f"{image} is not a SIF file",
@@ -125,15 +130,8 @@ def push_docker(client: Client, image: Path, ref: Reference, insecure: bool) -> 
             oci_config = json.loads(s.read(found)) if found else None
         except ValueError:  # a damaged object: push with the defaults
             oci_config = None
-        record_found = s.find(sif.DataType.GENERIC_JSON, "capsid-build.json")
-        try:
-            record = json.loads(s.read(record_found)) if record_found else None
-        except ValueError:
-            record = None
-    if isinstance(record, dict):
-        layered = _push_layers(client, record, Endpoint(ref, insecure), image.name)
-        if layered is not None:
-            return layered
+    if built is not None:
+        return _push_layers(client, built, Endpoint(ref, insecure))
     if not isinstance(oci_config, dict) or not oci_config:
         oci_config = {"Env": [f"PATH={DEFAULT_PATH}"], "Cmd": ["/.singularity.d/runscript"]}
     ep = Endpoint(ref, insecure)
@@ -156,50 +154,19 @@ def push_docker(client: Client, image: Path, ref: Reference, insecure: bool) -> 
 
 
 
-def _push_layers(client: Client, record: dict[str, Any], ep: Endpoint,
-                 name: str) -> str | None:
-    """Push a built image layer by layer from the caches; None if they no longer hold it."""
-    from capsid.build import treetar
-    from capsid.build.store import BuildStore
-    from capsid.oci.store import Store
-
-    store = Store()
-    builds = BuildStore(store.root)
-    base, steps = record.get("base"), record.get("steps")
-    config = record.get("config")
-    rootfs = record.get("base_rootfs")
-    if base is None and isinstance(rootfs, str) and os.path.isdir(rootfs) and \
-            os.path.realpath(rootfs).startswith(os.path.realpath(builds.bases) + "/"):
-        base = []  # the base's files are pushed as the first layer, below the steps'
-    else:
-        rootfs = None
-    if not (isinstance(base, list) and isinstance(steps, list) and isinstance(config, dict)):
-        return None
-    blobs = []
-    for layer in base:
-        digest = str(layer.get("digest", "")) if isinstance(layer, dict) else ""
-        if not digest.startswith("sha256:") or not store.has(digest):
-            LOG.info("the base layers of %s are no longer cached: pushing one layer", name)
-            return None
-        media = str(layer.get("mediaType") or "")
-        media = (oci.OCI_LAYER_ZSTD if media.endswith("zstd") else oci.OCI_LAYER
-                 if media.endswith(".tar") else oci.OCI_LAYER_GZIP)
-        blobs.append((digest, store.blob_path(digest), media))
-    diffs = [builds.get(str(key)) for key in steps]
-    if any(layer is None for layer in diffs):
-        LOG.info("the build cache no longer holds %s's steps: pushing one layer", name)
-        return None
+def _push_layers(client: Client, built: BuiltLayers, ep: Endpoint) -> str:
+    """Push an image capsid built layer by layer, as the caches hold them."""
     descriptors = []
-    for digest, path, media in blobs:
+    for digest, path, media in built.blobs:
         size = path.stat().st_size
         client.upload_blob(ep, digest, size, file_chunks(path))
         descriptors.append(_descriptor(media, digest, size))
-    diff_ids = [str(d) for d in record.get("base_diff_ids") or []] if rootfs is None else []
-    trees = ([rootfs] if rootfs else []) + [str(layer.diff) for layer in diffs if layer]
+    diff_ids = list(built.base_diff_ids)
+    config = built.config
     with tempfile.TemporaryDirectory(prefix="capsid-push-") as tmp:
-        for index, tree in enumerate(trees):
+        for index, tree in enumerate(built.trees):
             path = Path(tmp) / f"layer{index}.tar.gz"
-            digest, diff_id = _gzip_layer(treetar.chunks(tree), path)
+            digest, diff_id = _gzip_layer(tree(), path)
             size = path.stat().st_size
             client.upload_blob(ep, digest, size, file_chunks(path))
             descriptors.append(_descriptor(oci.OCI_LAYER_GZIP, digest, size))

@@ -13,6 +13,7 @@ import sys
 
 from capsid import tools
 from capsid.errors import RuntimeSetupError, UsageError
+from capsid.image import stock
 from capsid.runtime import env as envmod
 from capsid.runtime import identity, linux
 
@@ -77,7 +78,7 @@ def run(plan: Plan, added: Environment, root_emulation: object | None = None) ->
     use_shell = False
     if opts.environment is not None:
         environment = dict(opts.environment)
-        environment.setdefault("PATH", envmod.DEFAULT_PATH)
+        environment.setdefault("PATH", stock.DEFAULT_PATH)
     else:
         environment, use_shell = _environment(plan, added)
     if plan.confined:  # a build step, or a root build's %test

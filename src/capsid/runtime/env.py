@@ -15,9 +15,8 @@ from __future__ import annotations
 import os
 
 from capsid.errors import UsageError
-from capsid.image.stock import ENV_SCRIPTS
+from capsid.image.stock import DEFAULT_PATH, ENV_SCRIPTS
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Always passed, even with --cleanenv.
 _ALWAYS = ("TERM", "http_proxy", "https_proxy", "no_proxy", "all_proxy", "ftp_proxy",
            "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "FTP_PROXY")
