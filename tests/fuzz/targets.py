@@ -172,7 +172,7 @@ def dockerfile_recipe(data: bytes) -> None:
 
     text = data.decode("utf-8", "surrogateescape")
     dockerfile.parse(text, "Dockerfile", {"A": "1"})
-    dockerfile.parse(text, "Dockerfile", {}, target="0")
+    dockerfile.parse(text, "Dockerfile", {}).up_to("0")
 
 
 def definition_file(data: bytes) -> None:

@@ -437,15 +437,12 @@ def test_the_builder_and_runtime_as_a_library(env: dict[str, str], tmp_path: Pat
     """capsid.build and capsid.runtime.api work from Python, without the CLI."""
     write(tmp_path, "Dockerfile", "FROM busybox:1\nRUN echo lib > /lib.txt\n")
     script = textwrap.dedent(f"""
-        from pathlib import Path
-        from capsid.build import assemble, builder, dockerfile
+        from capsid import build
+        from capsid.build.builder import BuildOptions
         from capsid.runtime import api
         from capsid.runtime.options import Options
 
-        recipe = dockerfile.parse(Path("{tmp_path}/Dockerfile").read_text(),
-                                  "{tmp_path}/Dockerfile", {{}})
-        result, made = builder.build(recipe, builder.BuildOptions(quiet=True))
-        assemble.write(result, made, Path("{tmp_path}/lib.sif"))
+        build.build("{tmp_path}/Dockerfile", "{tmp_path}/lib.sif", BuildOptions(quiet=True))
         status = api.run("{tmp_path}/lib.sif", ["cat", "/lib.txt"], Options(cleanenv=True))
         other = api.run("docker://busybox:1", ["true"], Options())
         print("status", status, other)

@@ -104,10 +104,10 @@ def test_dockerfile_errors_name_the_line(text: str, message: str) -> None:
 
 
 def test_target_stops_at_the_stage() -> None:
-    recipe = dockerfile.parse("FROM a AS one\nFROM b AS two\n", "Dockerfile", {}, target="one")
+    recipe = dockerfile.parse("FROM a AS one\nFROM b AS two\n", "Dockerfile", {}).up_to("one")
     assert [s.name for s in recipe.stages] == ["one"]
     with pytest.raises(UsageError, match="no stage called"):
-        dockerfile.parse("FROM a\n", "Dockerfile", {}, target="x")
+        dockerfile.parse("FROM a\n", "Dockerfile", {}).up_to("x")
 
 
 DEF = """\

@@ -60,12 +60,19 @@ class BuildOptions:
                  no_cache: bool = False, notest: bool = False,
                  sections: tuple[str, ...] | None = None, binds: tuple[BindSpec, ...] = (),
                  arch: str | None = None, nohttps: bool = False, quiet: bool = False,
-                 compression: str = "zstd", cache_root: Path | None = None) -> None:
+                 compression: str = "zstd", cache_root: Path | None = None,
+                 syntax: str | None = None, sandbox: bool = False, force: bool = False,
+                 ignore_subuid: bool = False) -> None:
+        #: where COPY and %files read (default: the recipe's directory)
         self.context, self.build_args, self.target = context, build_args or {}, target
         self.no_cache, self.notest, self.sections = no_cache, notest, sections
         self.binds, self.nohttps, self.quiet = binds, nohttps, quiet
         self.platform = oci.parse_platform(arch)
         self.compression, self.cache_root = compression, cache_root
+        self.syntax = syntax  #: "dockerfile" or "def"; None: from the recipe's name or text
+        self.sandbox, self.force = sandbox, force  #: a directory; replace what is there
+        #: map only the user, even where /etc/subuid grants ids (every file is root's)
+        self.ignore_subuid = ignore_subuid
 
 
 class BuildError(CapsidError):
@@ -662,8 +669,9 @@ def _apply(state: dict[str, Any], step: Config) -> None:
         config[key] = value
 
 
-def build(recipe: Recipe, opts: BuildOptions) -> tuple[StageResult, Builder]:
-    """Build *recipe*; the final stage's result (write it with :mod:`capsid.build.output`)."""
+def run_stages(recipe: Recipe, opts: BuildOptions) -> tuple[StageResult, Builder]:
+    """Run *recipe*'s steps; the final stage's result (for :mod:`capsid.build.assemble`).
+    Callers build with :func:`capsid.build.build`, which sets the namespace up first."""
     start = time.monotonic()
     builder = Builder(recipe, opts)
     try:

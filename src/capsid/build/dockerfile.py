@@ -170,8 +170,8 @@ def _pairs(rest: str, env: Mapping[str, str], escape: str, where: Where,
     return pairs
 
 
-def parse(text: str, path: str, build_args: Mapping[str, str], *, arch: str = "amd64",
-          target: str | None = None) -> Recipe:
+def parse(text: str, path: str, build_args: Mapping[str, str], *, arch: str = "amd64"
+          ) -> Recipe:
     """The recipe in Dockerfile *text* (read from *path*), for *build_args*."""
     lines, escape = _logical_lines(text, path)
     predefined = platform_args(arch)
@@ -329,12 +329,6 @@ def parse(text: str, path: str, build_args: Mapping[str, str], *, arch: str = "a
     if not stages:
         raise UsageError(f"{path} has no FROM instruction",
                          "a Dockerfile starts with FROM IMAGE (or FROM scratch)")
-    if target is not None:
-        index = next((i for i, s in enumerate(stages) if s.name == target.lower()), None)
-        if index is None:
-            raise UsageError(f"{path} has no stage called {target!r}",
-                             "stages: " + ", ".join(s.name for s in stages))
-        stages = stages[:index + 1]
     return Recipe("dockerfile", path, text, stages)
 
 

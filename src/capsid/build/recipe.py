@@ -167,6 +167,18 @@ class Recipe:
     def stage(self, name: str) -> int | None:
         """The index of the stage called *name* (or numbered so), if there is one."""
         for index, stage in enumerate(self.stages):
-            if stage.name == name or (name.isdigit() and int(name) == index):
+            if stage.name in (name, name.lower()) or (name.isdigit() and int(name) == index):
                 return index
         return None
+
+    def up_to(self, target: str | None) -> Recipe:
+        """The recipe built up to stage *target* (``--target``): every stage with None."""
+        if target is None:
+            return self
+        index = self.stage(target)
+        if index is None:
+            from capsid.errors import UsageError
+
+            raise UsageError(f"{self.path} has no stage called {target!r}",
+                             "stages: " + ", ".join(s.name for s in self.stages))
+        return Recipe(self.kind, self.path, self.text, self.stages[:index + 1])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 
 from capsid.cli.parser import parser
@@ -79,7 +78,9 @@ def run(verb: str, argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.source is None:
         raise UsageError("build needs OUTPUT and SOURCE", "see 'capsid build --help'")
-    if args.file is not None or _is_recipe(args.source, args.format):
+    from capsid import build
+
+    if args.file is not None or args.format or build.syntax(Path(args.source)):
         return _build_recipe(args)
 
     from capsid.image import convert
@@ -113,36 +114,6 @@ def run(verb: str, argv: list[str]) -> int:
     return 0
 
 
-def _is_recipe(source: str, syntax: str | None) -> bool:
-    if syntax is not None:
-        return True
-    name = Path(source).name
-    return (os.path.isfile(source) and (name.endswith((".def", ".dockerfile", ".Dockerfile"))
-            or name.startswith(("Dockerfile", "Containerfile")) or _has_bootstrap(source))) or (
-        name.endswith(".def") or name in ("Dockerfile", "Containerfile"))
-
-
-def _has_bootstrap(path: str) -> bool:
-    """Whether *path* is a definition file whatever its name (``Singularity``, ``Apptainer``,
-    ``recipe.txt``): as Apptainer decides, a regular file that is no image and opens with
-    a ``Bootstrap:`` header (after comments and blank lines)."""
-    from capsid.image.locate import open_file
-
-    try:
-        with open(open_file(path, "recipe"), "rb") as f:
-            head = f.read(64 << 10)
-    except (OSError, CapsidError):
-        return False
-    if head.startswith((b"SIF_MAGIC", b"hsqs", b"#!/usr/bin/env run-singularity")) or \
-            b"SIF_MAGIC" in head[:64]:
-        return False
-    for line in head.decode(errors="replace").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            return re.match(r"(?i)bootstrap\s*:", line) is not None
-    return False
-
-
 def _build_arguments(args: argparse.Namespace) -> dict[str, str]:
     values: dict[str, str] = {}
     if args.build_arg_file:
@@ -165,57 +136,20 @@ def _build_arguments(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _build_recipe(args: argparse.Namespace) -> int:
-    from capsid.build import assemble, builder, deffile, dockerfile
-    from capsid.image import output
-    from capsid.runtime.binds import parse_bind
+    from capsid import build, log
+    from capsid.build.builder import BuildOptions
+    from capsid.runtime.binds import parse_bind, parse_mount
 
-    recipe_path = Path(args.file) if args.file else Path(args.source)
-    context = Path(args.context or (args.source if args.file else recipe_path.parent))
-    from capsid.image.locate import open_file
-
-    # a regular file only: a FIFO given by mistake must not hang the build
-    with open(open_file(str(recipe_path), "recipe"), encoding="utf-8",
-              errors="surrogateescape") as f:
-        text = f.read()
-    syntax = args.format or ("def" if recipe_path.name.endswith(".def")
-                             or re.search(r"(?im)^\s*bootstrap\s*:", text) else "dockerfile")
-    values = _build_arguments(args)
-    out = Path(args.output)
-    output.check_target(out, args.force)
-    if syntax == "def":
-        parsed = deffile.parse(text, str(recipe_path), values)
-        if args.target:
-            index = parsed.stage(args.target)
-            if index is None:
-                raise UsageError(f"{recipe_path} has no stage called {args.target!r}",
-                                 "stages: " + ", ".join(s.name for s in parsed.stages))
-            parsed.stages = parsed.stages[:index + 1]
-    else:
-        from capsid.oci.image import parse_platform
-
-        parsed = dockerfile.parse(text, str(recipe_path), values,
-                                  arch=parse_platform(args.arch)[0], target=args.target)
-    from capsid.runtime.binds import parse_mount
-
-    binds = (*(b for item in args.bind for b in parse_bind(item)),
-             *(parse_mount(item) for item in args.mount))
-    from capsid import log
-
-    opts = builder.BuildOptions(
-        context=context, build_args=values, target=args.target, no_cache=args.no_cache,
+    recipe = Path(args.file) if args.file else Path(args.source)
+    build.build(recipe, Path(args.output), BuildOptions(
+        context=Path(args.context or (args.source if args.file else recipe.parent)),
+        build_args=_build_arguments(args), target=args.target, no_cache=args.no_cache,
         notest=args.notest, sections=tuple(args.section.split(",")) if args.section else None,
-        binds=binds, arch=args.arch, nohttps=_nohttps_of(args), compression=args.compression,
-        quiet=not log.enabled(log.NORMAL))
-    if not args.ignore_subuid or os.geteuid() == 0:  # root's steps are never the host's root
-        from capsid.runtime import identity, userns
-
-        if userns.enter_for_build(identity.User.current()):
-            log.get(__name__).debug("build: running as root with the ids /etc/subuid grants")
-    result, made = builder.build(parsed, opts)
-    assemble.write(result, made, out, sandbox=args.sandbox, force=args.force,
-                   compression=args.compression)
-    if not args.notest and (opts.sections is None or "test" in opts.sections):
-        assemble.run_test(result, out, args.sandbox, opts.quiet)
+        binds=(*(b for item in args.bind for b in parse_bind(item)),
+               *(parse_mount(item) for item in args.mount)),
+        arch=args.arch, nohttps=_nohttps_of(args), compression=args.compression,
+        quiet=not log.enabled(log.NORMAL), syntax=args.format, sandbox=args.sandbox,
+        force=args.force, ignore_subuid=args.ignore_subuid))
     return 0
 
 
