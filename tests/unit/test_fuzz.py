@@ -47,8 +47,11 @@ def _mutated(seed: bytes) -> st.SearchStrategy[bytes]:
 
 @pytest.mark.parametrize("name", sorted(targets.TARGETS))
 def test_regression_corpus(name: str) -> None:
-    """Every input that once found a bug still gives a result or one CapsidError."""
-    for data in targets.seeds(name):
+    """Every input that once found a bug still gives a result or one CapsidError (and
+    every target has inputs: a target without any would test nothing)."""
+    found = targets.seeds(name)
+    assert found, f"tests/fuzz/corpus/{name} holds no input"
+    for data in found:
         targets.check(name, data)
 
 
