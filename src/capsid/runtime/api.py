@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from capsid.runtime import child, early
+from capsid.runtime import early
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -87,6 +87,8 @@ def run(image: str | Layers, argv: Sequence[str], options: Options,
     """
     if isinstance(image, str):
         image = resolve(image, options)
+    from capsid.runtime import child
+
     return child.start(_container(image, argv, options, action)).wait()
 
 
@@ -99,6 +101,8 @@ def spawn(image: str | Layers, argv: Sequence[str], options: Options, *, stdout:
     """
     if isinstance(image, str):
         image = resolve(image, options)
+    from capsid.runtime import child
+
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return child.start(_container(image, argv, options, "exec"), tied=False, detach=True,
