@@ -126,8 +126,13 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
         with contextlib.suppress(OSError):
             _keep(out, builder.store.images, key)
         return
-    # streamed straight into the directory, as pull --sandbox does: no SIF in between
-    tosif.write_sandbox(source, out, force=force, verified=True, extra=files)
+    from capsid.image import convert
+
+    output.check_target(out, force)
+    with output.scratch(builder.store.tmp / "image", "sif") as image:
+        tosif.write_sif(source, image, compression=compression, force=True, verified=True,
+                        extra=files)
+        convert.image_to_sandbox(image, out, force=force)
     from capsid import hostfs
     from capsid.runtime import userns
 

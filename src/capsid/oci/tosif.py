@@ -114,15 +114,14 @@ def _flatten(source: SourceImage, write: Callable[[bytes | memoryview], object],
 
 
 def write_sandbox(source: SourceImage, out: Path, *, force: bool = False,
-                  verified: bool = False, extra: dict[str, bytes] | None = None) -> None:
+                  verified: bool = False) -> None:
     """Unpack *source* into sandbox directory *out* (atomically), /.singularity.d made
-    as for a SIF (*extra* as :func:`write_sif` takes it): the flattened layers stream
-    into GNU tar, no SIF in between."""
+    as for a SIF: the flattened layers stream into GNU tar, no SIF in between."""
     from capsid.image import untar
 
     epoch = source_date_epoch()
     stamp = epoch if epoch is not None else _created(source.config)
-    generated = {**generated_files(source), **(extra or {})}
+    generated = generated_files(source)
     with output.atomic_dir(out, force) as tmp:
         tmp.mkdir()
         untar.into(tmp, lambda write: _flatten(source, write, generated, stamp, verified))
