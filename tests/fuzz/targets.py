@@ -53,7 +53,7 @@ def sif_reader(data: bytes) -> None:
 
 def tar_layer(data: bytes) -> None:
     """An uncompressed layer through the flattener, in odd-sized chunks."""
-    from capsid.oci.flatten import Flattener
+    from capsid.image.flatten import Flattener
 
     out = io.BytesIO()
     flat = Flattener(out.write)
@@ -64,8 +64,8 @@ def tar_layer(data: bytes) -> None:
 
 def compressed_layer(data: bytes) -> None:
     """A layer of any compression: decompressed (bounded) and flattened."""
+    from capsid.image.flatten import Flattener
     from capsid.oci import compression
-    from capsid.oci.flatten import Flattener
 
     sink = io.BytesIO()
     total = 0

@@ -428,9 +428,21 @@ def test_reproducible_and_sandbox_outputs(env: dict[str, str], tmp_path: Path) -
         digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
     sandbox = tmp_path / "sb"
+    images = Path(env["CAPSID_CACHEDIR"]) / ("build-root" if os.getuid() == 0 else "build") \
+        / "images"
+    before = sorted(images.iterdir()) if images.is_dir() else []
     build(env, sandbox, recipe, "--sandbox")
     assert (sandbox / "built").read_text() == "built\n"
     assert os.readlink(sandbox / "link") == "/f"
+    # streamed into the directory: no SIF kept for it, and the same tree as the SIF's
+    assert (sorted(images.iterdir()) if images.is_dir() else []) == before
+    unpacked = tmp_path / "unpacked"
+    run_capsid("build", "--sandbox", unpacked, tmp_path / "r1.sif", env=env, check=True)
+
+    def tree(root: Path) -> list[tuple[str, int]]:
+        return sorted((str(p.relative_to(root)), os.lstat(p).st_mode)
+                      for p in root.rglob("*"))
+    assert tree(sandbox) == tree(unpacked)
 
 
 def test_the_builder_and_runtime_as_a_library(env: dict[str, str], tmp_path: Path) -> None:

@@ -27,9 +27,9 @@ LOG = log.get(__name__)
 
 def _config(result: StageResult, epoch: int | None) -> dict[str, Any]:
     stamp = epoch if epoch is not None else int(time.time())
-    return {"architecture": result.state.get("architecture") or "amd64", "os": "linux",
+    return {"architecture": result.state.architecture or "amd64", "os": "linux",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)),
-            "config": result.state.get("config") or {},
+            "config": result.state.config,
             "rootfs": {"type": "layers", "diff_ids": []}}
 
 
@@ -49,7 +49,7 @@ def _def_files(result: StageResult, builder: Builder, config: dict[str, Any]
                    "org.label-schema.usage.capsid.version": __version__})
     for key, value in result.stage.header.items():
         labels[f"org.label-schema.usage.singularity.deffile.{key}"] = value
-    labels.update(result.state.get("labels") or {})
+    labels.update(result.state.labels)
     labels.update(meta.labels)
     files: dict[str, bytes] = {
         "Singularity": builder.recipe.text.encode(),
@@ -57,8 +57,8 @@ def _def_files(result: StageResult, builder: Builder, config: dict[str, Any]
         "env/90-environment.sh": ("#!/bin/sh\n# Custom environment shell code should follow"
                                   f"\n\n{meta.environment}").encode(),
     }
-    if result.state.get("env91"):
-        files["env/91-environment.sh"] = str(result.state["env91"]).encode()
+    if result.state.env91:
+        files["env/91-environment.sh"] = result.state.env91.encode()
     scripts: dict[str, str | None] = {"runscript": meta.runscript, "test": meta.test,
                                        "startscript": meta.startscript,
                                        "runscript.help": meta.help}
@@ -99,8 +99,8 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
     layers = list(result.base.output_layers(builder.store))
     for layer in result.layers:
         if not layer.empty:
-            layers.append(oci.Layer(f"sha256:{layer.key}", 0, "",
-                                    _opener(str(layer.diff), builder.epoch)))
+            layers.append(oci.Layer(None, 0, "", _opener(str(layer.diff), builder.epoch),
+                                    key=f"step:{layer.key}"))
     source = oci.SourceImage(f"{builder.recipe.kind}:{builder.recipe.path}", config, layers,
                              None, json.dumps(config, sort_keys=True).encode())
     files = _def_files(result, builder, config)
@@ -112,7 +112,8 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
             [str(a) for a in run.get("Entrypoint") or []], [str(a) for a in run.get("Cmd") or []],
             run.get("WorkingDir")).encode()
     if not sandbox:
-        key = digest(result.key, result.state, builder.recipe.text, compression, builder.epoch)
+        key = digest(result.key, result.state.to_json(), builder.recipe.text, compression,
+                     builder.epoch)
         cached = _cached(builder.store.images, key)
         if cached is not None and not builder.opts.no_cache:  # every step was cached
             with output.atomic_file(out, force) as tmp:
@@ -120,19 +121,16 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
                 _give_back(tmp)
             LOG.info("%s is the cached image %s", out, cached.name)
             return
-        tosif.write_sif(source, out, compression=compression, force=force, verified=True,
-                        extra=files, objects=[_layers_record(result, builder, config)])
+        tosif.write_image(source, out, compression=compression, force=force, verified=True,
+                          extra=files, objects=[_layers_record(result, builder, config)])
         _give_back(out)
         with contextlib.suppress(OSError):
             _keep(out, builder.store.images, key)
         return
-    from capsid.image import convert
-
-    output.check_target(out, force)
-    with output.scratch(builder.store.tmp / "image", "sif") as image:
-        tosif.write_sif(source, image, compression=compression, force=True, verified=True,
-                        extra=files)
-        convert.image_to_sandbox(image, out, force=force)
+    # streamed straight into the directory, as pull --sandbox does: no SIF in between;
+    # files keep the owners the steps gave them where those ids are mapped
+    tosif.write_image(source, out, sandbox=True, force=force, verified=True, extra=files,
+                      owners=builder.real_owners)
     from capsid import hostfs
     from capsid.runtime import userns
 

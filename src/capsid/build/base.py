@@ -40,7 +40,7 @@ class BaseImage:
         if self.layers is not None:
             return self.layers
         root = str(self.rootfs(store))
-        return [oci.Layer("", 0, "", lambda: treetar.open_tree(root))]
+        return [oci.Layer(None, 0, "", lambda: treetar.open_tree(root), key=self.key)]
 
     def rootfs(self, store: BuildStore) -> Path:
         """The base's files as a directory (unpacked once, then shared by every build)."""
@@ -69,17 +69,12 @@ def _extract(layers: list[oci.Layer], verified: bool) -> Callable[[Path], None]:
     """Unpack *layers* (flattened, newest first) into a directory with GNU tar."""
     def unpack(target: Path) -> None:
         from capsid.image import untar
-        from capsid.oci.flatten import Flattener
-        from capsid.oci.tosif import layer_chunks
+        from capsid.image.flatten import Flattener
+        from capsid.oci.tosif import add_layers
 
         def fill(write: untar.Write) -> None:
             flat = Flattener(write)
-            for index, layer in enumerate(reversed(layers)):
-                chunks, hasher = layer_chunks(layer, verified)
-                flat.add_layer(chunks, f"layer {len(layers) - index}")
-                if hasher is not None and oci.digest_of(hasher) != layer.digest:
-                    raise CapsidError(f"layer {layer.digest[:19]}… does not match its digest",
-                                      "the image is damaged; get it again")
+            add_layers(flat, layers, verified)
             flat.finish()
 
         untar.into(target, fill)

@@ -13,13 +13,10 @@ as ``pull`` into ``tar2sqfs``: no root filesystem is copied on the way to the SI
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from capsid import log
 from capsid.build import mounted
@@ -37,6 +34,7 @@ from capsid.build.recipe import (
     Step,
     resolve,
 )
+from capsid.build.state import ImageState
 from capsid.build.store import BuildStore, Layer, Pending, digest
 from capsid.errors import CapsidError, UsageError
 from capsid.image import output
@@ -83,7 +81,7 @@ class StageResult:
     """A built stage: its base, its layers (oldest first) and its final state."""
 
     def __init__(self, stage: Stage, base: BaseImage, layers: list[Layer],
-                 state: dict[str, Any], key: str) -> None:
+                 state: ImageState, key: str) -> None:
         self.stage, self.base, self.layers, self.state, self.key = (stage, base, layers,
                                                                       state, key)
 
@@ -149,7 +147,7 @@ class Builder:
             assert index is not None
             parent = self.results[index]
             base, layers = parent.base, list(parent.layers)
-            state, key = json.loads(json.dumps(parent.state)), parent.key
+            state, key = parent.state.copy(), parent.key
             self._say(f"FROM {stage.base.ref} ({stage.name})", cached=True)
         else:
             platform = oci.parse_platform(stage.platform) if stage.platform \
@@ -168,8 +166,7 @@ class Builder:
                     str(item).startswith("PATH=") for item in config.get("Env") or []):
                 # as BuildKit: a base without PATH (scratch, most archives) gets the default
                 config["Env"] = [*(config.get("Env") or []), f"PATH={DEFAULT_PATH}"]
-            state = {"config": config, "env91": "", "labels": {},
-                     "architecture": base.config.get("architecture") or platform[0]}
+            state = ImageState(config, str(base.config.get("architecture") or platform[0]))
             key = digest("base", base.key, "owners" if self.real_owners else "")
         result = StageResult(stage, base, layers, state, key)
         if self.recipe.kind == "def" and stage.base.kind != "stage":
@@ -190,10 +187,9 @@ class Builder:
 
     def _step(self, result: StageResult, step: Step) -> None:
         # variables only the base's environment knows, now that it is known
-        step = resolve(step, dict(str(item).partition("=")[::2] for item in
-                                  result.state.get("config", {}).get("Env") or []))
+        step = resolve(step, result.state.variables())
         if isinstance(step, Config):
-            _apply(result.state, step)
+            result.state.apply(step)
             result.key = digest(result.key, "config", step.key, step.value)
             if step.key != "WorkingDir":
                 self._say(step.text)
@@ -219,15 +215,14 @@ class Builder:
             text = step.text
         else:
             inputs, text = [], f"%setup\n{step.script}"
-        key = digest(result.key, type(step).__name__, text, inputs,
-                     result.state.get("config", {}).get("WorkingDir", ""))
+        key = digest(result.key, type(step).__name__, text, inputs, result.state.workdir)
         cached = None if self.opts.no_cache else self.store.get(key)
         self._say(text, cached=cached is not None)
         if cached is None:
             self.rerun += 1
             cached = self._execute(result, step, key)
         result.layers.append(cached)
-        result.state = json.loads(json.dumps(cached.state))
+        result.state = cached.state.copy()
         result.key = key
 
     def _execute(self, result: StageResult, step: Step, key: str) -> Layer:
@@ -252,10 +247,7 @@ class Builder:
     # -- RUN / %post -----------------------------------------------------------------
 
     def _environment(self, result: StageResult, step: Run) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for item in result.state.get("config", {}).get("Env") or []:
-            name, _, value = str(item).partition("=")
-            env[name] = value
+        env = result.state.variables()
         env.update(step.env)
         env.setdefault("PATH", DEFAULT_PATH)
         if not self._user(result, step):
@@ -269,7 +261,7 @@ class Builder:
 
     def _user(self, result: StageResult, step: Run) -> str | None:
         """The USER a RUN step runs as: None for root, or where only root is mapped."""
-        user = str(result.state.get("config", {}).get("User") or "")
+        user = result.state.user
         if user.partition(":")[0] in ("", "0", "root"):
             return None
         if not self.real_owners:
@@ -294,7 +286,7 @@ class Builder:
         binds = [BindSpec(str(scratch), INSIDE), *self.opts.binds]
         for index, mount in enumerate(step.mounts):
             binds.append(self._run_mount(mount, step, scratch / f"mount{index}"))
-        workdir = result.state.get("config", {}).get("WorkingDir") or "/"
+        workdir = result.state.workdir or "/"
         # A PID namespace of its own: when the build dies, every process of the step dies.
         options = Options(binds=binds, contain=True, no_home=True, cleanenv=True,
                           environment=env, pwd=workdir, root_emulation=True, pid=True,
@@ -314,11 +306,11 @@ class Builder:
                              "the steps before it are cached; fix it and build again")
         added = _step_output(scratch, "environment", step)
         if added.strip():
-            result.state["env91"] = result.state.get("env91", "") + added
+            result.state.env91 += added
         for line in _step_output(scratch, "labels", step).splitlines():
             name, _, value = line.strip().partition(" ")
             if name:
-                result.state.setdefault("labels", {})[name] = value.strip()
+                result.state.labels[name] = value.strip()
 
     def _run_mount(self, mount: Mount, step: Run, scratch: Path) -> BindSpec:
         if mount.kind == "cache":
@@ -414,7 +406,7 @@ class Builder:
             assert index is not None
             source_root = self.results[index]
             roots.append(Layers(source_root.lowers(self.store), "", ""))
-        workdir = result.state.get("config", {}).get("WorkingDir") or "/"
+        workdir = result.state.workdir or "/"
         dest = step.dest if step.dest.startswith("/") else os.path.join(workdir, step.dest)
         if step.dockerish and step.dest.endswith("/"):
             dest += "/"
@@ -469,7 +461,7 @@ class Builder:
         mounted.call_in(roots, str(pending.scratch), copy)
 
     def _mkdir(self, result: StageResult, pending: Pending) -> None:
-        workdir = result.state.get("config", {}).get("WorkingDir") or "/"
+        workdir = result.state.workdir or "/"
         roots = [Layers(result.lowers(self.store), str(pending.diff), str(pending.work))]
 
         def mkdir(paths: list[str]) -> None:
@@ -502,7 +494,7 @@ class Builder:
 
         from capsid.image import meta
 
-        env = [str(e) for e in result.state.get("config", {}).get("Env") or []]
+        env = result.state.env
         tree = meta.skeleton()
         tree[f"{meta.ENV}/10-docker2singularity.sh"] = (0o755,
                                                         meta.docker_env_script(env).encode())
@@ -636,37 +628,9 @@ def _is_archive(path: str) -> bool:
 
 
 def _epoch() -> int | None:
-    from capsid.image.convert import source_date_epoch
+    from capsid.image.write import source_date_epoch
 
     return source_date_epoch()
-
-
-def _apply(state: dict[str, Any], step: Config) -> None:
-    """A configuration step's effect on the image state."""
-    config = state.setdefault("config", {})
-    key, value = step.key, step.value
-    if key == "Env":
-        env = dict(str(item).partition("=")[::2] for item in config.get("Env") or [])
-        env.update(value)  # type: ignore[call-overload]
-        config["Env"] = [f"{k}={v}" for k, v in env.items()]
-    elif key == "Labels":
-        config["Labels"] = {**(config.get("Labels") or {}), **value}  # type: ignore[dict-item]
-    elif key in ("ExposedPorts", "Volumes"):
-        config[key] = {**(config.get(key) or {}), **value}  # type: ignore[dict-item]
-    elif key == "WorkingDir":
-        current = config.get("WorkingDir") or "/"
-        config["WorkingDir"] = os.path.normpath(os.path.join(current, str(value)))
-    elif key == "Entrypoint":
-        config["Entrypoint"] = value
-        config.pop("Cmd", None)  # an ENTRYPOINT resets an inherited CMD
-    elif key == "Arg":
-        pass  # build arguments are not part of the image
-    elif key == "Healthcheck":
-        config["Healthcheck"] = {"Test": shlex.split(str(value))}
-    elif key == "OnBuild":
-        config["OnBuild"] = [*(config.get("OnBuild") or []), value]
-    else:
-        config[key] = value
 
 
 def run_stages(recipe: Recipe, opts: BuildOptions) -> tuple[StageResult, Builder]:

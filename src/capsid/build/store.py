@@ -22,8 +22,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
+from capsid.build.state import ImageState
 from capsid.errors import CapsidError
 from capsid.image import output
 
@@ -38,7 +38,7 @@ class Layer:
 
     __slots__ = ("diff", "key", "state")
 
-    def __init__(self, key: str, diff: Path, state: dict[str, Any]) -> None:
+    def __init__(self, key: str, diff: Path, state: ImageState) -> None:
         self.key, self.diff, self.state = key, diff, state
 
     @property
@@ -59,10 +59,10 @@ class Pending:
         for d in (self.diff, self.work, self.scratch):
             d.mkdir()
 
-    def publish(self, key: str, state: dict[str, Any], replace: bool = False) -> Layer:
+    def publish(self, key: str, state: ImageState, replace: bool = False) -> Layer:
         """Make the result the cached layer *key* (or take the one another build made;
         with *replace*, as ``--no-cache`` asks, ours replaces it)."""
-        (self.temp.path / "state.json").write_text(json.dumps(state, sort_keys=True))
+        (self.temp.path / "state.json").write_text(json.dumps(state.to_json(), sort_keys=True))
         for d in (self.work, self.scratch):
             output.remove(d)
         from capsid.runtime import linux
@@ -175,8 +175,8 @@ class BuildStore:
         """The cached layer *key*, if a build finished it."""
         directory = self.layers / key
         try:
-            state = json.loads((directory / "state.json").read_text())
-        except (OSError, ValueError):
+            state = ImageState.from_json(json.loads((directory / "state.json").read_text()))
+        except (OSError, ValueError):  # not finished, or damaged: built again
             return None
         with contextlib.suppress(OSError):
             os.utime(directory)  # last use, for 'capsid cache clean --days'

@@ -1,101 +1,30 @@
 """Conversions between image kinds: sandbox → SIF, SIF → sandbox, squashfs → SIF.
 
-Every output is written atomically (see :mod:`capsid.image.output`).
+SIFs are written by :mod:`capsid.image.write`; every output is written atomically.
 """
 
 from __future__ import annotations
 
-import io
-import os
 import shutil
-import tarfile
-from collections.abc import Iterable
 from pathlib import Path
 
 from capsid import log
 from capsid.errors import UsageError
-from capsid.image import meta, output, sandbox, sif, squashfs
+from capsid.image import meta, output, sandbox, squashfs, write
 from capsid.image.locate import SANDBOX, SIF, locate
 
 LOG = log.get(__name__)
-
-
-def source_date_epoch() -> int | None:
-    """``SOURCE_DATE_EPOCH`` if set (the reproducible-builds convention)."""
-    value = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
-    if not value:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(f"SOURCE_DATE_EPOCH={value!r} is not a number of seconds",
-                         "set it to a Unix time such as 1700000000, or unset it") from None
-
-
-def _missing_skeleton(names: set[str], dirs: set[str], mtime: int) -> Iterable[tarfile.TarInfo]:
-    """Members of the standard tree that the image does not have yet."""
-    for rel, (mode, content) in sorted(meta.skeleton().items()):
-        if rel in names:
-            continue
-        parents = [str(p) for p in Path(rel).parents if str(p) != "."]
-        if any(p in names and p not in dirs for p in parents):
-            continue  # a parent is a file or a symlink in the image: leave it alone
-        info = tarfile.TarInfo(rel)
-        info.mode, info.mtime, info.uid, info.gid = mode, mtime, 0, 0
-        if content is None:
-            info.type = tarfile.DIRTYPE
-            dirs.add(rel)
-        elif isinstance(content, str):
-            info.type, info.linkname = tarfile.SYMTYPE, content
-        else:
-            info.size = len(content)
-        names.add(rel)
-        yield info
-
-
-def sif_objects(metadata: meta.Metadata, partition: Path, arch: str,
-                 oci_config: bytes | None = None) -> list[sif.NewObject]:
-    objects = []
-    if metadata.deffile:
-        objects.append(sif.NewObject(sif.DataType.DEFFILE, metadata.deffile.encode()))
-    if metadata.labels:
-        objects.append(sif.NewObject(sif.DataType.LABELS, meta.labels_json(metadata.labels)))
-    objects.append(sif.NewObject(sif.DataType.GENERIC_JSON, metadata.inspect_json(),
-                                 "inspect-metadata.json"))
-    if oci_config is not None:
-        objects.append(sif.NewObject(sif.DataType.GENERIC_JSON, oci_config, "oci-config.json"))
-    objects.append(sif.NewObject.partition(partition, arch))
-    return objects
 
 
 def sandbox_to_sif(src: Path, out: Path, *, compression: str = "zstd",
                    force: bool = False) -> None:
     """Make SIF *out* from sandbox directory *src*, adding any missing ``/.singularity.d``."""
     sandbox.check_dir(src)
-    squashfs.check_compression(compression)
-    arch = sandbox.detect_arch(src)
-    with output.atomic_file(out, force) as tmp, output.scratch(out, "sqfs") as part:
-        with squashfs.create(part, compression) as tar:
-            names, dirs, newest = sandbox.add_tree(tar, src)
-            epoch = source_date_epoch()
-            stamp = newest if epoch is None else epoch
-            skeleton = meta.skeleton()
-            for info in _missing_skeleton(names, dirs, stamp):
-                content = skeleton[info.name][1]
-                if isinstance(content, bytes):
-                    tar.addfile(info, io.BytesIO(content))
-                else:
-                    tar.addfile(info)
-        files: dict[str, bytes | str] = {
-            rel[len(meta.ROOT) + 1:]: content
-            for rel, (_mode, content) in skeleton.items()
-            if rel.startswith(meta.ROOT + "/") and content is not None
-        }
-        files.update(squashfs.read_dir(src / meta.ROOT))
-        metadata = meta.Metadata.from_tree(files)
-        with open(tmp, "wb") as f:
-            sif.write(f, sif_objects(metadata, part, arch), created_at=stamp)
-    LOG.info("wrote %s (%s, %s)", out, arch, compression)
+    extras = write.Extras(sandbox.detect_arch(src))
+    write.write(write.Target(out, compression=compression, force=force),
+                lambda flat: sandbox.add_to(flat, src), extras,
+                present=squashfs.read_dir(src / meta.ROOT))
+    LOG.info("wrote %s (%s, %s)", out, extras.arch, compression)
 
 
 def image_to_sandbox(src: Path, out: Path, *, force: bool = False) -> None:
@@ -119,10 +48,9 @@ def image_to_sif(src: Path, out: Path, *, force: bool = False) -> None:
     from capsid.image.inspect import metadata
 
     info = metadata(image)
-    stamp = source_date_epoch() or int(src.stat().st_mtime)
+    stamp = write.source_date_epoch() or int(src.stat().st_mtime)
     with output.atomic_file(out, force) as tmp, output.scratch(out, "sqfs") as part:
         with open(src, "rb") as f_in, open(part, "wb") as f_out:
             f_in.seek(image.offset)
             shutil.copyfileobj(f_in, f_out, 1 << 20)
-        with open(tmp, "wb") as f:
-            sif.write(f, sif_objects(info, part, sandbox.host_arch()), created_at=stamp)
+        write.sif_from_partition(tmp, part, info, write.Extras(sandbox.host_arch()), stamp)

@@ -14,9 +14,13 @@ import struct
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from capsid import log
 from capsid.errors import CapsidError, ImageNotFoundError
+
+if TYPE_CHECKING:
+    from capsid.image.flatten import Flattener
 
 LOG = log.get(__name__)
 
@@ -108,26 +112,21 @@ def walk(root: Path) -> Iterator[tuple[tarfile.TarInfo, str | None]]:
         stack.extend(reversed(subdirs))
 
 
-def add_tree(tar: tarfile.TarFile, root: Path) -> tuple[set[str], set[str], int]:
-    """Add everything under *root* to *tar*; return (names, directory names, newest mtime)."""
-    names: set[str] = set()
-    dirs: set[str] = set()
+def add_to(flat: Flattener, root: Path) -> int:
+    """Add everything under *root* to *flat* as it is; return the newest mtime."""
     newest = 0
     for info, path in walk(root):
-        names.add(info.name)
-        if info.type == tarfile.DIRTYPE:
-            dirs.add(info.name)
         newest = max(newest, int(info.mtime))
         if path is None:
-            tar.addfile(info)
+            flat.add_member(info)
             continue
         try:
             with open(path, "rb") as f:
-                tar.addfile(info, f)
+                flat.add_member(info, f)
         except PermissionError:
             raise CapsidError(f"cannot read {path}: permission denied",
                               "make it readable (chmod u+r) or build as its owner") from None
-    return names, dirs, newest
+    return newest
 
 
 def elf_arch(header: bytes) -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,15 +71,6 @@ def writer(out: Path, compression: str = "zstd") -> Iterator[BinaryIO]:
             errors.seek(0)
             out.unlink(missing_ok=True)
             raise tools.failure("tar2sqfs", proc.returncode, errors.read())
-
-
-@contextlib.contextmanager
-def create(out: Path, compression: str = "zstd") -> Iterator[tarfile.TarFile]:
-    """Yield a streaming TarFile; whatever is added to it becomes squashfs *out*."""
-    with writer(out, compression) as pipe, \
-            tarfile.open(fileobj=pipe, mode="w|", format=tarfile.PAX_FORMAT,
-                         bufsize=1 << 20) as tar:
-        yield tar
 
 
 def check_magic(path: Path, offset: int = 0) -> None:

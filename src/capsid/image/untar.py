@@ -1,7 +1,8 @@
 """Unpacking a tar stream into a directory with GNU tar, as an ordinary user can.
 
 The stream is written by the caller (a flattener) into tar's stdin. Owners become
-the user's (``--no-same-owner``); modes, set-id bits and times are kept. Device nodes
+the user's (``--no-same-owner``), unless the caller keeps them (a build whose user
+namespace maps the image's ids); modes, set-id bits and times are kept. Device nodes
 that only root may create are left out; any other failure is an error.
 """
 
@@ -16,9 +17,12 @@ from capsid import tools
 Write = Callable[[bytes | memoryview], object]  #: where a tar stream goes
 
 
-def into(target: Path, fill: Callable[[Write], None]) -> None:
-    """Unpack into existing directory *target* what ``fill(write)`` writes."""
-    argv = [tools.which("tar"), "-x", "-p", "--no-same-owner", "-C", str(target)]
+def into(target: Path, fill: Callable[[Write], object], owners: bool = False) -> None:
+    """Unpack into existing directory *target* what ``fill(write)`` writes; with
+    *owners* the stream's numeric owners are kept."""
+    argv = [tools.which("tar"), "-x", "-p",
+            *(["--same-owner", "--numeric-owner"] if owners else ["--no-same-owner"]),
+            "-C", str(target)]
     errors = open(target.parent / f".{target.name}.tar-errors", "w+b")  # noqa: SIM115
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=errors)

@@ -190,18 +190,25 @@ def choose_platform(index: dict[str, Any], platform: tuple[str, str], name: str)
 
 
 class Layer:
-    """One layer: how to open its bytes, and the digest they must hash to."""
+    """One layer: how to open its bytes, and the digest they must hash to.
 
-    __slots__ = ("digest", "media_type", "opener", "size", "verify_uncompressed")
+    A layer made here (a build step's directory, a base read back from its files) has
+    no digest until it is written: *digest* is None and *key* names its content.
+    """
 
-    def __init__(self, digest: str, size: int, media_type: str,
-                 opener: Opener, verify_uncompressed: bool = False) -> None:
+    __slots__ = ("digest", "key", "media_type", "opener", "size", "verify_uncompressed")
+
+    def __init__(self, digest: str | None, size: int, media_type: str,
+                 opener: Opener, verify_uncompressed: bool = False,
+                 key: str | None = None) -> None:
         self.digest = digest
         self.size = size
         self.media_type = media_type
         self.opener = opener
         #: True when *digest* is of the uncompressed tar (a docker-save diff ID).
         self.verify_uncompressed = verify_uncompressed
+        #: what identifies the content: the digest, or the maker's key
+        self.key = key or digest or ""
 
 
 class SourceImage:

@@ -1,10 +1,11 @@
-"""An OCI image (config + layers) → a SIF, in one streaming pass.
+"""An OCI image (config + layers) → a SIF or a sandbox, in one streaming pass.
 
-Layers are decompressed, flattened newest first (:mod:`capsid.oci.flatten`)
-and piped into ``tar2sqfs``; nothing is unpacked on the host and no layer is
-held in memory. The image gets Apptainer's ``/.singularity.d``: a runscript
-with Docker's ENTRYPOINT/CMD rules, ``env/10-docker2singularity.sh`` from
-``Env``, ``labels.json``; the SIF keeps the OCI config as ``oci-config.json``.
+Layers are decompressed and flattened newest first (:mod:`capsid.image.flatten`)
+into the image writer (:mod:`capsid.image.write`); nothing is unpacked on the host
+on the way to a SIF and no layer is held in memory. The image gets Apptainer's
+``/.singularity.d``: a runscript with Docker's ENTRYPOINT/CMD rules,
+``env/10-docker2singularity.sh`` from ``Env``, ``labels.json``; the SIF keeps the OCI
+config as ``oci-config.json``.
 """
 
 from __future__ import annotations
@@ -12,20 +13,17 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
-import os
-import tarfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from capsid import log
 from capsid.errors import ImageFormatError
-from capsid.image import meta, output, sif, squashfs
-from capsid.image.convert import sif_objects, source_date_epoch
+from capsid.image import meta, sif, write
+from capsid.image.flatten import Flattener
 from capsid.oci import compression as comp
-from capsid.oci.flatten import Flattener
 from capsid.oci.image import Layer, SourceImage, digest_of
 
 LOG = log.get(__name__)
@@ -65,68 +63,10 @@ def deffile(source: SourceImage) -> str:
     return f"bootstrap: {bootstrap}\nfrom: {ref}\n"
 
 
-def _members(files: dict[str, bytes], stamp: int,
-             mode: int = 0o755) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
-    for rel, data in files.items():
-        info = tarfile.TarInfo(f"{meta.ROOT}/{rel}")
-        info.mode = 0o644 if rel == "labels.json" else mode
-        info.mtime, info.size = stamp, len(data)
-        yield info, data
-
-
-def _skeleton_members(runscript: str, stamp: int) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
-    for rel, (mode, content) in sorted(meta.skeleton(runscript).items()):
-        info = tarfile.TarInfo(rel)
-        info.mode, info.mtime = mode, stamp
-        data = b""
-        if content is None:
-            info.type = tarfile.DIRTYPE
-        elif isinstance(content, str):
-            info.type, info.linkname = tarfile.SYMTYPE, content
-        else:
-            data = content
-        yield info, data
-
-
 def _hashing(chunks: Iterator[bytes], hasher: hashlib._Hash) -> Iterator[bytes]:
     for chunk in chunks:
         hasher.update(chunk)
         yield chunk
-
-
-def _flatten(source: SourceImage, write: Callable[[bytes | memoryview], object],
-             generated: dict[str, bytes], stamp: int, verified: bool) -> None:
-    """The image's root filesystem as one tar stream: its layers, /.singularity.d."""
-    flat = Flattener(write)
-    for info, data in _members(generated, stamp):
-        flat.add_member(info, data)
-    for index, layer in enumerate(reversed(source.layers)):
-        chunks, hasher = layer_chunks(layer, verified)
-        flat.add_layer(chunks, f"layer {len(source.layers) - index}")
-        digest = digest_of(hasher) if hasher is not None else None
-        if digest is not None and digest != layer.digest:
-            raise ImageFormatError(
-                f"layer {layer.digest[:19]}… does not match its digest "
-                f"(got {digest[:19]}…)", "the image is damaged; get it again")
-    for info, data in _skeleton_members(generated["runscript"].decode(), stamp):
-        flat.add_member(info, data)
-    flat.finish()
-
-
-def write_sandbox(source: SourceImage, out: Path, *, force: bool = False,
-                  verified: bool = False) -> None:
-    """Unpack *source* into sandbox directory *out* (atomically), /.singularity.d made
-    as for a SIF: the flattened layers stream into GNU tar, no SIF in between."""
-    from capsid.image import untar
-
-    epoch = source_date_epoch()
-    stamp = epoch if epoch is not None else _created(source.config)
-    generated = generated_files(source)
-    with output.atomic_dir(out, force) as tmp:
-        tmp.mkdir()
-        untar.into(tmp, lambda write: _flatten(source, write, generated, stamp, verified))
-        os.chmod(tmp, 0o755)
-    LOG.info("unpacked %s into %s (%d layers)", source.name, out, len(source.layers))
 
 
 def layer_chunks(layer: Layer,
@@ -154,47 +94,56 @@ def _image_id(source: SourceImage, compression: str) -> uuid.UUID:
     """A SIF ID determined by the image's content (config and layer digests)."""
     key = hashlib.sha256(source.config_raw or json.dumps(source.config).encode())
     for layer in source.layers:
-        key.update(layer.digest.encode())
+        key.update(layer.key.encode())
     key.update(compression.encode())
     return uuid.UUID(bytes=key.digest()[:16], version=4)
 
 
-def write_sif(source: SourceImage, out: Path, *, compression: str = "zstd",
-              force: bool = False, verified: bool = False,
-              extra: dict[str, bytes] | None = None,
-              objects: list[sif.NewObject] | None = None) -> None:
-    """Convert *source* into SIF *out* (atomically).
+def add_layers(flat: Flattener, layers: list[Layer], verified: bool) -> None:
+    """Add *layers* (oldest first) to *flat*, newest first, checking each against its
+    digest unless *verified* (or made here, without one)."""
+    for index, layer in enumerate(reversed(layers)):
+        chunks, hasher = layer_chunks(layer, verified or layer.digest is None)
+        flat.add_layer(chunks, f"layer {len(layers) - index}")
+        digest = digest_of(hasher) if hasher is not None else None
+        if digest is not None and digest != layer.digest:
+            raise ImageFormatError(
+                f"layer {layer.key[:19]}… does not match its digest "
+                f"(got {digest[:19]}…)", "the image is damaged; get it again")
+
+
+def write_image(source: SourceImage, out: Path, *, sandbox: bool = False,
+                compression: str = "zstd", force: bool = False, verified: bool = False,
+                owners: bool = False, extra: dict[str, bytes] | None = None,
+                objects: list[sif.NewObject] | None = None) -> None:
+    """Convert *source* into SIF or sandbox directory *out* (atomically).
 
     With *verified* the layers are trusted to match their digests (the cache
     checked them while downloading); otherwise each is hashed as it streams.
     *objects* are more SIF objects to store (before the standard ones).
     *extra* (paths relative to ``/.singularity.d``) replace or add to what is made
     from the OCI config: a definition file's runscript, environment and labels.
+    *owners*: a sandbox keeps the image's owners (a build with mapped ids).
     """
-    squashfs.check_compression(compression)
-    epoch = source_date_epoch()
-    stamp = epoch if epoch is not None else _created(source.config)
-    generated = {**generated_files(source), **(extra or {})}
-    runscript = generated["runscript"].decode()
-    with output.atomic_file(out, force) as tmp, output.scratch(out, "sqfs") as part:
-        with squashfs.writer(part, compression) as pipe:
-            _flatten(source, pipe.write, generated, stamp, verified)
-        files: dict[str, bytes | str] = {
-            rel[len(meta.ROOT) + 1:]: content
-            for rel, (_mode, content) in meta.skeleton(runscript).items()
-            if rel.startswith(meta.ROOT + "/") and content is not None
-        }
-        files.update(generated)
-        metadata = meta.Metadata.from_tree(files)
-        oci_config = json.dumps(source.config.get("config") or {},
-                                separators=(",", ":")).encode()
-        arch = source.architecture
-        objs = [*(objects or []), *sif_objects(metadata, part, arch, oci_config)]
-        image_id = _image_id(source, compression)
-        if sif.write_in_place(part, objs, created_at=stamp, image_id=image_id):
-            os.replace(part, tmp)  # the squashfs became the SIF: no copy of it
-        else:
-            with open(tmp, "wb") as f:
-                sif.write(f, objs, created_at=stamp, image_id=image_id)
-    LOG.info("wrote %s (%s, %d layers, %s)", out, source.architecture, len(source.layers),
-             compression)
+    oci_config = json.dumps(source.config.get("config") or {},
+                            separators=(",", ":")).encode()
+    extras = write.Extras(source.architecture, objects or [], oci_config,
+                          _image_id(source, compression))
+    write.write(write.Target(out, sandbox, compression, force, owners),
+                lambda flat: add_layers(flat, source.layers, verified), extras,
+                stamp=_created(source.config),
+                generated={**generated_files(source), **(extra or {})})
+    LOG.info("wrote %s (%s, %d layers%s)", out, source.architecture, len(source.layers),
+             "" if sandbox else f", {compression}")
+
+
+def write_sif(source: SourceImage, out: Path, *, compression: str = "zstd",
+              force: bool = False, verified: bool = False) -> None:
+    """:func:`write_image` of a SIF."""
+    write_image(source, out, compression=compression, force=force, verified=verified)
+
+
+def write_sandbox(source: SourceImage, out: Path, *, force: bool = False,
+                  verified: bool = False) -> None:
+    """:func:`write_image` of a sandbox directory: no SIF in between."""
+    write_image(source, out, sandbox=True, force=force, verified=verified)

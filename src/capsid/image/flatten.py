@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Callable, Iterable
+from typing import BinaryIO
 
 from capsid import log
 from capsid.errors import ImageFormatError
@@ -213,8 +214,10 @@ class Flattener:
 
     # -- entries made by capsid ---------------------------------------------------------
 
-    def add_member(self, info: tarfile.TarInfo, data: bytes = b"") -> bool:
-        """Add one entry (metadata capsid generates); False if the layers already have it."""
+    def add_member(self, info: tarfile.TarInfo, data: bytes | BinaryIO = b"") -> bool:
+        """Add one entry taken literally (no whiteouts): metadata capsid generates, or
+        a file of a directory tree with its open file (``info.size`` bytes of it are
+        written). False if the layers already have it."""
         path = normalize(info.name)
         if path is None or not (self.visible(path) if path else self._root_visible(path)):
             return False
@@ -223,10 +226,21 @@ class Flattener:
         while parent:  # so no layer can put a file where these entries need a directory
             self._seen.setdefault(parent, True)
             parent = parent.rpartition("/")[0]
-        info.size = len(data) if info.isreg() else 0
+        if isinstance(data, bytes):
+            info.size = len(data) if info.isreg() else 0
+            self._write(info.tobuf(tarfile.PAX_FORMAT))
+            if data:
+                self._write(data + bytes(_padded(len(data)) - len(data)))
+            return True
         self._write(info.tobuf(tarfile.PAX_FORMAT))
-        if data:
-            self._write(data + bytes(_padded(len(data)) - len(data)))
+        left = info.size
+        while left:
+            chunk = data.read(min(left, 1 << 20))
+            if not chunk:  # the file shrank while read: pad, the header said its size
+                chunk = bytes(min(left, 1 << 20))
+            self._write(chunk)
+            left -= len(chunk)
+        self._write(bytes(_padded(info.size) - info.size))
         return True
 
     # -- layers -------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from capsid.oci.flatten import MAX_EXTENSION, Flattener, LayerError
+from capsid.image.flatten import MAX_EXTENSION, Flattener, LayerError
 
 
 def layer(*entries: tuple[str, str | bytes | None], fmt: int = tarfile.PAX_FORMAT) -> bytes:
