@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,6 +160,37 @@ def live_squashfuse(image: Path | None = None) -> list[str]:
         if "squashfuse" in cmdline and state != "Z" and (image is None or str(image) in cmdline):
             found.append(f"{proc.name}: {cmdline}")
     return found
+
+
+def until_gone(probe: Callable[[], list[str]], timeout: float = 15) -> list[str]:
+    """Poll *probe* (what is still running) until it finds nothing or *timeout* passes;
+    its last answer. Processes end a little after the command that started them: a
+    deadline, not a fixed sleep, so a slow machine does not fail and a fast one waits
+    no longer than needed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = probe()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
+    """Poll until *condition* holds; fail naming *what* after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def process_identity(pid: int) -> str | None:
+    """``PID:start time`` of a live process (zombies are not), which PID reuse cannot
+    fake: compare it with the one taken while the process was known to be the right one."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else f"{pid}:{fields[19]}"
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import one_error, run_capsid
+from tests.conftest import one_error, process_identity, run_capsid, until_gone, wait_for
 from tests.support.registry import Registry
 
 pytestmark = pytest.mark.unprivileged
@@ -496,26 +496,23 @@ def test_kill_9_during_a_step_leaves_a_consistent_cache(env: dict[str, str],
     out = tmp_path / "out.sif"
     proc = subprocess.Popen([str(CAPSID), "build", str(out), str(recipe)], env=env,
                             stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if line.startswith("[3/3]"):
-            break
-    time.sleep(1)
+    def sleepers() -> list[str]:
+        found = subprocess.run(["pgrep", "-u", str(os.getuid()), "-f", "^sleep 30.37"],
+                               capture_output=True, text=True, check=False).stdout.split()
+        return [p for p in found if process_identity(int(p)) is not None]
+    wait_for(sleepers, "the step's command started")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    time.sleep(0.5)
-    sleepers = subprocess.run(["pgrep", "-u", str(os.getuid()), "-f", "sleep 30.37"],
-                              capture_output=True, text=True, check=False).stdout.split()
-    live = [p for p in sleepers if Path(f"/proc/{p}/stat").exists()
-            and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
-    assert live == [], "the step's command outlived the build"
+    assert until_gone(sleepers) == [], "the step's command outlived the build"
     assert not out.exists()
     recipe.write_text(recipe.read_text().replace("sleep 30.37", "true"))
-    time.sleep(2.1)  # the killed step's temporary is then recognised as stale
+    # the killed step's temporary, once past the grace period, is recognised as stale
+    tmp = Path(env["CAPSID_CACHEDIR"]) / ("build-root" if os.getuid() == 0 else "build") / "tmp"
+    for left in tmp.iterdir():
+        os.utime(left, (time.time() - 60, time.time() - 60), follow_symlinks=False)
     rebuilt = build(env, out, recipe)
     assert ran(rebuilt) == 1  # the COPY came from the cache
     # root's build layers are kept apart (their files belong to its build range)
-    tmp = Path(env["CAPSID_CACHEDIR"]) / ("build-root" if os.getuid() == 0 else "build") / "tmp"
     assert not any(tmp.iterdir())
 
 

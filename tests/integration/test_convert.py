@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from capsid.image import meta, sif
-from tests.conftest import CAPSID, need, run_capsid
+from tests.conftest import CAPSID, need, run_capsid, wait_for
 
 pytestmark = pytest.mark.unprivileged
 
@@ -195,7 +195,8 @@ def test_ctrl_c_leaves_no_partial_image(busybox_sandbox: Path, tmp_path: Path) -
     out = tmp_path / "big.sif"
     proc = subprocess.Popen([str(CAPSID), "build", str(out), str(big)],
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(0.6)
+    # interrupted while it writes: once its temporary output exists
+    wait_for(lambda: len(list(tmp_path.iterdir())) > 1, "the build started writing")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPSID, run_capsid
+from tests.conftest import (
+    CAPSID,
+    live_squashfuse,
+    process_identity,
+    run_capsid,
+    until_gone,
+    wait_for,
+)
+
+ROOT = os.geteuid() == 0
 
 pytestmark = pytest.mark.unprivileged
 BIN = CAPSID.parent
@@ -303,11 +312,7 @@ def test_persistent_overlay_image(debian_sif: Path, tmp_path: Path) -> None:
     finally:
         holder.kill()  # SIGKILL of the container
         holder.wait()
-    for _ in range(100):
-        if not set(_fuse_servers()) - servers_before:
-            break
-        subprocess.run(["sleep", "0.1"], check=True)
-    assert set(_fuse_servers()) - servers_before == set()
+    assert until_gone(lambda: sorted(set(_fuse_servers()) - servers_before)) == []
     readers = [subprocess.Popen([str(CAPSID), "exec", "--overlay", f"{spec}:ro",
                                  str(debian_sif), "cat", "/etc/kept"], stdout=subprocess.PIPE,
                                 text=True) for _ in range(2)]
@@ -316,6 +321,14 @@ def test_persistent_overlay_image(debian_sif: Path, tmp_path: Path) -> None:
     assert after_kill.stdout == "kept\n", after_kill.stderr
     bad = run_capsid("exec", "--overlay", str(tmp_path / "args.def"), debian_sif, "true")
     assert bad.returncode == 255
+
+
+def _loop_devices(image: Path) -> list[str]:
+    """Loop devices backed by *image* (root mounts a SIF's squashfs with the kernel)."""
+    if not ROOT:
+        return []
+    listed = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False)
+    return [line for line in listed.stdout.splitlines() if str(image.resolve()) in line]
 
 
 def test_instances(busybox_sif: Path, tmp_path: Path) -> None:
@@ -348,16 +361,19 @@ def test_instances(busybox_sif: Path, tmp_path: Path) -> None:
         listed = json.loads(run_capsid("instance", "list", "--json", env=env).stdout)
         (entry,) = listed["instances"]
         assert entry["instance"] == name and entry["img"] == str(image.resolve())
-        pid = entry["pid"]
-        assert Path(f"/proc/{pid}").exists()
-        for _ in range(50):
-            log = run_capsid("exec", f"instance://{name}", "cat", "/data/service.log", env=env)
-            if log.stdout:
-                break
-            subprocess.run(["sleep", "0.1"], check=True)
+        pid = int(entry["pid"])
+        # the listed process is the instance: in a mount namespace other than ours, the
+        # image's server alive beside it; its start time tells it from a later one
+        identity = process_identity(pid)
+        assert identity is not None
+        assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        assert live_squashfuse(image) or _loop_devices(image)
+        wait_for(lambda: Path(tmp_path / "service.log").exists(), "the startscript ran")
+        log = run_capsid("exec", f"instance://{name}", "cat", "/data/service.log", env=env)
         assert log.stdout == "started with one two\n", log.stderr
         seen = run_capsid("exec", f"instance://{name}", "ps", "-o", "args", env=env).stdout
         assert "sleep 1000" in seen, seen  # its processes: the same PID namespace
+        assert process_identity(pid) == identity
         again = run_capsid("instance", "start", image, name, env=env)
         assert again.returncode == 255 and "running already" in again.stderr
         assert again.stderr.count("\n") == 1
@@ -366,11 +382,12 @@ def test_instances(busybox_sif: Path, tmp_path: Path) -> None:
     finally:
         stopped = run_capsid("instance", "stop", name, env=env)
     assert stopped.returncode == 0, stopped.stderr
-    assert not Path(f"/proc/{pid}").exists() or \
-        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    # nothing of it runs on: not its first process (the same PID with the same start
+    # time), nor the image's server that held its mounts
+    assert until_gone(lambda: [identity] if process_identity(pid) == identity else []) == []
+    assert until_gone(lambda: live_squashfuse(image) + _loop_devices(image)) == []
     assert list((runtime / "capsid" / "instances").glob("*.json")) == []
     assert run_capsid("instance", "list", "--json", env=env).stdout.count(name) == 0
-    assert str(image) not in Path("/proc/self/mountinfo").read_text()
     gone = run_capsid("exec", f"instance://{name}", "true", env=env)
     assert gone.returncode == 255 and "no instance named" in gone.stderr
     failed = run_capsid("instance", "start", "--overlay", tmp_path / "missing-dir", image, name,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPSID, live_squashfuse, run_capsid
+from tests.conftest import CAPSID, live_squashfuse, run_capsid, until_gone, wait_for
 
 pytestmark = pytest.mark.unprivileged
 ROOT = os.geteuid() == 0
@@ -67,7 +67,7 @@ def test_sigterm_from_outside_reaches_the_command(busybox_sif: Path, tmp_path: P
     proc = subprocess.Popen([str(CAPSID), "exec", "-B", f"{tmp_path}:/out", str(busybox_sif),
                              "sh", "-c", "trap 'echo got TERM > /out/t; exit 42' TERM; "
                              "touch /out/up; while :; do sleep 0.1; done"])
-    _wait_for(tmp_path / "up")
+    wait_for((tmp_path / "up").exists, "the container's command started")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 42
     assert (tmp_path / "t").read_text() == "got TERM\n"
@@ -86,34 +86,21 @@ def test_stdin_and_pipes_pass_through(busybox_sif: Path) -> None:
 
 def test_nothing_left_running_after_exit(busybox_sif: Path) -> None:
     capsid_exec(busybox_sif, "true", check=True)
-    time.sleep(0.5)
-    assert live_squashfuse(busybox_sif) == []
-
-
-def _wait_for(path: Path, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
+    assert until_gone(lambda: live_squashfuse(busybox_sif)) == []
 
 
 def test_kill_9_leaves_nothing_behind(busybox_sif: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen([str(CAPSID), "exec", "-B", f"{tmp_path}:/out", str(busybox_sif),
                              "sh", "-c", "touch /out/up; sleep 60"])
-    _wait_for(tmp_path / "up")
+    wait_for((tmp_path / "up").exists, "the container's command started")
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 10
-    while live_squashfuse(busybox_sif) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert live_squashfuse(busybox_sif) == []
+    assert until_gone(lambda: live_squashfuse(busybox_sif)) == []
     if ROOT:
-        loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-        deadline = time.monotonic() + 10
-        while str(busybox_sif) in loops and time.monotonic() < deadline:
-            time.sleep(0.1)
-            loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-        assert str(busybox_sif) not in loops
+        def loops() -> list[str]:
+            listed = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+            return [line for line in listed.splitlines() if str(busybox_sif) in line]
+        assert until_gone(loops) == []
 
 
 def test_binds_read_write_and_read_only(busybox_sif: Path, tmp_path: Path) -> None:
@@ -457,8 +444,7 @@ def test_fuse_without_the_new_mount_api(busybox_sif: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "done"
     assert "no detached FUSE mount" in proc.stderr
-    time.sleep(0.5)
-    assert live_squashfuse(busybox_sif) == []
+    assert until_gone(lambda: live_squashfuse(busybox_sif)) == []
 
 
 @pytest.mark.skipif(ROOT, reason="root mounts squashfs with the kernel, not FUSE")
@@ -512,8 +498,7 @@ def test_damaged_squashfs_is_a_clear_error(busybox_sif: Path, tmp_path: Path) ->
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("capsid: error:"), result.stderr
     assert "internal error" not in result.stderr
-    time.sleep(0.5)
-    assert live_squashfuse(damaged) == []
+    assert until_gone(lambda: live_squashfuse(damaged)) == []
 
 
 def test_the_command_gets_all_the_cpus_it_was_given(busybox_sif: Path) -> None:

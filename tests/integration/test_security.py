@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPSID, one_error, run_capsid
+from tests.conftest import CAPSID, one_error, run_capsid, until_gone, wait_for
 
 pytestmark = pytest.mark.unprivileged
 
@@ -322,7 +322,8 @@ def test_records_of_another_user_are_ignored(busybox_sif: Path, tmp_path: Path,
         # another user's process, and a record of theirs in the caller's folder
         foreign = subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}",
                                     "--clear-groups", "sleep", "300"])
-        time.sleep(0.2)
+        wait_for(lambda: Path(f"/proc/{foreign.pid}/cmdline").read_bytes().startswith(b"sleep"),
+                 "their process started")
         theirs = _record(folder, "theirs", foreign.pid)
         os.chown(theirs, uid, uid)
         # a runtime directory of theirs: ignored, and so its records are
@@ -473,10 +474,7 @@ def test_a_writable_overlay_image_on_a_sandbox(busybox_sandbox: Path, tmp_path: 
                       timeout=60)
     assert read.stdout == "kept\n", read.stderr
     # its server ends with it (as root it waited for itself for ever, stuck in the kernel)
-    deadline = time.monotonic() + 10
-    while _fuse2fs() - before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _fuse2fs() - before == set()
+    assert until_gone(lambda: sorted(_fuse2fs() - before)) == []
 
 
 def _fuse2fs() -> set[str]:

@@ -71,83 +71,121 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
     """Decide, on the host (inside the user namespace), how the container will look
     (under the site's configuration *site*, read from its file by default)."""
     site = site or config.load()
-    image, user, userns = started.image, started.user, started.userns
-    if opts.writable and image.kind != SANDBOX:
-        raise UsageError(f"--writable needs a sandbox directory, and {name} is a "
-                         f"{image.kind} image",
-                         "use --writable-tmpfs, or --overlay DIR for changes that persist")
-    if opts.overlay:
-        _check_overlay(opts.overlay)
-    home_source, home_dest, home_empty = home(opts, site, user)
-    if home_dest == "/" and home_source is not None:
-        LOG.warning("--home %s puts the home directory on / and so replaces the container's "
-                    "whole root filesystem with it; give a destination such as %s:/home/me",
-                    opts.home, home_source)
-    if home_source is not None and not os.path.isdir(home_source):
-        LOG.warning("home directory %s does not exist; not binding it", home_source)
-        home_source = None
-    binds = _binds(opts, tmp_shared(opts, site))
-    cwd = opts.pwd or os.getcwd()
-    bound = [home_dest] + [b.destination for b in binds] + ["/tmp", "/var/tmp"]
-    bind_cwd = (opts.pwd is None and not opts.contain and "cwd" not in opts.no_mount
-                and cwd != "/" and not any(cwd == d or cwd.startswith(d + "/")
-                                           for d in _SYSTEM_DIRS + tuple(bound)))
+    image, user = started.image, started.user
+    _check(name, image.kind, opts)
     build_step = opts.root_emulation
     gpu, mpi = _gpu(opts, site, build_step), _mpi(opts, site, build_step)
     workdir = os.path.realpath(opts.workdir) if opts.workdir else None
+    home_dest, home_ops = _home_ops(opts, site, user, workdir)
+    binds = _binds(opts, tmp_shared(opts, site))
+    cwd = opts.pwd or os.getcwd()
     steps: list[ops.Op] = _build_step_mounts() if build_step else _default_mounts(opts, site)
-    if mpi is not None:
-        from capsid.mpi.host import LIBS_DIR
-
-        steps.append(ops.CheckMPI(mpi))
-        steps += [ops.Bind(source, f"{LIBS_DIR}/{lib}", readonly=True, required=False)
-                  for lib, source in mpi.libraries.items()]
-        steps += [ops.Bind(d, d, readonly=True, required=False) for d in mpi.directories]
-        steps += [ops.Env(k, v) for k, v in mpi.passthrough.items()]
+    steps += _mpi_ops(mpi)
     if gpu is not None:
         steps += _gpu_mounts(gpu, whole_dev=_dev(opts, site) == "host")
-    if home_source is not None:
-        steps.append(ops.Bind(home_source, home_dest))
-    elif home_empty:
-        steps.append(ops.OwnDir("home", home_dest, 0o700, workdir))
-    else:
-        steps.append(ops.Target(home_dest))
+    steps += home_ops
     # /tmp before the binds, which may lie under it (-B /tmp/x with --contain)
-    if tmp_shared(opts, site):
-        steps += [ops.Bind("/tmp", "/tmp", required=False),
-                  ops.Bind(os.path.realpath("/var/tmp"), "/var/tmp", required=False)]
-    elif site.mount_tmp and "tmp" not in opts.no_mount:  # --contain: its own, empty
-        steps += [ops.OwnDir("tmp", "/tmp", 0o1777, workdir),
-                  ops.OwnDir("var_tmp", "/var/tmp", 0o1777, workdir)]
-    for b in binds:
-        steps.append(ops.Overlay(b.source, b.scratch, b.destination) if b.scratch else
-                     ops.Bind(b.source, b.destination, readonly=b.readonly))
+    steps += _tmp_ops(opts, site, workdir)
+    steps += [ops.Overlay(b.source, b.scratch, b.destination) if b.scratch else
+              ops.Bind(b.source, b.destination, readonly=b.readonly) for b in binds]
     if not (opts.fakeroot or build_step):
         steps.append(ops.Identity(user, home_dest))
-    if opts.dns:
-        steps.append(ops.File("/etc/resolv.conf",
-                              "".join(f"nameserver {ip}\n" for ip in opts.dns).encode()))
-    elif not build_step and os.path.exists("/etc/resolv.conf"):
-        steps.append(ops.Bind(os.path.realpath("/etc/resolv.conf"), "/etc/resolv.conf",
-                              required=False))
+    steps += _resolv_ops(opts, build_step)
     steps += [ops.OwnDir("scratch-" + d.strip("/").replace("/", "_"), d, 0o755, workdir)
               for d in opts.scratch]
     if opts.hostname:
         steps.append(ops.File("/etc/hostname", f"{opts.hostname}\n".encode()))
-    if bind_cwd:
+    if _binds_cwd(opts, cwd, [home_dest, *(b.destination for b in binds)]):
         steps.append(ops.Bind(cwd, cwd, required=False))
-    if mpi is not None or (gpu is not None and (gpu.libraries or gpu.library_dirs)):
-        from capsid.mpi.host import LIBS_DIR
-
-        steps.append(ops.LibraryPath(gpu if gpu is not None and (
-            gpu.libraries or gpu.library_dirs) else None, LIBS_DIR if mpi else None))
+    steps += _library_path_ops(gpu, mpi)
     oci = _oci_config(image)
     return Plan(name=name, action=action, argv=argv, options=opts, image=image,
-                layers=started.layers, user=user, userns=userns, home_dest=home_dest,
+                layers=started.layers, user=user, userns=started.userns, home_dest=home_dest,
                 cwd=cwd, site=site, oci_env=_strings(oci.get("Env")), mounts=steps,
                 build_step=build_step, nvccli=gpu.nvccli if gpu is not None else None,
                 oci_command=(_strings(oci.get("Entrypoint")), _strings(oci.get("Cmd")),
                              str(oci.get("WorkingDir") or "")) if oci else None)
+
+
+def _check(name: str, kind: str, opts: Options) -> None:
+    """Options the image cannot take, before anything is done."""
+    if opts.writable and kind != SANDBOX:
+        raise UsageError(f"--writable needs a sandbox directory, and {name} is a "
+                         f"{kind} image",
+                         "use --writable-tmpfs, or --overlay DIR for changes that persist")
+    if opts.overlay:
+        _check_overlay(opts.overlay)
+
+
+def _home_ops(opts: Options, site: config.SiteConfig, user: identity.User,
+              workdir: str | None) -> tuple[str, list[ops.Op]]:
+    """Where home is in the container, and the one operation that makes it."""
+    source, dest, empty = home(opts, site, user)
+    if dest == "/" and source is not None:
+        LOG.warning("--home %s puts the home directory on / and so replaces the container's "
+                    "whole root filesystem with it; give a destination such as %s:/home/me",
+                    opts.home, source)
+    if source is not None and not os.path.isdir(source):
+        LOG.warning("home directory %s does not exist; not binding it", source)
+        source = None
+    if source is not None:
+        return dest, [ops.Bind(source, dest)]
+    if empty:
+        return dest, [ops.OwnDir("home", dest, 0o700, workdir)]
+    return dest, [ops.Target(dest)]
+
+
+def _tmp_ops(opts: Options, site: config.SiteConfig, workdir: str | None) -> list[ops.Op]:
+    """The host's /tmp and /var/tmp, or (--contain) empty ones of the container's."""
+    if tmp_shared(opts, site):
+        return [ops.Bind("/tmp", "/tmp", required=False),
+                ops.Bind(os.path.realpath("/var/tmp"), "/var/tmp", required=False)]
+    if site.mount_tmp and "tmp" not in opts.no_mount:
+        return [ops.OwnDir("tmp", "/tmp", 0o1777, workdir),
+                ops.OwnDir("var_tmp", "/var/tmp", 0o1777, workdir)]
+    return []
+
+
+def _mpi_ops(mpi: HostMPI | None) -> list[ops.Op]:
+    """--mpi host: the check, the host's MPI libraries and directories, its variables."""
+    if mpi is None:
+        return []
+    from capsid.mpi.host import LIBS_DIR
+
+    return [ops.CheckMPI(mpi),
+            *(ops.Bind(source, f"{LIBS_DIR}/{lib}", readonly=True, required=False)
+              for lib, source in mpi.libraries.items()),
+            *(ops.Bind(d, d, readonly=True, required=False) for d in mpi.directories),
+            *(ops.Env(k, v) for k, v in mpi.passthrough.items())]
+
+
+def _resolv_ops(opts: Options, build_step: bool) -> list[ops.Op]:
+    """/etc/resolv.conf: the --dns servers, or the host's (a build step keeps the image's)."""
+    if opts.dns:
+        return [ops.File("/etc/resolv.conf",
+                         "".join(f"nameserver {ip}\n" for ip in opts.dns).encode())]
+    if not build_step and os.path.exists("/etc/resolv.conf"):
+        return [ops.Bind(os.path.realpath("/etc/resolv.conf"), "/etc/resolv.conf",
+                         required=False)]
+    return []
+
+
+def _binds_cwd(opts: Options, cwd: str, bound: list[str]) -> bool:
+    """Whether the working directory is bound as itself: not with --pwd, --contain or
+    ``--no-mount cwd``, nor where a system directory or another mount covers it."""
+    covered = (*_SYSTEM_DIRS, *bound, "/tmp", "/var/tmp")
+    return (opts.pwd is None and not opts.contain and "cwd" not in opts.no_mount
+            and cwd != "/" and not any(cwd == d or cwd.startswith(d + "/") for d in covered))
+
+
+def _library_path_ops(gpu: Edits | None, mpi: HostMPI | None) -> list[ops.Op]:
+    """LD_LIBRARY_PATH for what --mpi host and the GPU libraries bound in."""
+    libs = gpu if gpu is not None and (gpu.libraries or gpu.library_dirs) else None
+    if mpi is None and libs is None:
+        return []
+    from capsid.mpi.host import LIBS_DIR
+
+    return [ops.LibraryPath(libs, LIBS_DIR if mpi else None)]
 
 
 def tmp_shared(opts: Options, site: config.SiteConfig) -> bool:
