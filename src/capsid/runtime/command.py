@@ -21,7 +21,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
-    from capsid.runtime.perform import Environment
+    from capsid.runtime.ops import Environment
     from capsid.runtime.plan import Plan
 
 

@@ -21,7 +21,6 @@ from capsid.runtime import (
     linux,
     mounts,
     ops,
-    perform,
     prefetch,
 )
 from capsid.runtime import plan as planning
@@ -147,7 +146,7 @@ def join(image: str, action: str, argv: tuple[str, ...], opts: Options,
         from capsid import glibc  # noqa: F401 - now: the container's root hides them
         from capsid.gpu import compat  # noqa: F401
     enter()
-    added = perform.environment(plan.mounts, "/", warn=False)
+    added = ops.environment(plan.mounts, "/", warn=False)
     command.enter_cwd(plan)
     command.run(plan, added)
 
@@ -197,7 +196,7 @@ def _overlay(path: str | None, readonly: bool, image_fd: int | None) -> str | No
     return "/overlay-image"
 
 
-def _assemble_root(plan: Plan, started: early.Started) -> perform.Environment:
+def _assemble_root(plan: Plan, started: early.Started) -> ops.Environment:
     """The session, the image, the overlay and every mount, then pivot_root into it.
     Returns the variables the mounts call for."""
     opts = plan.options
@@ -242,7 +241,7 @@ def _assemble_root(plan: Plan, started: early.Started) -> perform.Environment:
             mounts.make_root(None if overlay_ro else overlay, userns=plan.userns,
                              writable_image=opts.writable,
                              lower=f"{overlay}/upper" if overlay_ro else None)
-    env = perform.run(plan.mounts)
+    env = ops.run(plan.mounts)
     if nvccli:
         from capsid.gpu import nvccli as cli
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import _ctypes
 import os
 
-from capsid import arch
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import ClassVar
@@ -117,7 +115,6 @@ CLONE_NEWNET = 0x40000000
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1
-_SYS_PIVOT_ROOT = getattr(arch.this(), "pivot_root", 155)
 
 # statvfs f_flag bits → mount flags that a bind remount inside a user namespace must keep.
 _LOCKED_FLAGS = {os.ST_RDONLY: MS_RDONLY, os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV,
@@ -196,7 +193,10 @@ def umount(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    _check(_syscall(_SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
+    from capsid import arch  # only here: the machine table stays off other paths
+
+    number = getattr(arch.this(), "pivot_root", 155)
+    _check(_syscall(number, new_root.encode(), put_old.encode()), "pivot_root")
 
 
 def unshare(flags: int) -> None:

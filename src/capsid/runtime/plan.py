@@ -2,7 +2,7 @@
 
 Which home, /tmp, /dev, binds (checked on the host), GPU and MPI files, working
 directory and variables: each decided once, here, into one ordered list of
-operations (:mod:`capsid.runtime.ops`) that :mod:`capsid.runtime.perform` carries out.
+operations (:mod:`capsid.runtime.ops`), which :func:`capsid.runtime.ops.run` carries out.
 """
 
 from __future__ import annotations
