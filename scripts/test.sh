@@ -19,6 +19,7 @@ if [ "$(id -u)" = 0 ]; then
     export CAPSID_TEST_CACHE
     scripts/oci-images.sh >/dev/null
     scripts/mpi-image.sh >/dev/null
+    scripts/squashfuse-mt.sh >/dev/null   # a multithreaded image server (#22)
     # A fake GPU driver, with device nodes in /dev, and a two-node Slurm cluster: both
     # are taken down again at the end.
     fakegpu=$(scripts/fake-gpu.sh "$CAPSID_TEST_CACHE/fakegpu")

@@ -303,6 +303,39 @@ def _userns() -> tuple[str, str]:
     return OK, ""
 
 
+def server_version(exe: str) -> tuple[int, ...] | None:
+    """The version ``squashfuse_ll -V`` prints (``squashfuse 0.5.2 (c) ...``), or None."""
+    # its usage comes too, and the exit status is 2 (0.5) or 254 (0.1)
+    out = tools.output([exe, "-V"], stderr=True, timeout=10, ok=range(256)) or ""
+    found = re.search(r"^squashfuse (\d+(?:\.\d+)*)\b", out, re.MULTILINE)
+    return tuple(int(part) for part in found.group(1).split(".")) if found else None
+
+
+def _server_finding() -> Finding:
+    """Which squashfuse_ll serves images, and whether it serves on several threads
+    (0.5 and later): ranks sharing a container all read through it."""
+    from capsid.errors import CapsidError
+    from capsid.runtime import fuse
+
+    try:
+        exe = fuse.server()
+    except CapsidError as err:
+        return Finding("squashfuse_ll", FAIL, "-", "misnamed", f"{err.message}; {err.hint}")
+    if exe is None:
+        return Finding("squashfuse_ll", WARN, "-", "missing",
+                       "apt-get install squashfuse (0.5 or later serves on several threads); "
+                       "until then images are unpacked into memory")
+    version = server_version(exe)
+    shown = ".".join(map(str, version)) if version else "unknown version"
+    if version is not None and version >= (0, 5):
+        return Finding("squashfuse_ll", OK, "-", f"{shown}, multithreaded ({exe})")
+    return Finding("squashfuse_ll", WARN, "-", f"{shown}, one thread ({exe})",
+                   "every reader of a container (and every rank sharing one) waits for one "
+                   "thread: point CAPSID_SQUASHFUSE or the site's 'squashfuse path' at "
+                   "squashfuse_ll 0.5 or later (Apptainer 1.1+ ships one in its libexec "
+                   "directory), or run with --unsquash")
+
+
 def report(image: str) -> tuple[list[Finding], Side, Side]:
     """The findings for *image* on this host, and what each side has."""
     img, host = image_side(image), host_side()
@@ -315,10 +348,7 @@ def report(image: str) -> tuple[list[Finding], Side, Side]:
                             "usable" if fuse else "not usable",
                             "" if fuse else "ask an administrator for mode 0666; until then "
                             "images are unpacked into memory (--unsquash), slower to start"))
-    squashfuse = tools.find("squashfuse_ll") is not None
-    findings.append(Finding("squashfuse_ll", OK if squashfuse else WARN, "-",
-                            "installed" if squashfuse else "missing",
-                            "" if squashfuse else "apt-get install squashfuse"))
+    findings.append(_server_finding())
     kernel = _kernel()
     findings.append(Finding("overlayfs in user namespaces", OK if kernel >= (5, 11) else WARN,
                             "-", f"Linux {kernel[0]}.{kernel[1]}",

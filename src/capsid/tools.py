@@ -99,16 +99,18 @@ def run(argv: Sequence[str], *, input: bytes | None = None, pass_fds: Sequence[i
     return proc.stdout
 
 
-def output(argv: Sequence[str], *, timeout: float = 30, stderr: bool = False) -> str | None:
+def output(argv: Sequence[str], *, timeout: float = 30, stderr: bool = False,
+           ok: Sequence[int] = (0,)) -> str | None:
     """What a program asked for information prints (with *stderr*, both streams); None
-    where it is missing, fails or takes longer than *timeout* seconds."""
+    where it is missing, exits with a status not in *ok*, or takes longer than *timeout*
+    seconds."""
     import subprocess
 
     try:
         proc = subprocess.run(list(argv), capture_output=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         return None
     return (proc.stdout + (proc.stderr if stderr else b"")).decode(errors="replace")
 

@@ -501,6 +501,35 @@ def test_damaged_squashfs_is_a_clear_error(busybox_sif: Path, tmp_path: Path) ->
     assert until_gone(lambda: live_squashfuse(damaged)) == []
 
 
+def _cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        low, _, high = part.partition("-")
+        cpus |= set(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+@pytest.mark.skipif(ROOT, reason="root mounts squashfs with the kernel, not FUSE")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to pin")
+@pytest.mark.parametrize("flags", [[], ["--pid"]])
+def test_the_image_server_gets_all_the_cpus_once_the_command_runs(
+        busybox_sif: Path, tmp_path: Path, flags: list[str]) -> None:
+    """The start shares one CPU with squashfuse; the server must not keep it while the
+    command reads through it (#22: seen pinned to CPU 0 for a container's whole life)."""
+    proc = subprocess.Popen([str(CAPSID), "exec", *flags, "-B", f"{tmp_path}:/out",
+                             str(busybox_sif), "sh", "-c", "touch /out/up; sleep 30"])
+    try:
+        wait_for((tmp_path / "up").exists, "the container's command started")
+        (server,) = [int(line.split(":")[0]) for line in live_squashfuse(busybox_sif)]
+        for task in Path(f"/proc/{server}/task").iterdir():
+            status = (task / "status").read_text()
+            listed = status.split("Cpus_allowed_list:", 1)[1].splitlines()[0]
+            assert _cpu_list(listed) == os.sched_getaffinity(0), (task.name, listed)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_the_command_gets_all_the_cpus_it_was_given(busybox_sif: Path) -> None:
     """The start runs on one CPU beside squashfuse; the command must not inherit that."""
     allowed = os.sched_getaffinity(0)

@@ -90,6 +90,8 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
     if opts.pid:
         from capsid.runtime import pid1  # only --pid needs it
 
+        early.release_server(started)
+
         reader, status_pipe = os.pipe()
         child = os.fork()
         if child:
@@ -114,6 +116,7 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
         filter_ = rootemu.prepare(fake_owners=userns.mapped_ids() == 1)
     env = _assemble_root(plan, started)
     command.enter_cwd(plan)
+    early.release_cpus(started)  # before --pid's fork: the server is not in its PID namespace
     if opts.pid:
         from capsid.runtime import pid1  # imported above, before pivot_root
 
@@ -121,10 +124,6 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
         if child:
             pid1.init(child, status_pipe)
         os.close(status_pipe)
-    if started.fuse_mount is not None:
-        started.fuse_mount.reap()
-    if started.affinity is not None:
-        os.sched_setaffinity(0, started.affinity)
     command.run(plan, env, filter_)
 
 
@@ -158,10 +157,7 @@ def assemble_for_sharing(image: str, opts: Options, started: early.Started) -> N
     # the container's own mount namespace: the image server's stays behind
     linux.unshare(isolation.flags(pid=False, ipc=False, net=False, uts=False))
     _assemble_root(plan, started)
-    if started.fuse_mount is not None:
-        started.fuse_mount.reap()
-    if started.affinity is not None:
-        os.sched_setaffinity(0, started.affinity)
+    early.release_cpus(started)
 
 
 def _open_overlay(opts: Options) -> tuple[str | None, bool, int | None]:

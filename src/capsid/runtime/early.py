@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from capsid import log, tools
+from capsid import log
 from capsid.image.locate import LAYERS, SANDBOX, Image, locate
 from capsid.runtime import identity, linux
 
@@ -28,10 +28,12 @@ class Started:
 
     def __init__(self, image: Image, user: identity.User, userns: bool,
                  fuse_mount: Helper | Served | None, first_programs: list[str],
-                 affinity: set[int] | None, layers: Layers | None = None) -> None:
+                 affinity: tuple[set[int], int] | None, layers: Layers | None = None
+                 ) -> None:
         self.image, self.user, self.userns, self.fuse_mount = image, user, userns, fuse_mount
         self.first_programs = first_programs
         #: this process's CPUs before the start pinned it, to give back to the command
+        #: and the image server, and the host's /proc to find the server in
         self.affinity = affinity
         self.layers = layers  #: the layered root, when the image is one
 
@@ -80,26 +82,52 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
                    first_programs, affinity)
 
 
-def _share_one_cpu() -> set[int] | None:
-    """Run on the current CPU only, until the command starts; the old CPU set, if changed.
+def _share_one_cpu() -> tuple[set[int], int] | None:
+    """Run on the current CPU only, until the command starts; the old CPU set, if changed
+    (and an fd of the host's /proc).
 
     Setting up the container is a conversation with squashfuse, one request and
     answer after another. On separate CPUs every turn wakes the other one, which
     costs a virtual machine tens of microseconds per request; on one CPU each side
-    simply runs while the other waits. squashfuse, spawned next, inherits the CPU and
-    keeps it (it serves one request at a time anyway); the command gets the whole
-    set back. Under Slurm or MPI binding the set often is one CPU already.
+    simply runs while the other waits. squashfuse, spawned next, inherits the CPU; once
+    the mounts are made both get the whole set back (:func:`release_cpus`), the
+    server before the command starts. Under Slurm or MPI binding the set often is
+    one CPU already.
     """
     allowed = os.sched_getaffinity(0)
     cpu = linux.current_cpu()
     if len(allowed) < 2 or cpu not in allowed:
         return None
     os.sched_setaffinity(0, {cpu})
-    return allowed
+    # the host's /proc, to find the server by when the container's root hides it
+    return allowed, os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def release_server(started: Started) -> None:
+    """Collect the image server's launcher and give the server back the CPUs that
+    :func:`_share_one_cpu` took. Before a PID namespace of the container's: the
+    server would not be seen from there."""
+    served = started.fuse_mount
+    if served is not None:
+        served.reap()
+        if started.affinity is not None:
+            served.unpin(*started.affinity)
+
+
+def release_cpus(started: Started) -> None:
+    """The start is done: the image server, then this process (about to become the
+    command), get back their CPUs."""
+    release_server(started)
+    if started.affinity is not None:
+        os.sched_setaffinity(0, started.affinity[0])
+        os.close(started.affinity[1])
+        started.affinity = None
 
 
 def _fuse_usable() -> bool:
-    if tools.find("squashfuse_ll") is None:
+    from capsid.runtime import fuse
+
+    if fuse.server() is None:
         LOG.warning("squashfuse_ll is not installed: unpacking the image into memory instead "
                     "(apt-get install squashfuse for faster starts)")
         return False

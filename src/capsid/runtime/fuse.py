@@ -27,14 +27,19 @@ until the fd is mounted.
 Either way the server is started with ``posix_spawn`` (no copy of this process):
 squashfuse daemonizes itself (a session of its own, reparented to init); on older
 kernels a small ``/bin/sh`` waits on the pipe in the background instead.
+
+Which ``squashfuse_ll``: ``$CAPSID_SQUASHFUSE``, else the site's ``squashfuse path``,
+else Apptainer's own (multithreaded since Apptainer 1.1, in its libexec directory),
+else the one on ``PATH``. Debian 12's 0.1.x serves one request at a time; 0.5 and
+later serve on several threads, which ranks sharing a container need.
 """
 
 from __future__ import annotations
 
 import os
 
-from capsid import log, tools
-from capsid.errors import RuntimeSetupError
+from capsid import config, log, tools
+from capsid.errors import CapsidError, RuntimeSetupError
 from capsid.runtime import linux
 
 LOG = log.get(__name__)
@@ -43,6 +48,34 @@ LOG = log.get(__name__)
 _WAIT_THEN_SERVE = 'fd=$1; shift; (read -r _ <&"$fd" && exec "$@") & exit 0'
 #: Serve blocks from the heap, and keep it, rather than mapping memory per read.
 _MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=8388608:glibc.malloc.trim_threshold=67108864"
+
+
+#: where sites that have Apptainer (1.1 or later) keep its multithreaded squashfuse_ll
+APPTAINER_SERVERS = ("/usr/libexec/apptainer/bin/squashfuse_ll",
+                     "/usr/local/libexec/apptainer/bin/squashfuse_ll",
+                     "/opt/apptainer/libexec/apptainer/bin/squashfuse_ll")
+
+
+def server(site: config.SiteConfig | None = None) -> str | None:
+    """The ``squashfuse_ll`` to serve images with, or None if there is none.
+
+    One named by ``$CAPSID_SQUASHFUSE`` or the site's ``squashfuse path`` must be
+    there: a wrong name is an error, not a quiet fall-back to a slower server.
+    """
+    named = os.environ.get("CAPSID_SQUASHFUSE")
+    where = "CAPSID_SQUASHFUSE"
+    if not named:
+        named = (site or config.load()).values.get("squashfuse path")
+        where = "the site's 'squashfuse path'"
+    if named:
+        if not (os.access(named, os.X_OK) and os.path.isfile(named)):
+            raise CapsidError(f"{where} names {named}, which is not an executable file",
+                              "point it at a squashfuse_ll program, or unset it")
+        return named
+    for candidate in APPTAINER_SERVERS:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return tools.find("squashfuse_ll")
 
 
 def open_device() -> int:
@@ -86,19 +119,65 @@ def _reap(pid: int) -> None:
         pass  # with --pid this process is a fork: the child is its parent's
 
 
-class Served:
+class _Server:
+    """The process spawned to start the image's server: collected once, and the
+    server found by the end of its command line."""
+
+    def __init__(self, launcher: int, tail: list[str]) -> None:
+        self.launcher, self.tail = launcher, tail
+        self.reaped = self.unpinned = False
+
+    def reap(self) -> None:
+        """Collect the launcher (it exits once the server runs on its own); once, so
+        that a later process given its PID is never waited for."""
+        if not self.reaped:
+            self.reaped = True
+            _reap(self.launcher)
+
+    def unpin(self, cpus: set[int], proc: int) -> None:
+        """Give the server (every thread of it) *cpus*, once: the start pinned it to
+        one CPU beside this process, and it must serve the command's reads from any.
+
+        It is the launcher's child, with a PID a little above the launcher's. *proc* is
+        the host's ``/proc``, opened before a container's root or PID namespace hid it.
+        """
+        if self.unpinned:
+            return
+        self.unpinned = True
+        tail = "\0".join(self.tail).encode() + b"\0"
+        for pid in range(self.launcher + 1, self.launcher + 64):
+            try:
+                fd = os.open(f"{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+                with open(fd, "rb") as f:
+                    if not f.read().endswith(tail):
+                        continue
+                fd = os.open(f"{pid}/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                             dir_fd=proc)
+                try:
+                    tasks = os.listdir(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                continue
+            for tid in tasks:
+                try:
+                    os.sched_setaffinity(int(tid), cpus)
+                except OSError:  # a thread that just ended
+                    continue
+            return
+        LOG.debug("image server not found; it keeps the CPU it started on")
+
+
+class Served(_Server):
     """A FUSE mount whose server is running, detached until :meth:`attach`."""
 
-    def __init__(self, mount_fd: int, launcher: int) -> None:
-        self.mount_fd, self.launcher = mount_fd, launcher
+    def __init__(self, mount_fd: int, launcher: int, tail: list[str]) -> None:
+        super().__init__(launcher, tail)
+        self.mount_fd = mount_fd
 
     def attach(self, target: str) -> None:
         linux.attach(self.mount_fd, target)
         os.close(self.mount_fd)
-
-    def reap(self) -> None:
-        """Collect the process spawned here (it exits once the server has daemonized)."""
-        _reap(self.launcher)
 
 
 def serve_detached(image: str, offset: int, uid: int, gid: int) -> Served | None:
@@ -108,7 +187,7 @@ def serve_detached(image: str, offset: int, uid: int, gid: int) -> Served | None
     this process moves to a throw-away mount namespace, where the server stays.
     None when the kernel lacks the new mount API; use :func:`start_helper` then.
     """
-    exe = tools.which("squashfuse_ll")
+    exe = server() or tools.which("squashfuse_ll")
     linux.unshare(linux.CLONE_NEWNS)
     fuse_fd = open_device()
     try:
@@ -123,27 +202,26 @@ def serve_detached(image: str, offset: int, uid: int, gid: int) -> Served | None
             return None
         # Without -f, squashfuse daemonizes itself: it forks, starts a session,
         # and the process spawned here exits once the server runs.
-        launcher = _spawn([exe, "-o", f"offset={offset}", image, f"/dev/fd/{fuse_fd}"],
-                          (fuse_fd,))
-        return Served(mount_fd, launcher)
+        tail = ["-o", f"offset={offset}", image, f"/dev/fd/{fuse_fd}"]
+        launcher = _spawn([exe, *tail], (fuse_fd,))
+        return Served(mount_fd, launcher, tail)
     finally:
         os.close(fuse_fd)
 
 
-class Helper:
-    """A server waiting to be let go, and what this process still holds for it."""
+class Helper(_Server):
+    """A server waiting to be let go, and what this process still holds for it. Its
+    launcher is a shell that exits at once, leaving the waiting one behind."""
 
-    def __init__(self, fuse_fd: int, go: int, shell: int, owner: tuple[int, int]) -> None:
-        self.fuse_fd, self.go, self.shell, self.owner = fuse_fd, go, shell, owner
+    def __init__(self, fuse_fd: int, go: int, shell: int, owner: tuple[int, int],
+                 tail: list[str]) -> None:
+        super().__init__(shell, tail)
+        self.fuse_fd, self.go, self.owner = fuse_fd, go, owner
 
     def release(self) -> None:
         """Let the server start (if the fd was mounted); it no longer needs this process."""
         os.close(self.go)
         os.close(self.fuse_fd)
-
-    def reap(self) -> None:
-        """Collect the shell that started the server (it exits at once)."""
-        _reap(self.shell)
 
 
 def start_helper(image: str, offset: int, uid: int, gid: int) -> Helper:
@@ -151,7 +229,7 @@ def start_helper(image: str, offset: int, uid: int, gid: int) -> Helper:
 
     The filesystem will belong to *uid* and *gid* (as seen in the user namespace).
     """
-    exe = tools.which("squashfuse_ll")
+    exe = server() or tools.which("squashfuse_ll")
     fuse_fd = open_device()
     wait_fd, go = os.pipe()
     try:
@@ -164,7 +242,8 @@ def start_helper(image: str, offset: int, uid: int, gid: int) -> Helper:
         raise
     finally:
         os.close(wait_fd)
-    return Helper(fuse_fd, go, shell, (uid, gid))
+    return Helper(fuse_fd, go, shell, (uid, gid),
+                  ["-f", "-o", f"offset={offset}", image, f"/dev/fd/{fuse_fd}"])
 
 
 def mount(helper: Helper, target: str) -> None:
@@ -178,3 +257,4 @@ def mount(helper: Helper, target: str) -> None:
         os.write(helper.go, b"\n")
     finally:
         helper.release()
+
