@@ -74,10 +74,11 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
         userns.enter(user or identity.User.ids(), fakeroot, subordinate_ids=subordinate_ids)
     fuse_mount = None
     affinity = None
-    if in_userns and located.kind != SANDBOX and not unsquash and _fuse_usable():
+    server = _server() if in_userns and located.kind != SANDBOX and not unsquash else None
+    if server is not None:
         affinity = _share_one_cpu()
         owner = (0, 0) if fakeroot else (os.getuid(), os.getgid())
-        fuse_mount = _serve(located, owner, first_programs)
+        fuse_mount = _serve(server, located, owner, first_programs)
     return Started(located, user or identity.User.current(), in_userns, fuse_mount,
                    first_programs, affinity)
 
@@ -124,28 +125,31 @@ def release_cpus(started: Started) -> None:
         started.affinity = None
 
 
-def _fuse_usable() -> bool:
+def _server() -> str | None:
+    """The squashfuse_ll to serve the image with, where FUSE is usable; else None."""
     from capsid.runtime import fuse
 
-    if fuse.server() is None:
+    server = fuse.server()
+    if server is None:
         LOG.warning("squashfuse_ll is not installed: unpacking the image into memory instead "
                     "(apt-get install squashfuse for faster starts)")
-        return False
+        return None
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         LOG.warning("/dev/fuse is not usable by you: unpacking the image into memory instead "
                     "(ask an administrator to make /dev/fuse mode 0666)")
-        return False
-    return True
+        return None
+    return server
 
 
-def _serve(image: Image, owner: tuple[int, int], first_programs: list[str]) -> Helper | Served:
+def _serve(server: str, image: Image, owner: tuple[int, int],
+           first_programs: list[str]) -> Helper | Served:
     """A running server and its detached mount, or else a helper waiting for the mount."""
     from capsid.runtime import fuse
 
     path = os.path.realpath(image.path)
-    served = fuse.serve_detached(path, image.offset, *owner)
+    served = fuse.serve_detached(server, path, image.offset, *owner)
     if served is None:
-        return fuse.start_helper(path, image.offset, *owner)
+        return fuse.start_helper(server, path, image.offset, *owner)
     from capsid.runtime import prefetch
 
     prefetch.start(os.dup(served.mount_fd), first_programs)

@@ -180,14 +180,13 @@ class Served(_Server):
         os.close(self.mount_fd)
 
 
-def serve_detached(image: str, offset: int, uid: int, gid: int) -> Served | None:
-    """Create the image's FUSE mount detached and start its server now.
+def serve_detached(exe: str, image: str, offset: int, uid: int, gid: int) -> Served | None:
+    """Create the image's FUSE mount detached and start its server *exe* now.
 
     Call in the user namespace, before unsharing the container's mount namespace:
     this process moves to a throw-away mount namespace, where the server stays.
     None when the kernel lacks the new mount API; use :func:`start_helper` then.
     """
-    exe = server() or tools.which("squashfuse_ll")
     linux.unshare(linux.CLONE_NEWNS)
     fuse_fd = open_device()
     try:
@@ -224,12 +223,11 @@ class Helper(_Server):
         os.close(self.fuse_fd)
 
 
-def start_helper(image: str, offset: int, uid: int, gid: int) -> Helper:
-    """Open ``/dev/fuse`` and spawn the server that will answer on it, waiting.
+def start_helper(exe: str, image: str, offset: int, uid: int, gid: int) -> Helper:
+    """Open ``/dev/fuse`` and spawn the server *exe* that will answer on it, waiting.
 
     The filesystem will belong to *uid* and *gid* (as seen in the user namespace).
     """
-    exe = server() or tools.which("squashfuse_ll")
     fuse_fd = open_device()
     wait_fd, go = os.pipe()
     try:
