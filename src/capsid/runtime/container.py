@@ -17,7 +17,6 @@ from capsid.runtime import (
     command,
     early,
     identity,
-    isolation,
     linux,
     mounts,
     ops,
@@ -80,8 +79,8 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
     name = image if isinstance(image, str) else image.name
     plan = planning.make(name, action, argv, opts, started)
     try:
-        linux.unshare(isolation.flags(pid=opts.pid, ipc=opts.ipc, net=opts.net,
-                                      uts=opts.uts or bool(opts.hostname)))
+        linux.unshare(linux.namespace_flags(pid=opts.pid, ipc=opts.ipc, net=opts.net,
+                                            uts=opts.uts or bool(opts.hostname)))
     except OSError as err:
         raise RuntimeSetupError(f"cannot create namespaces: {err.strerror}",
                                 "run without --pid/--ipc/--uts/--net, or ask an administrator "
@@ -100,8 +99,12 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
         os.close(reader)
         linux.parent_death_signal(9)  # SIGKILL: die with the supervisor
     if opts.hostname:
+        from capsid.runtime import isolation
+
         isolation.set_hostname(opts.hostname)
     if opts.net:
+        from capsid.runtime import isolation
+
         isolation.loopback_up()
     filter_ = None
     if plan.confined:
@@ -155,7 +158,7 @@ def assemble_for_sharing(image: str, opts: Options, started: early.Started) -> N
     what :func:`launch` does, short of running a command."""
     plan = planning.make(image, "exec", (), opts, started)
     # the container's own mount namespace: the image server's stays behind
-    linux.unshare(isolation.flags(pid=False, ipc=False, net=False, uts=False))
+    linux.unshare(linux.namespace_flags(pid=False, ipc=False, net=False, uts=False))
     _assemble_root(plan, started)
     early.release_cpus(started)
 

@@ -1,18 +1,11 @@
-"""The namespaces a container may add: UTS (its host name) and network (loopback only)."""
+"""What the namespaces a container may add need: UTS (its host name) and network
+(loopback only). Imported only when they are asked for."""
 
 from __future__ import annotations
 
 from capsid import log
-from capsid.runtime import linux
 
 LOG = log.get(__name__)
-
-
-def flags(*, pid: bool, ipc: bool, uts: bool, net: bool) -> int:
-    """The ``unshare(2)`` flags for a container's mount namespace and the ones asked for."""
-    return (linux.CLONE_NEWNS | (linux.CLONE_NEWPID if pid else 0)
-            | (linux.CLONE_NEWIPC if ipc else 0) | (linux.CLONE_NEWUTS if uts else 0)
-            | (linux.CLONE_NEWNET if net else 0))
 
 
 def set_hostname(name: str) -> None:

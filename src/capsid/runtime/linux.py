@@ -199,6 +199,12 @@ def pivot_root(new_root: str, put_old: str) -> None:
     _check(_syscall(number, new_root.encode(), put_old.encode()), "pivot_root")
 
 
+def namespace_flags(*, pid: bool, ipc: bool, uts: bool, net: bool) -> int:
+    """The ``unshare(2)`` flags for a container's mount namespace and the ones asked for."""
+    return (CLONE_NEWNS | (CLONE_NEWPID if pid else 0) | (CLONE_NEWIPC if ipc else 0)
+            | (CLONE_NEWUTS if uts else 0) | (CLONE_NEWNET if net else 0))
+
+
 def unshare(flags: int) -> None:
     _check(_unshare(flags), "unshare")
 
