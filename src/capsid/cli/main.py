@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+import capsid
 from capsid import __version__
 
 #: the Apptainer release whose behaviour capsid follows, for the drop-in names' version
@@ -93,6 +94,7 @@ def _version(prog: str, bare: bool) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    capsid.mark("main")  # the interpreter is up and the CLI imported
     args = list(sys.argv[1:] if argv is None else argv)
     prog = prog or program()
     PROG[0] = prog

@@ -11,6 +11,7 @@ import os
 import stat
 import sys
 
+import capsid
 from capsid import tools
 from capsid.errors import RuntimeSetupError, UsageError
 from capsid.image import stock
@@ -96,6 +97,8 @@ def run(plan: Plan, added: Environment, root_emulation: object | None = None) ->
         rootemu.load(root_emulation)
     sys.stdout.flush()
     sys.stderr.flush()
+    capsid.mark("exec")
+    capsid.write_marks()
     try:
         if use_shell:
             os.execve("/bin/sh", ["/bin/sh", "-c", envmod.PRELUDE, "capsid", *argv],

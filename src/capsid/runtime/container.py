@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import capsid
 from capsid import log
 from capsid.errors import RuntimeSetupError
 from capsid.image.locate import SANDBOX, Image
@@ -77,7 +78,9 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
            started: early.Started) -> NoReturn:
     """Run the container in place of this process (after :func:`early.start`)."""
     name = image if isinstance(image, str) else image.name
+    capsid.mark("container runtime imported")
     plan = planning.make(name, action, argv, opts, started)
+    capsid.mark("planned")
     try:
         linux.unshare(linux.namespace_flags(pid=opts.pid, ipc=opts.ipc, net=opts.net,
                                             uts=opts.uts or bool(opts.hostname)))
@@ -118,6 +121,7 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
         # Where ids besides root are mapped (subordinate ids, or root's), owners are real.
         filter_ = rootemu.prepare(fake_owners=userns.mapped_ids() == 1)
     env = _assemble_root(plan, started)
+    capsid.mark("mounted")
     command.enter_cwd(plan)
     early.release_cpus(started)  # before --pid's fork: the server is not in its PID namespace
     if opts.pid:

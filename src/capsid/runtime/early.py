@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import capsid
 from capsid import log
 from capsid.image.locate import LAYERS, SANDBOX, Image, locate
 from capsid.runtime import identity, linux
@@ -70,8 +71,10 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
     located = locate(image)
     in_userns = fakeroot or os.geteuid() != 0 or userns.mapped_ids() < 0xFFFFFFFF
     user = identity.User.current() if fakeroot else None
+    capsid.mark("runtime imported")
     if in_userns:
         userns.enter(user or identity.User.ids(), fakeroot, subordinate_ids=subordinate_ids)
+    capsid.mark("user namespace")
     fuse_mount = None
     affinity = None
     server = _server() if in_userns and located.kind != SANDBOX and not unsquash else None
@@ -79,6 +82,7 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
         affinity = _share_one_cpu()
         owner = (0, 0) if fakeroot else (os.getuid(), os.getgid())
         fuse_mount = _serve(server, located, owner, first_programs)
+        capsid.mark("image server started")
     return Started(located, user or identity.User.current(), in_userns, fuse_mount,
                    first_programs, affinity)
 
