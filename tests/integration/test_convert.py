@@ -193,8 +193,11 @@ def test_ctrl_c_leaves_no_partial_image(busybox_sandbox: Path, tmp_path: Path) -
         for _ in range(24):
             f.write(os.urandom(8 << 20))
     out = tmp_path / "big.sif"
+    # Ctrl-C as a terminal delivers it: not ignored, as it is for a job a script started
+    # in the background (a CI runner may be one), which capsid would inherit
     proc = subprocess.Popen([str(CAPSID), "build", str(out), str(big)],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # interrupted while it writes: once its temporary output exists
     wait_for(lambda: len(list(tmp_path.iterdir())) > 1, "the build started writing")
     proc.send_signal(signal.SIGINT)

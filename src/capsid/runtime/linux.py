@@ -14,6 +14,8 @@ from __future__ import annotations
 import _ctypes
 import os
 
+from capsid import arch
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import ClassVar
@@ -115,6 +117,8 @@ CLONE_NEWNET = 0x40000000
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1
+# read now: at pivot_root the container's /tmp may hide capsid's own files (an install there)
+_SYS_PIVOT_ROOT = getattr(arch.this(), "pivot_root", 155)
 
 # statvfs f_flag bits → mount flags that a bind remount inside a user namespace must keep.
 _LOCKED_FLAGS = {os.ST_RDONLY: MS_RDONLY, os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV,
@@ -193,10 +197,7 @@ def umount(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    from capsid import arch  # only here: the machine table stays off other paths
-
-    number = getattr(arch.this(), "pivot_root", 155)
-    _check(_syscall(number, new_root.encode(), put_old.encode()), "pivot_root")
+    _check(_syscall(_SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
 
 
 def namespace_flags(*, pid: bool, ipc: bool, uts: bool, net: bool) -> int:

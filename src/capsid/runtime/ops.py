@@ -7,14 +7,16 @@ then reads the environment it calls for off the assembled root; a rank joining a
 shared container reads only that environment (:func:`environment`), its root being in
 place. The mount points the overlay's upper layer needs are read off the same list
 (:func:`points`). Bubblewrap's ``SetupOp`` list is the model. Plain classes with
-``__slots__`` and lazy imports: this module is on every start's path.
+``__slots__``: this module is on every start's path. Everything the interpreter uses is
+imported here, before the session's tmpfs covers ``/tmp`` (where capsid may be installed).
 """
 
 from __future__ import annotations
 
 import os
 
-from capsid import log
+from capsid import inroot, log
+from capsid.runtime import identity, mounts
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -205,16 +207,12 @@ class Environment:
 
 def run(ops: list[Op]) -> Environment:
     """Perform every mount of *ops* on /final, then read the environment off it."""
-    from capsid.runtime import mounts
-
     for op in ops:
         _perform(op)
     return environment(ops, mounts.FINAL, warn=True)
 
 
 def _perform(op: Op) -> None:
-    from capsid.runtime import mounts
-
     if isinstance(op, Bind):
         mounts.bind_into(op.source, op.destination, readonly=op.readonly,
                          nodev=not op.device, required=op.required)
@@ -228,8 +226,6 @@ def _perform(op: Op) -> None:
         mounts.bind_file(op.content, op.destination.strip("/").replace("/", "_"),
                          op.destination)
     elif isinstance(op, Identity):
-        from capsid.runtime import identity
-
         passwd = _read_image_file(mounts.FINAL, "/etc/passwd")
         if passwd is None:
             LOG.info("the image has no /etc/passwd; adding one")
@@ -288,8 +284,6 @@ def _gpu_library_path(gpu: Edits, root: str, *, warn: bool) -> list[str]:
 
 
 def _read_image_file(final: str, path: str) -> bytes | None:
-    from capsid import inroot
-
     root = os.open(final, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fd = inroot.open_file(root, path)
