@@ -121,8 +121,11 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
                 _give_back(tmp)
             LOG.info("%s is the cached image %s", out, cached.name)
             return
+        below = result.base.squashfs(builder.store, compression, builder.epoch)
         tosif.write_image(source, out, compression=compression, force=force, verified=True,
-                          extra=files, objects=[_layers_record(result, builder, config)])
+                          extra=files, objects=[_layers_record(result, builder, config)],
+                          lower=None if below is None else (*below, len(result.base.layers
+                                                                         or [])))
         _give_back(out)
         with contextlib.suppress(OSError):
             _keep(out, builder.store.images, key)

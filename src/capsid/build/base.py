@@ -42,6 +42,33 @@ class BaseImage:
         root = str(self.rootfs(store))
         return [oci.Layer(None, 0, "", lambda: treetar.open_tree(root), key=self.key)]
 
+    def squashfs(self, store: BuildStore, compression: str,
+                 epoch: int | None) -> tuple[Path, int] | None:
+        """(SIF, offset of its squashfs) of the base alone, as ``capsid pull`` makes it, for
+        a build's output to be laid over: the one a pull left in capsid's cache when it
+        is that (same stamp and definition), else one made here once. None for a base
+        without layers of its own (a local image, scratch, debootstrap)."""
+        if not self.layers:
+            return None
+        from capsid.oci import tosif
+        from capsid.oci.store import Store
+
+        source = oci.SourceImage(self.name, self.config, self.layers)
+        stamp = epoch if epoch is not None else tosif.created(self.config)
+        text = tosif.deffile(source).encode()
+        own = store.bases / f"{digest('sif', self.key, compression, stamp)}.sif"
+        places = [own]
+        if self.key.startswith("sha256:"):
+            places.insert(0, Store().sif_path(self.key, compression))
+        for place in places:
+            offset = _usable(place, stamp, text)
+            if offset is not None:
+                return place, offset
+        LOG.info("writing %s alone, for later builds to be laid over", self.name)
+        tosif.write_image(source, own, compression=compression, force=True)
+        offset = _usable(own, stamp, text)
+        return None if offset is None else (own, offset)
+
     def rootfs(self, store: BuildStore) -> Path:
         """The base's files as a directory (unpacked once, then shared by every build)."""
         if self._rootfs is not None:
@@ -63,6 +90,24 @@ class BaseImage:
                 temp.discard()
         self._rootfs = final / "rootfs"
         return self._rootfs
+
+
+def _usable(path: Path, stamp: int, deffile: bytes) -> int | None:
+    """Where the squashfs of SIF *path* starts, if it is the base as a build made now
+    would write it (the same stamp and definition); else None."""
+    from capsid.image import sif
+
+    try:
+        with sif.SifImage(path) as image:
+            part = image.primary_partition()
+            definition = image.find(sif.DataType.DEFFILE)
+            if part is None or definition is None or image.header.created_at != stamp \
+                    or part.partition()[0] != sif.FsType.SQUASHFS \
+                    or image.read(definition) != deffile:
+                return None
+            return part.offset
+    except (OSError, CapsidError):
+        return None
 
 
 def _extract(layers: list[oci.Layer], verified: bool) -> Callable[[Path], None]:

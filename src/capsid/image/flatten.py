@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from capsid import log
@@ -189,7 +190,9 @@ class Flattener:
         self._opaque: set[str] = set()  # directories whose older contents are hidden
         self._implied: set[str] = set()  # parents of written paths that no entry made yet
         self._links: list[tuple[str, str, bytes]] = []  # (path, target, header blocks)
+        self._made: set[str] = set()  # directories written with an entry of their own
         self.skipped: list[str] = []
+        self.unlinked: list[str] = []  #: hard links left out: their targets are not here
 
     # -- visibility ---------------------------------------------------------------------
 
@@ -222,6 +225,8 @@ class Flattener:
         if path is None or not (self.visible(path) if path else self._root_visible(path)):
             return False
         self._seen[path] = info.isdir()
+        if info.isdir():
+            self._made.add(path)
         parent = path.rpartition("/")[0]
         while parent:  # so no layer can put a file where these entries need a directory
             self._seen.setdefault(parent, True)
@@ -346,6 +351,8 @@ class Flattener:
                 self._links.append((path, target, headers + (body or b"")))
                 continue
             self._seen[path] = kind == b"5"
+            if kind == b"5":
+                self._made.add(path)
             self._imply_parents(path)
             write(self._headers(ext, pax, block, rewrite))
             reader.copy(data_size, write)
@@ -385,6 +392,23 @@ class Flattener:
             if target in files and target not in links:
                 self._write(raw)
             else:
+                self.unlinked.append(path)
                 self._skip(f"hard link {path!r}: its target is not in the image")
         self._write(ZERO_BLOCK * 2)
+
+    def cover(self) -> Cover:
+        """What the layers added so far do to an older image that was not streamed
+        here, once :meth:`finish` wrote them: the image they are laid over."""
+        return Cover(frozenset(self._hidden), frozenset(self._opaque),
+                     frozenset(self._made), tuple(self.unlinked))
+
+
+@dataclass(frozen=True)
+class Cover:
+    """Layers as a cover over an older image (see :mod:`capsid.image.sqmerge`)."""
+
+    hidden: frozenset[str]  #: whited-out paths: gone, with all below them
+    opaque: frozenset[str]  #: directories whose older contents are gone
+    made: frozenset[str]  #: directories with entries of their own (others only hold entries)
+    unlinked: tuple[str, ...]  #: hard links to older files, which a cover cannot keep
 

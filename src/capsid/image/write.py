@@ -19,9 +19,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from capsid import log
 from capsid.errors import UsageError
 from capsid.image import meta, output, sif, squashfs
 from capsid.image.flatten import Flattener
+
+LOG = log.get(__name__)
 
 #: adds the image's own entries, newest first; returns the newest mtime it saw, or None
 Fill = Callable[[Flattener], "int | None"]
@@ -48,6 +51,16 @@ class Extras:
     image_id: uuid.UUID | None = None  #: None: derived from the objects' bytes
 
 
+@dataclass(frozen=True)
+class Lower:
+    """A SIF or squashfs file that already holds the oldest part of the image (a build's
+    base): the rest is laid over its squashfs instead of compressing it again."""
+
+    path: Path
+    offset: int  #: where the squashfs starts in the file
+    fill: Fill  #: streams what it holds, for when it cannot be used
+
+
 def source_date_epoch() -> int | None:
     """``SOURCE_DATE_EPOCH`` if set (the reproducible-builds convention)."""
     value = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
@@ -62,13 +75,13 @@ def source_date_epoch() -> int | None:
 
 def write(target: Target, fill: Fill, extras: Extras, *, stamp: int | None = None,
           generated: Mapping[str, bytes] | None = None,
-          present: Mapping[str, bytes | str] | None = None) -> None:
+          present: Mapping[str, bytes | str] | None = None, lower: Lower | None = None) -> None:
     """Write the image that *fill* streams to *target*.
 
     *generated* (paths relative to ``/.singularity.d``) are files made for the image
     that win over its own; *present* are the ones it already has, for the SIF's
     metadata objects. Times are ``SOURCE_DATE_EPOCH``, else *stamp*, else the newest
-    the source reported.
+    the source reported. With *lower*, *fill* streams only what is laid over it.
     """
     squashfs.check_compression(target.compression)
     made = dict(generated or {})
@@ -76,17 +89,25 @@ def write(target: Target, fill: Fill, extras: Extras, *, stamp: int | None = Non
     epoch = source_date_epoch()
     first = epoch if epoch is not None else stamp
 
-    def stream(write: Callable[[bytes | memoryview], object]) -> int:
-        flat = Flattener(write)
+    def entries(flat: Flattener, whole: bool) -> int:
+        """Add the image's entries (*whole*: the lower image's and the skeleton too)."""
         for rel, data in made.items():
             info = tarfile.TarInfo(f"{meta.ROOT}/{rel}")
             info.mode = 0o644 if rel == "labels.json" else 0o755
             info.mtime = first or 0
             flat.add_member(info, data)
         newest = fill(flat)
+        if lower is not None and whole:
+            newest = max(newest or 0, lower.fill(flat) or 0) or None
         final = first if first is not None else newest or 0
-        for info, data in _skeleton(runscript, final):
-            flat.add_member(info, data)
+        if whole:
+            for info, data in _skeleton(runscript, final):
+                flat.add_member(info, data)
+        return final
+
+    def stream(write: Callable[[bytes | memoryview], object]) -> int:
+        flat = Flattener(write)
+        final = entries(flat, True)
         flat.finish()
         return final
 
@@ -100,8 +121,11 @@ def write(target: Target, fill: Fill, extras: Extras, *, stamp: int | None = Non
         return
     with output.atomic_file(target.path, target.force) as tmp, \
             output.scratch(target.path, "sqfs") as part:
-        with squashfs.writer(part, target.compression) as pipe:
-            final = stream(pipe.write)
+        final = _over(lower, part, target.path, target.compression, entries) \
+            if lower else None
+        if final is None:
+            with squashfs.writer(part, target.compression) as pipe:
+                final = stream(pipe.write)
         files: dict[str, bytes | str] = {
             rel[len(meta.ROOT) + 1:]: content
             for rel, (_mode, content) in meta.skeleton(runscript).items()
@@ -109,6 +133,28 @@ def write(target: Target, fill: Fill, extras: Extras, *, stamp: int | None = Non
         files.update(present or {})
         files.update(made)
         sif_from_partition(tmp, part, meta.Metadata.from_tree(files), extras, final)
+
+
+def _over(lower: Lower, part: Path, beside: Path, compression: str,
+          entries: Callable[[Flattener, bool], int]) -> int | None:
+    """Squashfs *part*: what *entries* adds over *lower*, laid over it (the lower
+    squashfs is not compressed again); None, and nothing written, where the two cannot
+    be merged."""
+    from capsid.image import sqmerge
+
+    with output.scratch(beside, "upper") as upper:
+        try:
+            with squashfs.writer(upper, compression) as pipe:
+                flat = Flattener(pipe.write)
+                final = entries(flat, False)
+                flat.finish()
+            with open(lower.path, "rb") as low, open(upper, "rb") as up, \
+                    open(part, "wb") as out:
+                sqmerge.merge(low, lower.offset, up, out, flat.cover())
+            return final
+        except sqmerge.Unmergeable as e:
+            LOG.info("writing the whole image: %s", e)
+            return None
 
 
 def sif_from_partition(out: Path, part: Path, metadata: meta.Metadata, extras: Extras,

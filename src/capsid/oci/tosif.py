@@ -31,7 +31,7 @@ LOG = log.get(__name__)
 ENV_SCRIPT = "10-docker2singularity.sh"
 
 
-def _created(config: dict[str, Any]) -> int:
+def created(config: dict[str, Any]) -> int:
     """The image's creation time as Unix seconds (0 if absent or unreadable)."""
     text = str(config.get("created") or "")
     try:
@@ -115,7 +115,8 @@ def add_layers(flat: Flattener, layers: list[Layer], verified: bool) -> None:
 def write_image(source: SourceImage, out: Path, *, sandbox: bool = False,
                 compression: str = "zstd", force: bool = False, verified: bool = False,
                 owners: bool = False, extra: dict[str, bytes] | None = None,
-                objects: list[sif.NewObject] | None = None) -> None:
+                objects: list[sif.NewObject] | None = None,
+                lower: tuple[Path, int, int] | None = None) -> None:
     """Convert *source* into SIF or sandbox directory *out* (atomically).
 
     With *verified* the layers are trusted to match their digests (the cache
@@ -124,14 +125,22 @@ def write_image(source: SourceImage, out: Path, *, sandbox: bool = False,
     *extra* (paths relative to ``/.singularity.d``) replace or add to what is made
     from the OCI config: a definition file's runscript, environment and labels.
     *owners*: a sandbox keeps the image's owners (a build with mapped ids).
+    *lower*: (file, offset, count): the squashfs in *file* at *offset* already holds
+    the oldest *count* layers (a build's base, as a SIF of it made): the rest is laid
+    over it (see :mod:`capsid.image.sqmerge`).
     """
     oci_config = json.dumps(source.config.get("config") or {},
                             separators=(",", ":")).encode()
     extras = write.Extras(source.architecture, objects or [], oci_config,
                           _image_id(source, compression))
+    layers, below = source.layers, None
+    if lower is not None:
+        held = source.layers[:lower[2]]
+        layers = source.layers[lower[2]:]
+        below = write.Lower(lower[0], lower[1], lambda flat: add_layers(flat, held, verified))
     write.write(write.Target(out, sandbox, compression, force, owners),
-                lambda flat: add_layers(flat, source.layers, verified), extras,
-                stamp=_created(source.config),
+                lambda flat: add_layers(flat, layers, verified), extras, lower=below,
+                stamp=created(source.config),
                 generated={**generated_files(source), **(extra or {})})
     LOG.info("wrote %s (%s, %d layers%s)", out, source.architecture, len(source.layers),
              "" if sandbox else f", {compression}")
