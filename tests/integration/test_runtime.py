@@ -308,6 +308,54 @@ def test_unsquash_runs_without_fuse(busybox_sif: Path) -> None:
     assert capsid_exec(busybox_sif, "--unsquash", "echo", "unpacked").stdout == "unpacked\n"
 
 
+def _job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMIX_", "PMI_", "CAPSID_CONFIG"))}
+    return {**env, "SLURM_JOB_ID": "4242", "TMPDIR": str(tmp_path), **extra}
+
+
+def _trees(tmp_path: Path) -> list[Path]:
+    top = tmp_path / f"capsid-{os.getuid()}" / "unsquash"
+    return sorted(p for p in top.iterdir() if p.is_dir()) if top.is_dir() else []
+
+
+def test_unsquash_in_a_job_unpacks_once_per_node(busybox_sif: Path, tmp_path: Path) -> None:
+    """In a job, --unsquash unpacks the image once into node-local storage; the next
+    containers of the job bind it read-only instead of unpacking again."""
+    env = _job_env(tmp_path)
+    first = capsid_exec(busybox_sif, "--unsquash", "cat", "/etc/passwd", env=env)
+    assert first.returncode == 0 and first.stdout.startswith("root:"), first.stderr
+    [tree] = _trees(tmp_path)
+    assert tree.name.startswith("4242-")
+    made = tree.stat().st_ino, (tree / "bin" / "busybox").stat().st_ino
+    again = capsid_exec(busybox_sif, "--unsquash", "sh", "-c",
+                        "cat /etc/passwd >/dev/null && touch /bin/x 2>/dev/null || echo ro",
+                        env=env)
+    assert again.stdout == "ro\n", again.stderr
+    assert (tree.stat().st_ino, (tree / "bin" / "busybox").stat().st_ino) == made
+    assert _trees(tmp_path) == [tree] and not (tree / "bin" / "x").exists()
+    # another job gets its own; outside a job nothing is kept
+    other = capsid_exec(busybox_sif, "--unsquash", "true", env={**env, "SLURM_JOB_ID": "7"})
+    assert other.returncode == 0 and len(_trees(tmp_path)) == 2
+    env.pop("SLURM_JOB_ID")
+    assert capsid_exec(busybox_sif, "--unsquash", "true", env=env).returncode == 0
+    assert len(_trees(tmp_path)) == 2
+
+
+def test_site_makes_unsquash_the_default_for_large_jobs(busybox_sif: Path,
+                                                       tmp_path: Path) -> None:
+    conf = tmp_path / "capsid.conf"
+    conf.write_text("unsquash ranks = 4\n")
+    small = _job_env(tmp_path, CAPSID_CONFIG=str(conf), OMPI_COMM_WORLD_SIZE="3",
+                     OMPI_COMM_WORLD_LOCAL_SIZE="3")
+    assert capsid_exec(busybox_sif, "--no-sharens", "true", env=small).returncode == 0
+    assert _trees(tmp_path) == []
+    large = {**small, "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
+    result = capsid_exec(busybox_sif, "--no-sharens", "echo", "ok", env=large)
+    assert result.stdout == "ok\n", result.stderr
+    assert len(_trees(tmp_path)) == 1
+
+
 def test_run_test_and_shell_actions(busybox_sandbox: Path, tmp_path: Path) -> None:
     import shutil
 

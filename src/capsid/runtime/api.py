@@ -47,9 +47,21 @@ def start(image: str | Layers, options: Options, action: str = "exec",
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {ACTIONS}, not {action!r}")
     return early.start(image, fakeroot=options.fakeroot or options.root_emulation,
-                       unsquash=options.unsquash,
+                       unsquash=options.unsquash or _unsquash_by_default(),
                        first_programs=early.programs(action, tuple(argv), options.shell),
                        subordinate_ids=not (options.root_emulation or options.ignore_subuid))
+
+
+def _unsquash_by_default() -> bool:
+    """The site's ``unsquash ranks``: jobs with that many ranks on a node run unpacked."""
+    from capsid.runtime.options import LAUNCHER_VARIABLES
+
+    if not any(name in os.environ for name in LAUNCHER_VARIABLES):
+        return False
+    from capsid import config
+    from capsid.runtime import unsquashed
+
+    return unsquashed.by_default(config.load())
 
 
 def exec_container(image: str | Layers, argv: Sequence[str], options: Options,

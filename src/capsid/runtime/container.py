@@ -37,7 +37,11 @@ if TYPE_CHECKING:
 LOG = log.get(__name__)
 
 
-def _open_image(image: Image) -> int:
+def _open_image(image: Image, started: early.Started) -> int:
+    """The image, or the directory it was unpacked to for the job (in this mount
+    namespace: a bind mount's source must be in it)."""
+    if started.unpacked is not None:
+        return os.open(started.unpacked, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if image.kind == SANDBOX else 0)
     return os.open(image.path, flags)
 
@@ -56,6 +60,8 @@ def _mount_image(plan: Plan, opts: Options, fd: int, started: early.Started) -> 
         fuse.mount(fuse_mount, target)
         prefetch.start(os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
                        started.first_programs)
+    elif started.unpacked is not None:  # unpacked once for the job on this node
+        mounts.bind_unpacked(fd)
     elif not plan.userns and not opts.unsquash:
         mounts.mount_kernel_squashfs(fd, image.offset)
     else:
@@ -208,7 +214,7 @@ def _assemble_root(plan: Plan, started: early.Started) -> ops.Environment:
     if layers is not None:
         fds = mounts.open_layers((*layers.lowers, layers.upper, layers.work))
     else:
-        fd = _open_image(plan.image)
+        fd = _open_image(plan.image, started)
     overlay_path, overlay_ro, overlay_fd = _open_overlay(opts)
     nvccli = plan.nvccli
     # nvidia-container-cli runs on the host's root, reached later through this

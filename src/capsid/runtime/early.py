@@ -29,14 +29,16 @@ class Started:
 
     def __init__(self, image: Image, user: identity.User, userns: bool,
                  fuse_mount: Helper | Served | None, first_programs: list[str],
-                 affinity: tuple[set[int], int] | None, layers: Layers | None = None
-                 ) -> None:
+                 affinity: tuple[set[int], int] | None, layers: Layers | None = None,
+                 unpacked: str | None = None) -> None:
         self.image, self.user, self.userns, self.fuse_mount = image, user, userns, fuse_mount
         self.first_programs = first_programs
         #: this process's CPUs before the start pinned it, to give back to the command
         #: and the image server, and the host's /proc to find the server in
         self.affinity = affinity
         self.layers = layers  #: the layered root, when the image is one
+        #: the image unpacked for the job on this node (--unsquash)
+        self.unpacked = unpacked
 
 
 def programs(action: str, argv: tuple[str, ...], shell: str | None) -> list[str]:
@@ -69,6 +71,13 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
         return Started(Image(image.name, LAYERS), identity.User.current(), True, None,
                        first_programs, None, image)
     located = locate(image)
+    unpacked = None
+    if unsquash and located.kind != SANDBOX:  # as the user, before the user namespace
+        from capsid import config
+        from capsid.runtime import unsquashed
+
+        with open(located.path, "rb") as f:
+            unpacked = unsquashed.shared_tree(f.fileno(), located.offset, config.load())
     in_userns = fakeroot or os.geteuid() != 0 or userns.mapped_ids() < 0xFFFFFFFF
     user = identity.User.current() if fakeroot else None
     capsid.mark("runtime imported")
@@ -84,7 +93,7 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
         fuse_mount = _serve(server, located, owner, first_programs)
         capsid.mark("image server started")
     return Started(located, user or identity.User.current(), in_userns, fuse_mount,
-                   first_programs, affinity)
+                   first_programs, affinity, unpacked=unpacked)
 
 
 def _share_one_cpu() -> tuple[set[int], int] | None:

@@ -70,6 +70,14 @@ def unpack_image(fd: int, offset: int) -> None:
     linux.mount(f"{target}/root", target, None, linux.MS_BIND | linux.MS_REC)
 
 
+def bind_unpacked(fd: int) -> None:
+    """The image unpacked for the job (:mod:`capsid.runtime.unsquashed`), read-only."""
+    target = f"{SESSION}{IMAGE}"
+    linux.mount(f"/proc/self/fd/{fd}", target, None, linux.MS_BIND | linux.MS_REC)
+    linux.mount("none", target, None,
+                linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID)
+
+
 def bind_sandbox(fd: int) -> None:
     linux.mount(f"/proc/self/fd/{fd}", f"{SESSION}{IMAGE}", None, linux.MS_BIND | linux.MS_REC)
 
