@@ -1,14 +1,16 @@
 """Reading an image's files, side by side: N readers of distinct files and a Python
 import heavy on metadata, over a SIF (Debian's squashfuse and a multithreaded one), a
-sandbox, ``--unsquash``, the host directory and, as root, the kernel's squashfs.
+sandbox, ``--unsquash`` (alone, and in a job where the tree is made once per node), the
+host directory and, as root, the kernel's squashfs.
 
     .venv/bin/python bench/io.py [--repeat 3] [--files 6000]
 
 Uses the Debian+python3 test image (scripts/debian-image.sh) and, where present, the
 multithreaded squashfuse_ll of scripts/squashfuse-mt.sh. Each container case starts a
 fresh container (so the FUSE caches are cold; the SIF itself is in the page cache) and
-times only the reading, inside it. Run as root it measures the kernel's squashfs and
-then the rest as CAPSID_TEST_USER (default capsid-test).
+times only the reading, inside it; "start" is the whole of ``capsid exec IMAGE true``.
+Run as root it measures the kernel's squashfs and then the rest as CAPSID_TEST_USER
+(default capsid-test).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 CAPSID = Path(sys.executable).parent / "capsid"
@@ -62,6 +65,13 @@ def seconds(argv: list[str], env: dict[str, str] | None = None) -> float:
     return int(proc.stdout.strip().splitlines()[-1]) / 1e9
 
 
+def wall(argv: list[str], env: dict[str, str]) -> float:
+    """Seconds from starting *argv* to its end (a container's whole start)."""
+    start = time.perf_counter()
+    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
 def cases(tmp: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
     """Container cases: name → (capsid command up to the image, environment)."""
     env = {k: v for k, v in os.environ.items() if k != "CAPSID_SQUASHFUSE"}
@@ -71,6 +81,11 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
         "SIF --unsquash": ([str(CAPSID), "exec", "--unsquash", *bind, str(IMAGE_SIF)], env),
         "sandbox directory": ([str(CAPSID), "exec", *bind, str(IMAGE_DIR)], env),
     }
+    # in a job: unpacked once per node (by the warm-up run below), then bound by each
+    job = {**env, "SLURM_JOB_ID": "bench-io", "TMPDIR": str(tmp)}
+    found["SIF --unsquash in a job"] = (
+        [str(CAPSID), "exec", "--unsquash", *bind, str(IMAGE_SIF)], job)
+    seconds([*found["SIF --unsquash in a job"][0], "sh", "-c", "echo 0"], job)
     if os.access(THREADED, os.X_OK):
         found["SIF, squashfuse 0.5 (threads)"] = ([str(CAPSID), "exec", *bind, str(IMAGE_SIF)],
                                                   {**env, "CAPSID_SQUASHFUSE": str(THREADED)})
@@ -95,6 +110,7 @@ def measure(tmp: Path, counts: list[int], files: int, repeat: int,
             for _ in range(repeat)) for n in counts}
         row["import"] = statistics.median(
             seconds([*prefix, "python3", "-c", IMPORTER], env) for _ in range(repeat))
+        row["start"] = statistics.median(wall([*prefix, "true"], env) for _ in range(repeat))
         results[name] = row
     return results
 
@@ -157,11 +173,11 @@ def main() -> int:
         if args.json:
             print(json.dumps(rows))
             return 0
-    columns = [*map(str, counts), "import"]
+    columns = [*map(str, counts), "import", "start"]
     print(f"{args.files} files of the image's /usr, split among N readers; "
           f"median of {args.repeat}; seconds")
     print(f"image servers: {server_versions()}")
-    print(f"{'case':<32}" + "".join(f"{'N=' + c if c != 'import' else 'import':>10}"
+    print(f"{'case':<32}" + "".join(f"{'N=' + c if c.isdigit() else c:>10}"
                                      for c in columns))
     for name, row in rows.items():
         print(f"{name:<32}" + "".join(f"{row[c]:>10.3f}" if c in row else f"{'-':>10}"
