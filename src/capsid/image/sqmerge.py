@@ -512,6 +512,72 @@ def _codec_errors() -> tuple[type[Exception], ...]:
     return zlib.error, lzma.LZMAError, zstandard.ZstdError
 
 
+class _Placer:
+    """Numbers the merged tree's new inodes, then places them (and the new directory
+    listings) in the tables after the lower image's, children before their parents."""
+
+    def __init__(self, merger: _Merge) -> None:
+        lower, upper = merger.lower, merger.upper
+        self.merger, self.upper = merger, upper
+        self.count = lower.sb.inode_count
+        self.numbers: dict[int, int] = {}  # upper ref of a non-directory → its number
+        self.refs: dict[int, int] = {}  # upper ref → merged ref
+        self.delta = lower.sb.inode_table - upper.data_start  # where the upper data moves
+        self.first_fragment = len(lower.frags)
+        self.inodes = _Table(lower.sb.dir_table - lower.sb.inode_table)
+        self.listings = _Table(_table_end(lower, lower.sb.dir_table) - lower.sb.dir_table)
+
+    def number(self, node: _Dir) -> None:
+        for child in node.children.values():
+            if isinstance(child, _Dir):
+                self.number(child)
+            elif isinstance(child, _New) and child.ref not in self.numbers:
+                self.count += 1
+                self.numbers[child.ref] = self.count
+        self.count += 1
+        node.attrs.number = self.count
+        if self.count >= 1 << 32:
+            raise Unmergeable("too many inodes")
+
+    def place_new(self, item: _New) -> int:
+        if item.ref not in self.refs:
+            node = self.upper.inode(item.ref)
+            node.uid, node.gid = self.merger.upper_id(node.uid), self.merger.upper_id(node.gid)
+            node.number = self.numbers[item.ref]
+            if node.kind == FILE:
+                node.start += self.delta if node.blocks else 0
+                if node.fragment != NO_FRAGMENT:
+                    node.fragment += self.first_fragment
+            block, offset = self.inodes.add(_inode_bytes(node))
+            self.refs[item.ref] = (block << 16) | offset
+        return self.refs[item.ref]
+
+    def place(self, node: _Dir, parent: int) -> int:
+        """Place *node* and all that is new below it; its inode's reference."""
+        entries = []
+        subdirs = 0
+        for name in sorted(node.children):
+            child = node.children[name]
+            if isinstance(child, _Dir):
+                entries.append((name, DIR, self.place(child, node.attrs.number),
+                                child.attrs.number))
+                subdirs += 1
+            elif isinstance(child, _New):
+                entries.append((name, child.kind, self.place_new(child),
+                                self.numbers[child.ref]))
+            else:
+                e = child.entry
+                entries.append((name, e.kind, e.ref, e.number))
+                subdirs += e.kind == DIR
+        listing = _listing(entries)
+        block, offset = self.listings.add(listing)
+        attrs = replace(node.attrs, kind=DIR, nlink=2 + subdirs, dir_block=block,
+                        dir_offset=offset, dir_size=len(listing) + 3, parent=parent,
+                        xattr=NO_XATTR)
+        block, offset = self.inodes.add(_inode_bytes(attrs))
+        return (block << 16) | offset
+
+
 def _merge(lower_file: BinaryIO, lower_offset: int, upper_file: BinaryIO, out: BinaryIO,
            cover: Cover) -> None:
     lower, upper = Image(lower_file, lower_offset), Image(upper_file)
@@ -523,79 +589,22 @@ def _merge(lower_file: BinaryIO, lower_offset: int, upper_file: BinaryIO, out: B
         raise Unmergeable("other compressor options")
     merger = _Merge(lower, upper, cover)
     tree = merger.tree()
-
-    # numbers first (a directory names its parent's), then places, children first
-    count = lsb.inode_count
-    numbers: dict[int, int] = {}  # upper ref of a non-directory → its number
-
-    def number(node: _Dir) -> None:
-        nonlocal count
-        for child in node.children.values():
-            if isinstance(child, _Dir):
-                number(child)
-            elif isinstance(child, _New) and child.ref not in numbers:
-                count += 1
-                numbers[child.ref] = count
-        count += 1
-        node.attrs.number = count
-    number(tree)
-    if count >= 1 << 32:
-        raise Unmergeable("too many inodes")
-
-    delta = lsb.inode_table - upper.data_start  # where the upper data blocks move
-    first_fragment = len(lower.frags)
-    inodes = _Table(lsb.dir_table - lsb.inode_table)
-    listings = _Table(_table_end(lower, lsb.dir_table) - lsb.dir_table)
-    refs: dict[int, int] = {}  # upper ref → merged ref
-
-    def place_new(item: _New) -> int:
-        if item.ref not in refs:
-            node = upper.inode(item.ref)
-            node.uid, node.gid = merger.upper_id(node.uid), merger.upper_id(node.gid)
-            node.number = numbers[item.ref]
-            if node.kind == FILE:
-                node.start += delta if node.blocks else 0
-                if node.fragment != NO_FRAGMENT:
-                    node.fragment += first_fragment
-            block, offset = inodes.add(_inode_bytes(node))
-            refs[item.ref] = (block << 16) | offset
-        return refs[item.ref]
-
-    def place(node: _Dir, parent: int) -> int:
-        entries = []
-        subdirs = 0
-        for name in sorted(node.children):
-            child = node.children[name]
-            if isinstance(child, _Dir):
-                entries.append((name, DIR, place(child, node.attrs.number), child.attrs.number))
-                subdirs += 1
-            elif isinstance(child, _New):
-                entries.append((name, child.kind, place_new(child), numbers[child.ref]))
-            else:
-                e = child.entry
-                entries.append((name, e.kind, e.ref, e.number))
-                subdirs += e.kind == DIR
-        listing = _listing(entries)
-        block, offset = listings.add(listing)
-        attrs = replace(node.attrs, kind=DIR, nlink=2 + subdirs, dir_block=block,
-                        dir_offset=offset, dir_size=len(listing) + 3, parent=parent,
-                        xattr=NO_XATTR)
-        block, offset = inodes.add(_inode_bytes(attrs))
-        return (block << 16) | offset
-    root = place(tree, count + 1)
+    placer = _Placer(merger)
+    placer.number(tree)  # first: a directory names its parent's number
+    root = placer.place(tree, placer.count + 1)
 
     # the lower image up to its tables, the upper data, then the tables
     out.write(bytes(SUPER.size))
     _copy(lower_file, lower_offset + SUPER.size, out, lsb.inode_table - SUPER.size)
     _copy(upper_file, upper.data_start, out, usb.inode_table - upper.data_start)
     inode_table = out.tell()
-    _copy(lower_file, lower_offset + lsb.inode_table, out, inodes.base)
-    out.write(inodes.blocks())
+    _copy(lower_file, lower_offset + lsb.inode_table, out, placer.inodes.base)
+    out.write(placer.inodes.blocks())
     dir_table = out.tell()
-    _copy(lower_file, lower_offset + lsb.dir_table, out, listings.base)
-    out.write(listings.blocks())
+    _copy(lower_file, lower_offset + lsb.dir_table, out, placer.listings.base)
+    out.write(placer.listings.blocks())
     frags = b"".join(lower.frags) + b"".join(
-        struct.pack("<Q", struct.unpack_from("<Q", raw)[0] + delta) + raw[8:]
+        struct.pack("<Q", struct.unpack_from("<Q", raw)[0] + placer.delta) + raw[8:]
         for raw in upper.frags)
     table, fragment_table = _indexed(frags, 16, out.tell())
     out.write(table)
@@ -604,10 +613,11 @@ def _merge(lower_file: BinaryIO, lower_offset: int, upper_file: BinaryIO, out: B
     end = out.tell()
     out.write(bytes(-end % 4096))
     flags = (lsb.flags & ~(_EXPORTABLE | _NO_FRAGMENTS)) | _NO_XATTRS
-    sb = replace(lsb, inode_count=count, mtime=usb.mtime, fragments=len(lower.frags) +
-                 len(upper.frags), flags=flags, id_count=len(merger.ids), root=root,
-                 bytes_used=end, id_table=id_table, xattr_table=NONE, inode_table=inode_table,
-                 dir_table=dir_table, fragment_table=fragment_table, export_table=NONE)
+    sb = replace(lsb, inode_count=placer.count, mtime=usb.mtime,
+                 fragments=len(lower.frags) + len(upper.frags), flags=flags,
+                 id_count=len(merger.ids), root=root, bytes_used=end, id_table=id_table,
+                 xattr_table=NONE, inode_table=inode_table, dir_table=dir_table,
+                 fragment_table=fragment_table, export_table=NONE)
     out.seek(0)
     out.write(sb.pack())
     out.seek(0, os.SEEK_END)
