@@ -187,6 +187,9 @@ def _dispatch(verb: str, rest: list[str], level_name: str, debug: bool) -> int:
         print(f"{PROG[0]}: error: {_named(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
+        output = sys.modules.get("capsid.image.output")
+        if output is not None:  # what it was writing, even half made
+            output.discard_live()
         print(f"{PROG[0]}: error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,19 +68,32 @@ def remove(path: Path) -> None:
     shutil.rmtree(path, onerror=writable_parent)
 
 
+#: temporaries of this process not yet removed or renamed: named before they are made,
+#: so that an interrupt at any moment can remove them (:func:`discard_live`)
+_LIVE: set[Path] = set()
+_NUMBERS = itertools.count()
+
+
 class Temporary:
     """A file or directory beside a target, locked while this process may still use it."""
 
     def __init__(self, beside: Path, kind: str = "", directory: bool = False) -> None:
         clean_stale(beside.parent)
         suffix = (f".{kind}" if kind else "") + SUFFIX
-        prefix = f".{beside.name}."
-        if directory:
-            self.path = Path(tempfile.mkdtemp(suffix, prefix, beside.parent))
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        else:
-            self._fd, name = tempfile.mkstemp(suffix, prefix, beside.parent)
-            self.path = Path(name)
+        self._fd = -1
+        while True:
+            self.path = beside.parent / f".{beside.name}.{os.getpid()}-{next(_NUMBERS)}{suffix}"
+            _LIVE.add(self.path)
+            try:
+                if directory:
+                    os.mkdir(self.path, 0o700)
+                    self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                else:
+                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL
+                                       | os.O_CLOEXEC, 0o600)
+                break
+            except FileExistsError:  # an earlier process of this pid left it
+                _LIVE.discard(self.path)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def discard(self) -> None:
@@ -89,9 +102,19 @@ class Temporary:
         self.release()
 
     def release(self) -> None:
+        """Drop the lock (it was renamed into place, or removed)."""
+        _LIVE.discard(self.path)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def discard_live() -> None:
+    """Remove this process's temporaries: after an interrupt, wherever it came."""
+    for path in list(_LIVE):
+        with contextlib.suppress(OSError):
+            remove(path)
+        _LIVE.discard(path)
 
 
 def clean_stale(directory: Path) -> None:

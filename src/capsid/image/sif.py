@@ -470,3 +470,50 @@ def write(out: BinaryIO, objects: Iterable[NewObject], *, created_at: int,
     if out.tell() < pos:
         out.truncate(pos)
     return image_id
+
+
+def add_object(path: Path, obj: NewObject, *, when: int) -> int:
+    """Add *obj* to SIF *path* as Apptainer's library does (the first free descriptor,
+    its data after the last object's); returns its ID. The image is rewritten to a
+    temporary copy beside it and renamed over it: a crash or Ctrl-C leaves it as it was.
+    """
+    from capsid.image import output
+
+    if not isinstance(obj.data, bytes):
+        raise ValueError("only objects given as bytes can be added")
+    with SifImage(path) as image:
+        header, table_offset = image.header, image.header.descriptors_offset
+        raw = os.pread(image._file.fileno(), header.descriptors_total * DESCRIPTOR.size,
+                       table_offset)
+        mode = os.fstat(image._file.fileno()).st_mode & 0o7777
+    raw_table = [DESCRIPTOR.unpack_from(raw, i * DESCRIPTOR.size)
+                 for i in range(len(raw) // DESCRIPTOR.size)]
+    slot = next((i for i, d in enumerate(raw_table) if not d[1]), None)
+    if slot is None or header.descriptors_free <= 0:
+        raise ImageFormatError(f"{path} has no free object descriptor left",
+                               "rebuild the image (capsid writes 48 descriptors)")
+    start = header.data_offset + header.data_size
+    if obj.alignment:
+        start = -(-start // obj.alignment) * obj.alignment
+    new_id = slot + 1
+    descriptor = Descriptor(obj.data_type, True, new_id, GROUP_MASK | obj.group if obj.group
+                            else 0, obj.link, start, len(obj.data),
+                            start - (header.data_offset + header.data_size) + len(obj.data),
+                            when, when, 0, 0, obj.name, obj.extra)
+    new_header = dataclasses.replace(
+        header, modified_at=when, descriptors_free=header.descriptors_free - 1,
+        data_size=start + len(obj.data) - header.data_offset)
+    with output.atomic_file(path, force=True, mode=mode) as tmp, open(path, "rb") as src, \
+            open(tmp, "r+b" if tmp.exists() else "wb") as out:
+        size = os.fstat(src.fileno()).st_size
+        copied = 0
+        while copied < size:  # in the kernel; a reflink where the file system has them
+            n = os.copy_file_range(src.fileno(), out.fileno(), size - copied, copied, copied)
+            if n <= 0:
+                raise OSError(f"short copy of {path}")
+            copied += n
+        out.truncate(start)
+        os.pwrite(out.fileno(), obj.data, start)
+        os.pwrite(out.fileno(), descriptor.pack(), table_offset + slot * DESCRIPTOR.size)
+        os.pwrite(out.fileno(), new_header.pack(), 0)
+    return new_id
