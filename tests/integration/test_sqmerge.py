@@ -148,6 +148,21 @@ def test_merging_twice(tmp_path: Path) -> None:
     same(tmp_path / "whole2.sqfs", tmp_path / "merged2.sqfs")
 
 
+def test_the_lower_images_extended_attributes_are_kept(tmp_path: Path) -> None:
+    """A Debian base has a few (ping's capability); new layers without any merge over it."""
+    rng = random.Random(6)
+    lower = base_tree(rng)
+    ping, data = entry("usr/bin-ping", data=b"\x7fELF", mode=0o755)
+    ping.pax_headers = {"SCHILY.xattr.security.capability": "\x01\x00\x00\x02 \x00\x00"
+                        "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"}
+    lower.append((ping, data))
+    whole, result = merged(tmp_path, lower, CASES["add a file in a new directory"](rng))
+    same(whole, result)
+    listed = subprocess.run(["rdsquashfs", "-x", "/usr/bin-ping", str(result)],
+                            capture_output=True, text=True, check=True).stdout
+    assert "security.capability" in listed
+
+
 def test_a_hard_link_to_a_lower_file_cannot_be_merged(tmp_path: Path) -> None:
     with pytest.raises(Unmergeable):
         merged(tmp_path, base_tree(random.Random(3)),

@@ -12,9 +12,10 @@ The upper tree wins as an OCI layer does: its entries replace the lower ones, it
 directories merge with the lower ones, and *hidden* paths (whiteouts) and *opaque*
 directories drop the lower entries below them. Added metadata blocks are stored
 uncompressed (they are small, and their positions are then known before they are
-written). Images this module cannot merge (other block sizes or compressors, extended
-attributes, a compressor without a Python codec) raise :class:`Unmergeable`, and the
-caller writes the whole image instead.
+written). The lower image's extended attributes are kept. Images this module cannot
+merge (other block sizes or compressors, extended attributes in the upper image, a
+compressor without a Python codec) raise :class:`Unmergeable`, and the caller writes
+the whole image instead.
 
 The format is that of squashfs 4.0 (the kernel's ``Documentation/filesystems/squashfs.rst``
 and squashfs-tools' ``squashfs_fs.h``).
@@ -40,7 +41,6 @@ _UNCOMPRESSED_META = 0x8000
 _COMPRESSOR_OPTIONS = 0x0400
 _NO_FRAGMENTS = 0x0010
 _EXPORTABLE = 0x0080
-_NO_XATTRS = 0x0200
 
 DIR, FILE, SYMLINK, BLKDEV, CHRDEV, FIFO, SOCKET = range(1, 8)
 _EXTENDED = 7  #: an extended inode's type is the basic one plus 7
@@ -147,8 +147,6 @@ class Image:
         self.sb = Super(*SUPER.unpack(raw)[1:])
         if (self.sb.major, self.sb.minor) != (4, 0):
             raise Unmergeable("not squashfs 4.0")
-        if self.sb.xattr_table != NONE:
-            raise Unmergeable("extended attributes")
         self.decompress = _codec(self.sb.compression)
         self._blocks: dict[int, tuple[bytes, int]] = {}
         self.data_start = SUPER.size
@@ -389,11 +387,15 @@ def _inode_bytes(node: Inode) -> bytes:
         return header(9) + struct.pack("<QQQIIII", node.start, node.size, node.sparse,
                                        node.nlink, node.fragment, node.frag_offset,
                                        node.xattr) + blocks
+    ext = node.xattr != NO_XATTR
+    tail = struct.pack("<I", node.xattr) if ext else b""
+    kind = node.kind + _EXTENDED if ext else node.kind
     if node.kind == SYMLINK:
-        return header(3) + struct.pack("<II", node.nlink, len(node.target)) + node.target
+        return header(kind) + struct.pack("<II", node.nlink, len(node.target)) + node.target \
+            + tail
     if node.kind in (BLKDEV, CHRDEV):
-        return header(node.kind) + struct.pack("<II", node.nlink, node.rdev)
-    return header(node.kind) + struct.pack("<I", node.nlink)
+        return header(kind) + struct.pack("<II", node.nlink, node.rdev) + tail
+    return header(kind) + struct.pack("<I", node.nlink) + tail
 
 
 class _Table:
@@ -439,6 +441,8 @@ def _table_end(image: Image, start: int) -> int:
     """Where the table that begins at *start* ends: the next known position after it."""
     sb = image.sb
     marks = [sb.bytes_used, sb.id_table, sb.fragment_table, sb.inode_table, sb.dir_table]
+    if sb.xattr_table != NONE:
+        marks += struct.unpack("<Q", image.pread(sb.xattr_table, 8))
     for table, count, size in ((sb.id_table, sb.id_count, 4),
                                (sb.fragment_table, sb.fragments, 16)):
         blocks = -(-count // (META // size))
@@ -449,6 +453,27 @@ def _table_end(image: Image, start: int) -> int:
         blocks = -(-sb.inode_count // (META // 8))
         marks += struct.unpack(f"<{blocks}Q", image.pread(sb.export_table, 8 * blocks))
     return min(p for p in marks if p > start)
+
+
+def _xattrs(lower: Image, out: BinaryIO) -> int:
+    """Copy the lower image's extended attributes to *out* (at its end): the key/value
+    blocks, the id blocks, and the id table, whose absolute positions move. The lower
+    inodes name their attributes by id, so theirs stay right. Returns where the table
+    is (NONE without attributes)."""
+    start = lower.sb.xattr_table
+    if start == NONE:
+        return NONE
+    kv, count = struct.unpack("<QI", lower.pread(start, 12))
+    kv, count = int(kv), int(count)
+    blocks = -(-count // (META // 16))
+    pointers = struct.unpack(f"<{blocks}Q", lower.pread(start + 16, 8 * blocks))
+    if not kv < start or any(not kv <= p < start for p in pointers):
+        raise Unmergeable("a malformed extended attribute table")
+    shift = out.tell() - kv
+    _copy(lower.f, lower.offset + kv, out, start - kv)
+    out.write(struct.pack("<QII", kv + shift, count, 0))
+    out.write(struct.pack(f"<{blocks}Q", *(p + shift for p in pointers)))
+    return start + shift
 
 
 def _indexed(data: bytes, entry: int, at: int) -> tuple[bytes, int]:
@@ -572,8 +597,7 @@ class _Placer:
         listing = _listing(entries)
         block, offset = self.listings.add(listing)
         attrs = replace(node.attrs, kind=DIR, nlink=2 + subdirs, dir_block=block,
-                        dir_offset=offset, dir_size=len(listing) + 3, parent=parent,
-                        xattr=NO_XATTR)
+                        dir_offset=offset, dir_size=len(listing) + 3, parent=parent)
         block, offset = self.inodes.add(_inode_bytes(attrs))
         return (block << 16) | offset
 
@@ -584,6 +608,8 @@ def _merge(lower_file: BinaryIO, lower_offset: int, upper_file: BinaryIO, out: B
     lsb, usb = lower.sb, upper.sb
     if (lsb.block_size, lsb.compression) != (usb.block_size, usb.compression):
         raise Unmergeable("other block sizes or compressors")
+    if usb.xattr_table != NONE:  # the lower image's are kept (see _xattrs)
+        raise Unmergeable("extended attributes in the new layers")
     if lower.pread(SUPER.size, lower.data_start - SUPER.size) != \
             upper.pread(SUPER.size, upper.data_start - SUPER.size):
         raise Unmergeable("other compressor options")
@@ -610,13 +636,14 @@ def _merge(lower_file: BinaryIO, lower_offset: int, upper_file: BinaryIO, out: B
     out.write(table)
     table, id_table = _indexed(b"".join(merger.ids), 4, out.tell())
     out.write(table)
+    xattr_table = _xattrs(lower, out)
     end = out.tell()
     out.write(bytes(-end % 4096))
-    flags = (lsb.flags & ~(_EXPORTABLE | _NO_FRAGMENTS)) | _NO_XATTRS
+    flags = lsb.flags & ~(_EXPORTABLE | _NO_FRAGMENTS)
     sb = replace(lsb, inode_count=placer.count, mtime=usb.mtime,
                  fragments=len(lower.frags) + len(upper.frags), flags=flags,
                  id_count=len(merger.ids), root=root, bytes_used=end, id_table=id_table,
-                 xattr_table=NONE, inode_table=inode_table, dir_table=dir_table,
+                 xattr_table=xattr_table, inode_table=inode_table, dir_table=dir_table,
                  fragment_table=fragment_table, export_table=NONE)
     out.seek(0)
     out.write(sb.pack())
