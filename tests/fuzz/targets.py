@@ -243,6 +243,48 @@ def _capsid_error() -> type[Exception]:
     return CapsidError
 
 
+_FUZZ_KEY: list[object] = []
+
+
+def fuzz_key() -> object:
+    """One Ed25519 key pair for the signature targets, made once."""
+    if not _FUZZ_KEY:
+        from capsid.signing import openpgp
+
+        _FUZZ_KEY.append(openpgp.generate("Fuzz <fuzz@example.org>", 0))
+    return _FUZZ_KEY[0]
+
+
+def signed_sif(data: bytes) -> None:
+    """A SIF with signatures (hostile ones too) verified: a report, never a crash."""
+    from capsid.signing import sifsign
+
+    with as_file(data) as path:
+        result = sifsign.verify(Path(path), [fuzz_key()])  # type: ignore[list-item]
+        assert isinstance(result.ok, bool)
+
+
+def keyring(data: bytes) -> None:
+    """A key file or keyring as 'capsid key import' reads it."""
+    from capsid.signing import openpgp
+
+    for key in openpgp.parse(data, "fuzz"):
+        assert key.fingerprint and isinstance(key.user_ids, list)
+
+
+def lower_squashfs(data: bytes) -> None:
+    """Any bytes as the squashfs a build lays its steps over: merged, or refused."""
+    from capsid.image import sqmerge
+    from capsid.image.flatten import Cover
+
+    upper = (CORPUS / "lower_squashfs" / "upper.sqfs").read_bytes()
+    with as_file(data) as low, as_file(upper) as up, open(low, "rb") as lf, \
+            open(up, "rb") as uf, open(os.devnull, "wb") as out, \
+            contextlib.suppress(sqmerge.Unmergeable):
+        sqmerge.merge(lf, 0, uf, out, Cover(frozenset({"etc/x"}), frozenset({"usr"}),
+                                             frozenset(), ()))
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "sif_reader": sif_reader, "tar_layer": tar_layer, "compressed_layer": compressed_layer,
     "image_json": image_json, "docker_archive": docker_archive, "archive_tar": archive_tar,
@@ -250,7 +292,8 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "site_config": site_config, "image_reference": image_reference,
     "dockerfile_recipe": dockerfile_recipe, "definition_file": definition_file,
     "elf_headers": elf_headers, "cdi_spec": cdi_spec, "instance_record": instance_record,
-    "step_output": step_output,
+    "step_output": step_output, "signed_sif": signed_sif, "keyring": keyring,
+    "lower_squashfs": lower_squashfs,
 }
 
 

@@ -53,8 +53,7 @@ def test_version_in_apptainers_form(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", (*NAMES, "capsid"))
-@pytest.mark.parametrize("verb", ("remote", "key", "plugin", "sign", "verify", "oci",
-                                  "checkpoint", "keyserver"))
+@pytest.mark.parametrize("verb", ("remote", "plugin", "oci", "checkpoint"))
 def test_verbs_capsid_lacks_are_one_line(name: str, verb: str) -> None:
     result = named(name, verb, "list")
     assert result.returncode == 255

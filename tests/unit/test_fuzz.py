@@ -183,3 +183,25 @@ def test_elf_headers(data: bytes) -> None:
     | json_values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=256))
 def test_cdi_spec(data: bytes) -> None:
     targets.check("cdi_spec", data)
+
+
+def _corpus(name: str, file: str) -> bytes:
+    return (targets.CORPUS / name / file).read_bytes()
+
+
+@EXAMPLES
+@given(_mutated(_corpus("signed_sif", "go-signed.sif")))
+def test_signed_sif(data: bytes) -> None:
+    targets.check("signed_sif", data)
+
+
+@EXAMPLES
+@given(_mutated(_corpus("keyring", "public.asc")) | _mutated(_corpus("keyring", "secret.pgp")))
+def test_keyring(data: bytes) -> None:
+    targets.check("keyring", data)
+
+
+@EXAMPLES
+@given(_mutated(_corpus("lower_squashfs", "lower.sqfs")))
+def test_lower_squashfs(data: bytes) -> None:
+    targets.check("lower_squashfs", data)

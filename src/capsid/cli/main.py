@@ -17,8 +17,8 @@ APPTAINER_VERSION = "1.4.5"
 DROP_IN = ("apptainer", "singularity", "run-singularity")
 #: Apptainer's verbs that capsid does not have (exit 255 with one line, as Apptainer
 #: does for a verb it does not know)
-UNSUPPORTED = ("capability", "checkpoint", "config", "delete", "key", "keyserver", "oci",
-               "plugin", "remote", "search", "sign", "verify")
+UNSUPPORTED = ("capability", "checkpoint", "config", "delete", "oci", "plugin", "remote",
+               "search")
 
 #: verb → (module under capsid.cli, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "instance": ("instance", "Start, list and stop containers running in the background"),
     "run-help": ("inspect", "Show an image's help text (%help)"),
     "sif": ("sif", "Look inside SIF files: list, info, header, dump"),
+    "sign": ("sign", "Add an OpenPGP signature to a SIF image"),
+    "verify": ("sign", "Check a SIF image's signatures"),
+    "key": ("sign", "Manage OpenPGP keys for signing and verifying"),
+    "keyserver": ("sign", "Keyservers (capsid shares keys as files)"),
     "doctor": ("doctor", "Check whether an image will run well on this host (MPI, libc, CPU)"),
     "version": ("", "Show the version"),
     "help": ("", "Show help for a command"),

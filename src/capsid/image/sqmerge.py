@@ -157,6 +157,8 @@ class Image:
         self.frags = list(self._table(self.sb.fragment_table, self.sb.fragments, 16))
 
     def pread(self, pos: int, n: int) -> bytes:
+        if not (0 <= pos < 1 << 62 and 0 <= n <= 1 << 26):
+            raise Unmergeable("a position or size out of range")
         data = os.pread(self.f.fileno(), n, self.offset + pos)
         if len(data) != n:
             raise Unmergeable("the image is truncated")
@@ -491,6 +493,8 @@ def _indexed(data: bytes, entry: int, at: int) -> tuple[bytes, int]:
 def _copy(src: BinaryIO, src_pos: int, out: BinaryIO, length: int) -> None:
     """*length* bytes of *src* from *src_pos* to *out*'s current position, in the kernel
     where it can."""
+    if length < 0:
+        raise Unmergeable("the image's tables are out of order")
     out.flush()
     fin, fout = src.fileno(), out.fileno()
     dst_pos = out.tell()
@@ -521,7 +525,8 @@ def merge(lower_file: BinaryIO, lower_offset: int, upper_file: BinaryIO, out: Bi
     if cover.unlinked:
         raise Unmergeable("hard links to lower files")
     damaged: tuple[type[Exception], ...] = (struct.error, IndexError, KeyError, ValueError,
-                                            RecursionError, *_codec_errors())
+                                            RecursionError, OverflowError, MemoryError,
+                                            *_codec_errors())
     try:
         _merge(lower_file, lower_offset, upper_file, out, cover)
     except damaged as e:  # the caller writes the whole image instead

@@ -57,8 +57,13 @@ class Key:
         return bool(self.cert.is_revoked)
 
     @property
-    def expired(self) -> bool:
+    def expiration(self) -> datetime.datetime | None:
         when = self.cert.expiration
+        return when if isinstance(when, datetime.datetime) else None
+
+    @property
+    def expired(self) -> bool:
+        when = self.expiration
         return when is not None and when <= datetime.datetime.now(datetime.UTC)
 
     def public_bytes(self) -> bytes:
