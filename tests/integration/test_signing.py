@@ -254,3 +254,45 @@ def test_bad_requests_are_one_line(keys: Path, image: Path, tmp_path: Path) -> N
     garbage = tmp_path / "garbage.asc"
     garbage.write_text("not a key")
     assert "no OpenPGP key" in one_error(run_capsid("key", "import", garbage))
+
+
+def _site(top: Path, mode: str, keys: list[str], dirpath: str = "") -> dict[str, str]:
+    """A site configuration with an activated execution control list and a global
+    keyring holding the test key; the environment that uses it."""
+    tmp_path = top / f"site-{mode}-{len(keys)}-{dirpath.strip('/')}"
+    tmp_path.mkdir()
+    (tmp_path / "ecl.toml").write_text(
+        "activated = true\n[[execgroup]]\n  tagname = \"site\"\n"
+        f"  mode = \"{mode}\"\n  dirpath = \"{dirpath}\"\n  keyfp = {json.dumps(keys)}\n")
+    global_keys = tmp_path / "global-pgp-public"
+    from capsid.signing import openpgp
+
+    key = openpgp.parse(TEST_KEY.read_bytes(), "test key")[0]
+    global_keys.write_bytes(key.public_bytes())
+    conf = tmp_path / "capsid.conf"
+    conf.write_text(f"ecl file = {tmp_path / 'ecl.toml'}\nglobal keyring = {global_keys}\n")
+    return {**os.environ, "CAPSID_CONFIG": str(conf)}
+
+
+def test_execution_control_list(keys: Path, image: Path, tmp_path: Path) -> None:
+    from tests.conftest import live_squashfuse
+
+    fingerprint = imported()
+    other = "0" * 40
+    env = _site(tmp_path, "whitelist", [fingerprint, other])
+    unsigned = run_capsid("exec", image, "true", env=env)
+    assert "not signed" in one_error(unsigned) and "may not run" in unsigned.stderr
+    assert not live_squashfuse(image)  # refused before anything was served or mounted
+    run_capsid("sign", image, check=True)
+    allowed = run_capsid("exec", image, "echo", "allowed", env=env)
+    assert allowed.stdout == "allowed\n", allowed.stderr
+    strict = _site(tmp_path, "whitestrict", [fingerprint, other])
+    assert "all of its keys" in one_error(run_capsid("run", image, env=strict))
+    banned = _site(tmp_path, "blacklist", [fingerprint])
+    assert "forbids" in one_error(run_capsid("exec", image, "true", env=banned))
+    elsewhere = _site(tmp_path, "whitelist", [fingerprint], dirpath="/opt")
+    assert "no execgroup" in one_error(run_capsid("exec", image, "true", env=elsewhere))
+    # a byte changed after signing: refused, whatever the mode
+    _oid, start = _object(image, "FS (Squashfs")
+    _flip(image, start + 4096)
+    assert "changed" in one_error(run_capsid("exec", image, "true", env=env))

@@ -13,7 +13,7 @@ import os
 
 import capsid
 from capsid import log
-from capsid.image.locate import LAYERS, SANDBOX, Image, locate
+from capsid.image.locate import LAYERS, SANDBOX, SIF, Image, locate
 from capsid.runtime import identity, linux
 
 TYPE_CHECKING = False
@@ -71,6 +71,8 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
         return Started(Image(image.name, LAYERS), identity.User.current(), True, None,
                        first_programs, None, image)
     located = locate(image)
+    if located.kind == SIF:
+        _control(located.path)
     unpacked = None
     if unsquash and located.kind != SANDBOX:  # as the user, before the user namespace
         from capsid import config
@@ -94,6 +96,17 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
         capsid.mark("image server started")
     return Started(located, user or identity.User.current(), in_userns, fuse_mount,
                    first_programs, affinity, unpacked=unpacked)
+
+
+def _control(path: str) -> None:
+    """The site's execution control list, if it has one, before anything is mounted."""
+    from capsid import config
+
+    site = config.load()
+    if os.path.exists(site.values.get("ecl file") or "/etc/capsid/ecl.toml"):
+        from capsid.signing import ecl
+
+        ecl.enforce(path, site)
 
 
 def _share_one_cpu() -> tuple[set[int], int] | None:

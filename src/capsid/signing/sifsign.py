@@ -92,6 +92,7 @@ class Checked:
     signer: list[str] = field(default_factory=list)  #: the key's user IDs, once verified
     objects: list[int] = field(default_factory=list)  #: the objects it vouches for
     error: str | None = None
+    tampered: bool = False  #: it verified, but what it signed changed since
 
     @property
     def ok(self) -> bool:
@@ -156,6 +157,8 @@ def _check(image: integrity.Image, sig: integrity.Object, group: int, keys: list
             raise NotVerified(f"the signature does not verify ({err})") from None
         checked.signer = key.user_ids
         checked.objects = [o.id for o in integrity.check(image, group, message, subset)]
-    except (NotVerified, integrity.IntegrityError, CapsidError) as err:
+    except integrity.IntegrityError as err:
+        checked.error, checked.tampered = str(err), True
+    except (NotVerified, CapsidError) as err:
         checked.error = str(err)
     return checked
