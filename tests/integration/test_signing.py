@@ -249,7 +249,11 @@ def test_bad_requests_are_one_line(keys: Path, image: Path, tmp_path: Path) -> N
     assert "--sif-id and --group-id" in one_error(run_capsid("sign", "-i", "1", "-g", "1",
                                                              image))
     assert "no object 99" in one_error(run_capsid("sign", "--sif-id", "99", image))
-    assert "PEM keys" in one_error(run_capsid("sign", "--key", "k.pem", image))
+    assert "cannot read the private key" in one_error(run_capsid("sign", "--key",
+                                                                 tmp_path / "k.pem", image))
+    (tmp_path / "bad.pem").write_text("-----BEGIN PRIVATE KEY-----\nxx\n")
+    assert "not a private key" in one_error(run_capsid("sign", "--key", tmp_path / "bad.pem",
+                                                       image))
     assert "not a SIF" in one_error(run_capsid("verify", tmp_path / "none.sif"))
     garbage = tmp_path / "garbage.asc"
     garbage.write_text("not a key")
@@ -296,3 +300,45 @@ def test_execution_control_list(keys: Path, image: Path, tmp_path: Path) -> None
     _oid, start = _object(image, "FS (Squashfs")
     _flip(image, start + 4096)
     assert "changed" in one_error(run_capsid("exec", image, "true", env=env))
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ec", "ed25519"])
+def test_pem_keys_sign_in_a_dsse_envelope(keys: Path, image: Path, tmp_path: Path,
+                                          kind: str) -> None:
+    """sign --key: a DSSE envelope (checked here against the specification with openssl,
+    independently of capsid), verified with --key and refused with any other key."""
+    need("openssl")
+    algorithm = {"rsa": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+                 "ec": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+                 "ed25519": ["-algorithm", "ED25519"]}[kind]
+    for name in ("key", "other"):
+        subprocess.run(["openssl", "genpkey", *algorithm, "-out", str(tmp_path / f"{name}.pem")],
+                       check=True, capture_output=True)
+        subprocess.run(["openssl", "pkey", "-in", str(tmp_path / f"{name}.pem"), "-pubout",
+                        "-out", str(tmp_path / f"{name}.pub")], check=True, capture_output=True)
+    run_capsid("sign", "--key", tmp_path / "key.pem", image, check=True)
+    sig, _ = _object(image, "Signature")
+    envelope = json.loads(run_capsid("sif", "dump", str(sig), image, check=True).stdout)
+    assert envelope["payloadType"] == "application/vnd.sylabs.sif-metadata+json"
+    import base64
+
+    body = base64.b64decode(envelope["payload"])
+    assert json.loads(body)["version"] == 1
+    kind_bytes = envelope["payloadType"].encode()
+    pae = b"DSSEv1 %d %s %d %s" % (len(kind_bytes), kind_bytes, len(body), body)
+    (tmp_path / "pae").write_bytes(pae)
+    (tmp_path / "sig").write_bytes(base64.b64decode(envelope["signatures"][0]["sig"]))
+    check = ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(tmp_path / "key.pub"),
+             "-rawin", "-in", str(tmp_path / "pae"), "-sigfile", str(tmp_path / "sig")]
+    if kind != "ed25519":  # RSA PKCS #1 v1.5 and ECDSA over SHA-256 of the encoding
+        check = ["openssl", "dgst", "-sha256", "-verify", str(tmp_path / "key.pub"),
+                 "-signature", str(tmp_path / "sig"), str(tmp_path / "pae")]
+    done = subprocess.run(check, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert run_capsid("verify", "--key", tmp_path / "key.pub", image).returncode == 0
+    assert "PEM key" in one_error(run_capsid("verify", image))
+    wrong = run_capsid("verify", "--key", tmp_path / "other.pub", image)
+    assert "no signature in it verifies" in one_error(wrong)
+    _oid, start = _object(image, "FS (Squashfs")
+    _flip(image, start + 100)
+    assert "changed" in one_error(run_capsid("verify", "--key", tmp_path / "key.pub", image))

@@ -1,9 +1,10 @@
 """``capsid sign``, ``verify``, ``key`` and ``keyserver``: Apptainer's signing commands.
 
 Flags follow Apptainer's: ``sign --keyidx N --sif-id ID --group-id ID --all``,
-``verify --local --all --json --sif-id --group-id``, ``key newpair|list|import|export|
-remove`` with ``--secret`` and ``--armor``. PEM keys (``--key``) and keyservers are not
-offered yet: each says so in one line, with what to do instead.
+``verify --key --local --all --json --sif-id --group-id``, ``key newpair|list|import|
+export|remove`` with ``--secret`` and ``--armor``; ``sign --key``/``verify --key`` take PEM
+keys (DSSE signatures). Keyservers are not offered: that says so in one line, with what
+to do instead.
 """
 
 from __future__ import annotations
@@ -19,12 +20,6 @@ from capsid.cli.parser import parser
 from capsid.errors import CapsidError, UsageError
 from capsid.signing import keyring
 from capsid.signing.openpgp import Key
-
-
-def _no_pem(value: str | None) -> None:
-    if value:
-        raise UsageError("signing with PEM keys (--key) is not available in capsid yet",
-                         "use an OpenPGP key: 'capsid key newpair' or 'capsid key import'")
 
 
 def _positive(text: str, what: str) -> int:
@@ -77,19 +72,23 @@ def _passphrase(key: Key) -> str | None:
 def sign(argv: list[str]) -> int:
     from capsid.signing import sifsign
 
-    p = parser("sign", "[--keyidx N] [--sif-id ID | --group-id ID | --all] IMAGE.sif",
-               "Add an OpenPGP signature to a SIF image for each object group, as "
-               "Apptainer's sign does (verified by 'apptainer verify' and 'capsid verify').")
+    p = parser("sign", "[--keyidx N | --key PRIVATE.pem] [--sif-id ID | --group-id ID | --all] "
+               "IMAGE.sif",
+               "Add a signature to a SIF image for each object group, as Apptainer's sign "
+               "does (verified by 'apptainer verify' and 'capsid verify'): OpenPGP with a key "
+               "of your keyring, or a DSSE envelope with a PEM private key (--key).")
     p.add_argument("-k", "--keyidx", help="the secret key to use (see 'capsid key list "
                    "--secret')")
     p.add_argument("-i", "--sif-id", help="sign only this object")
     p.add_argument("-g", "--group-id", help="sign only this object group")
     p.add_argument("-a", "--all", action="store_true", help="sign every object group (the "
                    "default)")
-    p.add_argument("--key", help=argparse_hidden())
+    p.add_argument("--key", help="sign with this PEM private key (RSA, ECDSA or Ed25519)")
     p.add_argument("image")
     args = p.parse_args(argv)
-    _no_pem(args.key)
+    if args.key and args.keyidx is not None:
+        raise UsageError("--key and --keyidx cannot be used together",
+                         "sign with a PEM key (--key) or a key of your keyring (--keyidx)")
     if args.sif_id and args.group_id:
         raise UsageError("--sif-id and --group-id cannot be used together",
                          "choose one object or one group")
@@ -100,12 +99,21 @@ def sign(argv: list[str]) -> int:
                              "see 'capsid key list --secret' for the indices")
         index = int(args.keyidx)
     image = _image(args.image)
-    key = _secret_key(index)
-    added = sifsign.sign(image, key, password=_passphrase(key),
-                         group=_positive(args.group_id, "group") if args.group_id else None,
-                         object_id=_positive(args.sif_id, "object") if args.sif_id else None)
+    group = _positive(args.group_id, "group") if args.group_id else None
+    object_id = _positive(args.sif_id, "object") if args.sif_id else None
+    if args.key:
+        from capsid.signing import dsse
+
+        added = sifsign.sign(image, None, pem=dsse.load_private(args.key), group=group,
+                             object_id=object_id)
+        signer = f"PEM key {args.key}"
+    else:
+        key = _secret_key(index)
+        added = sifsign.sign(image, key, password=_passphrase(key), group=group,
+                             object_id=object_id)
+        signer = f"key {key.fingerprint}"
     print(f"Signature created and applied to image '{image}' (object "
-          f"{', '.join(map(str, added))}, key {key.fingerprint})", file=sys.stderr)
+          f"{', '.join(map(str, added))}, {signer})", file=sys.stderr)
     return 0
 
 
@@ -118,7 +126,8 @@ def argparse_hidden() -> str:
 def verify(argv: list[str]) -> int:
     from capsid.signing import sifsign
 
-    p = parser("verify", "[--local] [--all] [--json] [--sif-id ID | --group-id ID] IMAGE.sif",
+    p = parser("verify", "[--key PUBLIC.pem] [--local] [--all] [--json] "
+               "[--sif-id ID | --group-id ID] IMAGE.sif",
                "Check an image's signatures against the public keys of your keyring: every "
                "signed object must be as it was signed.")
     p.add_argument("-l", "--local", action="store_true",
@@ -128,18 +137,23 @@ def verify(argv: list[str]) -> int:
     p.add_argument("-i", "--sif-id", help="verify only this object")
     p.add_argument("-g", "--group-id", help="verify only this object group")
     p.add_argument("--legacy-insecure", action="store_true", help=argparse_hidden())
-    p.add_argument("--key", help=argparse_hidden())
+    p.add_argument("--key", help="also verify DSSE signatures with this PEM public key")
     p.add_argument("image")
     args = p.parse_args(argv)
-    _no_pem(args.key)
     if args.legacy_insecure:
         raise UsageError("legacy signatures (SIFHASH, Singularity 3.5 and older) are not "
                          "verified by capsid", "sign the image again with a current key")
     image = _image(args.image)
     keys = keyring.load(keyring.PUBLIC)
+    pem = []
+    if args.key:
+        from capsid.signing import dsse
+
+        pem.append(dsse.load_public(args.key))
     result = sifsign.verify(image, keys,
                             group=_positive(args.group_id, "group") if args.group_id else None,
-                            object_id=_positive(args.sif_id, "object") if args.sif_id else None)
+                            object_id=_positive(args.sif_id, "object") if args.sif_id else None,
+                            pem=pem)
     if args.json:
         print(json.dumps({
             "image": str(image), "verified": result.ok, "problems": result.problems,

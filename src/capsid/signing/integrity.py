@@ -197,5 +197,5 @@ def check(image: Image, group: int, message: bytes, subset: list[Object] | None 
 
 def signature_extra(hash_name: str, fingerprint: str) -> bytes:
     """A signature descriptor's extra bytes: the hash type and the key's fingerprint."""
-    return struct.pack("<i", HASH_CODES[hash_name]) + bytes.fromhex(fingerprint)
+    return struct.pack("<i", HASH_CODES[hash_name]) + bytes.fromhex(fingerprint)  # "" for none
 

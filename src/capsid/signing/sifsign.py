@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from capsid.errors import CapsidError, UsageError
 from capsid.signing import integrity
@@ -61,23 +62,33 @@ def _selection(image: integrity.Image, group: int | None, object_id: int | None
     return out
 
 
-def sign(path: Path, key: Key, *, group: int | None = None, object_id: int | None = None,
-         password: str | None = None) -> list[int]:
-    """Add a signature by *key* to SIF *path* for each selected group; their IDs."""
+def sign(path: Path, key: Key | None, *, group: int | None = None,
+         object_id: int | None = None, password: str | None = None,
+         pem: Any = None) -> list[int]:
+    """Add a signature to SIF *path* for each selected group, by OpenPGP *key* or, with
+    *pem*, by that private key in a DSSE envelope; the new objects' IDs."""
     from capsid.image import sif
+    from capsid.signing import dsse
 
     fd, image = _open(path)
     try:
-        messages = [(g, clearsign(key, integrity.metadata(image, objects, HASH), password))
-                    for g, objects in _selection(image, group, object_id)]
+        messages = []
+        for g, objects in _selection(image, group, object_id):
+            body = integrity.metadata(image, objects, HASH)
+            if pem is not None:
+                messages.append((g, dsse.sign(pem, body)))
+            else:
+                assert key is not None
+                messages.append((g, clearsign(key, body, password)))
     finally:
         os.close(fd)
+    fingerprint = key.fingerprint if pem is None and key is not None else ""
     now = int(time.time())
     added = []
     for g, signed in messages:
         obj = sif.NewObject(sif.DataType.SIGNATURE, signed, group=0,
                             link=integrity.GROUP_MASK | g,
-                            extra=integrity.signature_extra(HASH, key.fingerprint))
+                            extra=integrity.signature_extra(HASH, fingerprint))
         added.append(sif.add_object(path, obj, when=now))
     return added
 
@@ -114,8 +125,9 @@ class Verification:
 
 
 def verify(path: Path, keys: list[Key], *, group: int | None = None,
-           object_id: int | None = None) -> Verification:
-    """Check *path*'s signatures against *keys* (a failure is reported, not raised)."""
+           object_id: int | None = None, pem: list[Any] | None = None) -> Verification:
+    """Check *path*'s signatures against OpenPGP *keys* and public *pem* keys (DSSE
+    signatures); a failure is reported, not raised."""
     fd, image = _open(path)
     result = Verification(path)
     try:
@@ -129,7 +141,7 @@ def verify(path: Path, keys: list[Key], *, group: int | None = None,
             if not sigs:
                 result.problems.append(f"object group {g} is not signed")
             for sig in sigs:
-                result.signatures.append(_check(image, sig, g, keys,
+                result.signatures.append(_check(image, sig, g, keys, pem or [],
                                                 objects if object_id is not None else None))
     finally:
         os.close(fd)
@@ -137,28 +149,39 @@ def verify(path: Path, keys: list[Key], *, group: int | None = None,
 
 
 def _check(image: integrity.Image, sig: integrity.Object, group: int, keys: list[Key],
-           subset: list[integrity.Object] | None) -> Checked:
+           pem: list[Any], subset: list[integrity.Object] | None) -> Checked:
+    from capsid.signing import dsse
+
     hash_name, fingerprint = sig.signature()
-    checked = Checked(sig.id, group, fingerprint)
+    checked = Checked(sig.id, group, fingerprint.strip("0") and fingerprint)
     try:
         if hash_name is None:
             raise NotVerified("its hash type is unknown")
-        known = next((k for k in keys if k.fingerprint == fingerprint), None)
-        if known is None:
-            raise NotVerified(f"the signing key {fingerprint} is not in your keyring "
-                              "(import it with 'capsid key import FILE')")
-        if known.revoked:
-            raise NotVerified(f"the signing key {fingerprint} is revoked")
-        try:
-            message, key = verify_clear(image.data(sig), [known])
-        except NotVerified as err:
-            if known.expired:
-                raise NotVerified(f"the signing key {fingerprint} has expired") from None
-            raise NotVerified(f"the signature does not verify ({err})") from None
-        checked.signer = key.user_ids
+        data = image.data(sig)
+        if dsse.is_envelope(data):
+            message = dsse.verify(data, pem)
+            checked.signer = ["PEM key"]
+        else:
+            message, key = _openpgp(data, fingerprint, keys)
+            checked.signer = key.user_ids
         checked.objects = [o.id for o in integrity.check(image, group, message, subset)]
     except integrity.IntegrityError as err:
         checked.error, checked.tampered = str(err), True
     except (NotVerified, CapsidError) as err:
         checked.error = str(err)
     return checked
+
+
+def _openpgp(data: bytes, fingerprint: str, keys: list[Key]) -> tuple[bytes, Key]:
+    known = next((k for k in keys if k.fingerprint == fingerprint), None)
+    if known is None:
+        raise NotVerified(f"the signing key {fingerprint} is not in your keyring "
+                          "(import it with 'capsid key import FILE')")
+    if known.revoked:
+        raise NotVerified(f"the signing key {fingerprint} is revoked")
+    try:
+        return verify_clear(data, [known])
+    except NotVerified as err:
+        if known.expired:
+            raise NotVerified(f"the signing key {fingerprint} has expired") from None
+        raise NotVerified(f"the signature does not verify ({err})") from None
