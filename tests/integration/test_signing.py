@@ -342,3 +342,71 @@ def test_pem_keys_sign_in_a_dsse_envelope(keys: Path, image: Path, tmp_path: Pat
     _oid, start = _object(image, "FS (Squashfs")
     _flip(image, start + 100)
     assert "changed" in one_error(run_capsid("verify", "--key", tmp_path / "key.pub", image))
+
+
+def _unsigned_part(sif: Path) -> bytes:
+    """The bytes of *sif* before its signature, with what adding it changed (the header's
+    counts and times, the signature's descriptor) blanked."""
+    sig_id, start = _object(sif, "Signature")
+    data = bytearray(sif.read_bytes()[:start])
+    data[:128] = bytes(128)
+    slot = _descriptor_offset(sif, sig_id)
+    data[slot:slot + DESCRIPTOR_SIZE] = bytes(DESCRIPTOR_SIZE)
+    return bytes(data)
+
+
+def test_build_and_pull_sign_as_they_write(keys: Path, busybox_sandbox: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signed build is reproducible but for its signature; pull --sign signs too."""
+    fingerprint = imported()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    outs = [tmp_path / "one.sif", tmp_path / "two.sif"]
+    for out in outs:
+        built = run_capsid("build", "--sign", out, busybox_sandbox)
+        assert built.returncode == 0, built.stderr
+        report = json.loads(run_capsid("verify", "--json", out, check=True).stdout)
+        assert [s["fingerprint"] for s in report["signatures"]] == [fingerprint]
+    assert _unsigned_part(outs[0]) == _unsigned_part(outs[1])
+    archive = Path(os.environ.get("CAPSID_TEST_CACHE", "/var/cache/capsid-test")) / "oci" / \
+        "busybox.docker.tar"
+    if archive.is_file():
+        pulled = tmp_path / "pulled.sif"
+        run_capsid("pull", "--keyidx", "0", pulled, f"docker-archive:{archive}", check=True)
+        assert run_capsid("verify", pulled).returncode == 0
+    refused = run_capsid("build", "--sandbox", "--sign", tmp_path / "dir", busybox_sandbox)
+    assert "cannot be signed" in one_error(refused)
+
+
+def test_a_pulled_image_that_fails_its_signature_is_removed(keys: Path, image: Path) -> None:
+    """What pull does with an oras:// SIF that carries signatures."""
+    from capsid.cli import sign
+    from capsid.errors import CapsidError
+
+    imported()
+    run_capsid("sign", image, check=True)
+    sign.check_pulled(image)  # intact: kept
+    assert image.exists()
+    _oid, start = _object(image, "FS (Squashfs")
+    _flip(image, start + 1)
+    with pytest.raises(CapsidError, match="does not match its signature"):
+        sign.check_pulled(image)
+    assert not image.exists()
+
+
+def test_an_expired_key(keys: Path, image: Path, tmp_path: Path) -> None:
+    """A key that expired since it signed: its signatures no longer count."""
+    import datetime
+    import time
+
+    from capsid.signing import keyring, openpgp
+
+    made = run_capsid("key", "newpair", "--name", "Brief", "--bit-length", "2048", check=True)
+    fingerprint = made.stderr.split("Key created: ")[1].split()[0]
+    run_capsid("sign", image, check=True)
+    key = keyring.load(keyring.SECRET)[0]
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=2)
+    brief = key.cert.set_expiration(soon, key.secret.certifier())
+    (tmp_path / "brief.pgp").write_bytes(openpgp.Key(brief).public_bytes())
+    run_capsid("key", "import", tmp_path / "brief.pgp", check=True)
+    time.sleep(3)
+    assert f"{fingerprint} has expired" in one_error(run_capsid("verify", image))

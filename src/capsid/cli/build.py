@@ -75,7 +75,18 @@ def run(verb: str, argv: list[str]) -> int:
     compat.add_to(p, "build")
     p.add_argument("output")
     p.add_argument("source", nargs="?")
+    from capsid.cli import sign
+
+    sign.add_signing(p)
     args = p.parse_args(argv)
+    if args.sandbox and (args.sign or args.keyidx is not None or args.sign_key):
+        raise UsageError("a sandbox directory cannot be signed", "build a SIF to sign it")
+    status = _build(args)
+    sign.sign_output(Path(args.output), args)
+    return status
+
+
+def _build(args: argparse.Namespace) -> int:
     if args.source is None:
         raise UsageError("build needs OUTPUT and SOURCE", "see 'capsid build --help'")
     from capsid import build

@@ -54,6 +54,9 @@ def pull(argv: list[str]) -> int:
 
     compat.add_to(p, "pull")
     p.add_argument("args", nargs="+", metavar="[OUTPUT] URI")
+    from capsid.cli import sign
+
+    sign.add_signing(p)
     args = p.parse_args(argv)
     if len(args.args) > 2:
         raise UsageError("too many arguments", "usage: capsid pull [options] [OUTPUT.sif] URI")
@@ -74,8 +77,11 @@ def pull(argv: list[str]) -> int:
     opts = sources.Options(args.arch, _nohttps(args), args.compression, args.disable_cache)
     if args.sandbox:
         sources.to_sandbox(uri, out, opts, force=args.force)
-    else:
-        sources.to_sif(uri, out, opts, force=args.force)
+        return 0
+    sources.to_sif(uri, out, opts, force=args.force)
+    if uri.startswith("oras://"):
+        sign.check_pulled(out)
+    sign.sign_output(out, args)
     return 0
 
 

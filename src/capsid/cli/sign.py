@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from capsid.cli.parser import parser
 from capsid.errors import CapsidError, UsageError
@@ -62,7 +63,12 @@ def _passphrase(key: Key) -> str | None:
     try:
         key.secret.signer(None)
         return None
-    except Exception:  # protected: ask, where someone can answer
+    except Exception as err:  # protected: ask, where someone can answer
+        reason = (str(err).splitlines() or [""])[0]
+        if "password" not in reason.lower() and "encrypt" not in reason.lower():
+            raise CapsidError(f"cannot sign with key {key.fingerprint}: {reason}",
+                              "check that it can sign and has not expired, or choose "
+                              "another with --keyidx") from None
         if not sys.stdin.isatty():
             raise UsageError(f"key {key.fingerprint} is protected by a passphrase",
                              "set CAPSID_SIGN_PASSPHRASE, or sign from a terminal") from None
@@ -115,6 +121,47 @@ def sign(argv: list[str]) -> int:
     print(f"Signature created and applied to image '{image}' (object "
           f"{', '.join(map(str, added))}, {signer})", file=sys.stderr)
     return 0
+
+
+def add_signing(p: Any) -> None:
+    """``--sign``, ``--keyidx`` and ``--key`` for commands that write a SIF (build, pull)."""
+    group = p.add_argument_group("signing the output")
+    group.add_argument("--sign", action="store_true",
+                       help="sign the SIF written (with your only secret key, or --keyidx)")
+    group.add_argument("--keyidx", help="the secret key to sign with (implies --sign)")
+    group.add_argument("--key", dest="sign_key", metavar="PRIVATE.pem",
+                       help="sign with this PEM private key (implies --sign)")
+
+
+def sign_output(out: Path, args: Any) -> None:
+    """Sign the SIF a build or pull wrote, if its options ask for it."""
+    if not (args.sign or args.keyidx is not None or args.sign_key):
+        return
+    argv = [*(["--keyidx", args.keyidx] if args.keyidx is not None else []),
+            *(["--key", args.sign_key] if args.sign_key else []), str(out)]
+    sign(argv)
+
+
+def check_pulled(out: Path) -> None:
+    """A SIF fetched as it was stored (oras://) that carries signatures must verify: a
+    signature that does not is a tampered image, removed again."""
+    from capsid.image import sif
+    from capsid.image.output import remove
+    from capsid.signing import sifsign
+
+    with sif.SifImage(out) as image:
+        if image.find(sif.DataType.SIGNATURE) is None:
+            return
+    result = sifsign.verify(out, keyring.load(keyring.PUBLIC))
+    bad = [s for s in result.signatures if s.tampered]
+    if bad or result.problems:
+        remove(out)
+        why = bad[0].error if bad else result.problems[0]
+        raise CapsidError(f"the image pulled does not match its signature ({why}); it was "
+                          "removed", "check where it comes from; pull it again")
+    for s in result.signatures:
+        state = "verified" if s.ok else f"not verified: {s.error}"
+        print(f"signature {s.id} (key {s.fingerprint or 'PEM'}): {state}", file=sys.stderr)
 
 
 def argparse_hidden() -> str:

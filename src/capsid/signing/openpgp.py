@@ -19,7 +19,7 @@ from typing import Any
 from capsid.errors import CapsidError
 
 
-class KeyError_(CapsidError):
+class KeyProblem(CapsidError):
     """A key cannot be read or used."""
 
 
@@ -80,7 +80,7 @@ def parse(data: bytes, what: str) -> list[Key]:
         with _quiet():
             certs = lib.Cert.split_bytes(data) if data.strip() else []
     except Exception as err:  # pysequoia raises plain exceptions with Sequoia's message
-        raise KeyError_(f"{what} holds no OpenPGP key ({_first_line(err)})",
+        raise KeyProblem(f"{what} holds no OpenPGP key ({_first_line(err)})",
                         "export the key again, armored (gpg --armor --export)") from None
     with _quiet():
         return [Key(cert, cert.secrets if cert.has_secret_keys else None) for cert in certs]
@@ -111,18 +111,19 @@ def clearsign(key: Key, message: bytes, password: str | None = None) -> bytes:
     """*message* clear-signed with *key*'s signing key."""
     lib = _lib()
     if key.secret is None:
-        raise KeyError_(f"key {key.fingerprint} has no secret part here",
+        raise KeyProblem(f"key {key.fingerprint} has no secret part here",
                         "import the secret key with 'capsid key import FILE'")
     try:
         with _quiet():
             signer = key.secret.signer(password)
     except Exception as err:
-        raise KeyError_(f"cannot use key {key.fingerprint}: {_first_line(err)}",
+        raise KeyProblem(f"cannot use key {key.fingerprint} (a wrong passphrase?): "
+                        f"{_first_line(err)}",
                         "give its passphrase, or choose another key with --keyidx") from None
     try:
         return bytes(lib.sign(signer, message, mode=lib.SignatureMode.CLEAR))
     except Exception as err:
-        raise KeyError_(f"cannot sign with key {key.fingerprint}: {_first_line(err)}",
+        raise KeyProblem(f"cannot sign with key {key.fingerprint}: {_first_line(err)}",
                         "check that the key can sign and has not expired") from None
 
 

@@ -83,7 +83,10 @@ def sign(path: Path, key: Key | None, *, group: int | None = None,
     finally:
         os.close(fd)
     fingerprint = key.fingerprint if pem is None and key is not None else ""
-    now = int(time.time())
+    from capsid.image.write import source_date_epoch
+
+    epoch = source_date_epoch()  # a reproducible build's times stay its own
+    now = epoch if epoch is not None else int(time.time())
     added = []
     for g, signed in messages:
         obj = sif.NewObject(sif.DataType.SIGNATURE, signed, group=0,
@@ -179,9 +182,9 @@ def _openpgp(data: bytes, fingerprint: str, keys: list[Key]) -> tuple[bytes, Key
                           "(import it with 'capsid key import FILE')")
     if known.revoked:
         raise NotVerified(f"the signing key {fingerprint} is revoked")
+    if known.expired:
+        raise NotVerified(f"the signing key {fingerprint} has expired")
     try:
         return verify_clear(data, [known])
     except NotVerified as err:
-        if known.expired:
-            raise NotVerified(f"the signing key {fingerprint} has expired") from None
         raise NotVerified(f"the signature does not verify ({err})") from None
