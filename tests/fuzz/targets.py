@@ -272,6 +272,18 @@ def keyring(data: bytes) -> None:
         assert key.fingerprint and isinstance(key.user_ids, list)
 
 
+def pem_file(data: bytes) -> None:
+    """A PEM key file as sign --key and verify --key read it; and an envelope signed
+    with whatever key it holds, verified."""
+    from capsid.signing import dsse
+    from capsid.signing.openpgp import NotVerified
+
+    with as_file(data) as path:
+        key = dsse.load_public(path)
+    with contextlib.suppress(NotVerified):
+        dsse.verify(data, [key])
+
+
 def lower_squashfs(data: bytes) -> None:
     """Any bytes as the squashfs a build lays its steps over: merged, or refused."""
     from capsid.image import sqmerge
@@ -293,7 +305,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "dockerfile_recipe": dockerfile_recipe, "definition_file": definition_file,
     "elf_headers": elf_headers, "cdi_spec": cdi_spec, "instance_record": instance_record,
     "step_output": step_output, "signed_sif": signed_sif, "keyring": keyring,
-    "lower_squashfs": lower_squashfs,
+    "lower_squashfs": lower_squashfs, "pem_file": pem_file,
 }
 
 

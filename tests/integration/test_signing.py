@@ -410,3 +410,24 @@ def test_an_expired_key(keys: Path, image: Path, tmp_path: Path) -> None:
     run_capsid("key", "import", tmp_path / "brief.pgp", check=True)
     time.sleep(3)
     assert f"{fingerprint} has expired" in one_error(run_capsid("verify", image))
+
+
+def test_apptainers_keyring_is_read_while_capsid_has_none(image: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    from capsid.signing import openpgp
+
+    if not TEST_KEY.is_file():
+        pytest.skip(f"{TEST_KEY} is absent")
+    apptainer = tmp_path / "apptainer-keys"
+    apptainer.mkdir()
+    key = openpgp.parse(TEST_KEY.read_bytes(), "test key")[0]
+    (apptainer / "pgp-secret").write_bytes(key.secret_bytes())
+    (apptainer / "pgp-public").write_bytes(key.public_bytes())
+    monkeypatch.setenv("APPTAINER_KEYSDIR", str(apptainer))
+    monkeypatch.setenv("CAPSID_KEYSDIR", str(tmp_path / "capsid-keys"))
+    run_capsid("sign", image, check=True)
+    assert run_capsid("verify", image).returncode == 0
+    listed = run_capsid("key", "list", check=True).stdout
+    assert str(apptainer / "pgp-public") in listed and key.fingerprint in listed
+    assert not (tmp_path / "capsid-keys").exists()  # nothing written until a change

@@ -205,3 +205,9 @@ def test_keyring(data: bytes) -> None:
 @given(_mutated(_corpus("lower_squashfs", "lower.sqfs")))
 def test_lower_squashfs(data: bytes) -> None:
     targets.check("lower_squashfs", data)
+
+
+@EXAMPLES
+@given(_mutated(_corpus("pem_file", "ec.pub")) | _mutated(_corpus("pem_file", "ed25519.pem")))
+def test_pem_file(data: bytes) -> None:
+    targets.check("pem_file", data)
