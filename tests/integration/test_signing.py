@@ -431,3 +431,24 @@ def test_apptainers_keyring_is_read_while_capsid_has_none(image: Path, tmp_path:
     listed = run_capsid("key", "list", check=True).stdout
     assert str(apptainer / "pgp-public") in listed and key.fingerprint in listed
     assert not (tmp_path / "capsid-keys").exists()  # nothing written until a change
+
+
+def test_apptainers_dsse_golden_signs_capsids_metadata(keys: Path, shared_sifs: Path) -> None:
+    """The SIF library's DSSE golden image: its envelope's payload is, byte for byte, the
+    metadata capsid computes for the image (so capsid's envelopes carry what Apptainer
+    checks), and without its key capsid says which kind of key it needs."""
+    import base64
+
+    from capsid.signing import integrity
+
+    image = shared_sifs / "one-group-signed-dsse.sif"
+    sig, _ = _object(image, "Signature")
+    envelope = json.loads(run_capsid("sif", "dump", str(sig), image, check=True).stdout)
+    assert envelope["payloadType"] == "application/vnd.sylabs.sif-metadata+json"
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        sif = integrity.Image(fd, str(image))
+        assert base64.b64decode(envelope["payload"]) == integrity.metadata(sif, sif.group(1))
+    finally:
+        os.close(fd)
+    assert "PEM key" in one_error(run_capsid("verify", image))
