@@ -87,16 +87,26 @@ def _yes(value: str, key: str, path: str) -> bool:
                       "fix the site configuration file")
 
 
+#: the last file read, by its path and identity: a start asks several times
+_LOADED: dict[tuple[str, int, int, int, int], SiteConfig] = {}
+
+
 def load(path: str | None = None) -> SiteConfig:
-    """Read the site configuration; a missing file means the defaults."""
+    """Read the site configuration; a missing file means the defaults. The same file,
+    unchanged, is read once per process."""
     path = path or env("CONFIG") or DEFAULT_PATH
     try:
         # O_NONBLOCK: a FIFO named by CAPSID_CONFIG must not hang every container start
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             os.close(fd)
             raise CapsidError(f"configuration {path} is not a regular file",
                               "point CAPSID_CONFIG at a file")
+        identity = (path, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        if identity in _LOADED:
+            os.close(fd)
+            return _LOADED[identity]
         with open(fd, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
@@ -127,7 +137,8 @@ def load(path: str | None = None) -> SiteConfig:
     if mount_dev not in ("yes", "no", "minimal"):
         raise CapsidError(f"{path}: 'mount dev = {values['mount dev']}' is not yes, no or "
                           "minimal", "fix the site configuration file")
-    return SiteConfig(
+    _LOADED.clear()
+    _LOADED[identity] = SiteConfig(
         bind_paths=tuple(binds) if binds else DEFAULT_BIND_PATHS,
         mount_home=_yes(values.get("mount home", "yes"), "mount home", path),
         mount_tmp=_yes(values.get("mount tmp", "yes"), "mount tmp", path),
@@ -137,3 +148,4 @@ def load(path: str | None = None) -> SiteConfig:
         tmpfs_size_mib=int(size) if size else None,
         values=values,
     )
+    return _LOADED[identity]

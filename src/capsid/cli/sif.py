@@ -111,7 +111,7 @@ def info_text(d: sif.Descriptor) -> str:
     return _table(rows, 2, "  ")
 
 
-def _object_id(text: str) -> int:
+def object_id(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -140,9 +140,9 @@ def run(verb: str, argv: list[str]) -> int:
         elif args.action == "header":
             sys.stdout.write(header_text(image))
         elif args.action == "info":
-            sys.stdout.write(info_text(image.get(_object_id(args.id))))
+            sys.stdout.write(info_text(image.get(object_id(args.id))))
         else:
             sys.stdout.flush()
-            image.copy_to(image.get(_object_id(args.id)), sys.stdout.buffer)
+            image.copy_to(image.get(object_id(args.id)), sys.stdout.buffer)
             sys.stdout.buffer.flush()
     return 0

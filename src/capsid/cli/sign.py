@@ -9,6 +9,7 @@ to do instead.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import getpass
 import json
@@ -18,16 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from capsid.cli.parser import parser
+from capsid.cli.sif import object_id as parse_id
 from capsid.errors import CapsidError, UsageError
 from capsid.signing import keyring
 from capsid.signing.openpgp import Key
 
-
-def _positive(text: str, what: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise UsageError(f"{what} {text!r} is not a positive number",
-                         "IDs start at 1: see 'capsid sif list IMAGE'")
-    return int(text)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from capsid.signing.sifsign import Verification
 
 
 def _image(path: str) -> Path:
@@ -105,8 +104,8 @@ def sign(argv: list[str]) -> int:
                              "see 'capsid key list --secret' for the indices")
         index = int(args.keyidx)
     image = _image(args.image)
-    group = _positive(args.group_id, "group") if args.group_id else None
-    object_id = _positive(args.sif_id, "object") if args.sif_id else None
+    group = parse_id(args.group_id) if args.group_id else None
+    object_id = parse_id(args.sif_id) if args.sif_id else None
     if args.key:
         from capsid.signing import dsse
 
@@ -164,12 +163,6 @@ def check_pulled(out: Path) -> None:
         print(f"signature {s.id} (key {s.fingerprint or 'PEM'}): {state}", file=sys.stderr)
 
 
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
-
-
 def verify(argv: list[str]) -> int:
     from capsid.signing import sifsign
 
@@ -183,7 +176,7 @@ def verify(argv: list[str]) -> int:
     p.add_argument("-j", "--json", action="store_true", help="the result as JSON")
     p.add_argument("-i", "--sif-id", help="verify only this object")
     p.add_argument("-g", "--group-id", help="verify only this object group")
-    p.add_argument("--legacy-insecure", action="store_true", help=argparse_hidden())
+    p.add_argument("--legacy-insecure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--key", help="also verify DSSE signatures with this PEM public key")
     p.add_argument("image")
     args = p.parse_args(argv)
@@ -198,8 +191,8 @@ def verify(argv: list[str]) -> int:
 
         pem.append(dsse.load_public(args.key))
     result = sifsign.verify(image, keys,
-                            group=_positive(args.group_id, "group") if args.group_id else None,
-                            object_id=_positive(args.sif_id, "object") if args.sif_id else None,
+                            group=parse_id(args.group_id) if args.group_id else None,
+                            object_id=parse_id(args.sif_id) if args.sif_id else None,
                             pem=pem)
     if args.json:
         print(json.dumps({
@@ -217,10 +210,7 @@ def verify(argv: list[str]) -> int:
     return 0
 
 
-def _report(result: object) -> None:
-    from capsid.signing.sifsign import Verification
-
-    assert isinstance(result, Verification)
+def _report(result: Verification) -> None:
     print(f"Verifying image: {result.path}", file=sys.stderr)
     for s in result.signatures:
         if s.ok:
@@ -255,9 +245,9 @@ def key(argv: list[str]) -> int:
     new.add_argument("-N", "--name")
     new.add_argument("-E", "--email")
     new.add_argument("-C", "--comment")
-    new.add_argument("-P", "--password", help=argparse_hidden())
+    new.add_argument("-P", "--password", help=argparse.SUPPRESS)
     new.add_argument("-b", "--bit-length", type=int, default=4096)
-    new.add_argument("--push", default=None, help=argparse_hidden())
+    new.add_argument("--push", default=None, help=argparse.SUPPRESS)
     lst = sub.add_parser("list", help="list the keys of the keyring")
     lst.add_argument("-s", "--secret", action="store_true")
     imp = sub.add_parser("import", help="add the keys of a file (public or secret)")

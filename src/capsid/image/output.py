@@ -33,6 +33,25 @@ _GRACE_SECONDS = 2
 _FULL_BYTES = 4 << 20
 
 
+def copy_range(fin: int, fout: int, length: int, src_pos: int, dst_pos: int) -> None:
+    """Copy *length* bytes of fd *fin* at *src_pos* to fd *fout* at *dst_pos*: in the
+    kernel (a reflink where the file system has them), through memory where it cannot.
+    Raises EOFError if *fin* ends first."""
+    while length:
+        try:
+            n = os.copy_file_range(fin, fout, length, src_pos, dst_pos)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            n = -1
+        if n < 0:
+            chunk = os.pread(fin, min(length, 1 << 20), src_pos)
+            n = os.pwrite(fout, chunk, dst_pos) if chunk else 0
+        if n == 0:
+            raise EOFError(f"the source ended {length} bytes short")
+        src_pos, dst_pos, length = src_pos + n, dst_pos + n, length - n
+
+
 def check_target(target: Path, force: bool) -> None:
     """Refuse an existing *target* without *force*, and a parent that is missing."""
     if os.path.lexists(target) and not force:

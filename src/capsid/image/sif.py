@@ -357,15 +357,13 @@ class _Layout:
 
 def _copy_range(src: Path, out_fd: int, offset: int) -> None:
     """Copy file *src* into *out_fd* at *offset* inside the kernel (no user-space pass)."""
+    from capsid.image.output import copy_range
+
     with open(src, "rb") as f:
-        remaining = os.fstat(f.fileno()).st_size
-        pos = offset
-        while remaining:
-            n = os.copy_file_range(f.fileno(), out_fd, remaining, offset_dst=pos)
-            if n == 0:
-                raise OSError(f"short copy from {src}")
-            pos += n
-            remaining -= n
+        try:
+            copy_range(f.fileno(), out_fd, os.fstat(f.fileno()).st_size, 0, offset)
+        except EOFError:
+            raise OSError(f"short copy from {src}") from None
 
 
 _FALLOC_FL_INSERT_RANGE = 0x20
@@ -505,13 +503,10 @@ def add_object(path: Path, obj: NewObject, *, when: int) -> int:
         data_size=start + len(obj.data) - header.data_offset)
     with output.atomic_file(path, force=True, mode=mode) as tmp, open(path, "rb") as src, \
             open(tmp, "r+b" if tmp.exists() else "wb") as out:
-        size = os.fstat(src.fileno()).st_size
-        copied = 0
-        while copied < size:  # in the kernel; a reflink where the file system has them
-            n = os.copy_file_range(src.fileno(), out.fileno(), size - copied, copied, copied)
-            if n <= 0:
-                raise OSError(f"short copy of {path}")
-            copied += n
+        try:
+            output.copy_range(src.fileno(), out.fileno(), os.fstat(src.fileno()).st_size, 0, 0)
+        except EOFError:
+            raise OSError(f"short copy of {path}") from None
         out.truncate(start)
         os.pwrite(out.fileno(), obj.data, start)
         os.pwrite(out.fileno(), descriptor.pack(), table_offset + slot * DESCRIPTOR.size)

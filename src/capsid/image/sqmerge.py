@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 from capsid.image.flatten import Cover
+from capsid.image.output import copy_range
 
 SUPER = struct.Struct("<IIIIIHHHHHHQQQQQQQQ")
 MAGIC = 0x73717368
@@ -491,26 +492,16 @@ def _indexed(data: bytes, entry: int, at: int) -> tuple[bytes, int]:
 
 
 def _copy(src: BinaryIO, src_pos: int, out: BinaryIO, length: int) -> None:
-    """*length* bytes of *src* from *src_pos* to *out*'s current position, in the kernel
-    where it can."""
+    """*length* bytes of *src* from *src_pos* to *out*'s current position."""
     if length < 0:
         raise Unmergeable("the image's tables are out of order")
     out.flush()
-    fin, fout = src.fileno(), out.fileno()
     dst_pos = out.tell()
-    left = length
-    while left:
-        try:
-            n = os.copy_file_range(fin, fout, left, src_pos, dst_pos)
-        except OSError:
-            n = 0
-        if n <= 0:
-            chunk = os.pread(fin, min(left, 1 << 20), src_pos)
-            if not chunk:
-                raise Unmergeable("the image is truncated")
-            n = os.pwrite(fout, chunk, dst_pos)
-        src_pos, dst_pos, left = src_pos + n, dst_pos + n, left - n
-    out.seek(dst_pos)
+    try:
+        copy_range(src.fileno(), out.fileno(), length, src_pos, dst_pos)
+    except EOFError:
+        raise Unmergeable("the image is truncated") from None
+    out.seek(dst_pos + length)
 
 
 def merge(lower_file: BinaryIO, lower_offset: int, upper_file: BinaryIO, out: BinaryIO,

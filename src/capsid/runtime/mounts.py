@@ -64,10 +64,16 @@ def unpack_image(fd: int, offset: int) -> None:
     target = f"{SESSION}{IMAGE}"
     linux.mount("capsid-unpacked", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
                 "mode=0755")
+    unsquash(fd, offset, f"{target}/root")
+    linux.mount(f"{target}/root", target, None, linux.MS_BIND | linux.MS_REC)
+
+
+def unsquash(fd: int, offset: int, dest: str) -> None:
+    """Unpack the squashfs at *offset* of the image open as *fd* into new directory
+    *dest*, as the calling user (what ``--unsquash`` runs)."""
     # status 2: some files could not be made as they were (device nodes): not fatal
     tools.run(["unsquashfs", "-o", str(offset), "-n", "-q", "-f", "-no-xattrs", "-d",
-               f"{target}/root", f"/proc/self/fd/{fd}"], pass_fds=(fd,), ok=(0, 2))
-    linux.mount(f"{target}/root", target, None, linux.MS_BIND | linux.MS_REC)
+               dest, f"/proc/self/fd/{fd}"], pass_fds=(fd,), ok=(0, 2))
 
 
 def bind_unpacked(fd: int) -> None:

@@ -107,9 +107,9 @@ def _unpack(image_fd: int, offset: int, final: str) -> None:
     shutil.rmtree(temp, ignore_errors=True)  # a killed unpack's
     LOG.info("unpacking the image once for this job into %s", final)
     try:
-        # status 2: some files could not be made as they were (device nodes): not fatal
-        tools.run(["unsquashfs", "-o", str(offset), "-n", "-q", "-f", "-no-xattrs", "-d",
-                   temp, f"/proc/self/fd/{image_fd}"], pass_fds=(image_fd,), ok=(0, 2))
+        from capsid.runtime import mounts
+
+        mounts.unsquash(image_fd, offset, temp)
         os.rename(temp, final)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

@@ -69,9 +69,10 @@ class Object:
         return None
 
     def signature(self) -> tuple[str | None, str]:
-        """A signature object's (hash name, or None if unknown; key fingerprint as hex)."""
+        """A signature object's (hash name, or None if unknown; key fingerprint as hex,
+        "" where it names none: a PEM key's)."""
         code, entity = struct.unpack_from("<i20s", self.extra)
-        return HASH_NAMES.get(code), entity.hex().upper()
+        return HASH_NAMES.get(code), entity.hex().upper() if entity.strip(b"\0") else ""
 
 
 class Image:

@@ -62,22 +62,18 @@ def load(kind: str) -> list[Key]:
 
 
 def save(kind: str, keys: list[Key]) -> Path:
-    """Write *keys* as capsid's *kind* keyring (atomically; secret ones private)."""
+    """Write *keys* as capsid's *kind* keyring (atomically, only the user may read it)."""
+    from capsid.image import output
+
     directory = own_directory()
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = directory / kind
-    data = b"".join(k.secret_bytes() if kind == SECRET else k.public_bytes() for k in keys)
-    temp = directory / f".{kind}.{os.getpid()}.tmp"
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = directory / kind
+        data = b"".join(k.secret_bytes() if kind == SECRET else k.public_bytes() for k in keys)
+        with output.atomic_file(path, force=True, mode=0o600) as tmp:
+            tmp.write_bytes(data)
     except OSError as err:
-        temp.unlink(missing_ok=True)
-        raise CapsidError(f"cannot write the keyring {path}: {err.strerror}",
+        raise CapsidError(f"cannot write the keyring in {directory}: {err.strerror}",
                           f"check that {directory} is yours and writable") from None
     return path
 

@@ -156,7 +156,7 @@ def _check(image: integrity.Image, sig: integrity.Object, group: int, keys: list
     from capsid.signing import dsse
 
     hash_name, fingerprint = sig.signature()
-    checked = Checked(sig.id, group, fingerprint.strip("0") and fingerprint)
+    checked = Checked(sig.id, group, fingerprint)
     try:
         if hash_name is None:
             raise NotVerified("its hash type is unknown")
