@@ -59,7 +59,10 @@ class BaseImage:
         own = store.bases / f"{digest('sif', self.key, compression, stamp)}.sif"
         places = [own]
         if self.key.startswith("sha256:"):
-            places.insert(0, Store().sif_path(self.key, compression))
+            try:  # the pull cache, if it is the user's own (its bytes go into the output)
+                places.insert(0, Store().prepare().sif_path(self.key, compression))
+            except CapsidError as err:
+                LOG.debug("not using the pull cache: %s", err)
         for place in places:
             offset = _usable(place, stamp, text)
             if offset is not None:
