@@ -82,13 +82,64 @@ def test_only_regular_files_are_read_ahead(root: Path) -> None:
         seen: set[tuple[int, int]] = set()
         assert inroot.open_file(root_fd, "/bin") is None  # only files are opened
         directory = os.open(root / "bin", os.O_RDONLY)
-        assert prefetch._read_ahead(directory, seen) is None and seen == set()
+        assert prefetch._read_ahead(directory, seen) == (None, []) and seen == set()
         program = inroot.open_file(root_fd, "/bin/sh")
         assert program is not None
         prefetch._read_ahead(program, seen)
         assert len(seen) == 1
     finally:
         os.close(root_fd)
+
+
+def test_needed_libraries_of_a_real_program() -> None:
+    """The names match what the section headers say (capsid.elf reads those)."""
+    from capsid import elf
+
+    program = os.path.realpath(shutil.which("ls") or "/bin/ls")
+    fd = os.open(program, os.O_RDONLY)
+    try:
+        needed = prefetch.needed_libraries(fd, os.pread(fd, 4096, 0))
+    finally:
+        os.close(fd)
+    assert "libc.so.6" in needed
+    assert needed == elf.read(program).needed
+
+
+def test_needed_libraries_of_damaged_programs() -> None:
+    assert prefetch.needed_libraries(-1, _elf(None)) == []  # no PT_DYNAMIC: not read at all
+    dynamic = _elf(None).replace(b"\x01\x00\x00\x00\x04", b"\x02\x00\x00\x00\x04", 1)
+    with pytest.raises(OSError):  # a PT_DYNAMIC that cannot be read: _read_ahead ignores it
+        prefetch.needed_libraries(-1, dynamic)
+
+
+def test_the_libraries_of_a_dynamic_program_are_read_ahead(tmp_path: Path) -> None:
+    """The loader and each library a program names, from the loader's directory."""
+    ls = os.path.realpath(shutil.which("ls") or "/bin/ls")
+    with open(ls, "rb") as f:
+        interp = prefetch.elf_interpreter(f.read(4096))
+    assert interp is not None
+    libdir = tmp_path / "usr" / "lib" / "multiarch"
+    libdir.mkdir(parents=True)
+    (tmp_path / "bin").mkdir()
+    shutil.copy(ls, tmp_path / "bin" / "ls")
+    (tmp_path / interp.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+    (libdir / "ld.so").write_bytes(b"loader")
+    (tmp_path / interp.lstrip("/")).symlink_to("/usr/lib/multiarch/ld.so")
+    for name in ("libc.so.6", "libunrelated.so.1"):
+        (libdir / name).write_bytes(name.encode())
+    root_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    seen: set[tuple[int, int]] = set()
+    try:
+        program = inroot.open_file(root_fd, "/bin/ls")
+        assert program is not None
+        found_interp, needed = prefetch._read_ahead(program, seen)
+        assert found_interp == interp and "libc.so.6" in needed
+        prefetch._libraries(root_fd, found_interp, needed, seen)
+    finally:
+        os.close(root_fd)
+    read = {path.name for path in libdir.iterdir()
+            if (path.stat().st_dev, path.stat().st_ino) in seen}
+    assert read == {"ld.so", "libc.so.6"}  # libunrelated.so.1 is not needed by ls
 
 
 def test_prefetch_of_a_missing_program_is_harmless(root: Path) -> None:

@@ -87,6 +87,7 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
     capsid.mark("container runtime imported")
     plan = planning.make(name, action, argv, opts, started)
     capsid.mark("planned")
+    early.share_one_cpu(started)
     try:
         linux.unshare(linux.namespace_flags(pid=opts.pid, ipc=opts.ipc, net=opts.net,
                                             uts=opts.uts or bool(opts.hostname)))
@@ -169,6 +170,7 @@ def assemble_for_sharing(image: str, opts: Options, started: early.Started) -> N
     plan = planning.make(image, "exec", (), opts, started)
     # the container's own mount namespace: the image server's stays behind
     linux.unshare(linux.namespace_flags(pid=False, ipc=False, net=False, uts=False))
+    early.share_one_cpu(started)
     _assemble_root(plan, started)
     early.release_cpus(started)
 

@@ -87,15 +87,13 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
         userns.enter(user or identity.User.ids(), fakeroot, subordinate_ids=subordinate_ids)
     capsid.mark("user namespace")
     fuse_mount = None
-    affinity = None
     server = _server() if in_userns and located.kind != SANDBOX and not unsquash else None
     if server is not None:
-        affinity = _share_one_cpu()
         owner = (0, 0) if fakeroot else (os.getuid(), os.getgid())
         fuse_mount = _serve(server, located, owner, first_programs)
         capsid.mark("image server started")
     return Started(located, user or identity.User.current(), in_userns, fuse_mount,
-                   first_programs, affinity, unpacked=unpacked)
+                   first_programs, None, unpacked=unpacked)
 
 
 def _control(path: str) -> None:
@@ -109,36 +107,40 @@ def _control(path: str) -> None:
         ecl.enforce(path, site)
 
 
-def _share_one_cpu() -> tuple[set[int], int] | None:
-    """Run on the current CPU only, until the command starts; the old CPU set, if changed
-    (and an fd of the host's /proc).
+def share_one_cpu(started: Started) -> None:
+    """Run this process and the image server on the current CPU only, until the command
+    starts (:func:`release_cpus`); the old CPU set is kept in *started*.
 
     Setting up the container is a conversation with squashfuse, one request and
     answer after another. On separate CPUs every turn wakes the other one, which
     costs a virtual machine tens of microseconds per request; on one CPU each side
-    simply runs while the other waits. squashfuse, spawned next, inherits the CPU; once
-    the mounts are made both get the whole set back (:func:`release_cpus`), the
-    server before the command starts. Under Slurm or MPI binding the set often is
-    one CPU already.
+    simply runs while the other waits. Until now (the imports, the plan) both ran
+    apart: the server starts and reads the programs ahead beside the Python work.
+    Under Slurm or MPI binding the set often is one CPU already.
     """
+    served = started.fuse_mount
+    if served is None:
+        return
     allowed = os.sched_getaffinity(0)
     cpu = linux.current_cpu()
     if len(allowed) < 2 or cpu not in allowed:
-        return None
-    os.sched_setaffinity(0, {cpu})
+        return
     # the host's /proc, to find the server by when the container's root hides it
-    return allowed, os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    os.sched_setaffinity(0, {cpu})
+    served.set_cpus({cpu}, proc)
+    started.affinity = allowed, proc
 
 
 def release_server(started: Started) -> None:
     """Collect the image server's launcher and give the server back the CPUs that
-    :func:`_share_one_cpu` took. Before a PID namespace of the container's: the
+    :func:`share_one_cpu` took. Before a PID namespace of the container's: the
     server would not be seen from there."""
     served = started.fuse_mount
     if served is not None:
         served.reap()
         if started.affinity is not None:
-            served.unpin(*started.affinity)
+            served.set_cpus(*started.affinity, last=True)
 
 
 def release_cpus(started: Started) -> None:

@@ -125,7 +125,8 @@ class _Server:
 
     def __init__(self, launcher: int, tail: list[str]) -> None:
         self.launcher, self.tail = launcher, tail
-        self.reaped = self.unpinned = False
+        self.reaped = self.released = False
+        self.server: int | None = None  #: its PID, once found
 
     def reap(self) -> None:
         """Collect the launcher (it exits once the server runs on its own); once, so
@@ -134,38 +135,48 @@ class _Server:
             self.reaped = True
             _reap(self.launcher)
 
-    def unpin(self, cpus: set[int], proc: int) -> None:
-        """Give the server (every thread of it) *cpus*, once: the start pinned it to
-        one CPU beside this process, and it must serve the command's reads from any.
+    def set_cpus(self, cpus: set[int], proc: int, *, last: bool = False) -> None:
+        """Run the server (every thread of it) on *cpus*. The start pins it beside this
+        process while the mounts are made; the *last* call gives it back the whole set,
+        and no call after that changes it: it serves the command's reads from any CPU.
 
         It is the launcher's child, with a PID a little above the launcher's. *proc* is
         the host's ``/proc``, opened before a container's root or PID namespace hid it.
         """
-        if self.unpinned:
+        if self.released:
             return
-        self.unpinned = True
+        self.released = last
+        if self.server is None:
+            self.server = self._find(proc)
+        if self.server is None:
+            LOG.debug("image server not found; it keeps the CPUs it has")
+            return
+        try:
+            fd = os.open(f"{self.server}/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                         dir_fd=proc)
+            try:
+                tasks = os.listdir(fd)
+            finally:
+                os.close(fd)
+        except OSError:  # it ended
+            return
+        for tid in tasks:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:  # a thread that just ended
+                continue
+
+    def _find(self, proc: int) -> int | None:
         tail = "\0".join(self.tail).encode() + b"\0"
         for pid in range(self.launcher + 1, self.launcher + 64):
             try:
                 fd = os.open(f"{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
                 with open(fd, "rb") as f:
-                    if not f.read().endswith(tail):
-                        continue
-                fd = os.open(f"{pid}/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                             dir_fd=proc)
-                try:
-                    tasks = os.listdir(fd)
-                finally:
-                    os.close(fd)
+                    if f.read().endswith(tail):
+                        return pid
             except OSError:
                 continue
-            for tid in tasks:
-                try:
-                    os.sched_setaffinity(int(tid), cpus)
-                except OSError:  # a thread that just ended
-                    continue
-            return
-        LOG.debug("image server not found; it keeps the CPU it started on")
+        return None
 
 
 class Served(_Server):
