@@ -4,11 +4,11 @@ Run as an ordinary user (as root it re-runs itself as CAPSID_TEST_USER, default 
 
     .venv/bin/python bench/exec_startup.py [--runs 40]
 
-Prints the median and 90th percentile of ``/bin/true`` and ``python3 -c pass`` in each
-tool, the ratio of capsid to ch-run, a breakdown of one capsid start into its phases
-(from the marks capsid writes with ``CAPSID_TIMING=FILE``) on the busybox and the
-Debian+python3 image, and the memory that stays resident beside the command while a
-capsid container runs.
+Prints the median and 90th percentile of ``/bin/true`` (on busybox and on Debian) and
+``python3 -c pass`` in each tool, the ratio of capsid to ch-run, a breakdown of one
+capsid start into its phases (from the marks capsid writes with ``CAPSID_TIMING=FILE``)
+on the busybox and the Debian+python3 image, and the memory that stays resident beside
+the command while a capsid container runs.
 """
 
 from __future__ import annotations
@@ -130,13 +130,14 @@ def breakdown(argv: list[str], runs: int) -> list[tuple[str, float]]:
     return [(label, statistics.median(times)) for label, times in per_phase.items()]
 
 
-def print_breakdown(name: str, argv: list[str], runs: int, peer_ms: float) -> None:
+def print_breakdown(name: str, argv: list[str], runs: int, peer_ms: float,
+                    peer_image: str = "busybox") -> None:
     phases = breakdown(argv, runs)
     total = sum(ms for _, ms in phases)
     print(f"\none start of {name}, median ms of each phase ({runs} runs):")
     for label, ms in phases:
         print(f"  {label:<36} {ms:>6.2f}")
-    print(f"  {'sum':<36} {total:>6.2f}   (ch-run, busybox /bin/true: {peer_ms:.2f})")
+    print(f"  {'sum':<36} {total:>6.2f}   (ch-run, {peer_image} /bin/true: {peer_ms:.2f})")
 
 
 def main() -> int:
@@ -168,6 +169,10 @@ def main() -> int:
         debian_dir, debian_sif = CACHE / "debian-python3", CACHE / "debian-python3.sif"
         if debian_sif.is_file() and debian_dir.is_dir():
             cases += [
+                ("/bin/true, Debian", "capsid exec (SIF)",
+                 [str(CAPSID), "exec", str(debian_sif), "/bin/true"]),
+                ("/bin/true, Debian", "ch-run (directory)",
+                 ["ch-run", str(debian_dir), "--", "/bin/true"]),
                 ("python3 -c pass", "capsid exec (SIF)",
                  [str(CAPSID), "exec", str(debian_sif), "python3", "-c", "pass"]),
                 ("python3 -c pass", "ch-run (directory)",
@@ -196,20 +201,25 @@ def main() -> int:
         print(f"ratio capsid / bwrap, /bin/true: {ours_true / bwrap:.1f}x")
         print_breakdown("busybox.sif /bin/true", [str(CAPSID), "exec", str(sif), "/bin/true"],
                         args.runs, results[("/bin/true", "ch-run (directory)")][0] * 1000)
-        if ("python3 -c pass", "ch-run (directory)") in results:
+        if ("/bin/true, Debian", "ch-run (directory)") in results:
             print_breakdown("debian-python3.sif /bin/true",
                             [str(CAPSID), "exec", str(debian_sif), "/bin/true"], args.runs,
-                            results[("/bin/true", "ch-run (directory)")][0] * 1000)
+                            results[("/bin/true, Debian", "ch-run (directory)")][0] * 1000,
+                            "Debian")
         print("\nresident while `capsid exec busybox.sif sleep 3` runs (KiB):")
         for name, rss in resident_beside_command(sif).items():
             print(f"  {name:<30} {rss:>8}")
-        ratio = results[("/bin/true", "capsid exec (SIF)")][0] / \
-            results[("/bin/true", "ch-run (directory)")][0]
-        verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
-        print(f"\n/bin/true start-up {verdict} the target of <= {TARGET_RATIO:.0f}x ch-run "
-              f"({ratio:.1f}x)")
-        return 0 if ratio <= TARGET_RATIO else 1
-
+        worst = 0.0
+        for command in ("/bin/true", "/bin/true, Debian"):
+            if (command, "ch-run (directory)") not in results:
+                continue
+            ratio = results[(command, "capsid exec (SIF)")][0] / \
+                results[(command, "ch-run (directory)")][0]
+            worst = max(worst, ratio)
+            verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
+            print(f"{command} start-up {verdict} the target of <= {TARGET_RATIO:.0f}x ch-run "
+                  f"({ratio:.1f}x)")
+        return 0 if worst <= TARGET_RATIO else 1
 
 if __name__ == "__main__":
     sys.exit(main())

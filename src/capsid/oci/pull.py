@@ -3,17 +3,22 @@
 ``resolve`` walks the endpoints (mirrors first) to the platform's manifest,
 ``fetch`` downloads what the cache lacks (layers in parallel) and
 ``cached_sif`` converts once per manifest digest, under a lock, so a second
-``capsid exec docker://…`` — or the other 31 ranks of a job — find it ready.
+``capsid exec docker://…`` — or the other 31 ranks of a job — find it ready. Its
+conversion reads each layer while it downloads, and ends only once every layer
+matched its digest; a download that starts over makes it convert again from the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from capsid import log
 from capsid.errors import CapsidError, ImageNotFoundError
@@ -199,10 +204,185 @@ class Puller:
         with self.store.lock(path.name + ".lock"):
             if path.is_file():
                 return path
-            source = self.fetch(resolved)
-            tosif.write_sif(source, path, compression=compression, force=True, verified=True)
+            try:
+                with self._arriving(resolved) as source:
+                    tosif.write_sif(source, path, compression=compression, force=True,
+                                    verified=True)
+            except _Rewound:  # a download started over: convert what is now in the cache
+                LOG.debug("a layer was downloaded again; converting it afresh")
+                tosif.write_sif(self.fetch(resolved), path, compression=compression,
+                                force=True, verified=True)
         return path
+
+    @contextlib.contextmanager
+    def _arriving(self, resolved: Resolved) -> Iterator[oci.SourceImage]:
+        """:meth:`fetch`, but the image's layers are read as they download: converting
+        one overlaps the download of it and of the next (each ends once checked)."""
+        ref, ep = resolved.ref, resolved.endpoint
+        config_desc, layer_descs = oci.manifest_parts(resolved.manifest, str(ref))
+        if config_desc.get("mediaType") == oci.SIF_CONFIG:
+            raise CapsidError(f"{ref} is a SIF stored with ORAS, not a container image",
+                              f"pull it with oras://{ref}")
+        config_digest = check_digest(str(config_desc.get("digest", "")))
+        if not self.store.has(config_digest):
+            self.store.put(self.client.blob_bytes(ep, config_digest))
+        arrivals: dict[str, _Arrival] = {}
+        for desc in layer_descs:
+            digest = check_digest(str(desc.get("digest", "")))
+            if not self.store.has(digest) and digest not in arrivals:
+                arrivals[digest] = _Arrival()
+        total = sum(int(d.get("size", 0)) for d in layer_descs
+                    if str(d.get("digest")) in arrivals)
+        progress = Progress(total, f"Fetching {len(arrivals)} layers")
+        self.client.progress = progress
+
+        def download(digest: str, arrival: _Arrival) -> None:
+            try:
+                arrival.finish(self.client.fetch_blob(ep, digest, self.store, arrival))
+            except BaseException as err:
+                arrival.fail(err)
+                raise
+
+        try:
+            with ThreadPoolExecutor(PARALLEL_DOWNLOADS) as pool:
+                futures = [pool.submit(download, digest, arrival)
+                           for digest, arrival in arrivals.items()]
+                try:
+                    layers = [oci.Layer(str(d["digest"]), int(d.get("size", 0)),
+                                        str(d.get("mediaType", "")),
+                                        arrivals[str(d["digest"])].opener
+                                        if str(d["digest"]) in arrivals
+                                        else _opener(self.store.blob_path(str(d["digest"]))))
+                              for d in layer_descs]
+                    yield oci.SourceImage(f"docker://{ref}",
+                                          oci.image_config(self.store.read(config_digest)),
+                                          layers, resolved.digest,
+                                          self.store.read(config_digest))
+                except BaseException:
+                    for arrival in arrivals.values():
+                        arrival.abandon()
+                    raise
+                for future in futures:
+                    future.result()
+        finally:
+            self.client.progress = None
+            progress.end()
 
 
 def _opener(path: Path) -> oci.Opener:
     return lambda: open(path, "rb")
+
+
+class _Rewound(Exception):
+    """A layer's download started over after some of it had been read."""
+
+
+class _Arrival:
+    """A layer on its way into the cache, to be read while it arrives.
+
+    The download thread says where the bytes go and how many there are
+    (:class:`capsid.oci.registry.BlobWatch`), then that the blob is complete and
+    matched its digest (:meth:`finish`) or that it failed (:meth:`fail`). A reader
+    waits for bytes that are not there yet, and sees the end of the layer only once
+    it is checked: nothing converted from a layer that turns out wrong is kept.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.path: Path | None = None
+        self.size = 0  #: bytes written so far
+        self.valid = 0  #: bytes that will not be written again
+        self.readers: list[_Following] = []
+        self.final: Path | None = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+
+    def start(self, partial: Path, valid: int) -> None:
+        with self.cond:
+            self.path, self.size, self.valid = partial, valid, valid
+            for reader in self.readers:
+                reader.restart(partial, valid)
+            self.cond.notify_all()
+
+    def wrote(self, size: int) -> None:
+        with self.cond:
+            self.size = size
+            self.cond.notify_all()
+
+    def finish(self, final: Path) -> None:
+        with self.cond:
+            self.final = final
+            self.cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self.cond:
+            self.error = error
+            self.cond.notify_all()
+
+    def abandon(self) -> None:
+        """The conversion stopped: readers waiting for more are told to stop too."""
+        with self.cond:
+            self.abandoned = True
+            self.cond.notify_all()
+
+    def opener(self) -> BinaryIO:
+        reader = _Following(self)
+        with self.cond:
+            self.readers.append(reader)
+        return cast("BinaryIO", reader)
+
+
+class _Following:
+    """A binary file over an :class:`_Arrival`: ``read`` waits for what is on its way."""
+
+    def __init__(self, arrival: _Arrival) -> None:
+        self.arrival = arrival
+        self.fd = -1
+        self.pos = 0
+        self.rewound = self.reopen = False
+
+    def restart(self, partial: Path, valid: int) -> None:
+        """Called under the arrival's lock when bytes go to *partial* from *valid* on."""
+        if self.pos > valid:
+            self.rewound = True
+        elif valid == 0:  # a new file, perhaps: open it afresh at the next read
+            self.reopen = True
+
+    def read(self, size: int = -1) -> bytes:
+        """*size* bytes (all the rest if negative), fewer only at the end of the layer."""
+        arrival = self.arrival
+        with arrival.cond:
+            while True:
+                if self.rewound or arrival.abandoned:
+                    raise _Rewound()
+                if arrival.error is not None:
+                    raise arrival.error
+                if arrival.final is not None:
+                    path, end = arrival.final, -1
+                    break
+                if (size >= 0 and arrival.path is not None
+                        and arrival.size - self.pos >= size):
+                    path, end = arrival.path, arrival.size
+                    break
+                arrival.cond.wait()
+            if self.reopen:
+                self.close()
+                self.reopen = False
+            if self.fd < 0:
+                self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if size < 0:
+            size = os.fstat(self.fd).st_size - self.pos
+        data = os.pread(self.fd, size if end < 0 else min(size, end - self.pos), self.pos)
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> _Following:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

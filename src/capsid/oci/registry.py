@@ -18,7 +18,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from capsid import config, log
 from capsid.errors import CapsidError, ImageFormatError, ImageNotFoundError
@@ -58,6 +58,18 @@ def _delay(base: float, attempt: int, retry_after: str | None = None) -> float:
     if retry_after and retry_after.isdigit():
         return min(float(retry_after), 30.0)
     return float(min(base * (2 ** attempt), 20.0) * (0.5 + random.random() / 2))
+
+
+class BlobWatch(Protocol):
+    """What a reader of a blob being downloaded hears (:mod:`capsid.oci.pull` converts
+    layers as they arrive)."""
+
+    def start(self, partial: Path, valid: int) -> None:
+        """Bytes go to *partial* from now; its first *valid* bytes stay as they are (a
+        resumed download), any after them are written again."""
+
+    def wrote(self, size: int) -> None:
+        """*partial* holds *size* bytes, flushed (not yet checked against the digest)."""
 
 
 class Client:
@@ -228,8 +240,12 @@ class Client:
                                    "its digest", "try again; if it persists the registry is broken")
         return data
 
-    def fetch_blob(self, ep: Endpoint, digest: str, store: Store) -> Path:
-        """Download blob *digest* into *store* (once, across processes); return its path."""
+    def fetch_blob(self, ep: Endpoint, digest: str, store: Store,
+                   watch: BlobWatch | None = None) -> Path:
+        """Download blob *digest* into *store* (once, across processes); return its path.
+
+        *watch* hears where the bytes are written as they arrive (see :class:`BlobWatch`).
+        """
         if store.has(digest):
             return store.blob_path(digest)
         with store.lock(digest.split(":", 1)[1] + ".lock"):
@@ -238,7 +254,7 @@ class Client:
             partial = store.partial_path(digest)
             for attempt in range(ATTEMPTS):
                 try:
-                    if self._download(ep, digest, partial):
+                    if self._download(ep, digest, partial, watch):
                         return store.commit(partial, digest)
                 except _Interrupted as e:
                     LOG.debug("blob %s interrupted at %d bytes: %s", digest[:19], e.at, e.cause)
@@ -249,7 +265,8 @@ class Client:
                                 "check the network and try again; the part already "
                                 "downloaded is kept")
 
-    def _download(self, ep: Endpoint, digest: str, partial: Path) -> bool:
+    def _download(self, ep: Endpoint, digest: str, partial: Path,
+                  watch: BlobWatch | None = None) -> bool:
         """Fetch (or resume) *partial*; True when it is complete and matches *digest*."""
         import httpx
 
@@ -272,11 +289,16 @@ class Client:
                 _check(response, ep, f"blob {digest[:19]}…")
             mode = "ab" if offset else "wb"
             with open(partial, mode) as f:
+                if watch is not None:
+                    watch.start(partial, offset)
                 try:
                     for chunk in response.iter_raw(CHUNK):
                         f.write(chunk)
                         hasher.update(chunk)
                         offset += len(chunk)
+                        if watch is not None:
+                            f.flush()
+                            watch.wrote(offset)
                         if self.progress:
                             self.progress(len(chunk))
                 except httpx.TransportError as e:

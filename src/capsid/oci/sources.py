@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from capsid import log
@@ -71,7 +70,7 @@ def to_sif(uri: str, out: Path, opts: Options, force: bool = False) -> None:
                 return
             cached = puller.cached_sif(ref, opts.platform, opts.compression)
         with output.atomic_file(out, force) as tmp:
-            shutil.copyfile(cached, tmp)
+            output.copy_file(cached, tmp)
     else:
         pull_oras(reference.parse(rest), out, opts, force)
 
@@ -114,7 +113,7 @@ def pull_oras(ref: reference.Reference, out: Path, opts: Options, force: bool) -
     with Puller(nohttps=opts.nohttps) as puller:
         blob = puller.oras_sif(ref, opts.platform)
     with output.atomic_file(out, force) as tmp:
-        shutil.copyfile(blob, tmp)
+        output.copy_file(blob, tmp)
 
 
 def default_name(uri: str) -> str:
