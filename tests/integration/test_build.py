@@ -445,6 +445,69 @@ def test_reproducible_and_sandbox_outputs(env: dict[str, str], tmp_path: Path) -
     assert tree(sandbox) == tree(unpacked)
 
 
+def _unpacked_bases(cache: Path) -> list[Path]:
+    store = cache / ("build-root" if os.getuid() == 0 else "build") / "bases"
+    return sorted(store.glob("*/rootfs"))
+
+
+def test_copy_steps_run_on_the_pulled_squashfs(env: dict[str, str], tmp_path: Path) -> None:
+    """#22: a base 'capsid pull' left in the cache is served to COPY and WORKDIR from its
+    squashfs (FUSE), never unpacked; the image is the one an unpacked base gives."""
+    write(tmp_path, "fib.py", "print(55)\n")
+    recipe = write(tmp_path, "Dockerfile", """
+        FROM busybox:1
+        COPY fib.py /src/
+        WORKDIR /w/x
+        COPY fib.py .
+        """)
+    epoch = {"SOURCE_DATE_EPOCH": "1700000000"}
+    pulled = {**env, **epoch, "CAPSID_CACHEDIR": str(tmp_path / "pulled")}
+    run_capsid("pull", tmp_path / "base.sif", "docker://busybox:1", env=pulled, check=True)
+    build(pulled, tmp_path / "served.sif", recipe)
+    assert _unpacked_bases(tmp_path / "pulled") == []
+    fresh = {**env, **epoch, "CAPSID_CACHEDIR": str(tmp_path / "fresh")}
+    build(fresh, tmp_path / "unpacked.sif", recipe)
+    assert len(_unpacked_bases(tmp_path / "fresh")) == 1
+    assert (tmp_path / "served.sif").read_bytes() == (tmp_path / "unpacked.sif").read_bytes()
+    assert run_capsid("exec", tmp_path / "served.sif", "cat", "/src/fib.py", "/w/x/fib.py",
+                      env=env, check=True).stdout == "print(55)\n" * 2
+
+
+def test_a_copy_the_served_base_cannot_take_goes_on_unpacked(
+        env: dict[str, str], registry: Registry, busybox_sandbox: Path, tmp_path: Path) -> None:
+    """/owned belongs to uid 1234, whom an ordinary user's COPY namespace does not map:
+    in the served squashfs it is out of reach, so the step starts again over the base
+    unpacked (where the files are the user's), and succeeds."""
+    import io
+    import tarfile
+
+    from tests.support.bombs import MEDIA, make_layout
+
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        def as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            return info
+        tar.add(busybox_sandbox, arcname=".", filter=as_root)
+        owned = tarfile.TarInfo("owned")
+        owned.type, owned.mode, owned.uid, owned.gid = tarfile.DIRTYPE, 0o755, 1234, 1234
+        tar.addfile(owned)
+    make_layout(tmp_path / "layout", [(layer.getvalue(), MEDIA["plain"])])
+    registry.skopeo_copy(f"oci:{tmp_path / 'layout'}:bomb", "hub/library/owned:1")
+    write(tmp_path, "f", "mine\n")
+    recipe = write(tmp_path, "Dockerfile", "FROM owned:1\nCOPY f /owned/f\n")
+    run_capsid("pull", tmp_path / "base.sif", "docker://owned:1", env=env, check=True)
+    out = tmp_path / "out.sif"
+    result = run_capsid("-d", "build", out, recipe, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr
+    # root's builds map the image's ids (a range of their own): the served base is enough
+    fell_back = os.getuid() != 0
+    assert ("served base's files are out of reach" in result.stderr) == fell_back
+    assert len(_unpacked_bases(Path(env["CAPSID_CACHEDIR"]))) == int(fell_back)
+    assert run_capsid("exec", out, "cat", "/owned/f", env=env, check=True).stdout == "mine\n"
+
+
 def test_the_builder_and_runtime_as_a_library(env: dict[str, str], tmp_path: Path) -> None:
     """capsid.build and capsid.runtime.api work from Python, without the CLI."""
     write(tmp_path, "Dockerfile", "FROM busybox:1\nRUN echo lib > /lib.txt\n")

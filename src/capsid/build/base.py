@@ -1,5 +1,6 @@
 """Where a stage starts: the base image's layers (for the output), its configuration, and
-its files unpacked once into the build cache (for steps to run on)."""
+its files: unpacked once into the build cache for steps that run commands, or the
+squashfs a pull left, served by FUSE, for the steps capsid does itself (COPY, WORKDIR)."""
 
 from __future__ import annotations
 
@@ -48,29 +49,55 @@ class BaseImage:
         a build's output to be laid over: the one a pull left in capsid's cache when it
         is that (same stamp and definition), else one made here once. None for a base
         without layers of its own (a local image, scratch, debootstrap)."""
-        if not self.layers:
-            return None
+        found = self.existing_squashfs(store, compression, epoch)
+        if found is not None or not self.layers:
+            return found
         from capsid.oci import tosif
-        from capsid.oci.store import Store
 
         source = oci.SourceImage(self.name, self.config, self.layers)
-        stamp = epoch if epoch is not None else tosif.created(self.config)
-        text = tosif.deffile(source).encode()
-        own = store.bases / f"{digest('sif', self.key, compression, stamp)}.sif"
-        places = [own]
+        own = self._own_squashfs(store, compression, epoch)
+        LOG.info("writing %s alone, for later builds to be laid over", self.name)
+        tosif.write_image(source, own, compression=compression, force=True)
+        offset = _usable(own, *self._expected(epoch))
+        return None if offset is None else (own, offset)
+
+    def existing_squashfs(self, store: BuildStore, compression: str,
+                          epoch: int | None) -> tuple[Path, int] | None:
+        """What :meth:`squashfs` gives where it is there already (a pull, or an earlier
+        build, made it), without making it."""
+        if not self.layers:
+            return None
+        from capsid.oci.store import Store
+
+        places = [self._own_squashfs(store, compression, epoch)]
         if self.key.startswith("sha256:"):
             try:  # the pull cache, if it is the user's own (its bytes go into the output)
                 places.insert(0, Store().prepare().sif_path(self.key, compression))
             except CapsidError as err:
                 LOG.debug("not using the pull cache: %s", err)
         for place in places:
-            offset = _usable(place, stamp, text)
+            offset = _usable(place, *self._expected(epoch))
             if offset is not None:
                 return place, offset
-        LOG.info("writing %s alone, for later builds to be laid over", self.name)
-        tosif.write_image(source, own, compression=compression, force=True)
-        offset = _usable(own, stamp, text)
-        return None if offset is None else (own, offset)
+        return None
+
+    def _own_squashfs(self, store: BuildStore, compression: str, epoch: int | None) -> Path:
+        return store.bases / f"{digest('sif', self.key, compression, self._expected(epoch)[0])}.sif"
+
+    def _expected(self, epoch: int | None) -> tuple[int, bytes]:
+        """The creation stamp and definition file of the base's SIF as made now."""
+        from capsid.oci import tosif
+
+        source = oci.SourceImage(self.name, self.config, self.layers or [])
+        return (epoch if epoch is not None else tosif.created(self.config),
+                tosif.deffile(source).encode())
+
+    def unpacked(self, store: BuildStore) -> Path | None:
+        """The base's files as a directory, if they are unpacked already."""
+        if self._rootfs is not None:
+            return self._rootfs
+        rootfs = store.bases / self.key[:40] / "rootfs"
+        return rootfs if rootfs.is_dir() else None
 
     def rootfs(self, store: BuildStore) -> Path:
         """The base's files as a directory (unpacked once, then shared by every build)."""
@@ -136,7 +163,9 @@ def _registry(ref: str, platform: tuple[str, str], nohttps: bool) -> BaseImage:
     with Puller(nohttps=nohttps) as puller:
         resolved = puller.resolve(reference.parse(ref), platform)
         source = puller.fetch(resolved)
-    return BaseImage(resolved.digest, source.config, source.layers, f"docker://{ref}",
+    # named as the pull names it (docker://docker.io/library/busybox:1 for busybox:1): the
+    # squashfs a pull left must read as this base's (see squashfs)
+    return BaseImage(resolved.digest, source.config, source.layers, source.name,
                      _extract(source.layers, True))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from capsid import log
@@ -87,8 +88,11 @@ class StageResult:
 
     def lowers(self, store: BuildStore) -> list[str]:
         """Directories for overlayfs, newest first, ending with the base's files."""
-        return [str(layer.diff) for layer in reversed(self.layers) if not layer.empty] + \
-            [str(self.base.rootfs(store))]
+        return [*self.step_lowers(), str(self.base.rootfs(store))]
+
+    def step_lowers(self) -> list[str]:
+        """The steps' directories for overlayfs, newest first (the base not included)."""
+        return [str(layer.diff) for layer in reversed(self.layers) if not layer.empty]
 
 
 class Builder:
@@ -393,19 +397,49 @@ class Builder:
         self.downloads[url] = temp.path
         return temp.path
 
+    def _mounted(self, stages: list[StageResult], pending: Pending,
+                 fn: Callable[[list[str]], None]) -> None:
+        """``fn(paths)`` with *stages* mounted (the first writable, into *pending*): what
+        capsid does itself in a step. A base not unpacked yet whose squashfs is at hand
+        (a pull left it) is served by FUSE rather than unpacked; where *fn* fails on the
+        served files (an owner the namespace does not map), the step starts again over
+        the base unpacked, whose files are the user's."""
+        try:
+            mounted.call_in([self._root(stage, pending if index == 0 else None, True)
+                             for index, stage in enumerate(stages)], str(pending.scratch), fn)
+        except mounted.Unmapped:
+            LOG.debug("the served base's files are out of reach; unpacking it for this step")
+            pending.reset()
+            mounted.call_in([self._root(stage, pending if index == 0 else None, False)
+                             for index, stage in enumerate(stages)], str(pending.scratch), fn)
+
+    def _root(self, stage: StageResult, pending: Pending | None, serve: bool) -> Layers:
+        upper, work = ("", "") if pending is None else (str(pending.diff), str(pending.work))
+        image = self._served_base(stage.base) if serve else None
+        if image is None:
+            return Layers(stage.lowers(self.store), upper, work)
+        return Layers(stage.step_lowers(), upper, work, base_image=image)
+
+    def _served_base(self, base: BaseImage) -> tuple[str, int] | None:
+        """The base's squashfs (SIF, offset) to serve, if it is not unpacked yet and one
+        is there already."""
+        if base.unpacked(self.store) is not None or not mounted.can_serve():
+            return None
+        found = base.existing_squashfs(self.store, self.opts.compression, self.epoch)
+        return None if found is None else (str(found[0]), found[1])
+
     def _copy(self, result: StageResult, step: Copy, pending: Pending) -> None:
         chown = step.chown if step.chown not in ("0", "root", "0:0", "root:root") else None
         if chown and not self.real_owners:
             LOG.warning("%s: --chown=%s: files stay owned by root (only root is mapped: "
                         "subordinate ids in /etc/subuid make owners real)", step.where, chown)
             chown = None
-        roots = [Layers(result.lowers(self.store), str(pending.diff), str(pending.work))]
         source_root: StageResult | None = None
         if step.from_stage is not None:
             index = self.recipe.stage(step.from_stage)
             assert index is not None
             source_root = self.results[index]
-            roots.append(Layers(source_root.lowers(self.store), "", ""))
+        stages = [result] if source_root is None else [result, source_root]
         workdir = result.state.workdir or "/"
         dest = step.dest if step.dest.startswith("/") else os.path.join(workdir, step.dest)
         if step.dockerish and step.dest.endswith("/"):
@@ -458,11 +492,10 @@ class Builder:
             finally:
                 target.close()
 
-        mounted.call_in(roots, str(pending.scratch), copy)
+        self._mounted(stages, pending, copy)
 
     def _mkdir(self, result: StageResult, pending: Pending) -> None:
         workdir = result.state.workdir or "/"
-        roots = [Layers(result.lowers(self.store), str(pending.diff), str(pending.work))]
 
         def mkdir(paths: list[str]) -> None:
             target = Destination(paths[0], self.epoch)
@@ -471,7 +504,7 @@ class Builder:
             finally:
                 target.close()
 
-        mounted.call_in(roots, str(pending.scratch), mkdir)
+        self._mounted([result], pending, mkdir)
 
     def _metadata_dirs(self, result: StageResult) -> None:
         """/.singularity.d in the root before %post runs, as Apptainer's bootstrap makes it
@@ -498,7 +531,6 @@ class Builder:
         tree = meta.skeleton()
         tree[f"{meta.ENV}/10-docker2singularity.sh"] = (0o755,
                                                         meta.docker_env_script(env).encode())
-        roots = [Layers(result.lowers(self.store), str(pending.diff), str(pending.work))]
         epoch = self.epoch
 
         def write(paths: list[str]) -> None:
@@ -522,14 +554,13 @@ class Builder:
             finally:
                 target.close()
 
-        mounted.call_in(roots, str(pending.scratch), write)
+        self._mounted([result], pending, write)
 
     # -- %setup ------------------------------------------------------------------------
 
     def _setup(self, result: StageResult, step: Setup, pending: Pending) -> None:
         script = pending.scratch / "setup.sh"
         script.write_text(step.script)
-        roots = [Layers(result.lowers(self.store), str(pending.diff), str(pending.work))]
         where = str(step.where)
 
         def setup(paths: list[str]) -> None:
@@ -542,7 +573,7 @@ class Builder:
                 raise BuildError(f"{where}: %setup failed with exit code {status}",
                                  "fix the script and build again")
 
-        mounted.call_in(roots, str(pending.scratch), setup)
+        self._mounted([result], pending, setup)
 
 
 def _step_output(scratch: Path, name: str, step: Run) -> str:

@@ -87,6 +87,12 @@ class Pending:
         assert layer is not None
         return layer
 
+    def reset(self) -> None:
+        """Empty the step's directories again, for it to start over."""
+        for d in (self.diff, self.work, self.scratch):
+            output.remove(d)
+            d.mkdir()
+
     def discard(self) -> None:
         self.temp.discard()
 

@@ -67,6 +67,8 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
     from capsid.runtime import userns  # here: a rank joining a shared container has no use
 
     if not isinstance(image, str):
+        if image.base_image is not None:
+            raise ValueError("a container's layers must be directories (see Layers.base_image)")
         userns.enter(identity.User.current(), True, subordinate_ids=subordinate_ids)
         return Started(Image(image.name, LAYERS), identity.User.current(), True, None,
                        first_programs, None, image)

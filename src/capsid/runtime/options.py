@@ -138,13 +138,18 @@ class Layers:
     and the step's own *upper* directory receiving its changes (deletions as overlayfs
     whiteouts). *work* is overlayfs's scratch directory, on the same file system as
     *upper*. *name* is what the container calls itself (APPTAINER_CONTAINER).
+    *base_image* (a SIF and the offset of its squashfs), where given, lies under the
+    lowers, served by squashfuse: only :mod:`capsid.build.mounted` serves it (a
+    container's steps run on directories).
     """
 
-    __slots__ = ("lowers", "name", "upper", "work")
+    __slots__ = ("base_image", "lowers", "name", "upper", "work")
 
-    def __init__(self, lowers: Sequence[str], upper: str, work: str, name: str = "build") -> None:
+    def __init__(self, lowers: Sequence[str], upper: str, work: str, name: str = "build",
+                 base_image: tuple[str, int] | None = None) -> None:
         self.lowers = tuple(lowers)
         self.upper, self.work, self.name = upper, work, name
+        self.base_image = base_image
 
     def __repr__(self) -> str:
         return f"Layers({len(self.lowers)} lowers, upper={self.upper!r})"
