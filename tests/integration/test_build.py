@@ -508,6 +508,22 @@ def test_a_copy_the_served_base_cannot_take_goes_on_unpacked(
     assert run_capsid("exec", out, "cat", "/owned/f", env=env, check=True).stdout == "mine\n"
 
 
+def test_a_base_squashfuse_cannot_serve_is_unpacked(env: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    """A server that dies at once (here /bin/false) leaves a mount nothing answers: the
+    step goes on over the base unpacked, and the build succeeds."""
+    write(tmp_path, "f", "x\n")
+    recipe = write(tmp_path, "Dockerfile", "FROM busybox:1\nCOPY f /f\n")
+    run_capsid("pull", tmp_path / "base.sif", "docker://busybox:1", env=env, check=True)
+    broken = {**env, "CAPSID_SQUASHFUSE": "/bin/false"}
+    out = tmp_path / "out.sif"
+    result = run_capsid("-d", "build", out, recipe, env=broken, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "unpacking it for this step" in result.stderr
+    assert len(_unpacked_bases(Path(env["CAPSID_CACHEDIR"]))) == 1
+    assert run_capsid("exec", out, "cat", "/f", env=env, check=True).stdout == "x\n"
+
+
 def test_the_builder_and_runtime_as_a_library(env: dict[str, str], tmp_path: Path) -> None:
     """capsid.build and capsid.runtime.api work from Python, without the CLI."""
     write(tmp_path, "Dockerfile", "FROM busybox:1\nRUN echo lib > /lib.txt\n")

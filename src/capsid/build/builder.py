@@ -398,16 +398,16 @@ class Builder:
         return temp.path
 
     def _mounted(self, stages: list[StageResult], pending: Pending,
-                 fn: Callable[[list[str]], None]) -> None:
+                 fn: Callable[[list[str]], None], serve: bool = True) -> None:
         """``fn(paths)`` with *stages* mounted (the first writable, into *pending*): what
         capsid does itself in a step. A base not unpacked yet whose squashfs is at hand
-        (a pull left it) is served by FUSE rather than unpacked; where *fn* fails on the
-        served files (an owner the namespace does not map), the step starts again over
-        the base unpacked, whose files are the user's."""
+        (a pull left it) is served by FUSE rather than unpacked (with *serve*); where that
+        fails, or *fn* fails on the served files (an owner the namespace does not map),
+        the step starts again over the base unpacked, whose files are the user's."""
         try:
-            mounted.call_in([self._root(stage, pending if index == 0 else None, True)
+            mounted.call_in([self._root(stage, pending if index == 0 else None, serve)
                              for index, stage in enumerate(stages)], str(pending.scratch), fn)
-        except mounted.Unmapped:
+        except mounted.Unserved:
             LOG.debug("the served base's files are out of reach; unpacking it for this step")
             pending.reset()
             mounted.call_in([self._root(stage, pending if index == 0 else None, False)
@@ -573,7 +573,8 @@ class Builder:
                 raise BuildError(f"{where}: %setup failed with exit code {status}",
                                  "fix the script and build again")
 
-        self._mounted([result], pending, setup)
+        # not served: a script's failure on the base's files could not be told apart
+        self._mounted([result], pending, setup, serve=False)
 
 
 def _step_output(scratch: Path, name: str, step: Run) -> str:

@@ -3,7 +3,8 @@
 A child process enters a user namespace (the user as root, nothing else mapped) and a
 mount namespace, mounts each root with overlayfs at a private path, and calls the
 function with those paths. Writes to the first root land in its upper directory, as a
-RUN step's do. Nothing is mounted outside the child, and nothing outlives it.
+RUN step's do. A root's base may be a squashfs, served by squashfuse under its other
+layers. Nothing is mounted outside the child, and nothing outlives it.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from capsid.errors import CapsidError
 from capsid.runtime import child, identity, linux, mounts, userns
 from capsid.runtime.options import Layers
 
-#: The exit status of a child whose work failed on the files of a served base (an owner
-#: the namespace does not map puts them out of reach): the caller goes on over the base
-#: unpacked (:class:`Unmapped`).
-_UNMAPPED = 75
+#: The exit status of a child that could not serve a base's squashfs (no FUSE mount in
+#: this kernel's user namespaces) or whose work failed on the served files (an owner the
+#: namespace does not map puts them out of reach): the caller goes on over the base
+#: unpacked (:class:`Unserved`).
+_UNSERVED = 75
 
 
-class Unmapped(CapsidError):
-    """The work needed a file of the served base whose owner only the unpacked base has."""
+class Unserved(CapsidError):
+    """The step could not be done over the served base; the unpacked base will do."""
 
 
 def can_serve() -> bool:
@@ -41,22 +43,43 @@ def call_in(roots: Sequence[Layers], scratch: str, fn: Callable[[list[str]], Non
     *scratch* is an empty directory of the caller's for the mount points. A root with
     an empty *upper* is mounted read-only. A :class:`CapsidError` raised by *fn* is
     raised here with its message; any other failure becomes one too. Where a root's
-    base is served and *fn* fails on a file (an owner not mapped here, where only the
-    user is, as root, puts base files out of reach), :class:`Unmapped` is raised.
+    base is to be served, :class:`Unserved` is raised if it cannot be, or if *fn* fails
+    on a file (an owner not mapped here, where only the user is, as root, puts base
+    files out of reach).
     """
     status = child.start(lambda _report: _child(roots, scratch, fn)).wait()
-    if status == _UNMAPPED:
-        raise Unmapped("a file of the base belongs to an owner this namespace does not map",
-                       "the base is unpacked for the step")
+    if status == _UNSERVED:
+        raise Unserved("the base's squashfs could not serve this step",
+                       "the base is unpacked for it")
     if status != 0:
         raise CapsidError(f"a build step ended inside its namespace (status {status})",
                           "run again with --debug; this may be a bug in capsid")
 
 
 def _child(roots: Sequence[Layers], scratch: str, fn: Callable[[list[str]], None]) -> None:
+    userns.enter(identity.User.current(), True, subordinate_ids=False)
+    serving = any(root.base_image is not None for root in roots)
+    try:
+        paths = _mount(roots, scratch)
+    except (OSError, CapsidError):
+        if serving:
+            os._exit(_UNSERVED)
+        raise
+    try:
+        fn(paths)
+    except OSError:
+        # Served, the base's files keep their owners, and those this namespace does not
+        # map are out of reach (their directories cannot be written, EACCES; some cannot
+        # be copied up, EOVERFLOW), where the unpacked base's are the user's own.
+        if serving:
+            os._exit(_UNSERVED)
+        raise
+
+
+def _mount(roots: Sequence[Layers], scratch: str) -> list[str]:
+    """Each root stacked at a path under *scratch*, its base served where it has one."""
     from capsid.runtime import fuse
 
-    userns.enter(identity.User.current(), True, subordinate_ids=False)
     # The servers start before this child's mount namespace exists: a server inside it
     # would keep it, and its own mount, alive (see capsid.runtime.fuse).
     served = [None if root.base_image is None else
@@ -79,15 +102,7 @@ def _child(roots: Sequence[Layers], scratch: str, fn: Callable[[list[str]], None
         mounts.stack(target, lowers, links=f"l{index}", upper=root.upper or None,
                      work=root.work)
         paths.append(target)
-    try:
-        fn(paths)
-    except OSError:
-        # Served, the base's files keep their owners, and those this namespace does not
-        # map are out of reach (their directories cannot be written, EACCES; some cannot
-        # be copied up, EOVERFLOW), where the unpacked base's are the user's own.
-        if any(served):
-            os._exit(_UNMAPPED)
-        raise
+    return paths
 
 
 def _server() -> str:
