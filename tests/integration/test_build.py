@@ -476,8 +476,9 @@ def test_copy_steps_run_on_the_pulled_squashfs(env: dict[str, str], tmp_path: Pa
 def test_a_copy_the_served_base_cannot_take_goes_on_unpacked(
         env: dict[str, str], registry: Registry, busybox_sandbox: Path, tmp_path: Path) -> None:
     """/owned belongs to uid 1234, whom an ordinary user's COPY namespace does not map:
-    in the served squashfs it is out of reach, so the step starts again over the base
-    unpacked (where the files are the user's), and succeeds."""
+    in the served squashfs it is out of reach, so the step (a heredoc's: its body, kept
+    in the step's scratch directory) starts again over the base unpacked (where the
+    files are the user's), and succeeds."""
     import io
     import tarfile
 
@@ -495,8 +496,7 @@ def test_a_copy_the_served_base_cannot_take_goes_on_unpacked(
         tar.addfile(owned)
     make_layout(tmp_path / "layout", [(layer.getvalue(), MEDIA["plain"])])
     registry.skopeo_copy(f"oci:{tmp_path / 'layout'}:bomb", "hub/library/owned:1")
-    write(tmp_path, "f", "mine\n")
-    recipe = write(tmp_path, "Dockerfile", "FROM owned:1\nCOPY f /owned/f\n")
+    recipe = write(tmp_path, "Dockerfile", "FROM owned:1\nCOPY <<EOF /owned/f\nmine\nEOF\n")
     run_capsid("pull", tmp_path / "base.sif", "docker://owned:1", env=env, check=True)
     out = tmp_path / "out.sif"
     result = run_capsid("-d", "build", out, recipe, env=env, timeout=900)

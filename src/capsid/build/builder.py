@@ -404,14 +404,18 @@ class Builder:
         (a pull left it) is served by FUSE rather than unpacked (with *serve*); where that
         fails, or *fn* fails on the served files (an owner the namespace does not map),
         the step starts again over the base unpacked, whose files are the user's."""
+        def attempt(serve_base: bool, name: str) -> None:
+            where = pending.scratch / name  # the child's mount points, fresh each time
+            where.mkdir()
+            mounted.call_in([self._root(stage, pending if index == 0 else None, serve_base)
+                             for index, stage in enumerate(stages)], str(where), fn)
+
         try:
-            mounted.call_in([self._root(stage, pending if index == 0 else None, serve)
-                             for index, stage in enumerate(stages)], str(pending.scratch), fn)
+            attempt(serve, "mounts")
         except mounted.Unserved:
             LOG.debug("the served base's files are out of reach; unpacking it for this step")
             pending.reset()
-            mounted.call_in([self._root(stage, pending if index == 0 else None, False)
-                             for index, stage in enumerate(stages)], str(pending.scratch), fn)
+            attempt(False, "mounts-again")
 
     def _root(self, stage: StageResult, pending: Pending | None, serve: bool) -> Layers:
         upper, work = ("", "") if pending is None else (str(pending.diff), str(pending.work))

@@ -88,8 +88,9 @@ class Pending:
         return layer
 
     def reset(self) -> None:
-        """Empty the step's directories again, for it to start over."""
-        for d in (self.diff, self.work, self.scratch):
+        """Empty the step's upper and work directories, for it to start over (the
+        scratch directory keeps what the step wrote there for itself)."""
+        for d in (self.diff, self.work):
             output.remove(d)
             d.mkdir()
 
