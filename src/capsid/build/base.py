@@ -55,10 +55,11 @@ class BaseImage:
         from capsid.oci import tosif
 
         source = oci.SourceImage(self.name, self.config, self.layers)
-        own = self._own_squashfs(store, compression, epoch)
+        stamp, text = self._expected(epoch)
+        own = self._own_squashfs(store, compression, stamp)
         LOG.info("writing %s alone, for later builds to be laid over", self.name)
         tosif.write_image(source, own, compression=compression, force=True)
-        offset = _usable(own, *self._expected(epoch))
+        offset = _usable(own, stamp, text)
         return None if offset is None else (own, offset)
 
     def existing_squashfs(self, store: BuildStore, compression: str,
@@ -69,20 +70,21 @@ class BaseImage:
             return None
         from capsid.oci.store import Store
 
-        places = [self._own_squashfs(store, compression, epoch)]
+        stamp, text = self._expected(epoch)
+        places = [self._own_squashfs(store, compression, stamp)]
         if self.key.startswith("sha256:"):
             try:  # the pull cache, if it is the user's own (its bytes go into the output)
                 places.insert(0, Store().prepare().sif_path(self.key, compression))
             except CapsidError as err:
                 LOG.debug("not using the pull cache: %s", err)
         for place in places:
-            offset = _usable(place, *self._expected(epoch))
+            offset = _usable(place, stamp, text)
             if offset is not None:
                 return place, offset
         return None
 
-    def _own_squashfs(self, store: BuildStore, compression: str, epoch: int | None) -> Path:
-        return store.bases / f"{digest('sif', self.key, compression, self._expected(epoch)[0])}.sif"
+    def _own_squashfs(self, store: BuildStore, compression: str, stamp: int) -> Path:
+        return store.bases / f"{digest('sif', self.key, compression, stamp)}.sif"
 
     def _expected(self, epoch: int | None) -> tuple[int, bytes]:
         """The creation stamp and definition file of the base's SIF as made now."""

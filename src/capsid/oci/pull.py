@@ -148,17 +148,22 @@ class Puller:
 
     # -- blobs -----------------------------------------------------------------------------
 
-    def fetch(self, resolved: Resolved) -> oci.SourceImage:
-        """Download what the cache lacks; the image, with layers read from the cache."""
-        ref, ep = resolved.ref, resolved.endpoint
+    def _config(self, resolved: Resolved) -> tuple[str, list[dict[str, Any]]]:
+        """The image config's digest, now in the cache, and the layers' descriptors."""
+        ref = resolved.ref
         config_desc, layer_descs = oci.manifest_parts(resolved.manifest, str(ref))
-        config_digest = str(config_desc.get("digest", ""))
         if config_desc.get("mediaType") == oci.SIF_CONFIG:
             raise CapsidError(f"{ref} is a SIF stored with ORAS, not a container image",
                               f"pull it with oras://{ref}")
-        check_digest(config_digest)
+        config_digest = check_digest(str(config_desc.get("digest", "")))
         if not self.store.has(config_digest):
-            self.store.put(self.client.blob_bytes(ep, config_digest))
+            self.store.put(self.client.blob_bytes(resolved.endpoint, config_digest))
+        return config_digest, layer_descs
+
+    def fetch(self, resolved: Resolved) -> oci.SourceImage:
+        """Download what the cache lacks; the image, with layers read from the cache."""
+        ref, ep = resolved.ref, resolved.endpoint
+        config_digest, layer_descs = self._config(resolved)
         missing = [d for d in layer_descs if not self.store.has(str(d.get("digest", "")))]
         total = sum(int(d.get("size", 0)) for d in missing)
         progress = Progress(total, f"Fetching {len(missing)} layers")
@@ -219,13 +224,7 @@ class Puller:
         """:meth:`fetch`, but the image's layers are read as they download: converting
         one overlaps the download of it and of the next (each ends once checked)."""
         ref, ep = resolved.ref, resolved.endpoint
-        config_desc, layer_descs = oci.manifest_parts(resolved.manifest, str(ref))
-        if config_desc.get("mediaType") == oci.SIF_CONFIG:
-            raise CapsidError(f"{ref} is a SIF stored with ORAS, not a container image",
-                              f"pull it with oras://{ref}")
-        config_digest = check_digest(str(config_desc.get("digest", "")))
-        if not self.store.has(config_digest):
-            self.store.put(self.client.blob_bytes(ep, config_digest))
+        config_digest, layer_descs = self._config(resolved)
         arrivals: dict[str, _Arrival] = {}
         for desc in layer_descs:
             digest = check_digest(str(desc.get("digest", "")))
@@ -254,10 +253,9 @@ class Puller:
                                         if str(d["digest"]) in arrivals
                                         else _opener(self.store.blob_path(str(d["digest"]))))
                               for d in layer_descs]
-                    yield oci.SourceImage(f"docker://{ref}",
-                                          oci.image_config(self.store.read(config_digest)),
-                                          layers, resolved.digest,
-                                          self.store.read(config_digest))
+                    config_raw = self.store.read(config_digest)
+                    yield oci.SourceImage(f"docker://{ref}", oci.image_config(config_raw),
+                                          layers, resolved.digest, config_raw)
                 except BaseException:
                     for arrival in arrivals.values():
                         arrival.abandon()
