@@ -62,15 +62,18 @@ class SiteConfig:
     """What a site administrator decides for everyone."""
 
     __slots__ = ("bind_paths", "mount_dev", "mount_home", "mount_proc", "mount_sys",
-                 "mount_tmp", "tmpfs_size_mib", "values")
+                 "mount_tmp", "overlay", "tmpfs_size_mib", "values")
 
     def __init__(self, bind_paths: tuple[str, ...] = DEFAULT_BIND_PATHS, mount_home: bool = True,
                  mount_tmp: bool = True, mount_proc: bool = True, mount_sys: bool = True,
                  mount_dev: str = "yes", tmpfs_size_mib: int | None = None,
-                 values: dict[str, str] | None = None) -> None:
+                 values: dict[str, str] | None = None, overlay: bool = True) -> None:
         self.bind_paths, self.mount_home, self.mount_tmp = bind_paths, mount_home, mount_tmp
         self.mount_proc, self.mount_sys, self.mount_dev = mount_proc, mount_sys, mount_dev
         self.tmpfs_size_mib, self.values = tmpfs_size_mib, values or {}
+        #: ``enable overlay``: mount points missing from a read-only image are made in
+        #: an overlayfs layer over it; ``no``: in tmpfs copies of their directories
+        self.overlay = overlay
 
     def yes(self, key: str) -> bool:
         """Whether the site's *key* is set to yes (true, 1); anything else is no."""
@@ -137,6 +140,10 @@ def load(path: str | None = None) -> SiteConfig:
     if mount_dev not in ("yes", "no", "minimal"):
         raise CapsidError(f"{path}: 'mount dev = {values['mount dev']}' is not yes, no or "
                           "minimal", "fix the site configuration file")
+    overlay = values.get("enable overlay", "try").lower()
+    if overlay not in ("yes", "try", "driver", "no"):
+        raise CapsidError(f"{path}: 'enable overlay = {values['enable overlay']}' is not yes, "
+                          "try or no", "fix the site configuration file")
     _LOADED.clear()
     _LOADED[identity] = SiteConfig(
         bind_paths=tuple(binds) if binds else DEFAULT_BIND_PATHS,
@@ -147,5 +154,6 @@ def load(path: str | None = None) -> SiteConfig:
         mount_dev=mount_dev,
         tmpfs_size_mib=int(size) if size else None,
         values=values,
+        overlay=overlay != "no",
     )
     return _LOADED[identity]

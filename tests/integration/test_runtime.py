@@ -418,6 +418,33 @@ def test_site_config_bind_paths(busybox_sif: Path, tmp_path: Path) -> None:
     assert bad.returncode == 255 and "is not yes or no" in bad.stderr
 
 
+
+def test_without_overlay_mount_points_are_made_in_copies(busybox_sif: Path,
+                                                          tmp_path: Path) -> None:
+    """``enable overlay = no`` (or a kernel whose overlayfs cannot stack on the image):
+    the image is bound as it is, and home, the working directory and binds into
+    directories the image lacks or owns still land, the rest of those directories kept;
+    the root stays read-only. An overlay the user asks for is still made."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_text("bound\n")
+    conf = tmp_path / "capsid.conf"
+    conf.write_text("enable overlay = no\n")
+    env = dict(os.environ, CAPSID_CONFIG=str(conf))
+    script = ("cat /new/deep/f /etc/data/f f; test -d \"$HOME\" && echo home; ls /etc | "
+              "grep -c passwd; grep -c ' overlay ' /proc/self/mountinfo; "
+              "touch /x 2>/dev/null || echo read-only")
+    result = capsid_exec(busybox_sif, "-B", f"{data}:/new/deep", "-B", f"{data}:/etc/data",
+                         "sh", "-c", script, env=env, cwd=data)
+    assert result.stdout.split("\n") == ["bound", "bound", "bound", "home", "1", "0",
+                                         "read-only", ""], result.stderr
+    writable = capsid_exec(busybox_sif, "--writable-tmpfs", "sh", "-c", "touch /x && echo ok",
+                           env=env)
+    assert writable.stdout == "ok\n", writable.stderr
+    conf.write_text("enable overlay = perhaps\n")
+    bad = capsid_exec(busybox_sif, "true", env=env)
+    assert bad.returncode == 255 and "is not yes, try or no" in bad.stderr
+
 @pytest.mark.skipif(not ROOT, reason="changes /dev/fuse, which needs root")
 def test_unusable_dev_fuse_falls_back_to_unpacking(busybox_sif: Path) -> None:
     import shutil

@@ -243,7 +243,8 @@ def _assemble_root(plan: Plan, started: early.Started) -> ops.Environment:
                                                 f"{mounts.SESSION}/overlay-image",
                                                 f"{mounts.SESSION}/files/overlay-image.log")
         mounts.enter_session()
-        if (overlay is None or overlay_ro) and not opts.writable:
+        stack = plan.site.overlay or overlay is not None or opts.writable_tmpfs
+        if (overlay is None or overlay_ro) and not opts.writable and stack:
             mounts.prepare_upper(plan.mount_points(mounts.OLD))
         if stacked is not None:
             linux.attach(stacked, mounts.FINAL)
@@ -251,7 +252,8 @@ def _assemble_root(plan: Plan, started: early.Started) -> ops.Environment:
         else:
             mounts.make_root(None if overlay_ro else overlay, userns=plan.userns,
                              writable_image=opts.writable,
-                             lower=f"{overlay}/upper" if overlay_ro else None)
+                             lower=f"{overlay}/upper" if overlay_ro else None,
+                             writable_tmpfs=opts.writable_tmpfs, stack=stack)
     env = ops.run(plan.mounts)
     if nvccli:
         from capsid.gpu import nvccli as cli

@@ -10,12 +10,14 @@ final switch. The layout of the session::
     /oldroot   the host's root
 
 Binds are made from ``/oldroot/<source>`` onto ``/final/<destination>``; a missing
-destination is created in the overlay's upper layer. At the end ``/final``
+destination is created in the overlay's upper layer (or, without an overlay, in a tmpfs
+copy of its directory). At the end ``/final``
 becomes ``/`` and the session and the host root are detached.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -192,13 +194,23 @@ def mount_layers(upper: int, work: int, lowers: list[int]) -> None:
 
 
 def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool,
-              lower: str | None = None) -> None:
+              lower: str | None = None, writable_tmpfs: bool = False,
+              stack: bool = True) -> None:
     """Build /final: an overlay on the image, or the image itself when it is writable.
 
-    *lower* is a read-only layer above the image (an ``--overlay ...:ro``).
+    *lower* is a read-only layer above the image (an ``--overlay ...:ro``). Without
+    *stack* (the site's ``enable overlay = no``), or where overlayfs cannot stack on the
+    image, a read-only image is bound as it is, and :func:`ensure_target` makes mount
+    points in tmpfs copies of their directories instead (Apptainer's "underlay"); an
+    overlay the user asked for (a directory, an image, ``--writable-tmpfs``) is never
+    dropped that way.
     """
     if writable_image:
         linux.bind(IMAGE, FINAL)
+        return
+    asked = overlay_upper is not None or lower is not None or writable_tmpfs
+    if not stack and not asked:
+        linux.bind(IMAGE, FINAL, readonly=True)
         return
     upper, work = (f"{overlay_upper}/upper", f"{overlay_upper}/work") if overlay_upper \
         else ("/upper", "/work")
@@ -220,12 +232,19 @@ def make_root(overlay_upper: str | None, *, userns: bool, writable_image: bool,
                                     f"{err.strerror}",
                                     "the overlay directory must be on a local filesystem "
                                     "(ext4, xfs, tmpfs)") from None
-        LOG.info("kernel overlayfs is unavailable (%s); the image root stays as it is",
-                 err.strerror)
+        if asked:
+            what = "the overlay image" if lower else "--writable-tmpfs"
+            raise RuntimeSetupError(f"kernel overlayfs cannot stack {what} on the image: "
+                                    f"{err.strerror}", "run without it, or on Linux 5.11 or "
+                                    "later (overlayfs in user namespaces)") from None
+        LOG.info("kernel overlayfs cannot stack on the image (%s): mount points are made in "
+                 "copies of their directories", err.strerror)
         linux.bind(IMAGE, FINAL, readonly=True)
 
 
 _mirrors = 0
+#: creating a mount point fails so where the directory is the image's own, not ours
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _mirror(directory: str) -> None:
@@ -286,8 +305,8 @@ def ensure_target(root: str, path: str, is_dir: bool, *, required: bool = False)
             with inroot.walk_path(root, path) as found:
                 try:
                     _create_in(found, is_dir)
-                except PermissionError:
-                    if attempt == 2:
+                except OSError as err:
+                    if attempt == 2 or err.errno not in _UNWRITABLE:
                         raise
                     _mirror(root + found.inside)  # a directory we may not write to
                     continue
@@ -360,12 +379,10 @@ def symlink_into(target: str, link: str) -> None:
             os.symlink(target, f"{directory}/{name}")
         except FileExistsError:
             return
-        except PermissionError:
-            if attempt == 1:
+        except OSError as err:
+            if attempt == 1 and err.errno in _UNWRITABLE:
                 _mirror(directory)  # a directory of the image we may not write to
                 continue
-            LOG.warning("cannot create the symlink %s in the container", link)
-        except OSError as err:
             LOG.warning("cannot create the symlink %s in the container: %s", link,
                         err.strerror)
         return
