@@ -172,7 +172,7 @@ def _env_scripts() -> dict[str, bytes] | None:
     for name in names:
         try:  # inside the container's root already; non-blocking: a FIFO cannot hang it
             fd = os.open(f"/.singularity.d/env/{name}", os.O_RDONLY | os.O_NONBLOCK)
-            with open(fd, "rb") as f:
+            with open(fd, "rb", buffering=0) as f:  # unbuffered: no isatty() round trip
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     return None
                 scripts[name] = f.read(65536)

@@ -291,5 +291,5 @@ def _read_image_file(final: str, path: str) -> bytes | None:
         os.close(root)
     if fd is None:
         return None
-    with open(fd, "rb") as f:
+    with open(fd, "rb", buffering=0) as f:  # unbuffered: no isatty() round trip to FUSE
         return f.read(1 << 24)
