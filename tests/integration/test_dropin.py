@@ -322,6 +322,58 @@ def test_persistent_overlay_image(debian_sif: Path, tmp_path: Path) -> None:
     assert bad.returncode == 255
 
 
+def _overlay_processes(capsid: int) -> list[int]:
+    """The read-only overlay image's script (which names capsid process *capsid*), and
+    the server and watcher it started, alive."""
+    scripts, parents = [], {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z":
+            continue
+        parents[int(pid)] = int(fields[1])
+        if b"capsid-overlay" in argv and str(capsid).encode() in argv:
+            scripts.append(int(pid))
+    return scripts + [pid for pid, parent in parents.items() if parent in scripts]
+
+
+def test_an_overlay_images_server_lives_outside_the_container(debian_sif: Path,
+                                                               tmp_path: Path) -> None:
+    """fuse2fs serving an ``--overlay IMG:ro``, and its watcher, run in a mount namespace
+    of their own, with the host's root. In the container's, its ``pivot_root`` moved a
+    watcher still starting into the session or the image, where it found no ``tail`` (or
+    the image's own) and stopped the server at once: the root then could not be stacked
+    ("Transport endpoint is not connected"), now and then."""
+    if shutil.which("fuse2fs", path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
+        pytest.skip("needs fuse2fs (scripts/setup.sh installs it)")
+    image = tmp_path / "overlay.img"
+    assert run_capsid("overlay", "create", "--size", "64", image).returncode == 0
+    marker = tmp_path / "on-the-host"
+    marker.write_text("")
+    container = subprocess.Popen(
+        [str(CAPSID), "exec", "--overlay", f"{image}:ro", str(debian_sif), "sh", "-c",
+         "readlink /proc/self/ns/mnt; exec sleep 30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert container.stdout is not None
+        namespace = container.stdout.readline().strip()
+        assert namespace.startswith("mnt:["), container.stderr.read() if container.stderr else ""
+        wait_for(lambda: len(_overlay_processes(container.pid)) >= 4,
+                 "the overlay image's script, fuse2fs, the watcher and its tail")
+        for pid in _overlay_processes(container.pid):
+            assert os.readlink(f"/proc/{pid}/ns/mnt") != namespace
+            assert os.path.exists(f"/proc/{pid}/root{marker}")
+    finally:
+        container.kill()
+        container.wait()
+    assert until_gone(lambda: [str(p) for p in _overlay_processes(container.pid)]) == []
+
+
 def _loop_devices(image: Path) -> list[str]:
     """Loop devices backed by *image* (root mounts a SIF's squashfs with the kernel)."""
     if not ROOT:

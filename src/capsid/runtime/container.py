@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 
 LOG = log.get(__name__)
+#: where the overlay image's servers write their messages, in the session
+_OVERLAY_LOG = "files/overlay-image.log"
 
 
 def _open_image(image: Image, started: early.Started) -> int:
@@ -203,7 +205,7 @@ def _overlay(path: str | None, readonly: bool, image_fd: int | None) -> str | No
 
     os.mkdir(f"{mounts.SESSION}/overlay-image")
     overlayimg.serve(image_fd, f"{mounts.SESSION}/overlay-image", readonly,
-                     f"{mounts.SESSION}/files/overlay-image.log")
+                     f"{mounts.SESSION}/{_OVERLAY_LOG}")
     return "/overlay-image"
 
 
@@ -241,7 +243,7 @@ def _assemble_root(plan: Plan, started: early.Started) -> ops.Environment:
 
             stacked = overlayimg.serve_writable(overlay_fd, f"{mounts.SESSION}{mounts.IMAGE}",
                                                 f"{mounts.SESSION}/overlay-image",
-                                                f"{mounts.SESSION}/files/overlay-image.log")
+                                                f"{mounts.SESSION}/{_OVERLAY_LOG}")
         mounts.enter_session()
         stack = plan.site.overlay or overlay is not None or opts.writable_tmpfs
         if (overlay is None or overlay_ro) and not opts.writable and stack:
@@ -250,10 +252,19 @@ def _assemble_root(plan: Plan, started: early.Started) -> ops.Environment:
             linux.attach(stacked, mounts.FINAL)
             os.close(stacked)
         else:
-            mounts.make_root(None if overlay_ro else overlay, userns=plan.userns,
-                             writable_image=opts.writable,
-                             lower=f"{overlay}/upper" if overlay_ro else None,
-                             writable_tmpfs=opts.writable_tmpfs, stack=stack)
+            try:
+                mounts.make_root(None if overlay_ro else overlay, userns=plan.userns,
+                                 writable_image=opts.writable,
+                                 lower=f"{overlay}/upper" if overlay_ro else None,
+                                 writable_tmpfs=opts.writable_tmpfs, stack=stack)
+            except RuntimeSetupError as err:
+                if overlay_fd is not None and overlay_ro:
+                    from capsid.runtime import overlayimg
+
+                    said = overlayimg.last_words(f"/{_OVERLAY_LOG}")
+                    if said:
+                        raise RuntimeSetupError(f"{err.message} ({said})", err.hint) from None
+                raise
     env = ops.run(plan.mounts)
     if nvccli:
         from capsid.gpu import nvccli as cli

@@ -77,7 +77,9 @@ _fsopen = _libc("syscall", _ULong, _Text, _ULong)
 _fsconfig = _libc("syscall", _ULong, _ULong, _ULong, _Text, _Text, _ULong)
 _fsmount = _libc("syscall", _ULong, _ULong, _ULong, _ULong)
 _move_mount = _libc("syscall", _ULong, _Long, _Text, _Long, _Text, _ULong)
-_SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 429, 430, 431, 432
+_open_tree = _libc("syscall", _ULong, _Long, _Text, _ULong)
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = \
+    428, 429, 430, 431, 432
 
 # mount(2) flags
 MS_RDONLY = 1
@@ -105,6 +107,7 @@ MOUNT_ATTR_RDONLY = 1
 MOUNT_ATTR_NOSUID = 2
 MOUNT_ATTR_NODEV = 4
 MOVE_MOUNT_F_EMPTY_PATH = 4
+OPEN_TREE_CLONE = 1
 AT_FDCWD = -100
 
 # clone(2)/unshare(2) flags
@@ -190,6 +193,13 @@ def attach(mount_fd: int, target: str) -> None:
     """Attach the detached mount *mount_fd* on *target* (move_mount)."""
     _check(_move_mount(_SYS_MOVE_MOUNT, mount_fd, b"", AT_FDCWD, target.encode(),
                        MOVE_MOUNT_F_EMPTY_PATH), f"move_mount {target}")
+
+
+def clone_mount(path: str) -> int:
+    """A detached copy of the mount at *path* (open_tree), to :func:`attach` elsewhere,
+    in another mount namespace too."""
+    return _checked_fd(_open_tree(_SYS_OPEN_TREE, AT_FDCWD, path.encode(),
+                                  OPEN_TREE_CLONE | os.O_CLOEXEC), f"open_tree {path}")
 
 
 def umount(target: str, flags: int = 0) -> None:

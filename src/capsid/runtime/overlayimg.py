@@ -6,11 +6,11 @@ fuse2fs, which is built on libfuse 2: that library mounts with ``mount(2)`` itse
 fuse2fs is started with ``CAP_SYS_ADMIN`` of the user namespace as an ambient
 capability (dropped again before the command starts).
 
-- Read-only (``:ro``): fuse2fs mounts the image in the container's mount namespace,
-  and its ``upper/`` is one more lower layer of the kernel overlay. That namespace
-  cannot end while fuse2fs lives in it, so a small watcher (``tail --pid``, outside the
-  container's process tree) stops fuse2fs with SIGTERM when the container's process
-  ends (after ``kill -9`` too).
+- Read-only (``:ro``): fuse2fs mounts the image in a throw-away copy of the container's
+  mount namespace, a copy of that mount is attached in the container's, and its
+  ``upper/`` is one more lower layer of the kernel overlay. The copy cannot end while
+  fuse2fs lives in it, so a small watcher (``tail --pid``, outside the container's
+  process tree) stops fuse2fs when the container's process ends (after ``kill -9`` too).
 - Writable: kernel overlayfs takes no FUSE upper layer, so ``fuse-overlayfs`` stacks
   ``upper/`` on the image (:func:`serve_writable`), in a throw-away mount namespace
   with fuse2fs under it; its file system is attached to the container detached, and
@@ -37,13 +37,14 @@ _EXT_MAGIC = b"\x53\xef"
 CAP_SYS_ADMIN = 21
 _MOUNT_WAIT_SECONDS = 10.0
 #: $1 the process to outlive, then the server's command. The outer shell exits at once,
-#: so the server and its watcher are nobody's children here; a server that ends says so.
-#: It serves read-only (``:ro``): nothing to write back, so it is killed outright. On
-#: SIGTERM fuse2fs unmounts by path, and pivot_root has made its root the container's,
-#: whose lowest layer fuse2fs serves itself: it would wait for itself for ever.
+#: so the server and its watcher are nobody's children here; a server that ends says so,
+#: and its watcher goes with it (it must not kill the number later, given to another
+#: process). It serves read-only (``:ro``): nothing to write back, so it is killed
+#: outright.
 _SERVE = ('pid=$1; shift; ( "$@" & f=$!; '
-          '( tail -s 0.2 --pid="$pid" -f /dev/null; kill -KILL "$f" ) & '
-          'wait "$f"; echo "' + '{ended}' + ' $?" >&2 ) & exit 0')
+          '( tail -s 0.2 --pid="$pid" -f /dev/null; kill -KILL "$f" ) & w=$!; '
+          'wait "$f"; s=$?; kill -KILL "$w" 2>/dev/null; echo "' + '{ended}' + ' $s" >&2 ) '
+          '& exit 0')
 _ENDED = "capsid: a FUSE server of the overlay ended with status"
 
 
@@ -141,11 +142,29 @@ def serve(image_fd: int, mountpoint: str, readonly: bool, errors: str) -> None:
 
     Call in the container's user and mount namespaces, before the root is switched
     (fuse2fs and its libraries come from the host). Its messages go to *errors*.
+    fuse2fs and its watcher run in a throw-away copy of this mount namespace, and a
+    copy of their mount is attached here: the container's ``pivot_root`` later moves
+    the root of every process in its namespace, and a watcher still starting then
+    would find no ``tail`` or ``/dev/null`` and stop the server at once.
     """
     try:
         options = "fakeroot" + (",ro" if readonly else "")
-        _spawn([tools.which("fuse2fs"), "-f", "-o", options, f"/proc/self/fd/{image_fd}",
-                mountpoint], (image_fd,), mountpoint, errors)
+        argv = [tools.which("fuse2fs"), "-f", "-o", options, f"/proc/self/fd/{image_fd}",
+                mountpoint]
+        home = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            linux.unshare(linux.CLONE_NEWNS)  # the copy: fuse2fs's own mount stays in it
+            try:
+                _spawn(argv, (image_fd,), mountpoint, errors)
+                tree = linux.clone_mount(mountpoint)
+            finally:
+                linux.setns(home, linux.CLONE_NEWNS)
+        finally:
+            os.close(home)
+        try:
+            linux.attach(tree, mountpoint)
+        finally:
+            os.close(tree)
     finally:
         os.close(image_fd)
 
@@ -212,6 +231,17 @@ def serve_writable(image_fd: int, lower: str, scratch: str, errors: str) -> int:
     finally:
         linux.setns(home, linux.CLONE_NEWNS)
         os.close(home)
+
+
+def last_words(errors: str) -> str:
+    """The last line the servers of the overlay wrote to *errors* ("" if none)."""
+    try:
+        with open(errors, "rb") as f:
+            said = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in said.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _spawn(argv: list[str], fds: tuple[int, ...], mountpoint: str, errors: str) -> None:
