@@ -345,10 +345,10 @@ def _overlay_processes(capsid: int) -> list[int]:
 def test_an_overlay_images_server_lives_outside_the_container(debian_sif: Path,
                                                                tmp_path: Path) -> None:
     """fuse2fs serving an ``--overlay IMG:ro``, and its watcher, run in a mount namespace
-    of their own, with the host's root. In the container's, its ``pivot_root`` moved a
-    watcher still starting into the session or the image, where it found no ``tail`` (or
-    the image's own) and stopped the server at once: the root then could not be stacked
-    ("Transport endpoint is not connected"), now and then."""
+    of their own, with the host's root, on every CPU. In the container's, its
+    ``pivot_root`` moved a watcher still starting into the session or the image, where it
+    found no ``tail`` (or the image's own) and stopped the server at once: the root then
+    could not be stacked ("Transport endpoint is not connected"), now and then."""
     if shutil.which("fuse2fs", path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
         pytest.skip("needs fuse2fs (scripts/setup.sh installs it)")
     image = tmp_path / "overlay.img"
@@ -368,6 +368,8 @@ def test_an_overlay_images_server_lives_outside_the_container(debian_sif: Path,
         for pid in _overlay_processes(container.pid):
             assert os.readlink(f"/proc/{pid}/ns/mnt") != namespace
             assert os.path.exists(f"/proc/{pid}/root{marker}")
+            # not left on the one CPU the set-up shared with squashfuse
+            assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
     finally:
         container.kill()
         container.wait()

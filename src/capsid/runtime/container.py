@@ -224,7 +224,8 @@ def _assemble_root(plan: Plan, started: early.Started) -> ops.Environment:
     # nvidia-container-cli runs on the host's root, reached later through this
     host_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if nvccli else -1
     mounts.start_session(opts.tmpfs_size_mib or plan.site.tmpfs_size_mib)
-    overlay = _overlay(overlay_path, overlay_ro, overlay_fd)
+    overlay = _overlay(overlay_path, overlay_ro, overlay_fd) if overlay_fd is None else \
+        early.on_all_cpus(started, lambda: _overlay(overlay_path, overlay_ro, overlay_fd))
     if layers is not None:
         mounts.enter_session()
         mounts.stack_lowers(fds[:-2])
@@ -241,9 +242,9 @@ def _assemble_root(plan: Plan, started: early.Started) -> ops.Environment:
         if overlay_fd is not None and not overlay_ro:
             from capsid.runtime import overlayimg
 
-            stacked = overlayimg.serve_writable(overlay_fd, f"{mounts.SESSION}{mounts.IMAGE}",
-                                                f"{mounts.SESSION}/overlay-image",
-                                                f"{mounts.SESSION}/{_OVERLAY_LOG}")
+            stacked = early.on_all_cpus(started, lambda: overlayimg.serve_writable(
+                overlay_fd, f"{mounts.SESSION}{mounts.IMAGE}",
+                f"{mounts.SESSION}/overlay-image", f"{mounts.SESSION}/{_OVERLAY_LOG}"))
         mounts.enter_session()
         stack = plan.site.overlay or overlay is not None or opts.writable_tmpfs
         if (overlay is None or overlay_ro) and not opts.writable and stack:

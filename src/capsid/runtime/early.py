@@ -18,8 +18,13 @@ from capsid.runtime import identity, linux
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
     from capsid.runtime.fuse import Helper, Served
     from capsid.runtime.options import Layers
+
+    T = TypeVar("T")
 
 LOG = log.get(__name__)
 
@@ -132,6 +137,20 @@ def share_one_cpu(started: Started) -> None:
     os.sched_setaffinity(0, {cpu})
     served.set_cpus({cpu}, proc)
     started.affinity = allowed, proc
+
+
+def on_all_cpus(started: Started, fn: Callable[[], T]) -> T:
+    """``fn()`` on every CPU this process had before :func:`share_one_cpu`: what it starts
+    now (an overlay image's servers) keeps that set, and must not stay on the one CPU
+    shared with the image server for as long as the container runs."""
+    if started.affinity is None:
+        return fn()
+    one = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, started.affinity[0])
+    try:
+        return fn()
+    finally:
+        os.sched_setaffinity(0, one)
 
 
 def release_server(started: Started) -> None:
