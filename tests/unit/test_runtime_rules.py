@@ -100,3 +100,17 @@ def test_passwd_and_group_generation() -> None:
     again = identity.passwd(out.encode(), user, "/elsewhere").decode()
     assert again.count("alice") == 1 and ":/elsewhere:" in again
     assert identity.group(b"root:x:0:\n", user).decode().endswith("alice:x:1234:alice\n")
+
+
+def test_how_an_overlay_server_ended(tmp_path: Path) -> None:
+    """Only a server that ended is blamed, with its status and its last words."""
+    from capsid.runtime import overlayimg
+
+    log = tmp_path / "overlay-image.log"
+    assert overlayimg.ended(str(log)) is None  # no log yet
+    log.write_text("Mounting read-only.\n")
+    assert overlayimg.ended(str(log)) is None  # its greeting: still serving
+    log.write_text("Mounting read-only.\n"
+                   "capsid: a FUSE server of the overlay ended with status 137\n")
+    assert overlayimg.ended(str(log)) == ("a FUSE server of the overlay ended with status 137 "
+                                          "after: Mounting read-only.")

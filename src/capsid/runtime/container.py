@@ -262,9 +262,11 @@ def _assemble_root(plan: Plan, started: early.Started) -> ops.Environment:
                 if overlay_fd is not None and overlay_ro:
                     from capsid.runtime import overlayimg
 
-                    said = overlayimg.last_words(f"/{_OVERLAY_LOG}")
-                    if said:
-                        raise RuntimeSetupError(f"{err.message} ({said})", err.hint) from None
+                    said = overlayimg.ended(f"/{_OVERLAY_LOG}")
+                    if said:  # its server ended: the kernel is not what failed
+                        raise RuntimeSetupError(f"{err.message} ({said})",
+                                                "check the overlay image with e2fsck -f, "
+                                                "then run again") from None
                 raise
     env = ops.run(plan.mounts)
     if nvccli:

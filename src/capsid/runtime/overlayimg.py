@@ -233,15 +233,20 @@ def serve_writable(image_fd: int, lower: str, scratch: str, errors: str) -> int:
         os.close(home)
 
 
-def last_words(errors: str) -> str:
-    """The last line the servers of the overlay wrote to *errors* ("" if none)."""
+def ended(errors: str) -> str | None:
+    """How a server of the overlay ended, from its messages in *errors* (its status and
+    its last words); None while none has."""
     try:
         with open(errors, "rb") as f:
             said = f.read().decode(errors="replace")
     except OSError:
-        return ""
+        return None
     lines = [line.strip() for line in said.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    ends = [line for line in lines if line.startswith(_ENDED)]
+    if not ends:
+        return None
+    words = [line for line in lines if not line.startswith(_ENDED)]
+    return ends[-1].removeprefix("capsid: ") + (f" after: {words[-1]}" if words else "")
 
 
 def _spawn(argv: list[str], fds: tuple[int, ...], mountpoint: str, errors: str) -> None:
