@@ -353,8 +353,7 @@ def test_an_overlay_images_server_lives_outside_the_container(debian_sif: Path,
         pytest.skip("needs fuse2fs (scripts/setup.sh installs it)")
     image = tmp_path / "overlay.img"
     assert run_capsid("overlay", "create", "--size", "64", image).returncode == 0
-    marker = tmp_path / "on-the-host"
-    marker.write_text("")
+    host_root = os.stat("/")
     container = subprocess.Popen(
         [str(CAPSID), "exec", "--overlay", f"{image}:ro", str(debian_sif), "sh", "-c",
          "readlink /proc/self/ns/mnt; exec sleep 30"],
@@ -367,7 +366,8 @@ def test_an_overlay_images_server_lives_outside_the_container(debian_sif: Path,
                  "the overlay image's script, fuse2fs, the watcher and its tail")
         for pid in _overlay_processes(container.pid):
             assert os.readlink(f"/proc/{pid}/ns/mnt") != namespace
-            assert os.path.exists(f"/proc/{pid}/root{marker}")
+            root = os.stat(f"/proc/{pid}/root")  # not the image's, nor the session's
+            assert (root.st_dev, root.st_ino) == (host_root.st_dev, host_root.st_ino)
             # not left on the one CPU the set-up shared with squashfuse
             assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
     finally:
