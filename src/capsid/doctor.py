@@ -286,11 +286,6 @@ def _glibc_tuple(libc: str) -> tuple[int, ...] | None:
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
-def _kernel() -> tuple[int, int]:
-    found = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
-
-
 def _userns() -> tuple[str, str]:
     try:
         maximum = int(Path("/proc/sys/user/max_user_namespaces").read_text())
@@ -349,7 +344,9 @@ def report(image: str) -> tuple[list[Finding], Side, Side]:
                             "" if fuse else "ask an administrator for mode 0666; until then "
                             "images are unpacked into memory (--unsquash), slower to start"))
     findings.append(_server_finding())
-    kernel = _kernel()
+    from capsid.runtime import linux
+
+    kernel = linux.kernel_version()
     findings.append(Finding("overlayfs in user namespaces", OK if kernel >= (5, 11) else WARN,
                             "-", f"Linux {kernel[0]}.{kernel[1]}",
                             "" if kernel >= (5, 11) else "--writable-tmpfs and --overlay "

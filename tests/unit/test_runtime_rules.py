@@ -114,3 +114,17 @@ def test_how_an_overlay_server_ended(tmp_path: Path) -> None:
                    "capsid: a FUSE server of the overlay ended with status 137\n")
     assert overlayimg.ended(str(log)) == ("a FUSE server of the overlay ended with status 137 "
                                           "after: Mounting read-only.")
+
+
+@pytest.mark.parametrize(("release", "version"), [
+    ("6.18.44-fc-v1272", (6, 18)), ("4.18.0-553.el8_10.x86_64", (4, 18)),
+    ("5.14.0-427.13.1.el9_4.x86_64", (5, 14)), ("6.10-rc1", (6, 10)), ("weird", (0, 0))])
+def test_kernel_version(monkeypatch: pytest.MonkeyPatch, release: str,
+                        version: tuple[int, int]) -> None:
+    import os
+    from types import SimpleNamespace
+
+    from capsid.runtime import linux
+
+    monkeypatch.setattr(os, "uname", lambda: SimpleNamespace(release=release))
+    assert linux.kernel_version() == version

@@ -275,6 +275,15 @@ def clear_ambient() -> None:
     _prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
 
 
+def kernel_version() -> tuple[int, int]:
+    """This kernel's (major, minor) version; (0, 0) if it cannot be read."""
+    parts = os.uname().release.split(".", 2)
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1].split("-")[0] if c.isdigit()))
+    except (IndexError, ValueError):
+        return 0, 0
+
+
 def start_time(pid: int) -> int | None:
     """When process *pid* started (clock ticks after boot), to tell it from a later
     process given the same id; None if it is gone or a zombie."""

@@ -175,9 +175,12 @@ def stack(target: str, lowers: Sequence[str], *, links: str, upper: str | None =
         linux.mount("overlay", target, "overlay", linux.MS_NOSUID | linux.MS_NODEV,
                     options + ",userxattr")
     except OSError as err:
+        hint = ("the build cache must be on a local file system (ext4, xfs, btrfs, tmpfs); "
+                "set CAPSID_CACHEDIR")
+        if linux.kernel_version() < (5, 11):
+            hint = "overlayfs works in user namespaces from Linux 5.11 on: build on a newer kernel"
         raise RuntimeSetupError(f"cannot stack the build's layers with overlayfs: "
-                                f"{err.strerror}", "the build cache must be on a local file "
-                                "system (ext4, xfs, btrfs, tmpfs); set CAPSID_CACHEDIR") from None
+                                f"{err.strerror}", hint) from None
 
 
 def stack_lowers(lowers: list[int]) -> None:
