@@ -128,3 +128,25 @@ def test_kernel_version(monkeypatch: pytest.MonkeyPatch, release: str,
 
     monkeypatch.setattr(os, "uname", lambda: SimpleNamespace(release=release))
     assert linux.kernel_version() == version
+
+
+def test_an_overlay_image_that_cannot_be_served_is_one_error(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A kernel without what serving needs (here: no mount namespace of its own) gets a
+    RuntimeSetupError, not an OSError, and the image's fd is closed."""
+    import os
+
+    from capsid.errors import RuntimeSetupError
+    from capsid.runtime import linux, overlayimg
+
+    def refused(_flags: int) -> None:
+        raise OSError(errno.EPERM, "unshare: Operation not permitted")
+
+    monkeypatch.setattr(linux, "unshare", refused)
+    image = tmp_path / "overlay.img"
+    image.write_bytes(b"")
+    fd = os.open(image, os.O_RDONLY)
+    with pytest.raises(RuntimeSetupError, match="cannot serve the overlay image"):
+        overlayimg.serve(fd, str(tmp_path), True, str(tmp_path / "log"))
+    with pytest.raises(OSError):
+        os.fstat(fd)

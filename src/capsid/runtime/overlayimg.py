@@ -165,6 +165,9 @@ def serve(image_fd: int, mountpoint: str, readonly: bool, errors: str) -> None:
             linux.attach(tree, mountpoint)
         finally:
             os.close(tree)
+    except OSError as err:  # no mount namespace of its own, or open_tree (Linux < 5.2)
+        raise RuntimeSetupError(f"cannot serve the overlay image: {err.strerror}",
+                                "run without --overlay, or on Linux 5.2 or later") from None
     finally:
         os.close(image_fd)
 
