@@ -17,6 +17,9 @@ SHARED = Path(os.environ.get("CAPSID_SHARED", REPO.parent / "shared"))
 SIF_TESTDATA = SHARED / "testdata" / "sif"
 GOLANG_SIF = Path("/usr/share/gocode/src/github.com/sylabs/sif")
 CAPSID = Path(sys.executable).parent / "capsid"
+# No image keepers (a start's image server kept for the next one) unless a test asks for
+# them (tests/integration/test_imagekeeper.py): many tests count the servers left running.
+os.environ.setdefault("CAPSID_IMAGE_LINGER", "0")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import TypeVar
 
+    from capsid.runtime import imagekeeper
     from capsid.runtime.fuse import Helper, Served
     from capsid.runtime.options import Layers
 
@@ -90,14 +91,22 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
     in_userns = fakeroot or os.geteuid() != 0 or userns.mapped_ids() < 0xFFFFFFFF
     user = identity.User.current() if fakeroot else None
     capsid.mark("runtime imported")
-    if in_userns:
-        userns.enter(user or identity.User.ids(), fakeroot, subordinate_ids=subordinate_ids)
-    capsid.mark("user namespace")
-    fuse_mount = None
     server = _server() if in_userns and located.kind != SANDBOX and not unsquash else None
+    keeping: imagekeeper.Keeping | None = None
+    fuse_mount: Helper | Served | None = None
     if server is not None:
+        keeping = _keeping(located, server, fakeroot, subordinate_ids)
+        fuse_mount = _join(keeping) if keeping is not None else None
+    if fuse_mount is not None:
+        keeping = None
+        capsid.mark("user namespace")
+    elif in_userns:
+        userns.enter(user or identity.User.ids(), fakeroot, subordinate_ids=subordinate_ids)
+        capsid.mark("user namespace")
+    if server is not None and fuse_mount is None:
         owner = (0, 0) if fakeroot else (os.getuid(), os.getgid())
-        fuse_mount = _serve(server, located, owner, first_programs)
+        fuse_mount = _serve(server, located, owner, first_programs, keeping)
+    if server is not None:
         capsid.mark("image server started")
     return Started(located, user or identity.User.current(), in_userns, fuse_mount,
                    first_programs, None, unpacked=unpacked)
@@ -126,7 +135,7 @@ def share_one_cpu(started: Started) -> None:
     Under Slurm or MPI binding the set often is one CPU already.
     """
     served = started.fuse_mount
-    if served is None:
+    if served is None or served.launcher is None:  # none, or a kept one (no set-up talk)
         return
     allowed = os.sched_getaffinity(0)
     cpu = linux.current_cpu()
@@ -190,15 +199,48 @@ def _server() -> str | None:
     return server
 
 
-def _serve(server: str, image: Image, owner: tuple[int, int],
-           first_programs: list[str]) -> Helper | Served:
-    """A running server and its detached mount, or else a helper waiting for the mount."""
+def _keeping(image: Image, server: str, fakeroot: bool,
+             subordinate_ids: bool) -> imagekeeper.Keeping | None:
+    """Where this start's image keeper answers (None: keepers are off)."""
+    from capsid import config
+    from capsid.runtime import imagekeeper
+
+    return imagekeeper.find(image, server, fakeroot=fakeroot,
+                            subordinate_ids=subordinate_ids, site=config.load())
+
+
+def _join(keeping: imagekeeper.Keeping) -> Served | None:
+    """The user namespace and a copy of the mount of a keeper of this image, joined;
+    None where none answers (or its namespace cannot be joined)."""
+    from capsid.runtime import fuse
+
+    joined = keeping.join()
+    if joined is None:
+        return None
+    namespace, mount = joined
+    try:
+        linux.setns(namespace, linux.CLONE_NEWUSER)
+    except OSError as err:
+        LOG.debug("cannot join the image keeper's user namespace: %s", err)
+        os.close(mount)
+        return None
+    finally:
+        os.close(namespace)
+    return fuse.Served(mount, None, [])
+
+
+def _serve(server: str, image: Image, owner: tuple[int, int], first_programs: list[str],
+           keeping: imagekeeper.Keeping | None = None) -> Helper | Served:
+    """A running server and its detached mount, or else a helper waiting for the mount;
+    with *keeping*, a keeper started to keep the mount for later starts."""
     from capsid.runtime import fuse
 
     path = os.path.realpath(image.path)
     served = fuse.serve_detached(server, path, image.offset, *owner)
     if served is None:
         return fuse.start_helper(server, path, image.offset, *owner)
+    if keeping is not None:
+        served.keeper = keeping.start(served)
     from capsid.runtime import prefetch
 
     prefetch.start(os.dup(served.mount_fd), first_programs)

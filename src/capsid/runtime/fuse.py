@@ -42,6 +42,10 @@ from capsid import config, log, tools
 from capsid.errors import CapsidError, RuntimeSetupError
 from capsid.runtime import linux
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from capsid.runtime.imagekeeper import Starting
+
 LOG = log.get(__name__)
 
 #: Run by the spawned shell: $1 is the pipe's fd, the rest is squashfuse's command line.
@@ -123,7 +127,7 @@ class _Server:
     """The process spawned to start the image's server: collected once, and the
     server found by the end of its command line."""
 
-    def __init__(self, launcher: int, tail: list[str]) -> None:
+    def __init__(self, launcher: int | None, tail: list[str]) -> None:
         self.launcher, self.tail = launcher, tail
         self.reaped = self.released = False
         self.server: int | None = None  #: its PID, once found
@@ -131,7 +135,7 @@ class _Server:
     def reap(self) -> None:
         """Collect the launcher (it exits once the server runs on its own); once, so
         that a later process given its PID is never waited for."""
-        if not self.reaped:
+        if not self.reaped and self.launcher is not None:
             self.reaped = True
             _reap(self.launcher)
 
@@ -143,11 +147,11 @@ class _Server:
         It is the launcher's child, with a PID a little above the launcher's. *proc* is
         the host's ``/proc``, opened before a container's root or PID namespace hid it.
         """
-        if self.released:
+        if self.released or self.launcher is None:
             return
         self.released = last
         if self.server is None:
-            self.server = self._find(proc)
+            self.server = self.find(proc)
         if self.server is None:
             LOG.debug("image server not found; it keeps the CPUs it has")
             return
@@ -166,7 +170,10 @@ class _Server:
             except OSError:  # a thread that just ended
                 continue
 
-    def _find(self, proc: int) -> int | None:
+    def find(self, proc: int) -> int | None:
+        """The server's PID, found in *proc* (a ``/proc`` fd); None if it is not running."""
+        if self.launcher is None:
+            return None
         tail = "\0".join(self.tail).encode() + b"\0"
         for pid in range(self.launcher + 1, self.launcher + 64):
             try:
@@ -180,15 +187,21 @@ class _Server:
 
 
 class Served(_Server):
-    """A FUSE mount whose server is running, detached until :meth:`attach`."""
+    """A FUSE mount whose server is running, detached until :meth:`attach`: one this
+    start spawned (*launcher* is its launcher's PID), or a copy of a kept one (None)."""
 
-    def __init__(self, mount_fd: int, launcher: int, tail: list[str]) -> None:
+    def __init__(self, mount_fd: int, launcher: int | None, tail: list[str]) -> None:
         super().__init__(launcher, tail)
         self.mount_fd = mount_fd
+        #: a new image keeper, which gets a copy once the mount is attached
+        self.keeper: Starting | None = None
 
     def attach(self, target: str) -> None:
         linux.attach(self.mount_fd, target)
         os.close(self.mount_fd)
+        if self.keeper is not None:
+            self.keeper.hand_over(target)
+            self.keeper = None
 
 
 def serve_detached(exe: str, image: str, offset: int, uid: int, gid: int) -> Served | None:

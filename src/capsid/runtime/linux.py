@@ -69,6 +69,7 @@ _unshare = _libc("unshare", _Int)
 _setns = _libc("setns", _Int, _Int)
 _syncfs = _libc("syncfs", _Int)
 _prctl = _libc("prctl", _Int, _ULong, _ULong, _ULong, _ULong)
+_prctl_text = _libc("prctl", _Int, _Text, _ULong, _ULong, _ULong)
 _sched_getcpu = _libc("sched_getcpu")
 _syscall = _libc("syscall", _ULong, _Text, _Text)
 # The new mount API (Linux 5.2), by number: glibc before 2.36 has no wrappers.
@@ -109,6 +110,7 @@ MOUNT_ATTR_NODEV = 4
 MOVE_MOUNT_F_EMPTY_PATH = 4
 OPEN_TREE_CLONE = 1
 AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
 
 # clone(2)/unshare(2) flags
 CLONE_NEWNS = 0x00020000
@@ -120,6 +122,7 @@ CLONE_NEWNET = 0x40000000
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 # read now: at pivot_root the container's /tmp may hide capsid's own files (an install there)
 _SYS_PIVOT_ROOT = getattr(arch.this(), "pivot_root", 155)
 
@@ -195,11 +198,13 @@ def attach(mount_fd: int, target: str) -> None:
                        MOVE_MOUNT_F_EMPTY_PATH), f"move_mount {target}")
 
 
-def clone_mount(path: str) -> int:
+def clone_mount(path: str, dir_fd: int = AT_FDCWD) -> int:
     """A detached copy of the mount at *path* (open_tree), to :func:`attach` elsewhere,
-    in another mount namespace too."""
-    return _checked_fd(_open_tree(_SYS_OPEN_TREE, AT_FDCWD, path.encode(),
-                                  OPEN_TREE_CLONE | os.O_CLOEXEC), f"open_tree {path}")
+    in another mount namespace too. With *dir_fd* and an empty *path*: the mount that
+    *dir_fd* (attached in this mount namespace) is open on."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (0 if path else AT_EMPTY_PATH)
+    return _checked_fd(_open_tree(_SYS_OPEN_TREE, dir_fd, path.encode(), flags),
+                       f"open_tree {path or dir_fd}")
 
 
 def umount(target: str, flags: int = 0) -> None:
@@ -238,6 +243,11 @@ def current_cpu() -> int:
 def no_new_privs() -> None:
     """From here on, execve can never grant privileges (setuid bits, file capabilities)."""
     _check(_prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def set_name(name: str) -> None:
+    """Name this process (``ps``, ``top``; 15 bytes at most)."""
+    _prctl_text(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def parent_death_signal(signum: int) -> None:
