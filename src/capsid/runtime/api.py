@@ -31,8 +31,11 @@ ACTIONS = ("exec", "run", "shell", "test")
 def resolve(image: str, options: Options | None = None) -> str:
     """The local image to run for *image*: registry images are converted and cached once."""
     if image.startswith(("docker://", "oras://")):
+        import gc
+
         from capsid.oci.sources import cached_for_run
 
+        gc.enable()  # a download and conversion: off only for a start (cli.main)
         return cached_for_run(image, nohttps=options is not None and options.no_https)
     return image
 

@@ -21,7 +21,6 @@ from capsid.runtime import (
     linux,
     mounts,
     ops,
-    prefetch,
 )
 from capsid.runtime import plan as planning
 
@@ -54,7 +53,8 @@ def _mount_image(plan: Plan, opts: Options, fd: int, started: early.Started) -> 
     if image.kind == SANDBOX:
         mounts.bind_sandbox(fd)
     elif fuse_mount is not None:
-        from capsid.runtime import fuse  # imported by early.start, before /tmp was covered
+        # both imported by early.start, before the session covered /tmp
+        from capsid.runtime import fuse, prefetch
 
         if isinstance(fuse_mount, fuse.Served):
             fuse_mount.attach(target)

@@ -233,7 +233,7 @@ def _serve(server: str, image: Image, owner: tuple[int, int], first_programs: li
            keeping: imagekeeper.Keeping | None = None) -> Helper | Served:
     """A running server and its detached mount, or else a helper waiting for the mount;
     with *keeping*, a keeper started to keep the mount for later starts."""
-    from capsid.runtime import fuse
+    from capsid.runtime import fuse, prefetch
 
     path = os.path.realpath(image.path)
     served = fuse.serve_detached(server, path, image.offset, *owner)
@@ -241,7 +241,6 @@ def _serve(server: str, image: Image, owner: tuple[int, int], first_programs: li
         return fuse.start_helper(server, path, image.offset, *owner)
     if keeping is not None:
         served.keeper = keeping.start(served)
-    from capsid.runtime import prefetch
 
     prefetch.start(os.dup(served.mount_fd), first_programs)
     return served
