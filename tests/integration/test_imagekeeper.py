@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPSID, live_squashfuse, one_error, run_capsid, until_gone
+from tests.conftest import (
+    CAPSID,
+    live_squashfuse,
+    one_error,
+    run_capsid,
+    until_gone,
+    wait_for,
+)
 
 pytestmark = pytest.mark.unprivileged
 ROOT = os.geteuid() == 0
@@ -165,6 +172,37 @@ def test_a_killed_server_is_not_joined(image: Path, env: dict[str, str]) -> None
     os.kill(int(server.split(":")[0].split()[0]), signal.SIGKILL)
     assert until_gone(lambda: keepers(image)) == []
     assert run_capsid("exec", *AS, image, "echo", "ok", env=env).stdout == "ok\n"
+
+
+def test_concurrent_first_starts_leave_one_keeper_that_answers(
+        debian_sif: Path, env: dict[str, str]) -> None:
+    """Starts racing to keep the same image: one keeper stays, and it watches its own
+    server (not another start's, whose command line is the same and which ends with its
+    container)."""
+    image = debian_sif  # slow enough a start for eight to overlap
+    try:
+        procs = [subprocess.Popen([str(CAPSID), "exec", *AS, str(image), "true"], env=env)
+                 for _ in range(8)]
+        assert [proc.wait(timeout=120) for proc in procs] == [0] * 8
+        wait_for(lambda: len(keepers(image)) == 1, "one keeper left")
+        time.sleep(1)  # the other starts' servers end now; the keeper must not follow them
+        assert len(keepers(image)) == 1 and len(live_squashfuse(image)) == 1
+        run_capsid("exec", *AS, image, "true", env=env, check=True)
+        assert len(live_squashfuse(image)) == 1  # joined: no server of its own
+    finally:
+        _stop(image)
+
+
+def test_a_killed_keeper_is_replaced(image: Path, env: dict[str, str]) -> None:
+    run_capsid("exec", *AS, image, "true", env=env, check=True)
+    (keeper,) = keepers(image)
+    os.kill(int(keeper.split(":")[0]), signal.SIGKILL)
+    assert until_gone(lambda: keepers(image)) == []
+    sockets = list(Path(env["XDG_RUNTIME_DIR"], "capsid", "images").iterdir())
+    assert len(sockets) == 1  # left behind
+    assert run_capsid("exec", *AS, image, "echo", "ok", env=env).stdout == "ok\n"
+    wait_for(lambda: len(keepers(image)) == 1, "a new keeper")
+    assert list(Path(env["XDG_RUNTIME_DIR"], "capsid", "images").iterdir()) == sockets
 
 
 def test_fakeroot_and_not_do_not_share_a_keeper(image: Path, env: dict[str, str]) -> None:

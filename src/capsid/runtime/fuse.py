@@ -129,6 +129,8 @@ class _Server:
 
     def __init__(self, launcher: int | None, tail: list[str]) -> None:
         self.launcher, self.tail = launcher, tail
+        #: the mount namespace the server was spawned in (this process's, now)
+        self.namespace = os.stat("/proc/self/ns/mnt").st_ino if launcher is not None else 0
         self.reaped = self.released = False
         self.server: int | None = None  #: its PID, once found
 
@@ -171,7 +173,11 @@ class _Server:
                 continue
 
     def find(self, proc: int) -> int | None:
-        """The server's PID, found in *proc* (a ``/proc`` fd); None if it is not running."""
+        """The server's PID, found in *proc* (a ``/proc`` fd); None if it is not running.
+
+        Servers of other starts of the same image have the same command line, never the
+        same mount namespace (a start's server keeps its own alive, so the id is its).
+        """
         if self.launcher is None:
             return None
         tail = "\0".join(self.tail).encode() + b"\0"
@@ -179,7 +185,8 @@ class _Server:
             try:
                 fd = os.open(f"{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
                 with open(fd, "rb") as f:
-                    if f.read().endswith(tail):
+                    if f.read().endswith(tail) \
+                            and os.stat(f"{pid}/ns/mnt", dir_fd=proc).st_ino == self.namespace:
                         return pid
             except OSError:
                 continue

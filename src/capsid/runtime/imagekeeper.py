@@ -231,6 +231,7 @@ def _keep(keeping: Keeping, channel: socket.socket,
         if len(fds) != 1:
             os._exit(0)
         mount = fds[0]
+        server = _watch(served)
         userns = os.open("/proc/self/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         folder_fd = os.open(keeping.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -250,7 +251,6 @@ def _keep(keeping: Keeping, channel: socket.socket,
         linux.unshare(linux.CLONE_NEWNS)
         linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
         linux.attach(mount, keeping.folder)
-        server = _watch(served)
         poller = select.poll()
         poller.register(listener.fileno(), select.POLLIN)
         if server >= 0:
