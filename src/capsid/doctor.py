@@ -331,6 +331,22 @@ def _server_finding() -> Finding:
                    "directory), or run with --unsquash")
 
 
+def _keeper_finding() -> Finding:
+    """Whether a start keeps its image served for the next one, and for how long."""
+    from capsid import config
+    from capsid.errors import CapsidError
+    from capsid.runtime import imagekeeper
+
+    try:
+        seconds = imagekeeper.linger(config.load())
+    except CapsidError as err:
+        return Finding("image keeper", FAIL, "-", "misconfigured", f"{err.message}; {err.hint}")
+    if seconds <= 0:
+        return Finding("image keeper", OK, "-", "off: each start serves its image itself")
+    return Finding("image keeper", OK, "-", f"the image is kept served {seconds:g} s after "
+                   "each start, for the next one (image server linger)")
+
+
 def report(image: str) -> tuple[list[Finding], Side, Side]:
     """The findings for *image* on this host, and what each side has."""
     img, host = image_side(image), host_side()
@@ -344,6 +360,7 @@ def report(image: str) -> tuple[list[Finding], Side, Side]:
                             "" if fuse else "ask an administrator for mode 0666; until then "
                             "images are unpacked into memory (--unsquash), slower to start"))
     findings.append(_server_finding())
+    findings.append(_keeper_finding())
     from capsid.runtime import linux
 
     kernel = linux.kernel_version()

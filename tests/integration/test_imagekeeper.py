@@ -273,3 +273,15 @@ def test_a_socket_of_another_user_is_never_trusted() -> None:
         impostor.close()
     finally:
         shutil.rmtree(base)
+
+
+def test_doctor_says_how_long_images_are_kept(image: Path, env: dict[str, str]) -> None:
+    def line(linger: str) -> tuple[str, str]:
+        doctor = run_capsid("doctor", image, env={**env, "CAPSID_IMAGE_LINGER": linger})
+        (found,) = [x for x in doctor.stdout.splitlines() if "image keeper" in x]
+        return found, doctor.stdout
+
+    assert line("30")[0].startswith("OK") and "kept served 30 s" in line("30")[0]
+    assert line("0")[0].startswith("OK") and "off" in line("0")[0]
+    bad, whole = line("soon")
+    assert bad.startswith("FAIL") and "CAPSID_IMAGE_LINGER='soon'" in whole
