@@ -70,21 +70,24 @@ def linger(site: config.SiteConfig) -> float:
 class Keeping:
     """The keeper of one image for this start: its key and where it answers."""
 
-    __slots__ = ("address", "folder", "key", "linger")
+    __slots__ = ("address", "folder", "key", "linger", "name")
 
     def __init__(self, key: bytes, folder: str, linger: float) -> None:
         from capsid.tools import sha256_hex
 
         self.key, self.folder, self.linger = key, folder, linger
-        self.address = os.path.join(folder, sha256_hex(key)[:32] + ".sock")
+        self.name = sha256_hex(key)[:32] + ".sock"
+        self.address = os.path.join(folder, self.name)
 
     def join(self) -> tuple[int, int] | None:
         """The keeper's user namespace and a copy of its mount, or None where no keeper
         of this key answers."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        folder = -1
         try:
             sock.settimeout(2.0)
-            sock.connect(self.address)
+            folder = os.open(self.folder, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            sock.connect(_short(folder, self.name))
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             if int.from_bytes(creds[4:8], sys.byteorder) != os.getuid():
                 return None  # not ours: never trusted, whatever the directory says
@@ -96,6 +99,8 @@ class Keeping:
             return None
         finally:
             sock.close()
+            if folder >= 0:
+                os.close(folder)
         if answer != b"ok" or len(fds) != _FDS:
             for fd in fds:
                 os.close(fd)
@@ -174,10 +179,13 @@ def find(image: Image, server: str, *, fakeroot: bool, subordinate_ids: bool,
     except (OSError, hostfs.Refused) as err:
         LOG.debug("no image keeper: %s", getattr(err, "message", None) or err)
         return None
-    keeping = Keeping(key, folder, seconds)
-    if len(keeping.address.encode()) > 107:  # sun_path's limit: a long XDG_RUNTIME_DIR
-        return None
-    return keeping
+    return Keeping(key, folder, seconds)
+
+
+def _short(folder: int, name: str) -> str:
+    """*name* in the directory open at *folder*, by a path that fits a socket address
+    (108 bytes, which a long ``XDG_RUNTIME_DIR`` or ``/tmp`` path would not)."""
+    return f"/proc/self/fd/{folder}/{name}"
 
 
 def _key(image: Image, server: str, *, fakeroot: bool, subordinate_ids: bool) -> bytes:
@@ -215,7 +223,7 @@ def _keep(keeping: Keeping, channel: socket.socket,
     code = 1
     folder_fd = -1
     bound: int | None = None
-    name = os.path.basename(keeping.address)
+    name = keeping.name
     try:
         os.closerange(3, channel.fileno())
         os.closerange(channel.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
@@ -242,7 +250,7 @@ def _keep(keeping: Keeping, channel: socket.socket,
             os.unlink(name, dir_fd=folder_fd)  # a keeper that is gone
         except FileNotFoundError:
             pass
-        listener.bind(keeping.address)
+        listener.bind(_short(folder_fd, name))
         bound = os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_ino
         listener.listen(64)
         fcntl.flock(folder_fd, fcntl.LOCK_UN)
