@@ -248,11 +248,14 @@ def test_a_socket_of_another_user_is_never_trusted() -> None:
         address = asker.stdout.readline().strip()
         impostor = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         impostor.bind(address)
+        os.chmod(address, 0o777)  # connectable by the user
         impostor.listen(1)
         asked: list[bytes] = []
+        connected: list[bool] = []
 
         def answer() -> None:
             conn, _ = impostor.accept()
+            connected.append(True)
             with conn:
                 try:
                     fd = os.open("/", os.O_RDONLY)
@@ -269,7 +272,8 @@ def test_a_socket_of_another_user_is_never_trusted() -> None:
         assert asker.stdout.readline().strip() == "None"
         assert asker.wait(timeout=30) == 0
         replier.join(timeout=10)
-        assert not any(asked), asked  # the key was never sent to it
+        assert connected == [True]  # it was asked: by its owner, the answer was refused
+        assert not any(asked), asked  # and the key was never sent to it
         impostor.close()
     finally:
         shutil.rmtree(base)
