@@ -56,15 +56,19 @@ def _sockets() -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
-def _gone(image: Path, before: set[int]) -> bool:
-    """Whether the job's keeper and image server have gone (they go right after the last
-    rank: give them a moment)."""
+def _gone(image: Path, before: set[int]) -> str:
+    """"" if the job's keeper and image server have gone (they go right after the last
+    rank: give them a moment); else what is left, and this user's processes (to tell
+    which one keeps them)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if not (set(_live_servers(image)) - before or _sockets()):
-            return True
+        servers, sockets = set(_live_servers(image)) - before, _sockets()
+        if not (servers or sockets):
+            return ""
         time.sleep(0.05)
-    return False
+    mine = subprocess.run(["ps", "-o", "pid,ppid,stat,args", "-u", str(os.getuid())],
+                          capture_output=True, text=True, check=False).stdout
+    return f"servers {sorted(servers)}, sockets {sockets}; processes:\n{mine}"
 
 
 def _clean(output: str) -> None:
@@ -90,7 +94,7 @@ def test_ranks_share_one_container(mpi_sif: Path, tmp_path: Path) -> None:
     servers = {line for line in lines if line.startswith("server")}
     if os.getuid() != 0:  # root mounts the image with the kernel's squashfs
         assert len(servers - {f"server {p}" for p in before}) == 1  # one per node at peak
-    assert _gone(mpi_sif, before)
+    assert not (left := _gone(mpi_sif, before)), left
 
 
 def test_no_sharens_gives_each_rank_its_own(mpi_sif: Path, tmp_path: Path) -> None:
@@ -129,7 +133,7 @@ def test_kill_9_of_every_rank_leaves_nothing(mpi_sif: Path, tmp_path: Path) -> N
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     job.wait(timeout=60)
-    assert _gone(mpi_sif, before)
+    assert not (left := _gone(mpi_sif, before)), left
 
 
 def test_ranks_that_start_and_end_apart(mpi_sif: Path, tmp_path: Path) -> None:
@@ -159,7 +163,7 @@ def test_ranks_that_start_and_end_apart(mpi_sif: Path, tmp_path: Path) -> None:
             proc.wait()
     assert all(p.returncode == 0 for p in started)
     assert len(names) == 3 and len(set(names)) == 1, names
-    assert _gone(mpi_sif, before)
+    assert not (left := _gone(mpi_sif, before)), left
 
 
 def test_sharens_with_a_pid_namespace_is_refused_with_a_warning(mpi_sif: Path) -> None:
