@@ -92,21 +92,16 @@ def start(image: str | Layers, *, fakeroot: bool, unsquash: bool,
     user = identity.User.current() if fakeroot else None
     capsid.mark("runtime imported")
     server = _server() if in_userns and located.kind != SANDBOX and not unsquash else None
-    keeping: imagekeeper.Keeping | None = None
-    fuse_mount: Helper | Served | None = None
-    if server is not None:
-        keeping = _keeping(located, server, fakeroot, subordinate_ids)
-        fuse_mount = _join(keeping) if keeping is not None else None
-    if fuse_mount is not None:
-        keeping = None
-        capsid.mark("user namespace")
-    elif in_userns:
+    keeping = _keeping(located, server, fakeroot, subordinate_ids) if server else None
+    # a kept image: its keeper's user namespace joined, and a copy of its mount
+    fuse_mount: Helper | Served | None = _join(keeping) if keeping else None
+    if fuse_mount is None and in_userns:
         userns.enter(user or identity.User.ids(), fakeroot, subordinate_ids=subordinate_ids)
-        capsid.mark("user namespace")
-    if server is not None and fuse_mount is None:
-        owner = (0, 0) if fakeroot else (os.getuid(), os.getgid())
-        fuse_mount = _serve(server, located, owner, first_programs, keeping)
+    capsid.mark("user namespace")
     if server is not None:
+        if fuse_mount is None:
+            owner = (0, 0) if fakeroot else (os.getuid(), os.getgid())
+            fuse_mount = _serve(server, located, owner, first_programs, keeping)
         capsid.mark("image server started")
     return Started(located, user or identity.User.current(), in_userns, fuse_mount,
                    first_programs, None, unpacked=unpacked)

@@ -88,8 +88,7 @@ class Keeping:
             sock.settimeout(2.0)
             folder = os.open(self.folder, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             sock.connect(_short(folder, self.name))
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            if int.from_bytes(creds[4:8], sys.byteorder) != os.getuid():
+            if _peer_uid(sock) != os.getuid():
                 return None  # not ours: never trusted, whatever the directory says
             sock.send(_HELLO + self.key)
             answer, fds = _receive(sock)
@@ -199,6 +198,12 @@ def _key(image: Image, server: str, *, fakeroot: bool, subordinate_ids: bool) ->
              str(image.offset), os.path.realpath(server), f"{fakeroot}:{subordinate_ids}",
              os.readlink("/proc/self/ns/user"))
     return "\0".join(parts).encode(errors="surrogateescape") + b"\0" + cgroup
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    """The user id of the process at the other end of *sock* (``struct ucred``'s uid)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(creds[4:8], sys.byteorder)
 
 
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
@@ -313,8 +318,7 @@ def _answer(fd: int, key: bytes, userns: int, mount: int, *,
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fd)
     try:
         conn.settimeout(1.0)
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        if int.from_bytes(creds[4:8], sys.byteorder) != os.getuid() \
+        if _peer_uid(conn) != os.getuid() \
                 or conn.recv(len(_HELLO) + len(key) + 1) != _HELLO + key:
             conn.send(b"no")
             return True
