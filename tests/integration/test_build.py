@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -471,6 +472,16 @@ def test_copy_steps_run_on_the_pulled_squashfs(env: dict[str, str], tmp_path: Pa
     assert (tmp_path / "served.sif").read_bytes() == (tmp_path / "unpacked.sif").read_bytes()
     assert run_capsid("exec", tmp_path / "served.sif", "cat", "/src/fib.py", "/w/x/fib.py",
                       env=env, check=True).stdout == "print(55)\n" * 2
+    # the pull's output is the cached SIF under another name: once changed through it,
+    # the build makes its own base instead of taking those bytes into its image
+    time.sleep(0.02)
+    with open(tmp_path / "base.sif", "ab") as f:
+        f.write(b"\0" * 4096)
+    made = run_capsid("-v", "build", "--no-cache", tmp_path / "own.sif", recipe, env=pulled,
+                      timeout=900)
+    assert made.returncode == 0, made.stderr
+    assert "for later builds to be laid over" in made.stderr
+    assert (tmp_path / "own.sif").read_bytes() == (tmp_path / "unpacked.sif").read_bytes()
 
 
 def test_a_copy_the_served_base_cannot_take_goes_on_unpacked(

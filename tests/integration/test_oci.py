@@ -170,6 +170,39 @@ def test_exec_docker_uri_converts_once(registry: Registry, oci_env: dict[str, st
     assert not list((Path(oci_env["CAPSID_CACHEDIR"]) / "sif").iterdir())
 
 
+def test_a_pull_shares_its_sif_with_the_cache_until_it_is_changed(
+        registry: Registry, oci_env: dict[str, str], tmp_path: Path) -> None:
+    """The first pull's output is the cached SIF under a second name (no copy); a SIF
+    changed in place through that name is made again, never handed out."""
+    env = {**oci_env, **CREDS}
+    uri = f"docker://{registry.host}/test/busybox:1"
+    cache = Path(oci_env["CAPSID_CACHEDIR"]) / "sif"
+    first = tmp_path / "first.sif"
+    ok("pull", first, uri, env=env)
+    (cached,) = cache.iterdir()
+    assert first.stat().st_ino == cached.stat().st_ino
+    assert first.stat().st_mode & 0o777 == 0o755  # the tests' umask is 022
+    pristine = hashlib.sha256(first.read_bytes()).hexdigest()
+    second = tmp_path / "second.sif"
+    ok("pull", second, uri, env=env)  # from the cache: a copy, so the outputs stay apart
+    assert second.stat().st_ino != first.stat().st_ino
+    assert hashlib.sha256(second.read_bytes()).hexdigest() == pristine
+    time.sleep(0.02)
+    with open(first, "ab") as f:  # what adding an overlay or a signature in place does
+        f.write(b"\0" * 4096)
+    third = tmp_path / "third.sif"
+    made = ok("-v", "pull", third, uri, env=env).stderr
+    assert "was changed since it was made" in made
+    assert hashlib.sha256(third.read_bytes()).hexdigest() == pristine
+    assert first.stat().st_size == second.stat().st_size + 4096  # the user's file is kept
+    (cached,) = cache.iterdir()
+    assert cached.stat().st_ino == third.stat().st_ino != first.stat().st_ino
+    assert ok("exec", uri, "echo", "intact", env=env).stdout == "intact\n"
+    assert ok("pull", "--force", third, uri, env=env).returncode == 0
+    assert hashlib.sha256(third.read_bytes()).hexdigest() == pristine
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".capsid-tmp")]
+
+
 # -- token auth ----------------------------------------------------------------------------------
 
 

@@ -85,6 +85,49 @@ def test_a_blob_that_does_not_match_its_digest_never_enters_the_cache(tmp_path: 
     assert not store.has(digest)
 
 
+def test_a_cached_sif_changed_through_another_name_is_not_trusted(tmp_path: Path) -> None:
+    import os
+    import time
+
+    store = Store(tmp_path / "cache").prepare()
+    sif = store.sif_path(DIGEST, "zstd")
+    sif.write_bytes(b"made by a pull")
+    sif.chmod(0o755)
+    assert store.intact_sif(sif)  # no stamp, one name: as an older capsid left it
+    store.record_sif(sif)
+    assert store.intact_sif(sif)
+    out = tmp_path / "out.sif"
+    os.link(sif, out)
+    assert store.intact_sif(sif)  # shared, unchanged
+    time.sleep(0.01)
+    with open(out, "ab") as f:  # an overlay or a signature added in place
+        f.write(b" and changed")
+    assert not store.intact_sif(sif)
+    store.record_sif(sif)
+    out.chmod(0o775)  # others may write it now
+    assert not store.intact_sif(sif)
+    out.unlink()  # one name again: private to the cache
+    assert store.intact_sif(sif)
+    os.link(sif, out)
+    out.unlink()
+    sif.unlink()
+    sif.write_bytes(b"replaced")  # another file under the name
+    assert not store.intact_sif(sif)
+    store.drop_sif(sif)
+    assert not sif.exists() and not list(store.stamps.iterdir())
+    assert not store.intact_sif(sif)
+
+
+def test_cleaning_the_cache_removes_the_stamps(tmp_path: Path) -> None:
+    store = Store(tmp_path / "cache").prepare()
+    sif = store.sif_path(DIGEST, "zstd")
+    sif.write_bytes(b"made")
+    store.record_sif(sif)
+    assert [kind for kind, _p, _st in store.entries()] == ["sif"]
+    store.clean()
+    assert not sif.exists() and not list(store.stamps.iterdir())
+
+
 def test_platforms_are_chosen_from_an_index_with_arm_variants() -> None:
     index = {"manifests": [
         {"digest": "sha256:amd", "platform": {"os": "linux", "architecture": "amd64"}},

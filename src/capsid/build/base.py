@@ -74,7 +74,10 @@ class BaseImage:
         places = [self._own_squashfs(store, compression, stamp)]
         if self.key.startswith("sha256:"):
             try:  # the pull cache, if it is the user's own (its bytes go into the output)
-                places.insert(0, Store().prepare().sif_path(self.key, compression))
+                pulls = Store().prepare()
+                pulled = pulls.sif_path(self.key, compression)
+                if pulls.intact_sif(pulled):
+                    places.insert(0, pulled)
             except CapsidError as err:
                 LOG.debug("not using the pull cache: %s", err)
         for place in places:

@@ -59,6 +59,42 @@ def copy_file(source: Path, target: Path) -> None:
         copy_range(fin.fileno(), fout.fileno(), os.fstat(fin.fileno()).st_size, 0, 0)
 
 
+def place(source: Path, target: Path, force: bool = False, share: bool = False) -> None:
+    """Give *target* the bytes of file *source*, atomically.
+
+    With *share*, *target* becomes a second name of *source* (no copy, no second
+    copy's disk space) where that is safe: *source* has no other name, no one else may
+    write it, and it has the mode a copy would get. Otherwise, or where the file system
+    refuses (another file system, no hard links), it is a copy.
+    """
+    check_target(target, force)
+    if share and _shareable(source, target):
+        name = target.parent / f".{target.name}.{os.getpid()}-{next(_NUMBERS)}.link{SUFFIX}"
+        _LIVE.add(name)  # a killed run leaves an unlocked name, which clean_stale removes
+        try:
+            os.link(source, name)
+            os.replace(name, target)
+            return
+        except OSError as err:
+            LOG.debug("copying %s: %s", source, err)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(name)  # still there if the link or the rename failed
+            _LIVE.discard(name)
+    with atomic_file(target, force) as tmp:
+        copy_file(source, tmp)
+
+
+def _shareable(source: Path, target: Path) -> bool:
+    try:
+        st = os.stat(source)
+    except OSError:
+        return False
+    mode = stat.S_IMODE(st.st_mode)
+    return (st.st_nlink == 1 and mode == 0o777 & ~_umask() and not mode & 0o022
+            and not (os.path.isdir(target) and not os.path.islink(target)))
+
+
 def check_target(target: Path, force: bool) -> None:
     """Refuse an existing *target* without *force*, and a parent that is missing."""
     if os.path.lexists(target) and not force:

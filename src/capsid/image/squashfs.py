@@ -54,6 +54,7 @@ def writer(out: Path, compression: str = "zstd") -> Iterator[BinaryIO]:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=errors, bufsize=1 << 20)
         assert proc.stdin is not None
+        tools.widen_pipe(proc.stdin.fileno())
         try:
             yield proc.stdin  # type: ignore[misc]
             proc.stdin.close()

@@ -27,6 +27,7 @@ def into(target: Path, fill: Callable[[Write], object], owners: bool = False) ->
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=errors)
         assert proc.stdin is not None
+        tools.widen_pipe(proc.stdin.fileno())
         try:
             fill(proc.stdin.write)
             proc.stdin.close()

@@ -82,6 +82,8 @@ class Puller:
         self.nohttps = nohttps
         self.registries = registries or Registries.load()
         self.client = Client()
+        #: the cached SIFs this puller made (no one else has a name of them yet)
+        self.made: set[Path] = set()
 
     def close(self) -> None:
         self.client.close()
@@ -203,12 +205,16 @@ class Puller:
 
         resolved = self.resolve(ref, platform)
         path = self.store.sif_path(resolved.digest, compression)
-        if path.is_file():
+        if self.store.intact_sif(path):
             LOG.info("using cached %s", path)
             return path
         with self.store.lock(path.name + ".lock"):
-            if path.is_file():
+            if self.store.intact_sif(path):
                 return path
+            if path.exists():
+                LOG.info("%s was changed since it was made (through the name a pull gave "
+                         "it); making it again", path)
+                self.store.drop_sif(path)
             try:
                 with self._arriving(resolved) as source:
                     tosif.write_sif(source, path, compression=compression, force=True,
@@ -217,6 +223,8 @@ class Puller:
                 LOG.debug("a layer was downloaded again; converting it afresh")
                 tosif.write_sif(self.fetch(resolved), path, compression=compression,
                                 force=True, verified=True)
+            self.store.record_sif(path)
+            self.made.add(path)
         return path
 
     @contextlib.contextmanager

@@ -69,8 +69,8 @@ def to_sif(uri: str, out: Path, opts: Options, force: bool = False) -> None:
                                 verified=True)
                 return
             cached = puller.cached_sif(ref, opts.platform, opts.compression)
-        with output.atomic_file(out, force) as tmp:
-            output.copy_file(cached, tmp)
+            # made just now: the output may be the same file, with the pull's time and mode
+            output.place(cached, out, force, share=cached in puller.made)
     else:
         pull_oras(reference.parse(rest), out, opts, force)
 

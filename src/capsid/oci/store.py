@@ -4,6 +4,7 @@ Layout under ``$CAPSID_CACHEDIR`` (default ``~/.cache/capsid``)::
 
     oci/               an OCI image layout (oci-layout, index.json, blobs/sha256/…)
     sif/sha256-HEX.sif a SIF made from the image whose manifest has that digest
+    stamps/            each SIF's size, inode and mtime when it was made (see intact_sif)
     partial/           downloads in progress (resumed by the next process)
     locks/             one lock file per blob or SIF being made
 
@@ -68,6 +69,7 @@ class Store:
         self.sifs = self.root / "sif"
         self.partials = self.root / "partial"
         self.locks = self.root / "locks"
+        self.stamps = self.root / "stamps"
 
     def prepare(self) -> Store:
         from capsid import hostfs
@@ -75,7 +77,7 @@ class Store:
         try:
             hostfs.private_dir(str(self.root), "cache directory")
             for d in (self.layout, self.layout / "blobs", self.blobs, self.sifs,
-                      self.partials, self.locks):
+                      self.partials, self.locks, self.stamps):
                 hostfs.private_dir(str(d), "cache directory")
             marker = self.layout / "oci-layout"
             if not marker.exists():
@@ -161,6 +163,42 @@ class Store:
         suffix = "" if compression == "zstd" else f"-{compression}"
         return self.sifs / f"sha256-{hexpart}{suffix}.sif"
 
+    def _stamp_path(self, sif: Path) -> Path:
+        return self.stamps / f"{sif.name}.json"
+
+    def record_sif(self, sif: Path) -> None:
+        """Note how SIF *sif*, just made, looks (for :meth:`intact_sif`)."""
+        st = os.stat(sif)
+        output.write_bytes(self._stamp_path(sif), json.dumps(
+            {"size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}).encode())
+
+    def intact_sif(self, sif: Path) -> bool:
+        """Whether cached SIF *sif* is as it was made.
+
+        A pull gives the user its output as a second name of the SIF it made (see
+        :func:`capsid.image.output.place`), through which the file may since have been
+        changed in place (an overlay added, a signature): its mtime, which only its owner
+        can set back, then differs from the one noted when it was made. A SIF that others
+        may write through a second name is not trusted either.
+        """
+        try:
+            st = os.stat(sif)
+        except OSError:
+            return False
+        if st.st_nlink > 1 and st.st_mode & 0o022:
+            return False
+        try:
+            noted = json.loads(self._stamp_path(sif).read_bytes())
+        except (OSError, ValueError):
+            return st.st_nlink == 1  # made before stamps were noted, and never shared
+        return bool(noted == {"size": st.st_size, "ino": st.st_ino,
+                              "mtime_ns": st.st_mtime_ns})
+
+    def drop_sif(self, sif: Path) -> None:
+        """Remove cached SIF *sif* (not another name of it) and its stamp."""
+        sif.unlink(missing_ok=True)
+        self._stamp_path(sif).unlink(missing_ok=True)
+
     # -- housekeeping --------------------------------------------------------------------------
 
     def entries(self) -> Iterator[tuple[str, Path, os.stat_result]]:
@@ -178,13 +216,18 @@ class Store:
         """Remove cached files (only those unused for *older_than_days*, if given)."""
         cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
         removed = []
-        for _kind, path, st in list(self.entries()):
+        for kind, path, st in list(self.entries()):
             if cutoff is not None and max(st.st_atime, st.st_mtime) > cutoff:
                 continue
             if not dry_run:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+                if kind == "sif":
+                    self._stamp_path(path).unlink(missing_ok=True)
             removed.append(path)
         if cutoff is None and not dry_run:
             (self.layout / "index.json").unlink(missing_ok=True)
+            if self.stamps.is_dir():
+                for stamp in self.stamps.iterdir():
+                    stamp.unlink(missing_ok=True)
         return removed
