@@ -322,6 +322,38 @@ def test_persistent_overlay_image(debian_sif: Path, tmp_path: Path) -> None:
     assert bad.returncode == 255
 
 
+def test_an_overlay_image_made_without_fakeroot_is_written_as_the_user(
+        debian_sif: Path, tmp_path: Path) -> None:
+    """Apptainer's documented example: 'overlay create --create-dir /var/cache/nginx',
+    then a plain exec writes there (and in /, the image's upper root, also the user's);
+    the image's own directories stay the image's; no capability is left to the command."""
+    if any(shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") is None
+           for t in ("fuse2fs", "fuse-overlayfs", "mkfs.ext3")):
+        pytest.skip("needs fuse2fs, fuse-overlayfs and mkfs.ext3 (scripts/setup.sh)")
+    image = tmp_path / "nginx.img"
+    made = named("apptainer", "overlay", "create", "--size", "64", "--create-dir",
+                 "/var/cache/nginx", "--create-dir", "/opt/app/data", image)
+    assert made.returncode == 0, made.stderr
+    wrote = run_capsid("exec", "--overlay", image, debian_sif, "sh", "-c",
+                       "cat > /var/cache/nginx/test && echo 2 > /opt/app/data/f && "
+                       "echo 3 > /top && grep CapInh /proc/self/status && "
+                       "stat -c %u /var/cache/nginx", input="1\n", timeout=60)
+    assert wrote.returncode == 0, wrote.stderr
+    assert wrote.stdout == f"CapInh:\t0000000000000000\n{os.getuid()}\n"
+    etc = run_capsid("exec", "--overlay", image, debian_sif, "sh", "-c", "echo x > /etc/z",
+                     timeout=60)
+    assert (etc.returncode == 0) == ROOT, etc.stderr  # the image's /etc is root's
+    read = run_capsid("exec", "--overlay", f"{image}:ro", debian_sif, "cat",
+                      "/var/cache/nginx/test", "/opt/app/data/f", "/top", timeout=60)
+    assert (read.returncode, read.stdout) == (0, "1\n2\n3\n"), read.stderr
+    for bad, why in (("relative", "not an absolute path"), ("/a/../b", "not an absolute"),
+                     ("/", "names the root")):
+        refused = run_capsid("overlay", "create", "--create-dir", bad, tmp_path / "x.img")
+        assert refused.returncode == 255 and why in refused.stderr, refused.stderr
+        assert refused.stderr.count("\n") == 1
+    assert not (tmp_path / "x.img").exists()
+
+
 def _overlay_processes(capsid: int) -> list[int]:
     """The read-only overlay image's script (which names capsid process *capsid*), and
     the server and watcher it started, alive."""

@@ -267,6 +267,19 @@ def write_id_maps(uid_map: str, gid_map: str, pid: str = "self") -> None:
 def raise_ambient(caps: tuple[int, ...]) -> bool:
     """Make *caps* (held now, in this user namespace) survive the next execve: they
     become inheritable and ambient. False if the kernel refused."""
+    return _set_inheritable(caps) and all(
+        _prctl(47, 2, cap, 0, 0) == 0 for cap in caps)  # PR_CAP_AMBIENT_RAISE
+
+
+def clear_ambient() -> None:
+    """Undo :func:`raise_ambient`: no ambient and no inheritable capabilities (the
+    container's command inherits none)."""
+    _prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    _set_inheritable(None)
+
+
+def _set_inheritable(caps: tuple[int, ...] | None) -> bool:
+    """Add *caps* to the inheritable set, or empty it (None)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -274,15 +287,11 @@ def raise_ambient(caps: tuple[int, ...]) -> bool:
     data = (ctypes.c_uint32 * 6)()  # two of {effective, permitted, inheritable}
     if libc.capget(header, data) != 0:
         return False
-    for cap in caps:
+    if caps is None:
+        data[2] = data[5] = 0
+    for cap in caps or ():
         data[2 + 3 * (cap // 32)] |= 1 << (cap % 32)
-    if libc.capset(header, data) != 0:
-        return False
-    return all(_prctl(47, 2, cap, 0, 0) == 0 for cap in caps)  # PR_CAP_AMBIENT_RAISE
-
-
-def clear_ambient() -> None:
-    _prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    return bool(libc.capset(header, data) == 0)
 
 
 def kernel_version() -> tuple[int, int]:

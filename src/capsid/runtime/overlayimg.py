@@ -82,21 +82,26 @@ def check(path: str, readonly: bool) -> None:
 
 
 def create(path: Path, size_mib: int, *, sparse: bool = False, fakeroot: bool = False,
-           force: bool = False) -> None:
+           force: bool = False, directories: list[str] | None = None) -> None:
     """A new ext3 overlay image of *size_mib* MiB with empty ``upper/`` and ``work/``
     directories owned by the user, as Apptainer's ``overlay create`` makes it; with
-    *fakeroot*, owned by root, for containers run with --fakeroot."""
+    *fakeroot*, owned by root, for containers run with --fakeroot. *directories*
+    (absolute paths in the container) are made in ``upper/``, with their parents, as
+    the upper directory is: the user may write in them without --fakeroot."""
     from capsid.image import output
 
     if size_mib < 64:
         raise UsageError(f"--size {size_mib}: an overlay image needs at least 64 MiB",
                          "give --size 64 or more (MiB)")
+    made = [_inside(d) for d in directories or []]
     mkfs = tools.which("mkfs.ext3")
     with output.atomic_file(path, force, mode=0o666) as tmp, \
             output.scratch(path, "tree") as scratch:
         os.unlink(scratch)
         os.makedirs(scratch / "upper", 0o755)
         os.makedirs(scratch / "work", 0o755)
+        for rel in made:
+            os.makedirs(scratch / "upper" / rel, 0o755, exist_ok=True)
         with open(tmp, "wb") as f:
             if sparse:
                 f.truncate(size_mib << 20)
@@ -106,11 +111,20 @@ def create(path: Path, size_mib: int, *, sparse: bool = False, fakeroot: bool = 
         argv = [mkfs, "-q", "-F", "-d", str(scratch), "-E", f"root_owner={owner}", str(tmp)]
         if fakeroot and os.getuid() != 0:  # mkfs records owners as it sees them
             argv = [tools.which("unshare"), "--map-root-user", *argv]
-        try:
-            tools.run(argv)
-        finally:
-            for each in ("upper", "work"):
-                os.rmdir(scratch / each)
+        tools.run(argv)  # the scratch tree goes with its context
+
+
+def _inside(directory: str) -> str:
+    """*directory* (``--create-dir``) as a path relative to the container's root."""
+    parts = directory.split("/")
+    if not directory.startswith("/") or ".." in parts or "\0" in directory:
+        raise UsageError(f"--create-dir {directory!r} is not an absolute path in the "
+                         "container", "give it as /path/in/the/container, without '..'")
+    rel = "/".join(p for p in parts if p not in ("", "."))
+    if not rel:
+        raise UsageError("--create-dir / names the root, which is yours already",
+                         "give a directory below it, such as /var/cache/app")
+    return rel
 
 
 def open_locked(image: str, readonly: bool, patience: float = 3.0) -> int:
@@ -202,6 +216,10 @@ def serve_writable(image_fd: int, lower: str, scratch: str, errors: str) -> int:
                 "source": "fuse-overlayfs", "subtype": "fuse-overlayfs", "fd": str(fuse_fd),
                 "rootmode": "40000", "user_id": str(os.geteuid()),
                 "group_id": str(os.getegid()), "allow_other": None,
+                # fuse-overlayfs checks no permission itself (its own mounts ask the
+                # kernel to); without this, a plain user could create nothing, even in
+                # the directories of the image that are theirs
+                "default_permissions": None,
             }, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV)
             script = ('img=$1 dev=$2 mnt=$3 lower=$4 f2fs=$5 ovl=$6; ( '
                       '"$f2fs" -f -o fakeroot "/proc/self/fd/$img" "$mnt" & f=$!; n=0; '
