@@ -343,9 +343,25 @@ def test_an_overlay_image_made_without_fakeroot_is_written_as_the_user(
     etc = run_capsid("exec", "--overlay", image, debian_sif, "sh", "-c", "echo x > /etc/z",
                      timeout=60)
     assert (etc.returncode == 0) == ROOT, etc.stderr  # the image's /etc is root's
+    # an instance on the image is joined (its root is served by FUSE in its user
+    # namespace, which answers nobody outside it: it is opened once inside)
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
+    name = f"ovl{os.getpid()}"
+    started = run_capsid("instance", "start", "--overlay", image, debian_sif, name, env=env,
+                         timeout=60)
+    assert started.returncode == 0, started.stderr
+    try:
+        joined = run_capsid("exec", f"instance://{name}", "sh", "-c",
+                            "echo 4 >> /top && cat /top", env=env, timeout=60)
+        assert (joined.returncode, joined.stdout) == (0, "3\n4\n"), joined.stderr
+    finally:
+        assert run_capsid("instance", "stop", name, env=env).returncode == 0
+    _wait_lock(image, held=False)
     read = run_capsid("exec", "--overlay", f"{image}:ro", debian_sif, "cat",
                       "/var/cache/nginx/test", "/opt/app/data/f", "/top", timeout=60)
-    assert (read.returncode, read.stdout) == (0, "1\n2\n3\n"), read.stderr
+    assert (read.returncode, read.stdout) == (0, "1\n2\n3\n4\n"), read.stderr
     for bad, why in (("relative", "not an absolute path"), ("/a/../b", "not an absolute"),
                      ("/", "names the root")):
         refused = run_capsid("overlay", "create", "--create-dir", bad, tmp_path / "x.img")

@@ -354,7 +354,9 @@ def open_namespaces(pid: int, *, all_kinds: bool = False) -> Namespaces:
     try:
         for kind in kinds:
             fds[kind] = os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
-        root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # O_PATH: no permission asked before the namespaces are joined (a root served
+        # by FUSE in the process's user namespace answers nobody outside it)
+        root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         for fd in fds.values():
             os.close(fd)
