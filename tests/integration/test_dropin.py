@@ -368,6 +368,9 @@ def test_an_overlay_image_made_without_fakeroot_is_written_as_the_user(
         assert refused.returncode == 255 and why in refused.stderr, refused.stderr
         assert refused.stderr.count("\n") == 1
     assert not (tmp_path / "x.img").exists()
+    missing = run_capsid("exec", "--overlay", tmp_path / "x.img", debian_sif, "true")
+    assert missing.returncode == 255 and missing.stderr.count("\n") == 1
+    assert "capsid overlay create --size 1024" in missing.stderr, missing.stderr
 
 
 def _overlay_processes(capsid: int) -> list[int]:

@@ -369,12 +369,16 @@ def _check_overlay(spec: str) -> None:
         return
     real = os.path.realpath(path)
     if not os.path.lexists(real):
+        if path.endswith((".img", ".ext3", ".ext4")):
+            raise UsageError(f"overlay image {path} does not exist",
+                             f"make it first: capsid overlay create --size 1024 {path}")
         raise UsageError(f"overlay directory {path} does not exist",
                          f"create it first (mkdir -p {path}): changes to the image are kept "
                          "there")
     if not os.path.isdir(real):
-        raise UsageError(f"overlay {path} is not a directory",
-                         "capsid keeps overlays in directories; give an empty directory")
+        raise UsageError(f"overlay {path} is neither a directory nor an overlay image",
+                         "give an empty directory, or an image made by 'capsid overlay "
+                         "create'")
     if real == "/":
         raise UsageError("the overlay directory cannot be /",
                          "give an empty directory of your own")
