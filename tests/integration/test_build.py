@@ -374,6 +374,61 @@ def test_bootstrap_debootstrap(env: dict[str, str], tmp_path: Path) -> None:
     assert ran(again) == 0 and "mmdebstrap" not in again.stderr
 
 
+def test_scif_apps_are_built_run_tested_and_listed(env: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    """A definition file's SCIF apps as Apptainer's documentation writes them."""
+    write(tmp_path, "tool.sh", "echo tool\n")
+    recipe = write(tmp_path, "apps.def", """
+        Bootstrap: docker
+        From: busybox:1
+
+        %runscript
+            echo main
+        %appinstall foo
+            echo "built in $(pwd) for $SCIF_APPNAME" > installed
+            echo "echo foo-cmd" > bin/foo-cmd
+            chmod +x bin/foo-cmd
+        %appfiles foo
+            tool.sh
+        %appenv foo
+            export FOO=bar
+        %apprun foo
+            echo "foo got $@ FOO=$FOO"
+            foo-cmd
+        %applabels foo
+            Kind tool
+        %apphelp foo
+            Foo helps.
+        %apptest foo
+            test -f "$SCIF_APPROOT/installed"
+        %apprun bar
+            echo bar
+        """)
+    out = tmp_path / "apps.sif"
+    build(env, out, recipe)
+
+    def capsid(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        return run_capsid(*args, env=env, timeout=120)
+
+    assert capsid("run", out).stdout == "main\n"
+    assert capsid("run", "--app", "foo", out, "a").stdout == "foo got a FOO=bar\nfoo-cmd\n"
+    assert capsid("run", "--app", "bar", out).stdout == "bar\n"
+    inside = capsid("exec", "--app", "foo", out, "sh", "-c",
+                    'echo $SCIF_APPNAME $SCIF_APPROOT_bar; cat "$SCIF_APPROOT/installed" '
+                    '"$SCIF_APPROOT/tool.sh"')
+    assert inside.stdout == "foo /scif/apps/bar\nbuilt in /scif/apps/foo for foo\necho tool\n", \
+        inside.stderr
+    assert capsid("exec", out, "sh", "-c", 'echo "[$FOO]"').stdout == "[]\n"
+    assert capsid("test", "--app", "foo", out).returncode == 0
+    missing = capsid("run", "--app", "nope", out)
+    assert missing.returncode == 255 and missing.stderr.count("\n") == 1
+    assert "no SCIF app called 'nope'" in missing.stderr
+    assert capsid("inspect", "--list-apps", out).stdout == "bar\nfoo\n"
+    labels = capsid("inspect", "--app", "foo", out).stdout
+    assert "Kind: tool\n" in labels and "SCIF_APP_NAME: foo\n" in labels
+    assert "Foo helps." in capsid("run-help", "--app", "foo", out).stdout
+
+
 @pytest.mark.parametrize(("name", "text", "words"), [
     ("Dockerfile", "FROM busybox:1\nFROBNICATE x\n", ["Dockerfile:2", "unknown instruction"]),
     ("Dockerfile", "FROM busybox:1\nCOPY nothere /x\n", ["Dockerfile:2", "nothere",
@@ -383,8 +438,8 @@ def test_bootstrap_debootstrap(env: dict[str, str], tmp_path: Path) -> None:
     ("x.def", "Bootstrap: docker\nFrom: busybox:1\n%post\n  echo {{ nope }}\n",
      ["x.def:4", "build var nope is not defined"]),
     ("x.def", "Bootstrap: library\nFrom: alpine\n", ["library", "not supported"]),
-    ("x.def", "Bootstrap: docker\nFrom: busybox:1\n%appinstall foo\n  true\n",
-     ["x.def:3", "SCIF"]),
+    ("x.def", "Bootstrap: docker\nFrom: busybox:1\n%appinstall\n  true\n",
+     ["x.def:3", "needs an app name"]),
     ("x.def", "Bootstrap: docker\nFrom: busybox:1\n%bogus\n", ["x.def:3", "%bogus"]),
 ])
 def test_recipe_errors_are_one_line(env: dict[str, str], tmp_path: Path, name: str,

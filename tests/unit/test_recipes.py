@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from capsid.build import deffile, dockerfile, words
-from capsid.build.recipe import Config, Copy, Run, Setup, resolve
+from capsid.build.recipe import Config, Copy, Run, Setup, Where, resolve
 from capsid.errors import UsageError
 
 
@@ -174,13 +174,46 @@ def test_definition_file_sections_stages_and_order() -> None:
     ("Bootstrap: docker\n", "needs a From"),
     ("Bootstrap: docker\nFrom: a\nColour: blue\n", "invalid header keyword"),
     ("Bootstrap: docker\nFrom: a\n%weird\n", "invalid section %weird"),
-    ("Bootstrap: docker\nFrom: a\n%apprun foo\n", "SCIF"),
+    ("Bootstrap: docker\nFrom: a\n%apprun\n", "x.def:3: %apprun needs an app name"),
+    ("Bootstrap: docker\nFrom: a\n%apprun ../up\n", "needs an app name"),
+    ("Bootstrap: docker\nFrom: a\n%appfiles foo\n  a ../../etc/x\n", "leaves the app"),
     ("Bootstrap: docker\nFrom: a\n%files\n  a b c\n", "more than"),
     ("From: a\n", "no Bootstrap"),
 ])
 def test_definition_file_errors(text: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         deffile.parse(text, "x.def", {})
+
+
+def test_scif_apps_become_steps_laid_out_as_apptainer_does() -> None:
+    import json
+
+    from capsid.build import scif
+
+    recipe = deffile.parse(
+        "Bootstrap: docker\nFrom: a\n%post\n  echo main\n%apprun foo\n  echo run\n"
+        "%appinstall foo\n  make\n%appfiles foo\n  src.txt\n  src.txt lib/x\n"
+        "%applabels foo\n  Kind tool\n%appenv foo\n  export A=1\n%apprun bar\n  true\n",
+        "x.def", {})
+    layout, *steps = recipe.stages[0].steps
+    assert isinstance(layout, Run) and layout.text.startswith("SCIF apps: foo, bar\n")
+    copies = [s for s in steps if isinstance(s, Copy)]
+    assert [(c.sources, c.dest) for c in copies] == [
+        (("src.txt",), "/scif/apps/foo/src.txt"), (("src.txt",), "/scif/apps/foo/lib/x")]
+    (post,) = [s for s in steps if isinstance(s, Run)]
+    assert post.script is not None and post.script.startswith("  echo main\n")
+    assert "cd /scif/apps/foo\n  make\n" in post.script  # after %post, in the app's directory
+    apps = {"foo": scif.App("foo", Where("x.def", 5), run="  echo run\n",
+                            labels="  Kind tool\n", env="  export A=1\n"),
+            "bar": scif.App("bar", Where("x.def", 9), run="  true\n")}
+    made = scif.files(list(apps.values()))
+    assert json.loads(made["/scif/apps/foo/scif/labels.json"][0]) == {
+        "SCIF_APP_NAME": "foo", "Kind": "tool"}
+    assert made["/scif/apps/foo/scif/runscript"] == ("#!/bin/sh\n\n  echo run\n\n", 0o755)
+    base = made["/.singularity.d/env/94-appsbase.sh"][0]
+    assert "SCIF_APPROOT_foo=/scif/apps/foo\n" in base
+    assert 'export SCIF_APPENV_foo="/scif/apps/foo/scif/env/90-environment.sh"' in base
+    assert "SCIF_APPENV_bar" not in base and 'SCIF_APPRUN_bar="' in base
 
 
 def test_placeholders_in_comments_are_left_alone() -> None:

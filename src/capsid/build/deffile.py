@@ -6,7 +6,8 @@ A file is split into stages at each ``Bootstrap:`` line; each has a header of
 ``--build-arg-file``, then the stage's ``%arguments``; an undefined one is an error,
 as in Apptainer. The order of a stage's steps is Apptainer's: bootstrap, ``%files
 from`` stages, ``%setup``, ``%files``, ``%post``; ``%environment``, ``%runscript``,
-``%startscript``, ``%test``, ``%labels`` and ``%help`` become the image's metadata.
+``%startscript``, ``%test``, ``%labels`` and ``%help`` become the image's metadata;
+SCIF ``%app*`` sections are laid out by :mod:`capsid.build.scif`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import re
 import shlex
 from collections.abc import Mapping
 
+from capsid.build import scif
 from capsid.build.recipe import Base, Copy, Metadata, Recipe, Run, Setup, Stage, Where
 from capsid.errors import UsageError
 
 SECTIONS = ("help", "setup", "files", "labels", "environment", "pre", "post", "runscript",
             "test", "startscript", "arguments")
-_APP_SECTIONS = ("appinstall", "applabels", "appfiles", "appenv", "apptest", "apphelp",
-                 "apprun", "appstart")
 _HEADER_KEYS = {"bootstrap", "from", "includecmd", "mirrorurl", "updateurl", "osversion",
                 "include", "library", "registry", "namespace", "stage", "product", "user",
                 "regcode", "productpgp", "registerurl", "modules", "fingerprints", "confurl",
@@ -101,10 +101,7 @@ def _sections(chunk: str, path: str, first: int
         while i < len(lines) and not re.match(r"\s*%[a-zA-Z]", lines[i]):
             body.append(lines[i])
             i += 1
-        if name in _APP_SECTIONS:
-            raise UsageError(f"{path}:{number}: SCIF app sections (%{name}) are not "
-                             "supported", "install the app in %post and add a %runscript")
-        if name not in SECTIONS:
+        if name not in SECTIONS and name not in scif.SECTIONS:
             raise UsageError(f"{path}:{number}: invalid section %{name}",
                              f"the sections are {', '.join('%' + s for s in SECTIONS)}")
         sections.append((name, args, "\n".join(body).strip("\n") + "\n", number))
@@ -211,8 +208,16 @@ def parse(text: str, path: str, build_args: Mapping[str, str]) -> Recipe:
         meta = stage.metadata
         assert meta is not None
         by_name: dict[str, list[tuple[str, str, int]]] = {}
+        apps: dict[str, scif.App] = {}
         for section, args, body, number in sections:
-            by_name.setdefault(section, []).append((args, body, number))
+            if section in scif.SECTIONS:
+                scif.add(apps, section, args, body, Where(path, number))
+            else:
+                by_name.setdefault(section, []).append((args, body, number))
+        if apps:  # made right after the bootstrap, as Apptainer makes them
+            stage.steps += [scif.layout_step(list(apps.values())),
+                            *scif.copies(list(apps.values()))]
+        installs = scif.install_script(list(apps.values()))
         for args, body, number in by_name.get("files", []):
             if args:
                 stage.steps += _files(args, body, Where(path, number))
@@ -223,10 +228,10 @@ def parse(text: str, path: str, build_args: Mapping[str, str]) -> Recipe:
         for args, body, number in by_name.get("files", []):
             if not args:
                 stage.steps += _files(args, body, Where(path, number))
-        if by_name.get("post"):
-            parts = by_name["post"]
+        if by_name.get("post") or installs:
+            parts = by_name.get("post") or [("", "", next(iter(apps.values())).where.line)]
             args, number = parts[0][0], parts[0][2]
-            body = "".join(body for _, body, _ in parts)
+            body = "".join(body for _, body, _ in parts) + installs
             opening = next((line.strip() for line in body.splitlines() if line.strip()), "")
             title = " ".join(filter(None, ("%post", args))) + (f": {opening}" if opening else "")
             stage.steps.append(Run(_script_argv(args), f"{title}\n{body}",

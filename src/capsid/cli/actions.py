@@ -65,6 +65,8 @@ FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
     ("overlay", "o", "DIR", False, "keep writes to the image in directory DIR"),
     ("unsquash", "", "", False, "unpack the image into memory instead of mounting it"),
     ("shell", "s", "PATH", False, "shell to start with 'capsid shell'"),
+    ("app", "", "NAME", False,
+     "a SCIF app of the image: its environment, and its runscript (run) or test (test)"),
     ("userns", "u", "", False, "use a user namespace (always the case; for compatibility)"),
     ("ignore-subuid", "", "", False,
      "--fakeroot maps only you, even where /etc/subuid grants you ids"),
@@ -270,8 +272,16 @@ def options(values: Parsed) -> Options:
         scratch=_items([*_list(values, "scratch"), config.env("SCRATCH") or ""]),
         ignore_subuid=_flag(values, "ignore-subuid", "IGNORE_SUBUID"),
         no_nv=_flag(values, "no-nv", "NO_NV"), no_rocm=_flag(values, "no-rocm", "NO_ROCM"),
-        no_https=_flag(values, "no-https"),
+        no_https=_flag(values, "no-https"), app=_app(_text(values, "app")),
     )
+
+
+def _app(name: str | None) -> str | None:
+    """``--app NAME``: a directory name under /scif/apps."""
+    if name is not None and (not name or "/" in name or name in (".", "..")):
+        raise UsageError(f"--app {name!r} is not an app name",
+                         "see 'capsid inspect --list-apps IMAGE' for the image's apps")
+    return name
 
 
 def _items(texts: list[str]) -> list[str]:

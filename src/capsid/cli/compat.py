@@ -59,8 +59,6 @@ TABLE: dict[tuple[str, ...], tuple[Row, ...]] = {
         ("security", "", "OPTS", True, "refused",
          "capsid loads no seccomp, AppArmor or SELinux profile of its own"),
         ("boot", "", "", False, "refused", "capsid does not boot /sbin/init in a container"),
-        ("app", "", "NAME", False, "refused",
-         "SCIF apps are not supported: exec the app's command directly"),
         ("fusemount", "", "SPEC", True, "refused",
          "mount FUSE file systems on the host and bind them in with -B"),
         ("netns-path", "", "PATH", False, "refused",
@@ -134,10 +132,6 @@ TABLE: dict[tuple[str, ...], tuple[Row, ...]] = {
         ("description", "D", "TEXT", False, "refused",
          "descriptions belong to the Sylabs library, which is not supported"),
         _REGISTRY, _DOCKER_LOGIN,
-    ),
-    ("inspect",): (
-        ("list-apps", "", "", False, "refused", "SCIF apps are not supported"),
-        ("app", "", "NAME", False, "refused", "SCIF apps are not supported"),
     ),
     ("instance stop",): (
         ("user", "u", "USER", False, "refused",

@@ -6,6 +6,7 @@ import json
 import sys
 
 from capsid.cli.parser import parser
+from capsid.errors import UsageError
 from capsid.image import inspect, meta
 from capsid.image.locate import locate
 
@@ -40,13 +41,26 @@ def run(verb: str, argv: list[str]) -> int:
     p.add_argument("-H", "--helpfile", action="store_true", help="show the runscript help")
     p.add_argument("-j", "--json", action="store_true", help="print JSON, as Apptainer does")
     p.add_argument("--all", action="store_true", help="show everything")
+    p.add_argument("--list-apps", action="store_true", help="list the image's SCIF apps")
+    p.add_argument("--app", metavar="NAME", help="show the metadata of SCIF app NAME")
     p.add_argument("image")
     from capsid.cli import compat
 
     compat.add_to(p, "inspect")
     args = p.parse_args(argv)
     chosen = [s for s in _SECTIONS if args.all or getattr(args, s)] or ["labels"]
-    info = inspect.metadata(locate(args.image))
+    image = locate(args.image)
+    if args.list_apps:
+        sys.stdout.write("".join(f"{name}\n" for name in inspect.apps(image)))
+        return 0
+    if args.app is not None:
+        found = inspect.apps(image)
+        if args.app not in found:
+            raise UsageError(f"{args.image} has no SCIF app called {args.app!r}",
+                             f"its apps: {', '.join(found) or 'none'}")
+        info = found[args.app]
+    else:
+        info = inspect.metadata(image)
     if args.json:
         attrs = info.attributes()
         picked = {k: attrs.get(k, {} if k in ("labels", "environment") else "") for k in chosen}

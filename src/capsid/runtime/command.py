@@ -32,6 +32,9 @@ def _command(plan: Plan) -> list[str]:
         if not args:
             raise UsageError("no command given", "name the command to run after the image")
         return list(args)
+    app = plan.options.app
+    if app is not None and action in ("run", "test"):
+        return [f"/scif/apps/{app}/scif/{'runscript' if action == 'run' else 'test'}", *args]
     if action == "run":
         if plan.oci_command is not None and not os.access("/bin/sh", os.X_OK):
             # no shell for the generated runscript (FROM scratch): ENTRYPOINT and CMD
@@ -68,11 +71,15 @@ def run(plan: Plan, added: Environment, root_emulation: object | None = None) ->
     (with *root_emulation*, the builder's seccomp filter, loaded last)."""
     opts, action = plan.options, plan.action
     argv = _command(plan)
+    if opts.app is not None and not os.path.isdir(f"/scif/apps/{opts.app}"):
+        raise RuntimeSetupError(f"this container has no SCIF app called {opts.app!r}",
+                                "see 'capsid inspect --list-apps IMAGE' for its apps")
     if action in ("run", "test") and not os.path.exists(argv[0]):
+        what = f"app {opts.app}" if opts.app is not None else "this container"
         if action == "test":
-            print("capsid: no test script in this container", file=sys.stderr)
+            print(f"capsid: no test script in {what}", file=sys.stderr)
             os._exit(0)
-        raise RuntimeSetupError("this container has no runscript",
+        raise RuntimeSetupError(f"{what} has no runscript",
                                 "use 'capsid exec IMAGE COMMAND' to run a command in it")
     if action in ("run", "test") and not os.access(argv[0], os.X_OK):
         argv.insert(0, "/bin/sh")  # a script saved without its execute bit still runs
@@ -145,6 +152,8 @@ def _environment(plan: Plan, added: Environment) -> tuple[dict[str, str], bool]:
     extra = {"APPTAINER_CONTAINER": where, "APPTAINER_NAME": name, "APPTAINER_COMMAND": action,
              "SINGULARITY_CONTAINER": where, "SINGULARITY_NAME": name,
              "SINGULARITY_COMMAND": action, **added.extra}
+    if opts.app is not None:  # read by the image's 95-apps.sh
+        extra["SINGULARITY_APPNAME"] = extra["APPTAINER_APPNAME"] = opts.app
     # In a shell, a prompt that says where you are; --env PS1=... still wins.
     forced = ("PS1=Capsid> ", *opts.env) if action == "shell" else opts.env
     env_options = envmod.EnvOptions(opts.cleanenv, forced, opts.env_files, plan.home_dest,

@@ -24,7 +24,7 @@ LAUNCHER_VARIABLES = ("PMIX_NAMESPACE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_ID",
 class Options:
     """Everything about a container but its image and command (Apptainer's action flags)."""
 
-    __slots__ = ("binds", "cdi_dirs", "cleanenv", "contain", "devices", "dns", "env",
+    __slots__ = ("app", "binds", "cdi_dirs", "cleanenv", "contain", "devices", "dns", "env",
                  "env_files", "environment", "fakeroot", "home", "hostname", "ignore_subuid",
                  "ipc", "mpi", "net", "no_home", "no_https", "no_mount", "no_nv", "no_rocm",
                  "no_umask",
@@ -47,7 +47,8 @@ class Options:
                  mpi: str | None = None, no_umask: bool = False, dns: Sequence[str] = (),
                  workdir: str | None = None, scratch: Sequence[str] = (),
                  ignore_subuid: bool = False, no_nv: bool = False,
-                 no_rocm: bool = False, no_https: bool = False) -> None:
+                 no_rocm: bool = False, no_https: bool = False, app: str | None = None
+                 ) -> None:
         self.binds = tuple(binds)  #: host paths to bind in (``-B``, ``--mount``)
         self.home = home  #: ``--home SRC[:DST]``
         self.no_home = no_home
@@ -93,6 +94,7 @@ class Options:
         #: no GPUs of that vendor, even where the site's configuration always binds them
         self.no_nv, self.no_rocm = no_nv, no_rocm
         self.no_https = no_https  #: a ``docker://`` image's registry over plain HTTP
+        self.app = app  #: a SCIF app of the image: its environment, runscript and test
 
     def __setattr__(self, name: str, value: object) -> None:
         if hasattr(self, name):  # each is set once, by __init__
