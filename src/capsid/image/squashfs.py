@@ -24,9 +24,10 @@ LOG = log.get(__name__)
 
 MAGIC = b"hsqs"
 COMPRESSIONS = ("zstd", "gzip", "xz", "lz4")
-#: tar2sqfs's own zstd default (level 15) is several times slower for a few
-#: per cent of size; level 3 keeps conversion I/O-bound.
-_COMPRESSOR_OPTIONS = {"zstd": "level=3", "gzip": "level=9"}
+#: tar2sqfs's own zstd default (level 15) is several times slower for a few per
+#: cent of size. Level 2 makes a pull's squashfs 2 % larger than level 3 and takes
+#: a fifth less CPU, which a pull on few cores waits for (README, Benchmarks).
+_COMPRESSOR_OPTIONS = {"zstd": "level=2", "gzip": "level=9"}
 
 
 def check_compression(name: str) -> str:
