@@ -7,8 +7,9 @@ host directory and, as root, the kernel's squashfs.
 
 Uses the Debian+python3 test image (scripts/debian-image.sh) and, where present, the
 multithreaded squashfuse_ll of scripts/squashfuse-mt.sh. Each container case starts a
-fresh container (so the FUSE caches are cold; the SIF itself is in the page cache) and
-times only the reading, inside it; "start" is the whole of ``capsid exec IMAGE true``.
+fresh container with a server of its own (``CAPSID_IMAGE_LINGER=0``: no image keeper, so
+the FUSE caches are cold; the SIF itself is in the page cache) and times only the reading,
+inside it; "start" is the whole of ``capsid exec IMAGE true``, an image's first start.
 Run as root it measures the kernel's squashfs and then the rest as CAPSID_TEST_USER
 (default capsid-test).
 """
@@ -75,6 +76,7 @@ def wall(argv: list[str], env: dict[str, str]) -> float:
 def cases(tmp: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
     """Container cases: name → (capsid command up to the image, environment)."""
     env = {k: v for k, v in os.environ.items() if k != "CAPSID_SQUASHFUSE"}
+    env["CAPSID_IMAGE_LINGER"] = "0"  # a kept server would carry its caches to the next case
     bind = ["-B", f"{tmp}:{tmp}"]
     found = {
         "SIF, squashfuse on PATH": ([str(CAPSID), "exec", *bind, str(IMAGE_SIF)], env),
