@@ -61,6 +61,31 @@ def test_verbs_capsid_lacks_are_one_line(name: str, verb: str) -> None:
     assert result.stderr.startswith(f"{name}: error: '{verb}'")
 
 
+@pytest.mark.parametrize(("source", "hint"), [
+    ("library://alpine:3", "docker:// or oras://"),
+    ("shub://vsoch/hello-world", "Singularity Hub is gone"),
+    ("https://example.org/image.sif", "curl -LO"),
+    ("docker-daemon:alpine:3", "docker save"),
+    ("gopher://example.org/x", "docker://"),
+])
+def test_apptainer_sources_capsid_does_not_take_are_one_line(source: str, hint: str,
+                                                             tmp_path: Path) -> None:
+    """Every verb that takes an image says the same thing of a source Apptainer knows
+    and capsid does not, with what to use instead; nothing is written."""
+    scheme = source.split(":", 1)[0]
+    for argv in (("exec", source, "true"), ("run", source), ("inspect", source),
+                 ("pull", tmp_path / "out.sif", source), ("build", tmp_path / "b.sif", source),
+                 ("build", "--sandbox", tmp_path / "box", source)):
+        result = run_capsid(*argv, cwd=tmp_path)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 255, (argv, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"capsid: error: {scheme}:"), (argv, lines)
+        assert "not supported" in lines[0] and hint in lines[0], (argv, lines)
+    assert not list(tmp_path.iterdir())
+    # a file of that name is an image like any other
+    assert "not supported" not in run_capsid("exec", "library:x", "true", cwd=tmp_path).stderr
+
+
 def test_messages_name_the_command_as_run(tmp_path: Path) -> None:
     result = named("singularity", "exec", tmp_path / "missing.sif", "true")
     assert result.returncode == 255 and result.stderr.startswith("singularity: error:")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from capsid.cli.parser import parser
-from capsid.errors import CapsidError, UsageError
+from capsid.errors import UsageError
 
 
 def _fakeroot_short_flags(argv: list[str]) -> list[str]:
@@ -108,10 +108,6 @@ def _build(args: argparse.Namespace) -> int:
         else:
             sources.to_sif(source, output, opts, force=args.force)
         return 0
-    if "://" in source:
-        raise CapsidError(f"building from {source.split('://', 1)[0]}:// sources is not "
-                          "supported", "use docker://, oras://, docker-archive:, oci-archive: "
-                          "or oci:, a sandbox directory or a SIF file")
     image = locate(source)
     if args.sandbox:
         convert.image_to_sandbox(Path(source), output, force=args.force)

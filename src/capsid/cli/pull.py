@@ -66,8 +66,7 @@ def pull(argv: list[str]) -> int:
 
     uri = args.args[-1]
     if not sources.is_uri(uri):
-        raise UsageError(f"{uri!r} is not an image URI",
-                         "write e.g. docker://python:3.12 or docker-archive:image.tar")
+        raise sources.not_an_image_uri(uri)
     name = args.args[0] if len(args.args) == 2 else args.name or sources.default_name(uri)
     if args.sandbox and len(args.args) == 1 and not args.name:
         name = name.removesuffix(".sif")

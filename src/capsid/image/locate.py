@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import stat
 
-from capsid.errors import ImageFormatError, ImageNotFoundError
+from capsid.errors import ImageFormatError, ImageNotFoundError, UsageError
 from capsid.image import siftable
 
 TYPE_CHECKING = False
@@ -19,6 +19,17 @@ SIF, SQUASHFS, SANDBOX = "sif", "squashfs", "sandbox"
 #: a root made of stacked directories (a build step's), never a file on disk
 LAYERS = "layers"
 SQUASHFS_MAGIC = b"hsqs"
+#: image sources Apptainer takes that capsid does not: (what they are, what to do instead)
+_ELSEWHERE = {
+    "library": ("library:// images (the Sylabs Cloud Library)",
+                "use the image's docker:// or oras:// name if a registry has it, or copy its "
+                "SIF file here"),
+    "shub": ("shub:// images", "Singularity Hub is gone: use the image's docker:// name"),
+    "http": ("http:// downloads", "download the file first (curl -LO URL) and give its path"),
+    "https": ("https:// downloads", "download the file first (curl -LO URL) and give its path"),
+    "docker-daemon": ("docker-daemon: images", "capsid reads no Docker engine: run 'docker "
+                      "save IMAGE -o image.tar' where it runs, then use docker-archive:image.tar"),
+}
 
 
 class Image:
@@ -79,10 +90,30 @@ def _refuse_special(path: str, mode: int, what: str) -> None:
                            "give the path of a regular file")
 
 
+def foreign_source(name: str) -> UsageError | None:
+    """The error for *name* if it is an image source capsid does not take (Apptainer's
+    ``library://``, ``shub://``, ``https://``, ``docker-daemon:``, or any other
+    ``SCHEME://``); None for anything else."""
+    scheme, sep, _ = name.partition("://")
+    if not sep:
+        scheme, sep, _ = name.partition(":")
+        if scheme != "docker-daemon":
+            return None
+    if not scheme or "/" in scheme:
+        return None
+    what, hint = _ELSEWHERE.get(scheme, (f"{scheme}:// images", "use a docker://, oras://, "
+                                       "docker-archive:, oci-archive: or oci: URI, a SIF file "
+                                       "or a directory"))
+    return UsageError(f"{what} are not supported", hint)
+
+
 def locate(path: str | os.PathLike[str]) -> Image:
     """Identify the image at *path*; raise a clear error when it is none."""
     p = os.fspath(path)
     if not os.path.lexists(p):
+        foreign = foreign_source(p)
+        if foreign is not None:
+            raise foreign
         raise ImageNotFoundError(f"image {p} does not exist", "check the path and try again")
     if os.path.isdir(p):
         return Image(p, SANDBOX)

@@ -31,6 +31,15 @@ def is_uri(text: str) -> bool:
     return split(text) is not None
 
 
+def not_an_image_uri(text: str) -> UsageError:
+    """The one error for *text* given where an image URI belongs."""
+    from capsid.image.locate import foreign_source
+
+    return foreign_source(text) or UsageError(
+        f"{text!r} is not an image URI",
+        "write e.g. docker://python:3.12, oras://REGISTRY/NAME:TAG or docker-archive:image.tar")
+
+
 class Options:
     """What pull and build share: platform, transport, compression, cache use."""
 
@@ -48,8 +57,7 @@ def to_sif(uri: str, out: Path, opts: Options, force: bool = False) -> None:
 
     parsed = split(uri)
     if parsed is None:
-        raise UsageError(f"{uri!r} is not an image URI",
-                         f"use one of {', '.join(s + '://' for s in SCHEMES)}")
+        raise not_an_image_uri(uri)
     scheme, rest = parsed
     if scheme == "docker-archive":
         tosif.write_sif(archive.docker_archive(rest, opts.platform), out,
@@ -82,8 +90,7 @@ def to_sandbox(uri: str, out: Path, opts: Options, force: bool = False) -> None:
 
     parsed = split(uri)
     if parsed is None:
-        raise UsageError(f"{uri!r} is not an image URI",
-                         f"use one of {', '.join(s + '://' for s in SCHEMES)}")
+        raise not_an_image_uri(uri)
     scheme, rest = parsed
     output.check_target(out, force)
     if scheme == "docker-archive":
@@ -124,8 +131,7 @@ def default_name(uri: str) -> str:
     if parsed:
         stem = Path(archive.split_ref(parsed[1])[0]).name
         return stem.split(".", 1)[0] + ".sif" if stem else "image.sif"
-    raise UsageError(f"{uri!r} is not an image URI",
-                     f"use one of {', '.join(s + '://' for s in SCHEMES)}")
+    raise not_an_image_uri(uri)
 
 
 def cached_for_run(uri: str, nohttps: bool = False) -> str:
