@@ -86,6 +86,19 @@ def test_apptainer_sources_capsid_does_not_take_are_one_line(source: str, hint: 
     assert "not supported" not in run_capsid("exec", "library:x", "true", cwd=tmp_path).stderr
 
 
+@pytest.mark.parametrize("verb", ("inspect", "run-help", "doctor"))
+def test_a_uri_where_a_file_is_read_says_to_pull_it(verb: str, tmp_path: Path) -> None:
+    for uri in ("docker://registry.example/app:1", "oras://registry.example/app:1",
+                "docker-archive:app.tar"):
+        result = run_capsid(verb, uri, cwd=tmp_path)
+        assert result.returncode == 255
+        assert result.stderr == (f"capsid: error: this command reads an image file, not {uri}; "
+                                 f"pull it first (capsid pull IMAGE.sif {uri}) and give "
+                                 "IMAGE.sif\n")
+    result = run_capsid(verb, "instance://web", cwd=tmp_path)
+    assert result.returncode == 255 and "exec, run, shell and test only" in result.stderr
+
+
 def test_messages_name_the_command_as_run(tmp_path: Path) -> None:
     result = named("singularity", "exec", tmp_path / "missing.sif", "true")
     assert result.returncode == 255 and result.stderr.startswith("singularity: error:")

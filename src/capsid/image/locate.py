@@ -90,17 +90,27 @@ def _refuse_special(path: str, mode: int, what: str) -> None:
                            "give the path of a regular file")
 
 
+#: the URI schemes capsid pulls, runs and builds from; other verbs want the file
+_PULLED = ("docker", "oras", "docker-archive", "oci-archive", "oci")
+
+
 def foreign_source(name: str) -> UsageError | None:
-    """The error for *name* if it is an image source capsid does not take (Apptainer's
-    ``library://``, ``shub://``, ``https://``, ``docker-daemon:``, or any other
-    ``SCHEME://``); None for anything else."""
+    """The error for *name* given as an image if it is a URI (``SCHEME://...``, or
+    ``docker-daemon:``, ``docker-archive:``, ``oci-archive:``, ``oci:``) where a file is
+    needed: a source capsid does not take, or one to pull first. None for other names."""
     scheme, sep, _ = name.partition("://")
     if not sep:
         scheme, sep, _ = name.partition(":")
-        if scheme != "docker-daemon":
+        if scheme not in ("docker-daemon", "docker-archive", "oci-archive", "oci"):
             return None
     if not scheme or "/" in scheme:
         return None
+    if scheme == "instance":
+        return UsageError("instance:// names are taken by exec, run, shell and test only",
+                          "see 'capsid instance list' for the running ones")
+    if scheme in _PULLED:
+        return UsageError(f"this command reads an image file, not {name}",
+                          f"pull it first (capsid pull IMAGE.sif {name}) and give IMAGE.sif")
     what, hint = _ELSEWHERE.get(scheme, (f"{scheme}:// images", "use a docker://, oras://, "
                                        "docker-archive:, oci-archive: or oci: URI, a SIF file "
                                        "or a directory"))
