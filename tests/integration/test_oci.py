@@ -4,9 +4,11 @@ mirrors, the cache under concurrency and kill -9, a failing network, and pushing
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -60,6 +62,52 @@ def test_archives_and_layouts_become_runnable_sifs(source: str, oci_images: Path
     config = oci_config(out)
     assert config["Cmd"] == ["/bin/sh", "-c", "echo hello from $0"]
     assert config["WorkingDir"] == "/tmp"
+
+
+def _resave_with_env(original: Path, out: Path, env: str) -> None:
+    """*original* (a docker save archive) written to *out* with *env* as its config's Env."""
+    import tarfile
+
+    with tarfile.open(original) as src, tarfile.open(out, "w") as dst:
+        config_name = json.loads(src.extractfile("manifest.json").read())[0]["Config"]  # type: ignore[union-attr]
+        for member in src.getmembers():
+            data = src.extractfile(member) if member.isfile() else None
+            if member.name == config_name:
+                config = json.loads(data.read())  # type: ignore[union-attr]
+                config["config"]["Env"] = [env]
+                raw = json.dumps(config).encode()
+                member.size = len(raw)
+                dst.addfile(member, io.BytesIO(raw))
+            else:
+                dst.addfile(member, data)
+
+
+def test_archives_and_layouts_run_directly_converted_once_by_content(
+        oci_images: Path, oci_env: dict[str, str], tmp_path: Path) -> None:
+    """exec/run take docker-archive:, oci-archive: and oci: as Apptainer's do: converted
+    once into the cache, keyed by the image's content, so an archive replaced by another
+    image at the same path runs the new image."""
+    cache = Path(oci_env["CAPSID_CACHEDIR"]) / "sif"
+    archive = tmp_path / "app.tar"
+    shutil.copy(oci_images / "busybox.docker.tar", archive)
+    uri = f"docker-archive:{archive}"
+    assert ok("exec", uri, "sh", "-c", "echo $GREETING", env=oci_env).stdout == "bonjour\n"
+    (made,) = cache.iterdir()
+    stamp = made.stat().st_mtime_ns
+    assert ok("run", uri, env=oci_env).stdout == "hello from /bin/sh\n"  # from the cache
+    assert [p.stat().st_mtime_ns for p in cache.iterdir()] == [stamp]
+    # the same image as an OCI archive and layout: its manifest names it, one more SIF
+    for other in (f"oci-archive:{oci_images}/busybox.oci.tar",
+                  f"oci:{oci_images}/busybox-layout:1"):
+        assert ok("exec", other, "cat", "/etc/group", env=oci_env).returncode == 0
+    assert len(list(cache.iterdir())) == 2
+    # another image saved over the archive's path: converted, not the stale one served
+    _resave_with_env(oci_images / "busybox.docker.tar", archive, "GREETING=hola")
+    assert ok("exec", uri, "sh", "-c", "echo $GREETING", env=oci_env).stdout == "hola\n"
+    assert len(list(cache.iterdir())) == 3
+    archive.unlink()
+    error = fails("exec", uri, "true", env=oci_env)
+    assert "does not exist" in error
 
 
 def test_the_same_archive_gives_the_same_bytes(oci_images: Path, tmp_path: Path) -> None:

@@ -226,6 +226,19 @@ class SourceImage:
     def architecture(self) -> str:
         return str(self.config.get("architecture") or host_platform()[0])
 
+    def identity(self) -> str:
+        """A digest naming this image's content: its manifest's, or (a ``docker save``
+        archive has none) one of its config and its layers' digests, which the
+        conversion checks each layer against."""
+        if self.manifest_digest:
+            return self.manifest_digest
+        import hashlib
+
+        key = hashlib.sha256(self.config_raw)
+        for layer in self.layers:
+            key.update(b"\0" + layer.key.encode())
+        return f"sha256:{key.hexdigest()}"
+
 
 def manifest_parts(manifest: dict[str, Any],
                    name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

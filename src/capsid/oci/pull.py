@@ -204,17 +204,8 @@ class Puller:
         from capsid.oci import tosif
 
         resolved = self.resolve(ref, platform)
-        path = self.store.sif_path(resolved.digest, compression)
-        if self.store.intact_sif(path):
-            LOG.info("using cached %s", path)
-            return path
-        with self.store.lock(path.name + ".lock"):
-            if self.store.intact_sif(path):
-                return path
-            if path.exists():
-                LOG.info("%s was changed since it was made (through the name a pull gave "
-                         "it); making it again", path)
-                self.store.drop_sif(path)
+
+        def make(path: Path) -> None:
             try:
                 with self._arriving(resolved) as source:
                     tosif.write_sif(source, path, compression=compression, force=True,
@@ -223,7 +214,9 @@ class Puller:
                 LOG.debug("a layer was downloaded again; converting it afresh")
                 tosif.write_sif(self.fetch(resolved), path, compression=compression,
                                 force=True, verified=True)
-            self.store.record_sif(path)
+
+        path, made = self.store.converted(resolved.digest, compression, make)
+        if made:
             self.made.add(path)
         return path
 

@@ -59,12 +59,9 @@ def to_sif(uri: str, out: Path, opts: Options, force: bool = False) -> None:
     if parsed is None:
         raise not_an_image_uri(uri)
     scheme, rest = parsed
-    if scheme == "docker-archive":
-        tosif.write_sif(archive.docker_archive(rest, opts.platform), out,
-                        compression=opts.compression, force=force)
-    elif scheme in ("oci-archive", "oci"):
-        tosif.write_sif(archive.oci_layout(rest, opts.platform, f"{scheme}:"), out,
-                        compression=opts.compression, force=force)
+    if scheme in ("docker-archive", "oci-archive", "oci"):
+        tosif.write_sif(_archive(scheme, rest, opts), out, compression=opts.compression,
+                        force=force)
     elif scheme == "docker":
         output.check_target(out, force)
         from capsid.oci.pull import Puller
@@ -93,11 +90,8 @@ def to_sandbox(uri: str, out: Path, opts: Options, force: bool = False) -> None:
         raise not_an_image_uri(uri)
     scheme, rest = parsed
     output.check_target(out, force)
-    if scheme == "docker-archive":
-        tosif.write_sandbox(archive.docker_archive(rest, opts.platform), out, force=force)
-    elif scheme in ("oci-archive", "oci"):
-        tosif.write_sandbox(archive.oci_layout(rest, opts.platform, f"{scheme}:"), out,
-                            force=force)
+    if scheme in ("docker-archive", "oci-archive", "oci"):
+        tosif.write_sandbox(_archive(scheme, rest, opts), out, force=force)
     elif scheme == "docker":
         from capsid.oci.pull import Puller
 
@@ -135,17 +129,34 @@ def default_name(uri: str) -> str:
 
 
 def cached_for_run(uri: str, nohttps: bool = False) -> str:
-    """The cached SIF to run for a ``docker://`` or ``oras://`` image (over plain HTTP
-    with *nohttps*, or where the variables ask for it)."""
+    """The cached SIF to run for a ``docker://``, ``oras://``, ``docker-archive:``,
+    ``oci-archive:`` or ``oci:`` image, converted once (over plain HTTP with *nohttps*,
+    or where the variables ask for it)."""
+    scheme, rest = split(uri) or ("", uri)
+    opts = Options(nohttps=nohttps or _env_nohttps())
+    if scheme not in ("docker", "oras"):
+        from capsid.oci import tosif
+        from capsid.oci.store import Store
+
+        source = _archive(scheme, rest, opts)
+        path, _ = Store().prepare().converted(
+            source.identity(), opts.compression,
+            lambda out: tosif.write_sif(source, out, compression=opts.compression, force=True))
+        return str(path)
     from capsid.oci.pull import Puller
 
-    scheme, rest = split(uri) or ("", uri)
     ref = reference.parse(rest)
-    opts = Options(nohttps=nohttps or _env_nohttps())
     with Puller(nohttps=opts.nohttps) as puller:
         if scheme == "oras":
             return str(puller.oras_sif(ref, opts.platform))
         return str(puller.cached_sif(ref, opts.platform))
+
+
+def _archive(scheme: str, rest: str, opts: Options) -> image.SourceImage:
+    """The image in a ``docker-archive:``, ``oci-archive:`` or ``oci:`` source."""
+    if scheme == "docker-archive":
+        return archive.docker_archive(rest, opts.platform)
+    return archive.oci_layout(rest, opts.platform, f"{scheme}:")
 
 
 def _env_nohttps() -> bool:

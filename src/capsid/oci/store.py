@@ -24,14 +24,16 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from capsid import config
+from capsid import config, log
 from capsid.errors import CapsidError, ImageFormatError
 from capsid.image import output
 from capsid.oci.image import sha256_digest
+
+LOG = log.get(__name__)
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -193,6 +195,26 @@ class Store:
             return st.st_nlink == 1  # made before stamps were noted, and never shared
         return bool(noted == {"size": st.st_size, "ino": st.st_ino,
                               "mtime_ns": st.st_mtime_ns})
+
+    def converted(self, digest: str, compression: str,
+                  make: Callable[[Path], None]) -> tuple[Path, bool]:
+        """The cached SIF of the image known by *digest*, and whether it was made now:
+        *make* writes it (atomically, to the path it is given) once, under the SIF's
+        lock, and again if it was changed since (:meth:`intact_sif`)."""
+        path = self.sif_path(digest, compression)
+        if self.intact_sif(path):
+            LOG.info("using cached %s", path)
+            return path, False
+        with self.lock(path.name + ".lock"):
+            if self.intact_sif(path):
+                return path, False
+            if path.exists():
+                LOG.info("%s was changed since it was made (through the name a pull gave "
+                         "it); making it again", path)
+                self.drop_sif(path)
+            make(path)
+            self.record_sif(path)
+        return path, True
 
     def drop_sif(self, sif: Path) -> None:
         """Remove cached SIF *sif* (not another name of it) and its stamp."""

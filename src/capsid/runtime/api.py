@@ -8,8 +8,9 @@
 :func:`exec_container` replaces the calling process with the container (what the
 CLI does: exit codes, signals and the terminal pass straight through); :func:`run`
 runs it as a child and returns its exit status (what the builder does for each step).
-Images are anything the CLI takes: a SIF, a squashfs, a sandbox, ``docker://`` or
-``oras://`` (converted once, then cached), or a :class:`~capsid.runtime.options.Layers`.
+Images are anything the CLI takes: a SIF, a squashfs, a sandbox, a URI of
+:data:`CONVERTED` (converted once, then cached), or a
+:class:`~capsid.runtime.options.Layers`.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ if TYPE_CHECKING:
     from capsid.runtime.options import Layers, Options
 
 ACTIONS = ("exec", "run", "shell", "test")
+#: images given by URI, run from a SIF converted once into the cache (as Apptainer does)
+CONVERTED = ("docker://", "oras://", "docker-archive:", "oci-archive:", "oci:")
 
 
 def resolve(image: str, options: Options | None = None) -> str:
-    """The local image to run for *image*: registry images are converted and cached once."""
-    if image.startswith(("docker://", "oras://")):
+    """The local image to run for *image*: images given by URI (registries, archives,
+    OCI layouts) are converted and cached once."""
+    if image.startswith(CONVERTED):
         import gc
 
         from capsid.oci.sources import cached_for_run
