@@ -135,14 +135,16 @@ def cached_for_run(uri: str, nohttps: bool = False) -> str:
     scheme, rest = split(uri) or ("", uri)
     opts = Options(nohttps=nohttps or _env_nohttps())
     if scheme not in ("docker", "oras"):
-        from capsid.oci import tosif
         from capsid.oci.store import Store
 
         source = _archive(scheme, rest, opts)
-        path, _ = Store().prepare().converted(
-            source.identity(), opts.compression,
-            lambda out: tosif.write_sif(source, out, compression=opts.compression, force=True))
-        return str(path)
+
+        def make(out: Path) -> None:
+            from capsid.oci import tosif  # only now: most starts find the SIF made
+
+            tosif.write_sif(source, out, compression=opts.compression, force=True)
+
+        return str(Store().prepare().converted(source.identity(), opts.compression, make)[0])
     from capsid.oci.pull import Puller
 
     ref = reference.parse(rest)
