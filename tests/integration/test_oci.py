@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,47 @@ def test_archives_and_layouts_run_directly_converted_once_by_content(
     archive.unlink()
     error = fails("exec", uri, "true", env=oci_env)
     assert "does not exist" in error
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A plain HTTP server on loopback: (its base URL, the directory it serves)."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_sif_on_a_web_server_is_pulled_as_it_is(web: tuple[str, Path], busybox_sif: Path,
+                                                   oci_env: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    base, root = web
+    shutil.copy(busybox_sif, root / "tools.sif")
+    (root / "page.html").write_text("<html>not an image</html>")
+    work = tmp_path / "work"
+    work.mkdir()
+    ok("pull", f"{base}/tools.sif", env=oci_env, cwd=work)  # Apptainer's name: the file's
+    assert (work / "tools.sif").read_bytes() == busybox_sif.read_bytes()
+    assert ok("exec", work / "tools.sif", "echo", "fetched", env=oci_env).stdout == "fetched\n"
+    ok("pull", "--sandbox", work / "box", f"{base}/tools.sif", env=oci_env)
+    assert (work / "box" / "bin" / "busybox").is_file()
+    before = sorted(p.name for p in work.iterdir())
+    assert "HTTP 404" in fails("pull", work / "gone.sif", f"{base}/missing.sif", env=oci_env)
+    assert "is not a SIF or squashfs image" in fails("pull", work / "page.sif",
+                                                     f"{base}/page.html", env=oci_env)
+    assert sorted(p.name for p in work.iterdir()) == before  # nothing half-written
+    assert "pull it first" in fails("exec", f"{base}/tools.sif", "true", env=oci_env)
 
 
 def test_the_same_archive_gives_the_same_bytes(oci_images: Path, tmp_path: Path) -> None:

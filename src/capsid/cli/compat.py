@@ -47,7 +47,7 @@ TABLE: dict[tuple[str, ...], tuple[Row, ...]] = {
         ("runscript-timeout", "", "DURATION", False, "no-op",
          "capsid has no action-script interpreter to time out"),
         ("disable-cache", "", "", False, "no-op",
-         "docker:// images are converted once and served from capsid's cache"),
+         "images given by URI are converted once and served from capsid's cache"),
         ("ignore-fakeroot-command", "", "", False, "no-op",
          "capsid never runs a fakeroot command"),
         ("ignore-userns", "", "", False, "no-op", "capsid always uses a user namespace"),

@@ -25,8 +25,6 @@ _ELSEWHERE = {
                 "use the image's docker:// or oras:// name if a registry has it, or copy its "
                 "SIF file here"),
     "shub": ("shub:// images", "Singularity Hub is gone: use the image's docker:// name"),
-    "http": ("http:// downloads", "download the file first (curl -LO URL) and give its path"),
-    "https": ("https:// downloads", "download the file first (curl -LO URL) and give its path"),
     "docker-daemon": ("docker-daemon: images", "capsid reads no Docker engine: run 'docker "
                       "save IMAGE -o image.tar' where it runs, then use docker-archive:image.tar"),
 }
@@ -91,13 +89,14 @@ def _refuse_special(path: str, mode: int, what: str) -> None:
 
 
 #: the URI schemes capsid pulls, runs and builds from; other verbs want the file
-_PULLED = ("docker", "oras", "docker-archive", "oci-archive", "oci")
+_PULLED = ("docker", "oras", "docker-archive", "oci-archive", "oci", "http", "https")
 
 
 def foreign_source(name: str) -> UsageError | None:
     """The error for *name* given as an image if it is a URI (``SCHEME://...``, or
     ``docker-daemon:``, ``docker-archive:``, ``oci-archive:``, ``oci:``) where a file is
-    needed: a source capsid does not take, or one to pull first. None for other names."""
+    needed: a source capsid does not take (``library://``, ``shub://``, ...), or one to
+    pull first. None for other names."""
     scheme, sep, _ = name.partition("://")
     if not sep:
         scheme, sep, _ = name.partition(":")

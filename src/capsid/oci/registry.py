@@ -18,7 +18,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from capsid import config, log
 from capsid.errors import CapsidError, ImageFormatError, ImageNotFoundError
@@ -195,6 +195,25 @@ class Client:
         if not token:
             raise RegistryError(f"{host}'s token service sent no token", "try again later")
         return f"Bearer {token}"
+
+    def download(self, url: str, out: BinaryIO) -> None:
+        """Write the plain file at http(s) *url* (no registry protocol) to *out*."""
+        import httpx
+
+        host = httpx.URL(url).host or url
+        response = self._send("GET", url, stream=True, host=host)
+        try:
+            if response.status_code != 200:
+                raise RegistryError(f"{url} answered HTTP {response.status_code}",
+                                    "check the address")
+            for chunk in response.iter_bytes(1 << 20):
+                out.write(chunk)
+                if self.progress is not None:
+                    self.progress(len(chunk))
+        except httpx.HTTPError as err:  # the connection broke off
+            raise _unreachable(host, err) from None
+        finally:
+            response.close()
 
     def check_login(self, ep: Endpoint, username: str, password: str) -> None:
         """Raise RegistryError unless the registry accepts these credentials."""

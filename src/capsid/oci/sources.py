@@ -2,7 +2,8 @@
 
 ``docker://REF`` (a registry, through the cache), ``docker-archive:PATH[:TAG]``,
 ``oci-archive:PATH[:TAG]``, ``oci:DIR[:TAG]`` (each also with ``://``) and
-``oras://REF`` (a SIF stored in a registry).
+``oras://REF`` (a SIF stored in a registry), ``http(s)://URL`` (a SIF file on a web
+server, downloaded as it is).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from capsid.oci import archive, image, reference
 
 LOG = log.get(__name__)
 
-SCHEMES = ("docker", "docker-archive", "oci-archive", "oci", "oras")
+SCHEMES = ("docker", "docker-archive", "oci-archive", "oci", "oras", "http", "https")
 
 
 def split(uri: str) -> tuple[str, str] | None:
@@ -76,6 +77,8 @@ def to_sif(uri: str, out: Path, opts: Options, force: bool = False) -> None:
             cached = puller.cached_sif(ref, opts.platform, opts.compression)
             # made just now: the output may be the same file, with the pull's time and mode
             output.place(cached, out, force, share=cached in puller.made)
+    elif scheme in ("http", "https"):
+        pull_url(uri, out, force)
     else:
         pull_oras(reference.parse(rest), out, opts, force)
 
@@ -102,7 +105,10 @@ def to_sandbox(uri: str, out: Path, opts: Options, force: bool = False) -> None:
         from capsid.image import convert
 
         with output.scratch(out, "sif") as image:
-            pull_oras(reference.parse(rest), image, opts, True)
+            if scheme in ("http", "https"):
+                pull_url(uri, image, True)
+            else:
+                pull_oras(reference.parse(rest), image, opts, True)
             convert.image_to_sandbox(image, out, force=force)
 
 
@@ -117,11 +123,34 @@ def pull_oras(ref: reference.Reference, out: Path, opts: Options, force: bool) -
         output.copy_file(blob, tmp)
 
 
+def pull_url(url: str, out: Path, force: bool) -> None:
+    """Download the SIF (or squashfs) image at http(s) *url* to *out*, as it is."""
+    from capsid.errors import CapsidError, ImageFormatError
+    from capsid.image.locate import SIF, SQUASHFS, locate
+    from capsid.oci.registry import Client
+
+    with output.atomic_file(out, force) as tmp:
+        with Client() as client, open(tmp, "wb") as f:
+            client.download(url, f)
+        try:
+            kind = locate(str(tmp)).kind
+        except CapsidError:
+            kind = ""
+        if kind not in (SIF, SQUASHFS):
+            raise ImageFormatError(f"{url} is not a SIF or squashfs image",
+                                   "check the address; for a container image in a registry, "
+                                   "use docker:// or oras://")
+
+
 def default_name(uri: str) -> str:
     """Apptainer's default output name for ``pull``: ``NAME_TAG.sif``."""
     parsed = split(uri)
     if parsed and parsed[0] in ("docker", "oras"):
         return reference.parse(parsed[1]).sif_name()
+    if parsed and parsed[0] in ("http", "https"):
+        from urllib.parse import urlsplit
+
+        return Path(urlsplit(uri).path).name or "image.sif"
     if parsed:
         stem = Path(archive.split_ref(parsed[1])[0]).name
         return stem.split(".", 1)[0] + ".sif" if stem else "image.sif"
