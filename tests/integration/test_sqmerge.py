@@ -224,3 +224,48 @@ def test_the_kernel_mounts_a_merged_image(tmp_path: Path) -> None:
                 (mnt / "usr" / "lib" / name).read_bytes()
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("level", [1, 3, 15])
+def test_an_upper_image_is_compressed_as_its_lower_one_so_they_merge(tmp_path: Path,
+                                                                     level: int) -> None:
+    """A base pulled by a capsid that compressed at another zstd level still merges: the
+    upper image takes the lower one's level (read from its compressor options)."""
+    from capsid.image.sqmerge import zstd_level
+
+    low = tar(base_tree(random.Random(1)))
+    up = tar([entry("new", tarfile.DIRTYPE, mode=0o755), entry("new/file", data=b"added")])
+    subprocess.run(["tar2sqfs", "--quiet", "--force", "--compressor", "zstd", "--comp-extra",
+                    f"level={level}", str(tmp_path / "lower.sqfs")], input=low, check=True)
+    with open(tmp_path / "lower.sqfs", "rb") as lf:
+        assert zstd_level(lf) == level
+
+    def upper(name: str, zstd: int | None) -> Cover:
+        with squashfs.writer(tmp_path / name, zstd_level=zstd) as pipe:
+            flat = Flattener(pipe.write)
+            flat.add_layer([up])
+            flat.finish()
+        return flat.cover()
+
+    cover = upper("mismatched.sqfs", None)  # capsid's own level: no merge but for level 2
+    if level != 2:
+        with open(tmp_path / "lower.sqfs", "rb") as lf, \
+                open(tmp_path / "mismatched.sqfs", "rb") as uf, pytest.raises(Unmergeable):
+            merge(lf, 0, uf, io.BytesIO(), cover)
+    cover = upper("upper.sqfs", level)
+    squash(tmp_path / "whole.sqfs", [up, low])
+    with open(tmp_path / "lower.sqfs", "rb") as lf, open(tmp_path / "upper.sqfs", "rb") as uf, \
+            open(tmp_path / "merged.sqfs", "w+b") as out:
+        merge(lf, 0, uf, out, cover)
+    same(tmp_path / "whole.sqfs", tmp_path / "merged.sqfs")
+
+
+def test_the_level_of_an_image_that_is_not_zstd_is_none(tmp_path: Path) -> None:
+    from capsid.image.sqmerge import zstd_level
+
+    subprocess.run(["tar2sqfs", "--quiet", "--force", "--compressor", "gzip",
+                    str(tmp_path / "gz.sqfs")], input=tar(base_tree(random.Random(1))),
+                   check=True)
+    with open(tmp_path / "gz.sqfs", "rb") as f:
+        assert zstd_level(f) is None
+        assert zstd_level(f, 4096) is None  # no squashfs there

@@ -47,6 +47,28 @@ DIR, FILE, SYMLINK, BLKDEV, CHRDEV, FIFO, SOCKET = range(1, 8)
 _EXTENDED = 7  #: an extended inode's type is the basic one plus 7
 
 
+#: squashfs's id for zstd, and squashfs-tools-ng's level for it when an image stores no
+#: compressor options
+_ZSTD, _ZSTD_DEFAULT_LEVEL = 6, 15
+
+
+def zstd_level(f: BinaryIO, offset: int = 0) -> int | None:
+    """The zstd level of the squashfs at *offset* in *f* (None if it is not zstd), so that
+    what is laid over it is compressed alike: a merge needs both images' compressor
+    options to be the same bytes (a base pulled by another version of capsid)."""
+    f.seek(offset)
+    raw = f.read(SUPER.size + 6)
+    if len(raw) < SUPER.size + 6 or struct.unpack_from("<I", raw)[0] != MAGIC:
+        return None
+    sb = Super(*SUPER.unpack_from(raw)[1:])
+    if sb.compression != _ZSTD:
+        return None
+    if not sb.flags & _COMPRESSOR_OPTIONS:
+        return _ZSTD_DEFAULT_LEVEL
+    header, level = struct.unpack_from("<HI", raw, SUPER.size)
+    return int(level) if header == (_UNCOMPRESSED_META | 4) else None
+
+
 class Unmergeable(Exception):
     """The two images cannot be merged here; write the whole image instead."""
 

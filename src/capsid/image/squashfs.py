@@ -38,8 +38,10 @@ def check_compression(name: str) -> str:
 
 
 @contextlib.contextmanager
-def writer(out: Path, compression: str = "zstd") -> Iterator[BinaryIO]:
-    """Yield a pipe; the tar stream written to it becomes squashfs *out*.
+def writer(out: Path, compression: str = "zstd",
+           zstd_level: int | None = None) -> Iterator[BinaryIO]:
+    """Yield a pipe; the tar stream written to it becomes squashfs *out* (with zstd at
+    *zstd_level*, if given, instead of capsid's).
 
     The stream goes straight into ``tar2sqfs``. If the block raises, tar2sqfs
     is killed and *out* is removed.
@@ -47,7 +49,9 @@ def writer(out: Path, compression: str = "zstd") -> Iterator[BinaryIO]:
     check_compression(compression)
     argv = [tools.which("tar2sqfs"), "--quiet", "--force", "--no-skip",
             "--compressor", compression, "--num-jobs", str(os.cpu_count() or 1)]
-    if compression in _COMPRESSOR_OPTIONS:
+    if compression == "zstd" and zstd_level is not None:
+        argv += ["--comp-extra", f"level={zstd_level}"]
+    elif compression in _COMPRESSOR_OPTIONS:
         argv += ["--comp-extra", _COMPRESSOR_OPTIONS[compression]]
     argv.append(str(out))
     LOG.debug("running %s", " ".join(argv))

@@ -142,9 +142,11 @@ def _over(lower: Lower, part: Path, beside: Path, compression: str,
     be merged."""
     from capsid.image import sqmerge
 
+    with open(lower.path, "rb") as low:
+        level = sqmerge.zstd_level(low, lower.offset)  # so the two merge
     with output.scratch(beside, "upper") as upper:
         try:
-            with squashfs.writer(upper, compression) as pipe:
+            with squashfs.writer(upper, compression, level) as pipe:
                 flat = Flattener(pipe.write)
                 final = entries(flat, False)
                 flat.finish()
