@@ -277,6 +277,27 @@ def test_fakeroot_is_uid_zero(busybox_sif: Path) -> None:
     assert capsid_exec(busybox_sif, "--fakeroot", "id", "-u").stdout == "0\n"
 
 
+def test_fakeroot_without_subordinate_ids_feigns_what_package_managers_need(
+        busybox_sif: Path) -> None:
+    """Where only the user is mapped, --fakeroot answers chown, set*id and device mknod
+    with success and keeps apt root, as Apptainer's fakeroot command does there, so a
+    package manager runs; --ignore-fakeroot-command lets them fail."""
+    uid_map = capsid_exec(busybox_sif, "--fakeroot", "cat", "/proc/self/uid_map").stdout
+    if uid_map.split()[2] != "1":
+        pytest.skip("this user's --fakeroot maps more ids than its own: owners are real")
+    script = ("touch /made && chown 5:5 /made && echo chowned; "
+              "mknod /null c 1 3 && echo mknod; cat $APT_CONFIG")
+    result = capsid_exec(busybox_sif, "--fakeroot", "--writable-tmpfs", "sh", "-c", script)
+    assert result.stdout == 'chowned\nmknod\nAPT::Sandbox::User "root";\n', result.stderr
+    result = capsid_exec(busybox_sif, "--fakeroot", "--ignore-fakeroot-command",
+                         "--writable-tmpfs", "sh", "-c", script)
+    assert "chowned" not in result.stdout and "mknod" not in result.stdout
+    assert "APT" not in result.stdout
+    # without --fakeroot nothing is feigned
+    result = capsid_exec(busybox_sif, "--writable-tmpfs", "sh", "-c", "echo ${APT_CONFIG:-none}")
+    assert result.stdout == "none\n"
+
+
 def test_namespaces(busybox_sif: Path) -> None:
     # PID 1 is capsid's init; the command is PID 2 and gets signals like any process.
     pid = capsid_exec(busybox_sif, "--pid", "sh", "-c", "echo $$; cat /proc/1/comm").stdout

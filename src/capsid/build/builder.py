@@ -41,13 +41,12 @@ from capsid.errors import CapsidError, UsageError
 from capsid.image import output
 from capsid.image.stock import DEFAULT_PATH
 from capsid.oci import image as oci
+from capsid.runtime import rootemu
 from capsid.runtime.binds import BindSpec
 from capsid.runtime.options import Layers, Options
 
 LOG = log.get(__name__)
 
-#: apt drops to the _apt user for downloads; with chown faked it cannot tell it did not.
-APT_CONFIG = 'APT::Sandbox::User "root";\n'
 INSIDE = "/.capsid-build"  #: the step's own files inside: script, apt.conf, env, labels
 
 
@@ -279,7 +278,7 @@ class Builder:
 
     def _run(self, result: StageResult, step: Run, pending: Pending) -> None:
         scratch = pending.scratch
-        (scratch / "apt.conf").write_text(APT_CONFIG)
+        (scratch / "apt.conf").write_text(rootemu.APT_CONFIG)
         (scratch / "environment").write_text("")
         (scratch / "labels").write_text("")
         if step.script is not None:

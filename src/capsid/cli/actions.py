@@ -70,6 +70,8 @@ FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
     ("userns", "u", "", False, "use a user namespace (always the case; for compatibility)"),
     ("ignore-subuid", "", "", False,
      "--fakeroot maps only you, even where /etc/subuid grants you ids"),
+    ("ignore-fakeroot-command", "", "", False,
+     "--fakeroot without subordinate ids: let chown, set*id and mknod fail, not feign them"),
     ("mpi", "", "host|none", False,
      "host: bind the host's MPI in, for an image without one (checked first)"),
     ("sharens", "", "", False,
@@ -271,6 +273,8 @@ def options(values: Parsed) -> Options:
         no_umask=compat or _flag(values, "no-umask", "NO_UMASK"), dns=dns, workdir=workdir,
         scratch=_items([*_list(values, "scratch"), config.env("SCRATCH") or ""]),
         ignore_subuid=_flag(values, "ignore-subuid", "IGNORE_SUBUID"),
+        ignore_fakeroot_command=_flag(values, "ignore-fakeroot-command",
+                                      "IGNORE_FAKEROOT_COMMAND"),
         no_nv=_flag(values, "no-nv", "NO_NV"), no_rocm=_flag(values, "no-rocm", "NO_ROCM"),
         no_https=_flag(values, "no-https"), app=_app(_text(values, "app")),
     )

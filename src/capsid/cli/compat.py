@@ -48,8 +48,6 @@ TABLE: dict[tuple[str, ...], tuple[Row, ...]] = {
          "capsid has no action-script interpreter to time out"),
         ("disable-cache", "", "", False, "no-op",
          "images given by URI are converted once and served from capsid's cache"),
-        ("ignore-fakeroot-command", "", "", False, "no-op",
-         "capsid never runs a fakeroot command"),
         ("ignore-userns", "", "", False, "no-op", "capsid always uses a user namespace"),
         ("add-caps", "", "CAPS", False, "refused",
          "capsid runs without privileges and cannot grant capabilities; use --fakeroot to "
@@ -80,7 +78,9 @@ TABLE: dict[tuple[str, ...], tuple[Row, ...]] = {
         _REGISTRY, _DOCKER_LOGIN, _DOCKER_HOST,
     ),
     ("build",): (
-        ("ignore-fakeroot-command", "", "", False, "no-op", "capsid never runs a fakeroot command"),
+        ("ignore-fakeroot-command", "", "", False, "no-op",
+         "a build's steps always emulate root in the kernel (a seccomp filter), with no "
+         "fakeroot command"),
         ("ignore-userns", "", "", False, "no-op", "capsid always builds in a user namespace"),
         ("no-cleanup", "", "", False, "no-op",
          "a failed build's finished steps stay in the build cache anyway; nothing else is kept"),

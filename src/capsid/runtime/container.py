@@ -129,6 +129,10 @@ def launch(image: str | Layers, action: str, argv: tuple[str, ...], opts: Option
 
         # Where ids besides root are mapped (subordinate ids, or root's), owners are real.
         filter_ = rootemu.prepare(fake_owners=userns.mapped_ids() == 1)
+    elif plan.feigned_root:
+        from capsid.runtime import rootemu  # as above
+
+        filter_ = rootemu.prepare(fake_syncs=False)
     env = _assemble_root(plan, started)
     capsid.mark("mounted")
     command.enter_cwd(plan)

@@ -25,7 +25,8 @@ class Options:
     """Everything about a container but its image and command (Apptainer's action flags)."""
 
     __slots__ = ("app", "binds", "cdi_dirs", "cleanenv", "contain", "devices", "dns", "env",
-                 "env_files", "environment", "fakeroot", "home", "hostname", "ignore_subuid",
+                 "env_files", "environment", "fakeroot", "home", "hostname",
+                 "ignore_fakeroot_command", "ignore_subuid",
                  "ipc", "mpi", "net", "no_home", "no_https", "no_mount", "no_nv", "no_rocm",
                  "no_umask",
                  "nv", "nvccli", "overlay", "pid", "pwd", "rocm", "root_emulation", "scratch",
@@ -47,8 +48,8 @@ class Options:
                  mpi: str | None = None, no_umask: bool = False, dns: Sequence[str] = (),
                  workdir: str | None = None, scratch: Sequence[str] = (),
                  ignore_subuid: bool = False, no_nv: bool = False,
-                 no_rocm: bool = False, no_https: bool = False, app: str | None = None
-                 ) -> None:
+                 no_rocm: bool = False, no_https: bool = False, app: str | None = None,
+                 ignore_fakeroot_command: bool = False) -> None:
         self.binds = tuple(binds)  #: host paths to bind in (``-B``, ``--mount``)
         self.home = home  #: ``--home SRC[:DST]``
         self.no_home = no_home
@@ -61,6 +62,10 @@ class Options:
         #: the command's exact environment: no host variables and no image env scripts
         self.environment = dict(environment) if environment is not None else None
         self.fakeroot = fakeroot  #: uid 0 inside
+        #: with --fakeroot where only the user is mapped, do not answer chown, set*id and
+        #: device mknod with success (:mod:`capsid.runtime.rootemu`), as Apptainer's
+        #: flag of that name skips its fakeroot command
+        self.ignore_fakeroot_command = ignore_fakeroot_command
         self.pid, self.ipc, self.uts, self.net = pid, ipc, uts, net  #: new namespaces
         self.hostname = hostname
         self.writable = writable  #: write into a sandbox image

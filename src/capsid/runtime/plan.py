@@ -32,8 +32,8 @@ _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/l
 class Plan:
     """A container to start: what to run, in what, and its mounts as data (:attr:`mounts`)."""
 
-    __slots__ = ("action", "argv", "build_step", "confined", "cwd", "home_dest", "image",
-                 "layers",
+    __slots__ = ("action", "argv", "build_step", "confined", "cwd", "feigned_root",
+                 "home_dest", "image", "layers",
                  "mounts", "name", "nvccli", "oci_command", "oci_env", "options", "site",
                  "user", "userns")
 
@@ -41,7 +41,7 @@ class Plan:
                  image: Image, layers: Layers | None, user: identity.User, userns: bool,
                  home_dest: str, cwd: str, site: config.SiteConfig, oci_env: list[str],
                  mounts: list[ops.Op], build_step: bool = False,
-                 nvccli: list[str] | None = None,
+                 feigned_root: bool = False, nvccli: list[str] | None = None,
                  oci_command: tuple[list[str], list[str], str] | None = None) -> None:
         self.name, self.action, self.argv, self.options = name, action, argv, options
         self.image, self.layers, self.user, self.userns = image, layers, user, userns
@@ -54,6 +54,10 @@ class Plan:
         #: the command runs confined (:func:`capsid.runtime.userns.confine_build_step`):
         #: a build step, or a root build's %test
         self.confined = build_step or hostfs.host_alias() is not None
+        #: --fakeroot where only the user is mapped: chown, set*id and device mknod are
+        #: answered "done" (:mod:`capsid.runtime.rootemu`), as Apptainer's fakeroot
+        #: command does there
+        self.feigned_root = feigned_root
         #: ``nvidia-container-cli`` and its ``configure`` flags, when it sets GPUs up
         self.nvccli = nvccli
         #: the OCI config's (ENTRYPOINT, CMD, WorkingDir): what ``run`` starts directly in
@@ -98,13 +102,30 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
     if _binds_cwd(opts, cwd, [home_dest, *(b.destination for b in binds)]):
         steps.append(ops.Bind(cwd, cwd, required=False))
     steps += _library_path_ops(gpu, mpi)
+    feigned = not build_step and _feigned_root(opts, started)
+    if feigned and "APT_CONFIG" not in os.environ:
+        from capsid.runtime import rootemu
+
+        steps += [ops.File(rootemu.APT_FILE, rootemu.APT_CONFIG.encode()),
+                  ops.Env("APT_CONFIG", rootemu.APT_FILE)]
     oci = _oci_config(image)
     return Plan(name=name, action=action, argv=argv, options=opts, image=image,
                 layers=started.layers, user=user, userns=started.userns, home_dest=home_dest,
                 cwd=cwd, site=site, oci_env=_strings(oci.get("Env")), mounts=steps,
-                build_step=build_step, nvccli=gpu.nvccli if gpu is not None else None,
+                build_step=build_step, feigned_root=feigned,
+                nvccli=gpu.nvccli if gpu is not None else None,
                 oci_command=(_strings(oci.get("Entrypoint")), _strings(oci.get("Cmd")),
                              str(oci.get("WorkingDir") or "")) if oci else None)
+
+
+def _feigned_root(opts: Options, started: Started) -> bool:
+    """Whether root is feigned: ``--fakeroot`` (without ``--ignore-fakeroot-command``)
+    in a user namespace that maps only the user (no subordinate ids)."""
+    if not (opts.fakeroot and started.userns) or opts.ignore_fakeroot_command:
+        return False
+    from capsid.runtime import userns
+
+    return userns.mapped_ids() == 1
 
 
 def _check(name: str, kind: str, opts: Options) -> None:

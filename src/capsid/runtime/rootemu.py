@@ -1,4 +1,4 @@
-"""Root emulation for build steps: the system calls package managers need, answered "done".
+"""Root emulation: the system calls package managers need, answered "done".
 
 A build step runs as root in a user namespace that maps only the invoking user, with
 no /etc/subuid needed. There, changing a file's owner to anyone but root, switching
@@ -10,6 +10,10 @@ devices. Everything else is allowed. Files keep the user (root inside) as owner.
 fsync and its kin are answered the same way (dpkg calls them for every file it
 unpacks): the builder flushes a step's layer once, with syncfs, before keeping it.
 
+``--fakeroot`` where only the user is mapped (no subordinate ids) gets the same filter,
+but for the flushes: what Apptainer does there with its ``fakeroot`` command, so that
+``apt-get`` works in a writable sandbox (``--ignore-fakeroot-command`` turns it off).
+
 The filter is built before ``pivot_root`` (which hides the host's libraries) and loaded
 just before ``execve``, after ``PR_SET_NO_NEW_PRIVS``.
 """
@@ -19,6 +23,12 @@ from __future__ import annotations
 import stat
 
 from capsid.errors import CapsidError
+
+#: apt drops to the _apt user for downloads; with set*id feigned it cannot tell it did
+#: not, and gives up: this configuration (``APT_CONFIG``) keeps it root.
+APT_CONFIG = 'APT::Sandbox::User "root";\n'
+#: where a ``--fakeroot`` container without subordinate ids finds it
+APT_FILE = "/.capsid-apt.conf"
 
 #: Answered with success and no effect.
 FAKED = ("chown", "fchown", "lchown", "fchownat", "setuid", "setgid", "setreuid", "setregid",
@@ -31,20 +41,21 @@ _MKNOD = (("mknod", 1), ("mknodat", 2))
 _S_IFMT = 0o170000  #: the file-type bits of a mode
 
 
-def prepare(fake_owners: bool = True) -> object:
+def prepare(fake_owners: bool = True, fake_syncs: bool = True) -> object:
     """The filter, ready to load (libseccomp is loaded now).
 
     Without *fake_owners* (more ids than root are mapped) only device nodes (and the
-    flushes, in both cases) are faked.
+    flushes) are faked; without *fake_syncs* (not a build step, whose layer is flushed
+    once) the flushes are real.
     """
     try:
         import pyseccomp as seccomp  # type: ignore[import-untyped]
     except (ImportError, OSError) as err:
-        raise CapsidError(f"root emulation for build steps needs pyseccomp and libseccomp "
+        raise CapsidError(f"root emulation (builds, --fakeroot) needs pyseccomp and libseccomp "
                           f"({err})", "pip install pyseccomp; apt-get install libseccomp2"
                           ) from None
     rules = seccomp.SyscallFilter(seccomp.ALLOW)
-    for call in (*FAKED, *SYNCS) if fake_owners else SYNCS:
+    for call in (*(FAKED if fake_owners else ()), *(SYNCS if fake_syncs else ())):
         rules.add_rule(seccomp.ERRNO(0), call)
     for call, index in _MKNOD:
         for kind in (stat.S_IFCHR, stat.S_IFBLK):
