@@ -748,6 +748,28 @@ def test_dash_f_as_docker_and_as_apptainer(env: dict[str, str], tmp_path: Path) 
     assert run_capsid("exec", tmp_path / "f.sif", "cat", "/f", env=env).stdout == "fakeroot\n"
 
 
+def test_a_directory_with_a_dockerfile_is_a_build_context(env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    """``capsid build OUT DIR`` reads DIR/Dockerfile (or Containerfile) with DIR as the
+    context, as ``docker build DIR`` does; a sandbox (a root file system) stays an image."""
+    ctx = tmp_path / "project"
+    ctx.mkdir()
+    write(ctx, "a", "from the context\n")
+    write(ctx, "Containerfile", "FROM busybox:1\nCOPY a /a\n")
+    result = run_capsid("build", tmp_path / "c.sif", ctx, cwd=ctx, env=env)
+    assert result.returncode == 0, result.stderr
+    assert run_capsid("exec", tmp_path / "c.sif", "cat", "/a",
+                      env=env).stdout == "from the context\n"
+    result = run_capsid("build", "--sandbox", tmp_path / "box", ".", cwd=ctx, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "box" / "a").read_text() == "from the context\n"
+    write(tmp_path / "box", "Dockerfile", "FROM scratch\n")  # a sandbox holding a recipe
+    result = run_capsid("build", tmp_path / "s.sif", tmp_path / "box", env=env)
+    assert result.returncode == 0, result.stderr
+    assert run_capsid("exec", tmp_path / "s.sif", "cat", "/a",
+                      env=env).stdout == "from the context\n"
+
+
 def test_copy_heredoc(env: dict[str, str], tmp_path: Path) -> None:
     recipe = tmp_path / "Dockerfile"
     recipe.write_text("FROM busybox:1\nCOPY <<EOF /etc/motd\nwritten by a heredoc\nEOF\n"

@@ -88,6 +88,20 @@ def syntax(path: Path, text: str | None = None) -> str | None:
     return None
 
 
+def context_recipe(directory: Path) -> Path | None:
+    """The Dockerfile (or Containerfile) of *directory* given as a build's source, as
+    ``docker build DIR`` reads it; None where there is none, or where *directory* is a
+    sandbox (a root file system: Apptainer builds a SIF of it)."""
+    if (directory / ".singularity.d").is_dir() or \
+            ((directory / "etc").is_dir() and (directory / "usr").is_dir()):
+        return None
+    for name in ("Dockerfile", "Containerfile"):
+        candidate = directory / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _head(path: Path) -> str | None:
     """The start of *path* if it is a regular file and no image; else None."""
     from capsid.errors import CapsidError

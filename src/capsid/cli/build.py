@@ -30,7 +30,9 @@ def run(verb: str, argv: list[str]) -> int:
                "Build OUTPUT (a SIF file, or a directory with --sandbox) from SOURCE: a "
                "Dockerfile or Apptainer definition file (a recipe), a sandbox directory, a "
                "SIF or squashfs file, docker://REF, docker-archive:FILE, oci-archive:FILE "
-               "or oci:DIR[:TAG]. With -f FILE, SOURCE is the build context directory.")
+               "or oci:DIR[:TAG]. With -f FILE, SOURCE is the build context directory; a "
+               "directory with a Dockerfile or Containerfile (and no root file system) is "
+               "one, as for docker build DIR.")
     p.add_argument("-s", "--sandbox", action="store_true",
                    help="write a sandbox directory instead of a SIF file")
     p.add_argument("-F", "--force", action="store_true", help="overwrite OUTPUT if it exists")
@@ -91,6 +93,9 @@ def _build(args: argparse.Namespace) -> int:
         raise UsageError("build needs OUTPUT and SOURCE", "see 'capsid build --help'")
     from capsid import build
 
+    if args.file is None and os.path.isdir(args.source):  # docker build DIR
+        found = build.context_recipe(Path(args.source))
+        args.file = str(found) if found is not None else None
     if args.file is not None or args.format or build.syntax(Path(args.source)):
         return _build_recipe(args)
 
