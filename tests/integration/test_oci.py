@@ -256,8 +256,17 @@ def test_exec_docker_uri_converts_once(registry: Registry, oci_env: dict[str, st
     assert sifs[0].stat().st_mtime_ns == made
     listing = ok("cache", "list", env=env).stdout
     assert "sifs" in listing and "blobs" in listing
-    ok("cache", "clean", env=env)
+    # Apptainer's flags, as job scripts give them: -T/--type and -f/--force
+    assert ok("cache", "list", "-T", "oci", env=env).stdout.split()[:2] == ["sifs", "1"]
+    blobs = Path(oci_env["CAPSID_CACHEDIR"]) / "oci" / "blobs" / "sha256"
+    kept = sorted(blobs.iterdir())
+    assert kept
+    ok("cache", "clean", "-f", "--type", "oci", env=env)
     assert not list((Path(oci_env["CAPSID_CACHEDIR"]) / "sif").iterdir())
+    assert sorted(blobs.iterdir()) == kept  # only the converted SIFs went
+    assert "unknown cache type 'library2'" in fails("cache", "clean", "-T", "library2", env=env)
+    ok("cache", "clean", "--force", env=env)
+    assert not list(blobs.iterdir())
 
 
 def test_a_pull_shares_its_sif_with_the_cache_until_it_is_changed(

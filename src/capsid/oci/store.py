@@ -234,12 +234,16 @@ class Store:
                 with contextlib.suppress(FileNotFoundError):
                     yield kind, entry, entry.stat()
 
-    def clean(self, older_than_days: float | None = None, dry_run: bool = False) -> list[Path]:
-        """Remove cached files (only those unused for *older_than_days*, if given)."""
+    def clean(self, older_than_days: float | None = None, dry_run: bool = False,
+              kinds: frozenset[str] | None = None) -> list[Path]:
+        """Remove cached files (only those unused for *older_than_days*, and of *kinds*,
+        if given)."""
         cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
         removed = []
         for kind, path, st in list(self.entries()):
             if cutoff is not None and max(st.st_atime, st.st_mtime) > cutoff:
+                continue
+            if kinds is not None and kind not in kinds:
                 continue
             if not dry_run:
                 with contextlib.suppress(FileNotFoundError):
@@ -247,7 +251,7 @@ class Store:
                 if kind == "sif":
                     self._stamp_path(path).unlink(missing_ok=True)
             removed.append(path)
-        if cutoff is None and not dry_run:
+        if cutoff is None and kinds is None and not dry_run:
             (self.layout / "index.json").unlink(missing_ok=True)
             if self.stamps.is_dir():
                 for stamp in self.stamps.iterdir():
