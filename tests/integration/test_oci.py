@@ -220,6 +220,9 @@ def test_login_then_pull_with_the_default_name(registry: Registry, oci_env: dict
     stored = home / ".config" / "capsid" / "auth.json"
     assert stored.stat().st_mode & 0o777 == 0o600
     assert registry.host in json.loads(stored.read_text())["auths"]
+    listed = ok("registry", "list", env=oci_env).stdout.splitlines()
+    assert listed[0].split() == ["REGISTRY", "USERNAME", "FILE"]
+    assert listed[1].split() == [registry.host, USER, str(stored)]
     assert "rejected" in fails("registry", "login", "-u", USER, "-p", "wrong", registry.host,
                                env=oci_env)
     ok("pull", f"docker://{registry.host}/test/busybox:1", env=oci_env, cwd=tmp_path)
@@ -230,6 +233,7 @@ def test_login_then_pull_with_the_default_name(registry: Registry, oci_env: dict
        env=oci_env)
     ok("registry", "logout", registry.host, env=oci_env)
     assert registry.host not in json.loads(stored.read_text())["auths"]
+    assert ok("registry", "list", env=oci_env).stdout == ""
 
 
 def test_docker_io_through_a_mirror_runs_python(registry: Registry, oci_env: dict[str, str],

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from capsid.cli.main import COMMANDS, main
 
 
@@ -18,6 +20,28 @@ def test_help_lists_every_command(capsys) -> None:  # type: ignore[no-untyped-de
     assert main(["help"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in COMMANDS)
+
+
+#: commands with actions of their own, each with its own --help
+ACTIONS = {"instance": ("start", "run", "list", "stop"), "cache": ("list", "clean"),
+           "sif": ("list", "info", "header", "dump"), "overlay": ("create",),
+           "key": ("newpair", "list", "import", "export", "remove"),
+           "registry": ("login", "logout", "list")}
+
+
+@pytest.mark.parametrize("words", [[verb] for verb, (module, _) in COMMANDS.items()
+                                   if module and verb != "keyserver"]
+                         + [[verb, action] for verb, actions in ACTIONS.items()
+                            for action in actions])
+def test_every_help_prints_usage(words: list[str], capsys) -> None:  # type: ignore[no-untyped-def]
+    """Help texts are formatted with %: one unescaped '%post' broke a whole verb's help."""
+    try:
+        code = main([*words, "--help"])
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    assert code == 0 and err == "", err
+    assert out.lower().startswith("usage: capsid"), out
 
 
 def test_unknown_command_is_one_line_with_a_hint(capsys) -> None:  # type: ignore[no-untyped-def]

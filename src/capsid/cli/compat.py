@@ -187,6 +187,7 @@ def add_to(p: argparse.ArgumentParser, verb: str, taken: frozenset[str] = frozen
         if not names:
             continue
         dest = f"compat_{name.replace('-', '_')}"
+        why = why.replace("%", "%%")  # argparse formats help with %
         if kind == "refused":
             group.add_argument(*names, dest=name.replace("-", "_"), action=Refused,
                                nargs=1 if value else 0, help=f"refused: {why}")

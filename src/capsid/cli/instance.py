@@ -25,6 +25,9 @@ def run(verb: str, argv: list[str]) -> int:
         sys.stdout.write(USAGE)
         return 0 if argv else 255
     action, rest = argv[0], argv[1:]
+    if action in ("list", "stop") and ("-h" in rest or "--help" in rest):
+        sys.stdout.write(USAGE)
+        return 0
     if action in ("start", "run"):
         return _start(rest, "startscript" if action == "start" else "runscript")
     if action == "list":
@@ -94,8 +97,8 @@ def _stop(argv: list[str]) -> int:
         elif arg in ("-s", "--signal") or arg.startswith("--signal="):
             value = arg.partition("=")[2] if "=" in arg else next(args, "")
             signum = _signal(value)
-        elif arg in ("-t", "--timeout"):
-            value = next(args, "")
+        elif arg in ("-t", "--timeout") or arg.startswith("--timeout="):
+            value = arg.partition("=")[2] if "=" in arg else next(args, "")
             if not value.isdigit():
                 raise UsageError(f"--timeout {value!r} is not a number of seconds",
                                  "e.g. --timeout 10")

@@ -1,4 +1,4 @@
-"""``capsid registry login|logout``: credentials for registries."""
+"""``capsid registry login|logout|list``: credentials for registries."""
 
 from __future__ import annotations
 
@@ -23,22 +23,29 @@ def _host(text: str) -> str:
 
 
 def run(verb: str, argv: list[str]) -> int:
-    p = parser("registry", "login|logout [options] REGISTRY",
-               "Store or forget the username and password for a registry, in a Docker "
-               "config.json-style file (default ~/.config/capsid/auth.json, mode 0600).")
-    p.add_argument("action", choices=("login", "logout"))
+    p = parser("registry", "login|logout [options] REGISTRY | list",
+               "Store, forget or list the usernames and passwords for registries, in a "
+               "Docker config.json-style file (default ~/.config/capsid/auth.json, mode "
+               "0600); list shows the logins capsid uses, from that file, podman's and "
+               "Docker's.")
+    p.add_argument("action", choices=("login", "logout", "list"))
     p.add_argument("-u", "--username")
     p.add_argument("-p", "--password")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p.add_argument("--authfile", help="credentials file to write instead of the default")
     p.add_argument("--nohttps", "--no-https", action="store_true",
                    help="check the credentials over plain HTTP")
-    p.add_argument("registry")
+    p.add_argument("registry", nargs="?")
     args = p.parse_args(argv)
     from capsid.oci import auth
 
-    host = _host(args.registry)
     path = Path(args.authfile) if args.authfile else None
+    if args.action == "list":
+        return _list(auth.logins(path))
+    if not args.registry:
+        raise UsageError(f"registry {args.action} needs a registry",
+                         f"e.g. capsid registry {args.action} docker://ghcr.io")
+    host = _host(args.registry)
     if args.action == "logout":
         if not auth.remove(host, path):
             raise UsageError(f"not logged in to {host}", "nothing to do")
@@ -55,6 +62,19 @@ def run(verb: str, argv: list[str]) -> int:
     _check(host, username, password, args.nohttps)
     written = auth.store(host, username, password, path)
     sys.stderr.write(f"login to {host} succeeded; credentials saved in {written}\n")
+    return 0
+
+
+def _list(logins: list[tuple[str, str, Path]]) -> int:
+    if not logins:
+        sys.stderr.write("no registry logins; add one with 'capsid registry login "
+                         "docker://HOST'\n")
+        return 0
+    width = max(len("REGISTRY"), *(len(host) for host, _, _ in logins))
+    users = max(len("USERNAME"), *(len(user) for _, user, _ in logins))
+    sys.stdout.write(f"{'REGISTRY':<{width}}  {'USERNAME':<{users}}  FILE\n")
+    for host, user, path in logins:
+        sys.stdout.write(f"{host:<{width}}  {user:<{users}}  {path}\n")
     return 0
 
 

@@ -59,6 +59,30 @@ def _load(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _user(entry: object) -> str | None:
+    """The username of a config.json entry, or None where it has none."""
+    if not isinstance(entry, dict):
+        return None
+    if entry.get("auth"):
+        try:
+            return base64.b64decode(entry["auth"]).decode().partition(":")[0]
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return str(entry["username"]) if entry.get("username") else None
+
+
+def logins(path: Path | None = None) -> list[tuple[str, str, Path]]:
+    """(registry, username, file) of every stored login, in the order they are read."""
+    found = []
+    for each in [path] if path else search_path():
+        auths = _load(each).get("auths") or {}
+        for key, entry in (auths.items() if isinstance(auths, dict) else []):
+            user = _user(entry)
+            if user is not None:
+                found.append((key, user, each))
+    return found
+
+
 def credentials(host: str) -> tuple[str, str] | None:
     """(username, password) for *host*, or None for anonymous access."""
     user, password = config.env("DOCKER_USERNAME"), config.env("DOCKER_PASSWORD")
