@@ -427,6 +427,10 @@ def test_scif_apps_are_built_run_tested_and_listed(env: dict[str, str],
     labels = capsid("inspect", "--app", "foo", out).stdout
     assert "Kind: tool\n" in labels and "SCIF_APP_NAME: foo\n" in labels
     assert "Foo helps." in capsid("run-help", "--app", "foo", out).stdout
+    everything = json.loads(capsid("inspect", "--all", out).stdout)["data"]["attributes"]
+    assert everything["runscript"].endswith("echo main\n") and "deffile" in everything
+    assert sorted(everything["apps"]) == ["bar", "foo"]
+    assert everything["apps"]["foo"]["labels"]["Kind"] == "tool"
 
 
 @pytest.mark.parametrize(("name", "text", "words"), [

@@ -520,6 +520,13 @@ def test_instances(busybox_sif: Path, tmp_path: Path) -> None:
         assert again.stderr.count("\n") == 1
         assert "apptainer instance list" not in named("apptainer", "instance", "list",
                                                       env=env).stdout
+        # Apptainer's patterns and --logs
+        assert name in run_capsid("instance", "list", "svc*", env=env).stdout
+        assert name not in run_capsid("instance", "list", "other*", env=env).stdout
+        logs = run_capsid("instance", "list", "--logs", name, env=env).stdout.split()
+        assert logs[:3] == ["INSTANCE", "NAME", "PID"] and logs[3] == "LOGS"
+        assert logs[4:6] == [name, str(pid)] and logs[6] == entry["logErrPath"]
+        assert logs[7] == entry["logOutPath"]
     finally:
         stopped = run_capsid("instance", "stop", name, env=env)
     assert stopped.returncode == 0, stopped.stderr

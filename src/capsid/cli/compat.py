@@ -141,7 +141,6 @@ TABLE: dict[tuple[str, ...], tuple[Row, ...]] = {
         ("user", "u", "USER", False, "refused",
          "only your own instances are listed: run it as that user"),
         ("all", "a", "", False, "no-op", "capsid lists your own instances only"),
-        ("logs", "l", "", False, "no-op", "the log paths are always in the --json output"),
     ),
 }
 

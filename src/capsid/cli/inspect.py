@@ -40,7 +40,7 @@ def run(verb: str, argv: list[str]) -> int:
                    help="show the environment scripts")
     p.add_argument("-H", "--helpfile", action="store_true", help="show the runscript help")
     p.add_argument("-j", "--json", action="store_true", help="print JSON, as Apptainer does")
-    p.add_argument("--all", action="store_true", help="show everything")
+    p.add_argument("--all", action="store_true", help="show everything, apps included, as JSON")
     p.add_argument("--list-apps", action="store_true", help="list the image's SCIF apps")
     p.add_argument("--app", metavar="NAME", help="show the metadata of SCIF app NAME")
     p.add_argument("image")
@@ -61,9 +61,12 @@ def run(verb: str, argv: list[str]) -> int:
         info = found[args.app]
     else:
         info = inspect.metadata(image)
-    if args.json:
+    if args.json or args.all:  # as Apptainer's, --all implies --json
         attrs = info.attributes()
         picked = {k: attrs.get(k, {} if k in ("labels", "environment") else "") for k in chosen}
+        found = inspect.apps(image) if args.all and args.app is None else {}
+        if found:
+            picked["apps"] = {name: app.attributes() for name, app in found.items()}
         json.dump({"data": {"attributes": picked}, "type": "container"}, sys.stdout, indent=4)
         sys.stdout.write("\n")
         return 0

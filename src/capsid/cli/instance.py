@@ -12,7 +12,7 @@ from capsid.errors import UsageError
 USAGE = """\
 Usage: capsid instance start [exec options] IMAGE NAME [ARGS...]
        capsid instance run [exec options] IMAGE NAME [ARGS...]   (the runscript)
-       capsid instance list [--json] [NAME]
+       capsid instance list [--json|--logs] [NAME|PATTERN...]
        capsid instance stop [--signal SIG] [--timeout S] [--force] NAME|--all
 
 Instances run an image's %startscript (or nothing) in the background, in their own
@@ -64,18 +64,27 @@ def _start(argv: list[str], script: str) -> int:
 
 
 def _list(argv: list[str]) -> int:
+    from fnmatch import fnmatchcase
+
     from capsid.runtime import instances
 
     as_json = "--json" in argv or "-j" in argv
+    logs = "--logs" in argv or "-l" in argv
     for arg in argv:
-        if arg.startswith("-") and arg not in ("--json", "-j"):
+        if arg.startswith("-") and arg not in ("--json", "-j", "--logs", "-l"):
             _compat("instance list", arg)
-    names = [a for a in argv if not a.startswith("-")]
-    found = [i for i in instances.listed() if not names or i.name in names]
+    patterns = [a for a in argv if not a.startswith("-")]  # names or globs ('test*')
+    found = [i for i in instances.listed()
+             if not patterns or any(fnmatchcase(i.name, p) for p in patterns)]
     if as_json:
         records = [{"instance": i.name, "pid": i.pid, "img": i.image, "ip": "",
                     "logErrPath": i.log_err, "logOutPath": i.log_out} for i in found]
         sys.stdout.write(json.dumps({"instances": records}, indent=4) + "\n")
+        return 0
+    if logs:
+        sys.stdout.write(f"{'INSTANCE NAME':<16} {'PID':<8} LOGS\n")
+        for i in found:
+            sys.stdout.write(f"{i.name:<16} {i.pid:<8} {i.log_err}\n{'':<25} {i.log_out}\n")
         return 0
     sys.stdout.write(f"{'INSTANCE NAME':<16} {'PID':<8} {'IP':<8} IMAGE\n")
     for i in found:
