@@ -527,15 +527,18 @@ def test_instances(busybox_sif: Path, tmp_path: Path) -> None:
         assert logs[:3] == ["INSTANCE", "NAME", "PID"] and logs[3] == "LOGS"
         assert logs[4:6] == [name, str(pid)] and logs[6] == entry["logErrPath"]
         assert logs[7] == entry["logOutPath"]
-    finally:
-        stopped = run_capsid("instance", "stop", name, env=env)
-    assert stopped.returncode == 0, stopped.stderr
+    finally:  # a pattern, as Apptainer's 'instance stop mysql*'
+        stopped = run_capsid("instance", "stop", "svc*", env=env)
+    assert stopped.returncode == 0 and f"instance {name} stopped" in stopped.stderr, \
+        stopped.stderr
     # nothing of it runs on: not its first process (the same PID with the same start
     # time), nor the image's server that held its mounts
     assert until_gone(lambda: [identity] if process_identity(pid) == identity else []) == []
     assert until_gone(lambda: live_squashfuse(image) + _loop_devices(image)) == []
     assert list((runtime / "capsid" / "instances").glob("*.json")) == []
     assert run_capsid("instance", "list", "--json", env=env).stdout.count(name) == 0
+    none = run_capsid("instance", "stop", "svc*", env=env)
+    assert none.returncode == 255 and "no instance matches 'svc*'" in none.stderr
     gone = run_capsid("exec", f"instance://{name}", "true", env=env)
     assert gone.returncode == 255 and "no instance named" in gone.stderr
     failed = run_capsid("instance", "start", "--overlay", tmp_path / "missing-dir", image, name,

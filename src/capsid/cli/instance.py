@@ -6,14 +6,18 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from capsid.errors import UsageError
+
+if TYPE_CHECKING:
+    from capsid.runtime import instances
 
 USAGE = """\
 Usage: capsid instance start [exec options] IMAGE NAME [ARGS...]
        capsid instance run [exec options] IMAGE NAME [ARGS...]   (the runscript)
        capsid instance list [--json|--logs] [NAME|PATTERN...]
-       capsid instance stop [--signal SIG] [--timeout S] [--force] NAME|--all
+       capsid instance stop [--signal SIG] [--timeout S] [--force] NAME|PATTERN...|--all
 
 Instances run an image's %startscript (or nothing) in the background, in their own
 namespaces; 'capsid exec|run|shell instance://NAME ...' runs commands in them.
@@ -118,7 +122,7 @@ def _stop(argv: list[str]) -> int:
             names.append(arg)
     if everything == bool(names):
         raise UsageError("instance stop needs NAME or --all", "see 'capsid instance list'")
-    targets = instances.listed() if everything else [instances.find(n) for n in names]
+    targets = instances.listed() if everything else _matching(names)
     failed = 0
     for target in targets:
         try:
@@ -130,6 +134,24 @@ def _stop(argv: list[str]) -> int:
             continue
         sys.stderr.write(f"instance {target.name} stopped\n")
     return 255 if failed else 0
+
+
+def _matching(names: list[str]) -> list[instances.Instance]:
+    """The instances *names* give: names, or patterns as Apptainer's ('mysql*')."""
+    from fnmatch import fnmatchcase
+
+    from capsid.runtime import instances
+
+    found: list[instances.Instance] = []
+    for name in names:
+        if not any(c in name for c in "*?["):
+            found.append(instances.find(name))
+            continue
+        matched = [i for i in instances.listed() if fnmatchcase(i.name, name)]
+        if not matched:
+            raise UsageError(f"no instance matches {name!r}", "see 'capsid instance list'")
+        found += [i for i in matched if i not in found]
+    return found
 
 
 def _compat(verb: str, arg: str) -> None:
