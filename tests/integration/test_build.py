@@ -276,6 +276,41 @@ def test_multi_stage_c_build(env: dict[str, str], tmp_path: Path) -> None:
                       env=env).stdout == "none\n"
 
 
+def test_build_arguments_reach_the_metadata_of_a_cached_build(env: dict[str, str],
+                                                               tmp_path: Path) -> None:
+    """{{ VAR }} in %environment, %runscript and %labels changes no step: a build with
+    another --build-arg is all cached steps, and still gets its own metadata."""
+    recipe = write(tmp_path, "args.def", """
+        Bootstrap: docker
+        From: busybox:1
+
+        %arguments
+            WHO=world
+
+        %post
+            echo built > /built
+
+        %environment
+            export GREETING="hello {{ WHO }}"
+
+        %runscript
+            echo "$GREETING, runscript of {{ WHO }}"
+
+        %labels
+            Audience {{ WHO }}
+        """)
+    outputs = {}
+    for who in ("world", "moon", "world"):
+        out = tmp_path / f"{who}.sif"
+        extra = () if who == "world" else ("--build-arg", f"WHO={who}")
+        result = build(env, out, recipe, "--force", *extra)
+        assert ran(result) == (1 if not outputs else 0), result.stderr
+        outputs[who] = run_capsid("run", out, env=env).stdout
+        assert f"Audience: {who}" in run_capsid("inspect", out, env=env).stdout
+    assert outputs == {"world": "hello world, runscript of world\n",
+                       "moon": "hello moon, runscript of moon\n"}
+
+
 def test_definition_file(env: dict[str, str], tmp_path: Path) -> None:
     write(tmp_path, "data.txt", "data\n")
     recipe = write(tmp_path, "app.def", """

@@ -112,7 +112,7 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
             [str(a) for a in run.get("Entrypoint") or []], [str(a) for a in run.get("Cmd") or []],
             run.get("WorkingDir")).encode()
     if not sandbox:
-        key = digest(result.key, result.state.to_json(), builder.recipe.text, compression,
+        key = digest(result.key, result.state.to_json(), _metadata_key(files), compression,
                      builder.epoch)
         cached = _cached(builder.store.images, key)
         if cached is not None and not builder.opts.no_cache:  # every step was cached
@@ -142,6 +142,18 @@ def write(result: StageResult, builder: Builder, out: Path, *, sandbox: bool = F
         _own(out, lambda uid: alias + uid if uid < alias else uid)
     elif os.geteuid() == 0 and 1 < userns.mapped_ids() < 0xFFFFFFFF:
         _own(out, lambda _uid: 0)  # subordinate ids: a directory the user could not remove
+
+
+def _metadata_key(files: dict[str, bytes]) -> dict[str, str]:
+    """What /.singularity.d gets, for the image's cache key: build arguments change it
+    (``{{ VAR }}`` in %environment, %runscript, %labels) without changing a step. The
+    build date is left out, or no build would ever be found again."""
+    keyed = {name: content.decode(errors="replace") for name, content in files.items()}
+    if "labels.json" in files:
+        labels = json.loads(files["labels.json"])
+        labels.pop("org.label-schema.build-date", None)
+        keyed["labels.json"] = json.dumps(labels, sort_keys=True)
+    return keyed
 
 
 def _give_back(path: Path) -> None:
