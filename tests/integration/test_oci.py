@@ -212,6 +212,23 @@ def test_pull_needs_credentials_and_trust(registry: Registry, oci_env: dict[str,
                                 env={**oci_env, **CREDS})
 
 
+def test_arch_of_an_image_without_an_index(registry: Registry, oci_env: dict[str, str],
+                                            tmp_path: Path) -> None:
+    """test/busybox:1 is one manifest, for this machine: --arch of another machine is one
+    error and no file (it was silently this machine's image); this machine's is taken."""
+    from capsid.oci.image import host_platform
+
+    uri = f"docker://{registry.host}/test/busybox:1"
+    env = {**oci_env, **CREDS}
+    other = "s390x" if host_platform()[0] != "s390x" else "amd64"
+    error = fails("pull", "--arch", other, tmp_path / "o.sif", uri, env=env)
+    assert f"is an image for linux/{host_platform()[0]} only, not for linux/{other}" in error
+    assert not (tmp_path / "o.sif").exists()
+    ok("pull", "--arch", host_platform()[0], tmp_path / "h.sif", uri, env=env)
+    # the cached manifest is checked too
+    assert "only" in fails("pull", "--arch", other, tmp_path / "o.sif", uri, env=env)
+
+
 def test_login_then_pull_with_the_default_name(registry: Registry, oci_env: dict[str, str],
                                                tmp_path: Path) -> None:
     home = Path(oci_env["HOME"])

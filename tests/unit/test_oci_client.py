@@ -15,7 +15,7 @@ import zstandard
 
 from capsid.errors import CapsidError
 from capsid.oci import compression
-from capsid.oci.image import choose_platform, parse_platform
+from capsid.oci.image import check_platform, choose_platform, host_platform, parse_platform
 from capsid.oci.reference import parse
 from capsid.oci.registries import Endpoint
 from capsid.oci.registry import Client, RegistryError
@@ -142,6 +142,21 @@ def test_platforms_are_chosen_from_an_index_with_arm_variants() -> None:
     assert choose_platform(index, parse_platform("arm/v7"), "x")["digest"] == "sha256:v7"
     with pytest.raises(CapsidError, match="has no image for linux/ppc64le"):
         choose_platform(index, parse_platform("ppc64le"), "x")
+
+
+def test_an_image_of_one_architecture_is_checked_against_the_one_asked_for(capsys) -> None:  # type: ignore[no-untyped-def]
+    """No index to choose from: an image for another machine than the one asked for is an
+    error; one for another machine than this, when nothing was asked, a warning."""
+    host = host_platform()
+    other = "s390x" if host[0] != "s390x" else "amd64"
+    check_platform({"architecture": host[0]}, host, "x")
+    check_platform({}, parse_platform(other), "x")  # nothing said: taken as it is
+    with pytest.raises(CapsidError, match=f"x is an image for linux/{host[0]} only, not for "
+                                          f"linux/{other}"):
+        check_platform({"architecture": host[0]}, parse_platform(other), "x")
+    assert capsys.readouterr().err == ""
+    check_platform({"architecture": other}, host, "x")
+    assert "runs only under emulation" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("pack", [

@@ -36,7 +36,7 @@ def run(verb: str, argv: list[str]) -> int:
     p.add_argument("--nohttps", "--no-https", action="store_true",
                    help="check the credentials over plain HTTP")
     p.add_argument("registry", nargs="?")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # REGISTRY may follow the options
     from capsid.oci import auth
 
     path = Path(args.authfile) if args.authfile else None

@@ -180,20 +180,23 @@ def _annotation(desc: dict[str, Any], key: str) -> str:
 
 def _from_descriptor(files: Files, desc: dict[str, Any], platform: tuple[str, str],
                      name: str) -> oci.SourceImage:
+    chosen = False  # from an index, for the platform
     for _ in range(4):
         digest = str(desc.get("digest", ""))
         raw = _verified(files, digest)
         doc = oci.load_json(raw, "manifest")
         if oci.media_type(doc, str(desc.get("mediaType", ""))) in oci.INDEXES:
-            desc = oci.choose_platform(doc, platform, name)
+            desc, chosen = oci.choose_platform(doc, platform, name), True
             continue
         config_desc, layer_descs = oci.manifest_parts(doc, name)
         config_raw = _verified(files, str(config_desc.get("digest", "")))
         layers = [oci.Layer(str(d["digest"]), int(d.get("size", 0)),
                             str(d.get("mediaType", "")), _blob_opener(files, str(d["digest"])))
                   for d in layer_descs]
-        return oci.SourceImage(name, oci.image_config(config_raw), layers,
-                               digest, config_raw)
+        config = oci.image_config(config_raw)
+        if not chosen:
+            oci.check_platform(config, platform, name)
+        return oci.SourceImage(name, config, layers, digest, config_raw)
     raise ImageFormatError(f"{name}: indexes nested too deeply", "the layout is damaged")
 
 
@@ -247,6 +250,7 @@ def docker_archive(spec: str, platform: tuple[str, str]) -> oci.SourceImage:
                           f"name one: docker-archive:{path}:{tags[0] if tags else 'REPO:TAG'}")
     config_raw = files.read(str(entry.get("Config", "")))
     config = oci.image_config(config_raw)
+    oci.check_platform(config, platform, f"docker-archive:{spec}")
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
     layer_paths = [str(p) for p in entry.get("Layers") or []]
     if len(diff_ids) != len(layer_paths):

@@ -189,6 +189,26 @@ def choose_platform(index: dict[str, Any], platform: tuple[str, str], name: str)
                       f"it has: {', '.join(available) or 'none'}; choose one with --arch")
 
 
+def check_platform(config: dict[str, Any], platform: tuple[str, str], name: str) -> None:
+    """An image of one architecture (no index to choose from) against the one asked for:
+    another than the one asked for is an error; another than this machine's, when none
+    was asked for, a warning (it runs only under emulation)."""
+    found, wanted = str(config.get("architecture") or ""), platform[0]
+    known = machines.TABLE.get(found)  # x86_64 is amd64
+    if not found or (known.oci if known else found) == wanted:
+        return
+    if platform == host_platform():
+        from capsid import log
+
+        log.get(__name__).warning("%s is an image for linux/%s, not for this machine "
+                                  "(linux/%s): it runs only under emulation", name, found,
+                                  wanted)
+        return
+    raise CapsidError(f"{name} is an image for linux/{found} only, not for linux/{wanted}",
+                      f"drop --arch {wanted} for that image, or use one made for "
+                      f"linux/{wanted}")
+
+
 class Layer:
     """One layer: how to open its bytes, and the digest they must hash to.
 

@@ -137,16 +137,31 @@ class Puller:
             raw, media, digest = self.client.manifest(ep, str(desc["digest"]))
             doc = oci.load_json(raw, "manifest")
             self.store.put(raw)
+        resolved = Resolved(ref, ep, doc, digest)
+        if top_media not in oci.INDEXES:
+            self._check_platform(resolved, platform)
         self.store.tag(str(ref), top_digest, top_media, len(raw))
-        return Resolved(ref, ep, doc, digest)
+        return resolved
 
     def _from_cache(self, ref: Reference, digest: str, platform: tuple[str, str]) -> Resolved:
         doc = oci.load_json(self.store.read(digest), "manifest")
-        if oci.media_type(doc) in oci.INDEXES:
+        single = oci.media_type(doc) not in oci.INDEXES
+        if not single:
             digest = str(oci.choose_platform(doc, platform, str(ref))["digest"])
             doc = oci.load_json(self.store.read(digest), "manifest")
-        ep = Endpoint(ref, self.nohttps)
-        return Resolved(ref, ep, doc, digest)
+        resolved = Resolved(ref, Endpoint(ref, self.nohttps), doc, digest)
+        if single:
+            self._check_platform(resolved, platform)
+        return resolved
+
+    def _check_platform(self, resolved: Resolved, platform: tuple[str, str]) -> None:
+        """An image without an index has one architecture: is it the one asked for?"""
+        config_desc = resolved.manifest.get("config")
+        if not isinstance(config_desc, dict) or config_desc.get("mediaType") == oci.SIF_CONFIG:
+            return  # not a container image: its own errors come later
+        config_digest, _ = self._config(resolved)
+        oci.check_platform(oci.image_config(self.store.read(config_digest)), platform,
+                           str(resolved.ref))
 
     # -- blobs -----------------------------------------------------------------------------
 
