@@ -158,6 +158,17 @@ def test_home_cwd_and_their_options(busybox_sif: Path, tmp_path: Path) -> None:
     assert result.stdout == "/home/me\nalt\n", result.stderr
     result = capsid_exec(busybox_sif, "--pwd", "/etc", "pwd", cwd=here)
     assert result.stdout == "/etc\n"
+    # as Apptainer's: a --pwd the container lacks is an error; a host directory it lacks
+    # (--contain binds none) gives way to the home directory, with a warning
+    missing = capsid_exec(busybox_sif, "--pwd", "/nonexistent", "pwd", cwd=here)
+    assert (missing.returncode, missing.stdout) == (255, ""), missing.stderr
+    assert missing.stderr == ("capsid: error: --pwd /nonexistent: no such file or directory "
+                              "in the container; give a directory of the image, or one bound "
+                              "into it\n")
+    contained = capsid_exec(busybox_sif, "--contain", "pwd", cwd=here)
+    assert contained.stdout == f"{home}\n"
+    assert contained.stderr == f"WARNING: {here} is not in the container (no such file or " \
+                               f"directory); starting in {home}\n"
 
 
 def test_environment_rules(debian_sif: Path, tmp_path: Path) -> None:

@@ -53,17 +53,29 @@ def _command(plan: Plan) -> list[str]:
 
 
 def enter_cwd(plan: Plan) -> None:
-    """Start in the working directory; else the home directory, else /."""
-    for where in (plan.cwd, plan.home_dest):
-        try:
-            os.chdir(where)
-            return
-        except OSError:
-            continue
+    """Start in the working directory. One named with ``--pwd`` must be there (as in
+    Apptainer); the host's, where the container lacks it, gives way to the home
+    directory, else /, with a warning."""
+    try:
+        os.chdir(plan.cwd)
+        return
+    except OSError as err:
+        why = (err.strerror or str(err)).lower()
+    if plan.options.pwd is not None:
+        from capsid.errors import UsageError
+
+        raise UsageError(f"--pwd {plan.cwd}: {why} in the container",
+                         "give a directory of the image, or one bound into it")
     from capsid import log
 
-    log.get(__name__).warning("%s does not exist in the container; starting in /", plan.cwd)
-    os.chdir("/")
+    for where in (plan.home_dest, "/"):
+        try:
+            os.chdir(where)
+        except OSError:
+            continue
+        log.get(__name__).warning("%s is not in the container (%s); starting in %s",
+                                  plan.cwd, why, where)
+        return
 
 
 def run(plan: Plan, added: Environment, root_emulation: object | None = None) -> NoReturn:
