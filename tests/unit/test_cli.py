@@ -44,6 +44,12 @@ def test_every_help_prints_usage(words: list[str], capsys) -> None:  # type: ign
     assert out.lower().startswith("usage: capsid"), out
 
 
+def test_an_actions_error_names_its_help(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["sif", "list"]) == 255
+    assert capsys.readouterr().err == ("capsid: error: the following arguments are required: "
+                                       "image; see 'capsid sif list --help'\n")
+
+
 def test_unknown_command_is_one_line_with_a_hint(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["frobnicate"]) == 255
     err = capsys.readouterr().err

@@ -125,7 +125,7 @@ def run(verb: str, argv: list[str]) -> int:
     p = parser("sif", "<list|info|header|dump> [ID] IMAGE.sif",
                "Look inside a SIF file: its global header, its objects, one object's "
                "metadata or raw contents.")
-    sub = p.add_subparsers(dest="action", metavar="<action>", required=True)
+    sub = p.add_subparsers(dest="action", metavar="<action>", required=True, prog=p.prog)
     sub.add_parser("list", help="list the data objects").add_argument("image")
     sub.add_parser("header", help="show the global header").add_argument("image")
     for name, what in (("info", "show one object's metadata"),

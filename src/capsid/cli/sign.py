@@ -240,7 +240,7 @@ def key(argv: list[str]) -> int:
     p = parser("key", "<newpair|list|import|export|remove> ...",
                "Manage your OpenPGP keys for signing and verifying images (Apptainer's "
                "keyring layout; Apptainer's keyring is read while capsid has none).")
-    sub = p.add_subparsers(dest="action", metavar="<action>", required=True)
+    sub = p.add_subparsers(dest="action", metavar="<action>", required=True, prog=p.prog)
     new = sub.add_parser("newpair", help="make a new key pair")
     new.add_argument("-N", "--name")
     new.add_argument("-E", "--email")
