@@ -382,6 +382,31 @@ def test_build_and_pull_sign_as_they_write(keys: Path, busybox_sandbox: Path, tm
     assert "cannot be signed" in one_error(refused)
 
 
+def test_fingerprints_header_of_a_localimage_base(keys: Path, image: Path,
+                                                tmp_path: Path) -> None:
+    """Fingerprints: (Apptainer's def file header) builds only from a base that verifies
+    and that each listed key signed; it was read and ignored."""
+    fingerprint = imported()
+
+    def built(header: str) -> subprocess.CompletedProcess[str]:
+        recipe = tmp_path / "on-signed.def"
+        recipe.write_text(f"Bootstrap: localimage\nFrom: {image}\n{header}\n"
+                          "%post\n    echo built > /built\n")
+        return run_capsid("build", "--force", tmp_path / "out.sif", recipe)
+
+    unsigned = built(f"Fingerprints: {fingerprint}")
+    assert "does not verify" in one_error(unsigned) and not (tmp_path / "out.sif").exists()
+    run_capsid("sign", image, check=True)
+    ok = built(f"Fingerprints: {fingerprint.lower()}, # the test key")
+    assert ok.returncode == 0, ok.stderr
+    assert run_capsid("exec", tmp_path / "out.sif", "cat", "/built").stdout == "built\n"
+    other = "0123456789ABCDEF0123456789ABCDEF01234567"
+    refused = built(f"Fingerprints: {fingerprint},{other}")
+    assert f"is not signed by {other}" in one_error(refused)
+    run_capsid("key", "remove", fingerprint, check=True)
+    assert "does not verify" in one_error(built(f"Fingerprints: {fingerprint}"))
+
+
 def test_a_pulled_image_that_fails_its_signature_is_removed(keys: Path, image: Path) -> None:
     """What pull does with an oras:// SIF that carries signatures."""
     from capsid.cli import sign

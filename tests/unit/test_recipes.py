@@ -216,6 +216,16 @@ def test_scif_apps_become_steps_laid_out_as_apptainer_does() -> None:
     assert "SCIF_APPENV_bar" not in base and 'SCIF_APPRUN_bar="' in base
 
 
+def test_registry_and_namespace_headers_join_the_name_as_apptainer() -> None:
+    """Singularity 2's def files split the name; Apptainer joins REGISTRY/NAMESPACE/FROM."""
+    recipe = deffile.parse("Bootstrap: docker\nRegistry: https://quay.io/\n"
+                           "Namespace: biocontainers\nFrom: samtools:1.9\n", "x.def", {})
+    assert recipe.stages[0].base.ref == "quay.io/biocontainers/samtools:1.9"
+    only = deffile.parse("Bootstrap: docker\nNamespace: library\nFrom: busybox:1\n",
+                         "x.def", {})
+    assert only.stages[0].base.ref == "library/busybox:1"
+
+
 def test_placeholders_in_comments_are_left_alone() -> None:
     recipe = deffile.parse("Bootstrap: docker\nFrom: a\n%post\n# {{ undefined }}\necho ok\n",
                            "x.def", {})

@@ -215,6 +215,33 @@ def _local(path: str) -> BaseImage:
                      path, unpack)
 
 
+def _check_signers(path: str, header: str) -> None:
+    """``Fingerprints:``: the image verifies, and each key listed signed all of it."""
+    from capsid.image.locate import SIF, locate
+    from capsid.signing import keyring, sifsign
+
+    wanted = [f.strip().upper() for f in header.split("#")[0].split(",") if f.strip()]
+    if not wanted:
+        return
+    if locate(path).kind != SIF:
+        raise CapsidError(f"Fingerprints: {path} is not a SIF file, so it carries no "
+                          "signatures", "build from a signed SIF, or drop Fingerprints:")
+    result = sifsign.verify(Path(path), keyring.load(keyring.PUBLIC))
+    if not result.ok:
+        why = next((s.error for s in result.signatures if s.error), None) \
+            or (result.problems[0] if result.problems else "it is not signed")
+        raise CapsidError(f"Fingerprints: {path} does not verify: {why}",
+                          "import its signer's key with 'capsid key import FILE', or get "
+                          "the image again from its signer")
+    groups = {s.group for s in result.signatures}
+    for fingerprint in wanted:
+        signed = {s.group for s in result.signatures if s.fingerprint.upper() == fingerprint}
+        if signed != groups:
+            raise CapsidError(f"Fingerprints: {path} is not signed by {fingerprint}",
+                              "build from the image its owner signed, or fix the "
+                              "Fingerprints: header")
+
+
 def _scratch(store: BuildStore) -> BaseImage:
     empty = store.bases / "scratch" / "rootfs"
     empty.mkdir(parents=True, exist_ok=True)
@@ -271,6 +298,8 @@ def open_base(base: Base, store: BuildStore, platform: tuple[str, str],
     if base.kind in ("docker-archive", "oci-archive", "oci"):
         return _archive(base.kind, base.ref, platform)
     if base.kind == "localimage":
+        if base.options.get("fingerprints"):
+            _check_signers(base.ref, base.options["fingerprints"])
         return _local(base.ref)
     if base.kind == "scratch":
         return _scratch(store)

@@ -192,8 +192,13 @@ def parse(text: str, path: str, build_args: Mapping[str, str]) -> Recipe:
         if kind not in ("scratch", "debootstrap", "busybox") and not ref:
             raise UsageError(f"{path}:{first}: Bootstrap: {kind} needs a From: header",
                              "add e.g. From: debian:12")
+        if kind == "docker":  # Singularity 2's split name, joined as Apptainer joins it
+            for part in ("namespace", "registry"):
+                prefix = re.sub(r"^https?://", "", header.get(part, "").strip()).strip("/")
+                if prefix:
+                    ref = f"{prefix}/{ref}"
         options = {k: v for k, v in header.items() if k in ("osversion", "mirrorurl",
-                                                             "include")}
+                                                             "include", "fingerprints")}
         if kind == "debootstrap":
             missing = [h for h, k in (("OSVersion", "osversion"), ("MirrorURL", "mirrorurl"))
                        if not options.get(k)]
