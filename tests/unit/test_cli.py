@@ -85,3 +85,34 @@ def test_readme_shows_every_compatibility_flag() -> None:
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert compat.markdown() in readme, "run python -m capsid.cli.compat into the README"
+
+
+@pytest.mark.parametrize(("variable", "value", "field", "expected"), [
+    ("APPTAINER_PWD", "/usr", "pwd", "/usr"),
+    ("SINGULARITY_TARGET_PWD", "/srv", "pwd", "/srv"),
+    ("APPTAINER_CWD", "/opt", "pwd", "/opt"),
+    ("APPTAINER_HOSTNAME", "node", "hostname", "node"),
+    ("APPTAINER_ENV_FILE", "/a,/b", "env_files", ("/a", "/b")),
+    ("APPTAINER_SHELL", "/bin/bash", "shell", "/bin/bash"),
+    ("APPTAINER_NO_MOUNT", "tmp,home", "no_mount", ("tmp", "home")),
+    ("APPTAINER_APP", "tool", "app", "tool"),
+    ("SINGULARITY_OVERLAYIMAGE", "/o.img", "overlay", "/o.img"),
+    ("APPTAINER_SCRATCHDIR", "/s", "scratch", ("/s",)),
+    ("APPTAINER_IPC", "1", "ipc", True),
+    ("APPTAINER_UNSHARE_UTS", "true", "uts", True),
+    ("APPTAINER_NET", "1", "net", True),
+    ("APPTAINER_UNSHARE_PID", "1", "pid", True),
+    ("APPTAINER_WRITABLE", "1", "writable", True),
+    ("APPTAINER_NV_OFF", "1", "no_nv", True),
+    ("APPTAINER_ROCM_OFF", "1", "no_rocm", True),
+    ("APPTAINER_IPC", "0", "ipc", False),
+])
+def test_apptainers_variables_stand_in_for_flags(variable: str, value: str, field: str,
+                                                 expected: object,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each flag's APPTAINER_/SINGULARITY_ variables, as Apptainer's flags name them."""
+    from capsid.cli import actions
+
+    monkeypatch.setenv(variable, value)
+    values, _image, _args = actions.parse("exec", ["image.sif", "true"])
+    assert getattr(actions.options(values), field) == expected

@@ -217,7 +217,7 @@ def options(values: Parsed) -> Options:
     if _text(values, "network") not in (None, "none"):
         raise CapsidError(f"--network {_text(values, 'network')} is not supported",
                           "use --net --network none for an isolated network")
-    hostname = _text(values, "hostname")
+    hostname = _text(values, "hostname") or config.env("HOSTNAME")
     if hostname is not None and not 0 < len(hostname.encode()) <= 64:
         raise UsageError(f"--hostname must have 1 to 64 characters, not {len(hostname)}",
                          "choose a shorter host name")
@@ -248,22 +248,27 @@ def options(values: Parsed) -> Options:
     workdir = _text(values, "workdir") or config.env("WORKDIR")
     if workdir is not None and not os.path.isdir(workdir):
         raise UsageError(f"--workdir {workdir}: no such directory", "create it first")
-    no_mount = [item.strip() for text in _list(values, "no-mount") for item in text.split(",")]
+    no_mount = _items([*_list(values, "no-mount"), config.env("NO_MOUNT") or ""])
     return Options(
         binds=specs, home=_text(values, "home") or config.env("HOME"),
         no_home=_flag(values, "no-home", "NO_HOME"), no_mount=no_mount,
-        contain=containall or _flag(values, "contain", "CONTAIN"), pwd=_text(values, "pwd"),
+        contain=containall or _flag(values, "contain", "CONTAIN"),
+        pwd=_text(values, "pwd") or _env("PWD", "TARGET_PWD", "CWD", "TARGET_CWD"),
         cleanenv=containall or _flag(values, "cleanenv", "CLEANENV"),
-        env=_list(values, "env"), env_files=_list(values, "env-file"),
+        env=_list(values, "env"),
+        env_files=_list(values, "env-file") or _items([config.env("ENV_FILE") or ""]),
         fakeroot=_flag(values, "fakeroot", "FAKEROOT"),
-        pid=(containall or _flag(values, "pid", "PID")) and not _flag(values, "no-pid", "NO_PID"),
-        ipc=containall or _flag(values, "ipc"),
-        uts=_flag(values, "uts"), hostname=hostname, net=_flag(values, "net"),
-        writable=_flag(values, "writable"),
+        pid=(containall or _flag(values, "pid", "PID") or config.env_flag("UNSHARE_PID"))
+        and not _flag(values, "no-pid", "NO_PID"),
+        ipc=containall or _flag(values, "ipc", "IPC") or config.env_flag("UNSHARE_IPC"),
+        uts=_flag(values, "uts", "UTS") or config.env_flag("UNSHARE_UTS"), hostname=hostname,
+        net=_flag(values, "net", "NET") or config.env_flag("UNSHARE_NET"),
+        writable=_flag(values, "writable", "WRITABLE"),
         writable_tmpfs=compat or _flag(values, "writable-tmpfs", "WRITABLE_TMPFS"),
-        overlay=_text(values, "overlay") or config.env("OVERLAY"),
+        overlay=_text(values, "overlay") or _env("OVERLAY", "OVERLAYIMAGE"),
         tmpfs_size_mib=int(size) if size else None,
-        unsquash=_flag(values, "unsquash", "UNSQUASH"), shell=_text(values, "shell"),
+        unsquash=_flag(values, "unsquash", "UNSQUASH"),
+        shell=_text(values, "shell") or config.env("SHELL"),
         nv=_flag(values, "nv", "NV"), nvccli=_flag(values, "nvccli", "NVCCLI"),
         rocm=_flag(values, "rocm", "ROCM"),
         devices=_items([*_list(values, "device"), config.env("DEVICE") or ""]),
@@ -271,13 +276,19 @@ def options(values: Parsed) -> Options:
         sharens=False if _flag(values, "no-sharens", "NO_SHARENS") else
         True if _flag(values, "sharens", "SHARENS") else None, mpi=mpi,
         no_umask=compat or _flag(values, "no-umask", "NO_UMASK"), dns=dns, workdir=workdir,
-        scratch=_items([*_list(values, "scratch"), config.env("SCRATCH") or ""]),
+        scratch=_items([*_list(values, "scratch"), _env("SCRATCH", "SCRATCHDIR") or ""]),
         ignore_subuid=_flag(values, "ignore-subuid", "IGNORE_SUBUID"),
         ignore_fakeroot_command=_flag(values, "ignore-fakeroot-command",
                                       "IGNORE_FAKEROOT_COMMAND"),
-        no_nv=_flag(values, "no-nv", "NO_NV"), no_rocm=_flag(values, "no-rocm", "NO_ROCM"),
-        no_https=_flag(values, "no-https"), app=_app(_text(values, "app")),
+        no_nv=_flag(values, "no-nv", "NO_NV") or config.env_flag("NV_OFF"),
+        no_rocm=_flag(values, "no-rocm", "NO_ROCM") or config.env_flag("ROCM_OFF"),
+        no_https=_flag(values, "no-https"), app=_app(_text(values, "app") or config.env("APP")),
     )
+
+
+def _env(*names: str) -> str | None:
+    """The first of Apptainer's variables for one flag (APPTAINER_PWD, _TARGET_PWD...)."""
+    return next((v for v in map(config.env, names) if v), None)
 
 
 def _app(name: str | None) -> str | None:
