@@ -540,6 +540,37 @@ def test_reproducible_and_sandbox_outputs(env: dict[str, str], tmp_path: Path) -
     assert tree(sandbox) == tree(unpacked)
 
 
+def test_reproducible_flag_dates_files_by_the_base(env: dict[str, str], tmp_path: Path) -> None:
+    """Apptainer's build --reproducible: SOURCE_DATE_EPOCH is the base image's creation
+    (two fresh builds, the same bytes); a base that records none is one error."""
+    import datetime
+
+    write(tmp_path, "f", "content\n")
+    recipe = write(tmp_path, "Dockerfile", "FROM busybox:1\nCOPY f /f\nRUN echo b > /b\n")
+    outs = []
+    for n in (1, 2):
+        fresh = {**env, "CAPSID_CACHEDIR": str(tmp_path / f"cache{n}")}
+        outs.append(tmp_path / f"r{n}.sif")
+        build(fresh, outs[-1], recipe, "--reproducible")
+        time.sleep(1.1)  # a clock second apart
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    stamp = run_capsid("exec", outs[0], "stat", "-c", "%Y", "/f", "/b", env=env, check=True)
+    created = json.loads(subprocess.run(
+        ["skopeo", "inspect", "--config", f"oci-archive:{_busybox_archive()}"],
+        capture_output=True, text=True, check=True).stdout)["created"]
+    when = datetime.datetime.fromisoformat(created[:26].rstrip("Z") + "+00:00")
+    assert stamp.stdout.split() == [str(int(when.timestamp()))] * 2, created
+    scratch = write(tmp_path, "scratch.def", "Bootstrap: scratch\n")
+    refused = build(env, tmp_path / "s.sif", scratch, "--reproducible", check=False)
+    assert refused.returncode == 255 and "records none" in refused.stderr
+    assert "SOURCE_DATE_EPOCH" in refused.stderr
+
+
+def _busybox_archive() -> Path:
+    return Path(os.environ.get("CAPSID_TEST_CACHE", "/var/cache/capsid-test")) / "oci" / \
+        "busybox.oci.tar"
+
+
 def _unpacked_bases(cache: Path) -> list[Path]:
     store = cache / ("build-root" if os.getuid() == 0 else "build") / "bases"
     return sorted(store.glob("*/rootfs"))

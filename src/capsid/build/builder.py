@@ -60,7 +60,7 @@ class BuildOptions:
                  arch: str | None = None, nohttps: bool = False, quiet: bool = False,
                  compression: str = "zstd", cache_root: Path | None = None,
                  syntax: str | None = None, sandbox: bool = False, force: bool = False,
-                 ignore_subuid: bool = False) -> None:
+                 ignore_subuid: bool = False, reproducible: bool = False) -> None:
         #: where COPY and %files read (default: the recipe's directory)
         self.context, self.build_args, self.target = context, build_args or {}, target
         self.no_cache, self.notest, self.sections = no_cache, notest, sections
@@ -71,6 +71,8 @@ class BuildOptions:
         self.sandbox, self.force = sandbox, force  #: a directory; replace what is there
         #: map only the user, even where /etc/subuid grants ids (every file is root's)
         self.ignore_subuid = ignore_subuid
+        #: without SOURCE_DATE_EPOCH, date every file by the first base's creation
+        self.reproducible = reproducible
 
 
 class BuildError(CapsidError):
@@ -163,6 +165,9 @@ class Builder:
                 raise BuildError(f"{stage.where}: cannot get the base image "
                                  f"{stage.base.ref or stage.base.kind}: {err.message}",
                                  err.hint) from None
+            if self.opts.reproducible and self.epoch is None:
+                self.epoch = _created(base, stage)
+                os.environ["SOURCE_DATE_EPOCH"] = str(self.epoch)  # for the output's writer
             layers = []
             config = dict(base.config.get("config") or {})
             if self.recipe.kind == "dockerfile" and not any(
@@ -660,6 +665,24 @@ def _is_archive(path: str) -> bool:
         return tarfile.is_tarfile(path)
     except OSError:
         return False
+
+
+def _created(base: BaseImage, stage: Stage) -> int:
+    """``--reproducible``: when *base* was made, in Unix seconds (its config's ``created``)."""
+    import datetime
+    import re
+
+    text = str(base.config.get("created") or "")
+    try:  # RFC 3339, maybe with nanoseconds, which fromisoformat does not take
+        when = datetime.datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", text))
+    except ValueError:
+        raise BuildError(f"{stage.where}: --reproducible dates the image by its base's "
+                         f"creation, and {stage.base.ref or stage.base.kind} records none",
+                         "set SOURCE_DATE_EPOCH instead (e.g. to the time of your last "
+                         "commit: git log -1 --format=%ct)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0, int(when.timestamp()))
 
 
 def _epoch() -> int | None:

@@ -66,6 +66,9 @@ def run(verb: str, argv: list[str]) -> int:
     recipe.add_argument("--fakeroot", "--userns", action="store_true",
                         help="accepted for Apptainer's command lines: steps always run as "
                              "root in a user namespace")
+    recipe.add_argument("--reproducible", action="store_true",
+                        help="date the image's files by its base image's creation, as "
+                             "SOURCE_DATE_EPOCH would (which wins when set)")
     recipe.add_argument("--ignore-subuid", action="store_true",
                         help="map only yourself, even where /etc/subuid grants you ids "
                              "(then every file in the image is root's)")
@@ -148,7 +151,7 @@ def _build_arguments(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _build_recipe(args: argparse.Namespace) -> int:
-    from capsid import build, log
+    from capsid import build, config, log
     from capsid.build.builder import BuildOptions
     from capsid.runtime.binds import parse_bind, parse_mount
 
@@ -161,7 +164,8 @@ def _build_recipe(args: argparse.Namespace) -> int:
                *(parse_mount(item) for item in args.mount)),
         arch=args.arch, nohttps=_nohttps_of(args), compression=args.compression,
         quiet=not log.enabled(log.NORMAL), syntax=args.format, sandbox=args.sandbox,
-        force=args.force, ignore_subuid=args.ignore_subuid))
+        force=args.force, ignore_subuid=args.ignore_subuid,
+        reproducible=args.reproducible or config.env_flag("REPRODUCIBLE")))
     return 0
 
 

@@ -107,6 +107,12 @@ TABLE: dict[tuple[str, ...], tuple[Row, ...]] = {
          "capsid writes squashfs with tar2sqfs: choose the compression with --compression"),
         ("nv", "", "", False, "no-op", "%test runs without GPUs"),
         ("nvccli", "", "", False, "no-op", "%test runs without GPUs"),
+        ("compat32", "", "", False, "no-op", "%test runs without GPUs"),
+        ("ignore-proot", "", "", False, "no-op",
+         "capsid never uses proot: steps run as root in a user namespace"),
+        ("data", "", "", False, "refused",
+         "data containers are not supported: bind the data in with -B, or keep it in an "
+         "overlay image (capsid overlay create)"),
         ("rocm", "", "", False, "no-op", "%test runs without GPUs"),
         ("writable-tmpfs", "", "", False, "no-op", "%test always runs with a writable tmpfs"),
         _REGISTRY, _DOCKER_LOGIN, _DOCKER_HOST,
@@ -114,6 +120,8 @@ TABLE: dict[tuple[str, ...], tuple[Row, ...]] = {
     ("pull",): (
         ("no-cleanup", "", "", False, "no-op",
          "a failed pull leaves nothing but verified blobs in the cache"),
+        ("reproducible", "", "", False, "no-op",
+         "a pull is reproducible already: the same image gives the same SIF, byte for byte"),
         ("allow-unsigned", "U", "", False, "no-op",
          "capsid does not verify signatures on pull yet: run 'capsid verify' on the image"),
         ("allow-unauthenticated", "", "", False, "no-op",
