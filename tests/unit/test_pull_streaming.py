@@ -176,7 +176,7 @@ def test_a_pull_converts_as_it_downloads_and_survives_a_restart(
         with pull.Puller(Store(tmp_path / cache)) as puller:
             puller.client = Client(transport=httpx.MockTransport(handler))
             return puller.cached_sif(parse("registry.test/team/app:1"),
-                                     ("linux", "amd64")).read_bytes()
+                                     ("amd64", "")).read_bytes()
 
     streamed = convert("streamed")
     layer_gets = [g for g in gets if g.endswith(_digest(layer))]
@@ -184,7 +184,7 @@ def test_a_pull_converts_as_it_downloads_and_survives_a_restart(
     reference_cache = Store(tmp_path / "reference").prepare()
     with pull.Puller(reference_cache) as puller:
         puller.client = Client(transport=httpx.MockTransport(handler))
-        resolved = puller.resolve(parse("registry.test/team/app:1"), ("linux", "amd64"))
+        resolved = puller.resolve(parse("registry.test/team/app:1"), ("amd64", ""))
         out = tmp_path / "reference.sif"
         tosif.write_sif(puller.fetch(resolved), out, force=True, verified=True)
     assert streamed == out.read_bytes()
