@@ -151,6 +151,9 @@ def env_file(data: bytes) -> None:
         env.read_env_file(path)
     env.parse_assignments(data.decode("utf-8", "surrogateescape").split("\n"), "--env")
     env.apply_stock_scripts({"10-docker2singularity.sh": data}, {"PATH": "/bin"})
+    text = data.decode("utf-8", "surrogateescape")
+    opts = env.EnvOptions(env=(f"V={text.replace(',', '')}",) if text else ())
+    env.finished_env(opts, {}, {"PATH": "/bin"})  # evaluated as in the container
 
 
 def site_config(data: bytes) -> None:
@@ -374,7 +377,8 @@ def starting_points(name: str) -> list[bytes]:
                             b'"log_out": "/etc/passwd", "log_err": "/etc/shadow", '
                             b'"created": 0.0, "userns": 3, "mntns": 4}'],
         "step_output": [b"export A=b\n"],
-        "bind_specs": [b"/a:/b:ro,/c"], "env_file": [b"export A='b'\nC=\"d\"\n"],
+        "bind_specs": [b"/a:/b:ro,/c"], "env_file": [b"export A='b'\nC=\"d\"\n",
+                                                     b'P="\\$PATH:/x" Q=${P:-$HOME}\n'],
         "site_config": [b"mount dev = minimal\nbind path = /a:/b\n"],
         "image_reference": [b"registry:5000/a/b:c@sha256:" + b"0" * 64],
         "dockerfile_recipe": [b"# escape=\\\nARG B=x\nFROM ${B} AS s\nENV A=b C=\"$A\"\n"

@@ -221,6 +221,11 @@ def test_image_without_a_shell_runs(shell_less_sif: Path) -> None:
     image = shell_less_sif
     assert capsid_exec(image, "/bin/busybox", "echo", "no shell needed").stdout == \
         "no shell needed\n"
+    # no shell to evaluate --env with: capsid does, as far as that goes without one
+    values = dict(line.partition("=")[::2] for line in capsid_exec(
+        image, "--env", "P=$PATH:/x", "--env", "PREPEND_PATH=/pre", "/bin/busybox",
+        "env").stdout.splitlines())
+    assert values["PATH"].startswith("/pre:") and values["P"] == values["PATH"][5:] + ":/x"
 
 
 def test_read_only_by_default_writable_tmpfs_and_overlay(busybox_sif: Path,
@@ -582,9 +587,11 @@ def _env_lines(text: str) -> dict[str, str]:
 def test_starting_without_the_shell_gives_the_shells_environment(busybox_sif: Path) -> None:
     """Stock env scripts are applied in Python; the result must be what the shell makes."""
     host = {**os.environ, "FOO": "bar", "APPTAINERENV_PREPEND_PATH": "/pre",
-            "APPTAINERENV_X": "forced", "LD_LIBRARY_PATH": "/host/lib"}
-    direct = capsid_exec(busybox_sif, "--env", "Y=1", "env", env=host, check=True)
-    shell = subprocess.run([sys.executable, "-c", _WITH_SHELL_PRELUDE, "exec", "--env", "Y=1",
+            "APPTAINERENV_X": "forced", "LD_LIBRARY_PATH": "/host/lib",
+            "APPTAINERENV_E": '${FOO:-unset} "$LD_LIBRARY_PATH" \\$PATH'}
+    flags = ["--env", "Y=1", "--env", "P=$PATH:/foo"]
+    direct = capsid_exec(busybox_sif, *flags, "env", env=host, check=True)
+    shell = subprocess.run([sys.executable, "-c", _WITH_SHELL_PRELUDE, "exec", *flags,
                             str(busybox_sif), "env"], env=host, capture_output=True, text=True,
                            timeout=30)
     assert shell.returncode == 0, shell.stderr
@@ -592,6 +599,10 @@ def test_starting_without_the_shell_gives_the_shells_environment(busybox_sif: Pa
     values = _env_lines(direct.stdout)
     assert values["PATH"].startswith("/pre:") and values["X"] == "forced"
     assert values["FOO"] == "bar" and values["LD_LIBRARY_PATH"] == "/.singularity.d/libs"
+    # evaluated as Apptainer evaluates them: after the image's scripts, before the host's
+    # variables come back
+    assert values["P"] == values["PATH"].removeprefix("/pre:") + ":/foo"
+    assert values["E"] == 'unset "/.singularity.d/libs" $PATH'
 
 
 def test_damaged_squashfs_is_a_clear_error(busybox_sif: Path, tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ def test_bind_specs(data: bytes) -> None:
 
 
 @EXAMPLES
-@given(st.text(alphabet=st.sampled_from("AB_=\"' #\nexport\\$\xe9"), max_size=60).map(
+@given(st.text(alphabet=st.sampled_from("AB_=\"' #\nexport\\$\xe9{}:-+`();"), max_size=60).map(
     lambda t: t.encode("utf-8")) | st.binary(max_size=64))
 def test_env_file(data: bytes) -> None:
     targets.check("env_file", data)

@@ -65,7 +65,30 @@ def test_container_env_blocks_and_forwards() -> None:
 
 def test_prepend_path_goes_to_the_runtime_script() -> None:
     result = env.container_env(env.EnvOptions(env=("PREPEND_PATH=/opt/bin",)), {})
-    assert result["SING_USER_DEFINED_PREPEND_PATH"] == "/opt/bin"
+    assert result["CAPSID_FORCED"] == "SING_USER_DEFINED_PREPEND_PATH"
+    assert result["CAPSID_F_SING_USER_DEFINED_PREPEND_PATH"] == '"/opt/bin"'
+    literal = env.container_env(env.EnvOptions(env=("A=$B'c",), no_eval=True), {})
+    assert literal["CAPSID_F_A"] == "'$B'\"'\"'c'"
+
+
+def test_forced_values_are_evaluated_as_apptainer_evaluates_them() -> None:
+    """As the body of a double-quoted word, after the image's scripts; --no-eval: as given;
+    a user's LD_LIBRARY_PATH keeps the run-time libraries."""
+    scripts = {name: text.encode() for name, text in env.ENV_SCRIPTS.items()
+               if name in ("99-base.sh", "99-runtimevars.sh")}
+    opts = env.EnvOptions(env=("PATH=$PATH:/foo", "A=${UNSET:-d}/$HOME", 'Q=say "hi"',
+                               "LD_LIBRARY_PATH=/l"), home="/h")
+    done = env.finished_env(opts, scripts, {})
+    assert done is not None
+    assert done["PATH"] == env.DEFAULT_PATH + ":/foo"
+    assert (done["A"], done["Q"]) == ("d//h", 'say "hi"')
+    assert done["LD_LIBRARY_PATH"] == "/l:/.singularity.d/libs"
+    as_given = env.finished_env(env.EnvOptions(env=("A=$HOME",), no_eval=True), scripts, {})
+    assert as_given is not None and as_given["A"] == "$HOME"
+    # a command substitution is left to the shell; a broken word is one error
+    assert env.finished_env(env.EnvOptions(env=("A=$(id -u)",)), scripts, {}) is None
+    with pytest.raises(UsageError, match="cannot be evaluated"):
+        env.finished_env(env.EnvOptions(env=("A=${B",)), scripts, {})
 
 
 def test_env_file(tmp_path: Path) -> None:
@@ -73,8 +96,12 @@ def test_env_file(tmp_path: Path) -> None:
     f.write_text("A=1\nexport B='two words'\n# c\n")
     assert env.read_env_file(str(f)) == {"A": "1", "B": "two words"}
     f.write_text("not an assignment\n")
-    with pytest.raises(UsageError, match="is not NAME=VALUE"):
+    with pytest.raises(UsageError, match="line 1: 'not' is a command"):
         env.read_env_file(str(f))
+    # read as a shell reads it: the host's variables, escapes, the file's own
+    f.write_text('P="\\$PATH:/x"\nexport H=$HOME/y Q="$H z" # note\n')
+    assert env.read_env_file(str(f), {"HOME": "/h"}) == {"P": "$PATH:/x", "H": "/h/y",
+                                                          "Q": "/h/y z"}
 
 
 def test_userns_error_names_the_sysctl() -> None:

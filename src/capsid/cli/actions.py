@@ -39,7 +39,7 @@ FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
     ("contain", "c", "", False, "minimal /dev, empty home and /tmp: share only explicit binds"),
     ("containall", "C", "", False, "--contain, plus --pid, --ipc and --cleanenv"),
     ("compat", "", "", False,
-     "as Docker runs images: --containall, --no-umask and --writable-tmpfs"),
+     "as Docker runs images: --containall, --no-umask, --no-eval and --writable-tmpfs"),
     ("workdir", "W", "DIR", False,
      "with --contain: keep /tmp, /var/tmp and the home directory in DIR, not in memory"),
     ("scratch", "S", "DIR", True,
@@ -48,6 +48,9 @@ FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
     ("cleanenv", "e", "", False, "do not pass the host environment in"),
     ("env", "", "NAME=VALUE", True, "set a variable in the container (repeatable; comma lists)"),
     ("env-file", "", "FILE", True, "set variables from a file of NAME=VALUE lines (repeatable)"),
+    ("no-eval", "", "", False,
+     "take --env, --env-file and APPTAINERENV_ values as they are, not evaluated in the "
+     "container ('$PATH:/x' stays so); arguments, CMD and ENTRYPOINT never are"),
     ("fakeroot", "f", "", False, "be root (uid 0) inside the container"),
     ("pid", "p", "", False, "new PID namespace"),
     ("no-pid", "", "", False, "no PID namespace of its own, even with --containall"),
@@ -282,6 +285,7 @@ def options(values: Parsed) -> Options:
                                       "IGNORE_FAKEROOT_COMMAND"),
         no_nv=_flag(values, "no-nv", "NO_NV") or config.env_flag("NV_OFF"),
         no_rocm=_flag(values, "no-rocm", "NO_ROCM") or config.env_flag("ROCM_OFF"),
+        no_eval=compat or _flag(values, "no-eval", "NO_EVAL"),
         no_https=_flag(values, "no-https"), app=_app(_text(values, "app") or config.env("APP")),
     )
 

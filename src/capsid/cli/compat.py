@@ -31,9 +31,6 @@ Row = tuple[str, str, str, bool, str, str]
 
 TABLE: dict[tuple[str, ...], tuple[Row, ...]] = {
     ACTIONS: (
-        ("no-eval", "", "", False, "no-op",
-         "capsid never evaluates arguments, CMD or ENTRYPOINT with a shell: what --no-eval "
-         "asks of Apptainer is always so"),
         ("network-args", "", "ARGS", True, "no-op",
          "capsid's only network is --network none, which has nothing to configure"),
         ("no-init", "", "", False, "no-op",

@@ -6,10 +6,10 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from capsid.errors import UsageError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from capsid.runtime import instances
 

@@ -27,7 +27,8 @@ class Options:
     __slots__ = ("app", "binds", "cdi_dirs", "cleanenv", "contain", "devices", "dns", "env",
                  "env_files", "environment", "fakeroot", "home", "hostname",
                  "ignore_fakeroot_command", "ignore_subuid",
-                 "ipc", "mpi", "net", "no_home", "no_https", "no_mount", "no_nv", "no_rocm",
+                 "ipc", "mpi", "net", "no_eval", "no_home", "no_https", "no_mount", "no_nv",
+                 "no_rocm",
                  "no_umask",
                  "nv", "nvccli", "overlay", "pid", "pwd", "rocm", "root_emulation", "scratch",
                  "sharens", "shell", "tmpfs_size_mib", "unsquash", "user", "uts", "workdir",
@@ -49,7 +50,7 @@ class Options:
                  workdir: str | None = None, scratch: Sequence[str] = (),
                  ignore_subuid: bool = False, no_nv: bool = False,
                  no_rocm: bool = False, no_https: bool = False, app: str | None = None,
-                 ignore_fakeroot_command: bool = False) -> None:
+                 ignore_fakeroot_command: bool = False, no_eval: bool = False) -> None:
         self.binds = tuple(binds)  #: host paths to bind in (``-B``, ``--mount``)
         self.home = home  #: ``--home SRC[:DST]``
         self.no_home = no_home
@@ -59,6 +60,8 @@ class Options:
         self.cleanenv = cleanenv  #: no host environment
         self.env = tuple(env)  #: ``--env NAME=VALUE`` items
         self.env_files = tuple(env_files)
+        #: ``--env``/``--env-file``/``APPTAINERENV_`` values as given, not evaluated
+        self.no_eval = no_eval
         #: the command's exact environment: no host variables and no image env scripts
         self.environment = dict(environment) if environment is not None else None
         self.fakeroot = fakeroot  #: uid 0 inside

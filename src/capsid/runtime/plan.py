@@ -32,8 +32,8 @@ _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/l
 class Plan:
     """A container to start: what to run, in what, and its mounts as data (:attr:`mounts`)."""
 
-    __slots__ = ("action", "argv", "build_step", "confined", "cwd", "feigned_root",
-                 "home_dest", "image", "layers",
+    __slots__ = ("action", "argv", "build_step", "confined", "cwd", "env_file_values",
+                 "feigned_root", "home_dest", "image", "layers",
                  "mounts", "name", "nvccli", "oci_command", "oci_env", "options", "site",
                  "user", "userns")
 
@@ -42,8 +42,11 @@ class Plan:
                  home_dest: str, cwd: str, site: config.SiteConfig, oci_env: list[str],
                  mounts: list[ops.Op], build_step: bool = False,
                  feigned_root: bool = False, nvccli: list[str] | None = None,
-                 oci_command: tuple[list[str], list[str], str] | None = None) -> None:
+                 oci_command: tuple[list[str], list[str], str] | None = None,
+                 env_file_values: dict[str, str] | None = None) -> None:
         self.name, self.action, self.argv, self.options = name, action, argv, options
+        #: what the --env-file files set, read on the host
+        self.env_file_values = env_file_values or {}
         self.image, self.layers, self.user, self.userns = image, layers, user, userns
         self.home_dest, self.cwd, self.site, self.oci_env = home_dest, cwd, site, oci_env
         #: every mount, file, directory and variable of the container, in order
@@ -112,10 +115,27 @@ def make(name: str, action: str, argv: tuple[str, ...], opts: Options,
     return Plan(name=name, action=action, argv=argv, options=opts, image=image,
                 layers=started.layers, user=user, userns=started.userns, home_dest=home_dest,
                 cwd=cwd, site=site, oci_env=_strings(oci.get("Env")), mounts=steps,
-                build_step=build_step, feigned_root=feigned,
+                build_step=build_step, feigned_root=feigned, env_file_values=_env_files(opts),
                 nvccli=gpu.nvccli if gpu is not None else None,
                 oci_command=(_strings(oci.get("Entrypoint")), _strings(oci.get("Cmd")),
                              str(oci.get("WorkingDir") or "")) if oci else None)
+
+
+def _env_files(opts: Options) -> dict[str, str]:
+    """The --env-file values, read here on the host (the container may not see the files);
+    and the evaluator of values imported now, while the host's root is there, if a value
+    may need it."""
+    if opts.environment is not None:  # an exact environment (a build step's)
+        return {}
+    from capsid.runtime import env as envmod
+
+    values = envmod.read_env_files(opts.env_files) if opts.env_files else {}
+    if not opts.no_eval and envmod.may_evaluate(
+            [*values.values(), *opts.env, *(v for k, v in os.environ.items()
+                                            if k.startswith(("APPTAINERENV_", "SINGULARITYENV_",
+                                                             "CAPSID_ENV_")))]):
+        from capsid.runtime import shellvars  # noqa: F401 - now: pivot_root hides it
+    return values
 
 
 def _feigned_root(opts: Options, started: Started) -> bool:
