@@ -50,6 +50,11 @@ def test_an_actions_error_names_its_help(capsys) -> None:  # type: ignore[no-unt
                                        "image; see 'capsid sif list --help'\n")
 
 
+def test_key_newpair_push_is_a_switch(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["key", "newpair", "--push", "--name", "x"]) == 255
+    assert "capsid has no keyserver to push to" in capsys.readouterr().err
+
+
 def test_unknown_command_is_one_line_with_a_hint(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["frobnicate"]) == 255
     err = capsys.readouterr().err

@@ -247,7 +247,8 @@ def key(argv: list[str]) -> int:
     new.add_argument("-C", "--comment")
     new.add_argument("-P", "--password", help=argparse.SUPPRESS)
     new.add_argument("-b", "--bit-length", type=int, default=4096)
-    new.add_argument("--push", default=None, help=argparse.SUPPRESS)
+    new.add_argument("-U", "--push", nargs="?", const="true", default=None,
+                     help=argparse.SUPPRESS)  # Apptainer's is a switch (--push=false too)
     lst = sub.add_parser("list", help="list the keys of the keyring")
     lst.add_argument("-s", "--secret", action="store_true")
     imp = sub.add_parser("import", help="add the keys of a file (public or secret)")
