@@ -55,6 +55,14 @@ def test_key_newpair_push_is_a_switch(capsys) -> None:  # type: ignore[no-untype
     assert "capsid has no keyserver to push to" in capsys.readouterr().err
 
 
+def test_registry_login_without_input_is_one_error(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["registry", "login", "--password-stdin", "registry.example"]) == 255
+    assert "standard input ended" in capsys.readouterr().err
+
+
 def test_unknown_command_is_one_line_with_a_hint(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["frobnicate"]) == 255
     err = capsys.readouterr().err
@@ -110,6 +118,7 @@ def test_readme_shows_every_compatibility_flag() -> None:
     ("APPTAINER_WRITABLE", "1", "writable", True),
     ("APPTAINER_NV_OFF", "1", "no_nv", True),
     ("APPTAINER_ROCM_OFF", "1", "no_rocm", True),
+    ("APPTAINER_NOENV", "A,B", "no_env", ("A", "B")),
     ("APPTAINER_IPC", "0", "ipc", False),
 ])
 def test_apptainers_variables_stand_in_for_flags(variable: str, value: str, field: str,

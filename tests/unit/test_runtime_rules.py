@@ -63,6 +63,12 @@ def test_container_env_blocks_and_forwards() -> None:
     assert clean["CAPSID_HOSTVARS"] == "" and clean["LANG"] == "C"
 
 
+def test_no_env_keeps_those_host_variables_out() -> None:
+    host = {"FOO": "x", "BAR": "y", "TERM": "t"}
+    result = env.container_env(env.EnvOptions(no_env=("FOO", "TERM")), host)
+    assert result["CAPSID_HOSTVARS"] == "BAR" and "TERM" not in result
+
+
 def test_prepend_path_goes_to_the_runtime_script() -> None:
     result = env.container_env(env.EnvOptions(env=("PREPEND_PATH=/opt/bin",)), {})
     assert result["CAPSID_FORCED"] == "SING_USER_DEFINED_PREPEND_PATH"

@@ -46,6 +46,7 @@ FLAGS: tuple[tuple[str, str, str, bool, str], ...] = (
      "an empty writable directory at DIR in the container (in memory, or under --workdir)"),
     ("pwd", "", "DIR", False, "working directory in the container (also --cwd)"),
     ("cleanenv", "e", "", False, "do not pass the host environment in"),
+    ("no-env", "", "NAME[,NAME]", True, "do not pass these host variables in (repeatable)"),
     ("env", "", "NAME=VALUE", True, "set a variable in the container (repeatable; comma lists)"),
     ("env-file", "", "FILE", True, "set variables from a file of NAME=VALUE lines (repeatable)"),
     ("no-eval", "", "", False,
@@ -259,6 +260,7 @@ def options(values: Parsed) -> Options:
         pwd=_text(values, "pwd") or _env("PWD", "TARGET_PWD", "CWD", "TARGET_CWD"),
         cleanenv=containall or _flag(values, "cleanenv", "CLEANENV"),
         env=_list(values, "env"),
+        no_env=_items([*_list(values, "no-env"), config.env("NOENV") or ""]),
         env_files=_list(values, "env-file") or _items([config.env("ENV_FILE") or ""]),
         fakeroot=_flag(values, "fakeroot", "FAKEROOT"),
         pid=(containall or _flag(values, "pid", "PID") or config.env_flag("UNSHARE_PID"))

@@ -22,6 +22,8 @@ _REGISTRY = ("authfile", "", "FILE", False, "refused",
              "podman's credential files, which capsid reads)")
 _DOCKER_LOGIN = ("docker-login", "", "", False, "refused",
                  "log in first with 'capsid registry login HOST'")
+_X509 = "X.509 certificate signatures are not supported: verify with your OpenPGP " \
+        "keyring, or a PEM public key (--key)"
 _DOCKER_HOST = ("docker-host", "", "URL", False, "refused",
                 "capsid talks to registries, not to a Docker daemon: 'docker save' the image "
                 "and use docker-archive:FILE")
@@ -31,6 +33,15 @@ Row = tuple[str, str, str, bool, str, str]
 
 TABLE: dict[tuple[str, ...], tuple[Row, ...]] = {
     ACTIONS: (
+        ("tmpdir", "", "DIR", False, "no-op",
+         "capsid writes no temporary files for a container (Apptainer's hidden flag)"),
+        ("containlibs", "", "LIBS", True, "refused",
+         "bind the libraries in with -B and add their directory to LD_LIBRARY_PATH"),
+        ("compat32", "", "", False, "refused",
+         "capsid binds the 64-bit GPU libraries only"),
+        ("intel-hpu", "", "", False, "refused",
+         "Intel Gaudi accelerators have no support of their own: give them as CDI devices "
+         "(--device)"),
         ("network-args", "", "ARGS", True, "no-op",
          "capsid's only network is --network none, which has nothing to configure"),
         ("no-init", "", "", False, "no-op",
@@ -136,7 +147,26 @@ TABLE: dict[tuple[str, ...], tuple[Row, ...]] = {
          "the Sylabs library is not supported: push to oras:// or docker://"),
         ("description", "D", "TEXT", False, "refused",
          "descriptions belong to the Sylabs library, which is not supported"),
+        ("annotation", "", "KEY=VALUE", True, "refused",
+         "capsid does not annotate pushed manifests: put the facts in the image's labels"),
         _REGISTRY, _DOCKER_LOGIN,
+    ),
+    ("verify",): (
+        ("url", "u", "URL", False, "refused",
+         "capsid has no keyserver: import the signer's key with 'capsid key import FILE'"),
+        ("certificate", "", "FILE", False, "refused", _X509),
+        ("certificate-intermediates", "", "FILE", False, "refused", _X509),
+        ("certificate-roots", "", "FILE", False, "refused", _X509),
+        ("ocsp-verify", "", "", False, "refused", _X509),
+    ),
+    ("registry",): (
+        ("config", "c", "FILE", False, "refused",
+         "capsid keeps registry logins in Docker's config.json format: choose that file "
+         "with --authfile"),
+    ),
+    ("key import",): (
+        ("new-password", "", "", False, "refused",
+         "capsid keeps secret keys unencrypted, in a file only you can read (mode 0600)"),
     ),
     ("instance stop",): (
         ("user", "u", "USER", False, "refused",

@@ -36,6 +36,9 @@ def run(verb: str, argv: list[str]) -> int:
     p.add_argument("--nohttps", "--no-https", action="store_true",
                    help="check the credentials over plain HTTP")
     p.add_argument("registry", nargs="?")
+    from capsid.cli import compat
+
+    compat.add_to(p, "registry")
     args = p.parse_intermixed_args(argv)  # REGISTRY may follow the options
     from capsid.oci import auth
 
@@ -51,11 +54,16 @@ def run(verb: str, argv: list[str]) -> int:
             raise UsageError(f"not logged in to {host}", "nothing to do")
         sys.stderr.write(f"removed the credentials for {host}\n")
         return 0
-    username = args.username or input("Username: ")
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    else:
-        password = args.password if args.password is not None else getpass.getpass()
+    try:
+        username = args.username or input("Username: ")
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        else:
+            password = args.password if args.password is not None else getpass.getpass()
+    except EOFError:  # no terminal, and nothing on standard input
+        raise UsageError("no username or password given, and standard input ended",
+                         "give -u USER and the password on standard input with "
+                         "--password-stdin") from None
     if not username or not password:
         raise UsageError("a username and a password are needed",
                          "give -u USER and --password-stdin")

@@ -84,8 +84,8 @@ def sign(argv: list[str]) -> int:
                "of your keyring, or a DSSE envelope with a PEM private key (--key).")
     p.add_argument("-k", "--keyidx", help="the secret key to use (see 'capsid key list "
                    "--secret')")
-    p.add_argument("-i", "--sif-id", help="sign only this object")
-    p.add_argument("-g", "--group-id", help="sign only this object group")
+    p.add_argument("-i", "--sif-id", "--id", help="sign only this object")
+    p.add_argument("-g", "--group-id", "--groupid", help="sign only this object group")
     p.add_argument("-a", "--all", action="store_true", help="sign every object group (the "
                    "default)")
     p.add_argument("--key", help="sign with this PEM private key (RSA, ECDSA or Ed25519)")
@@ -174,11 +174,14 @@ def verify(argv: list[str]) -> int:
                    help="only the local keyring (capsid has no keyserver: always)")
     p.add_argument("-a", "--all", action="store_true", help="every object group (the default)")
     p.add_argument("-j", "--json", action="store_true", help="the result as JSON")
-    p.add_argument("-i", "--sif-id", help="verify only this object")
-    p.add_argument("-g", "--group-id", help="verify only this object group")
+    p.add_argument("-i", "--sif-id", "--id", help="verify only this object")
+    p.add_argument("-g", "--group-id", "--groupid", help="verify only this object group")
     p.add_argument("--legacy-insecure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--key", help="also verify DSSE signatures with this PEM public key")
     p.add_argument("image")
+    from capsid.cli import compat
+
+    compat.add_to(p, "verify")
     args = p.parse_args(argv)
     if args.legacy_insecure:
         raise UsageError("legacy signatures (SIFHASH, Singularity 3.5 and older) are not "
@@ -253,6 +256,9 @@ def key(argv: list[str]) -> int:
     lst.add_argument("-s", "--secret", action="store_true")
     imp = sub.add_parser("import", help="add the keys of a file (public or secret)")
     imp.add_argument("file")
+    from capsid.cli import compat
+
+    compat.add_to(imp, "key import")
     exp = sub.add_parser("export", help="write a key to a file")
     exp.add_argument("-s", "--secret", action="store_true")
     exp.add_argument("-a", "--armor", action="store_true")

@@ -169,7 +169,8 @@ def _environment(plan: Plan, added: Environment) -> tuple[dict[str, str], bool]:
     # In a shell, a prompt that says where you are; --env PS1=... still wins.
     forced = ("PS1=Capsid> ", *opts.env) if action == "shell" else opts.env
     env_options = envmod.EnvOptions(opts.cleanenv, forced, plan.env_file_values,
-                                    plan.home_dest, extra, added.pinned, no_eval=opts.no_eval)
+                                    plan.home_dest, extra, added.pinned, no_eval=opts.no_eval,
+                                    no_env=opts.no_env)
     if not os.access("/bin/sh", os.X_OK):
         return envmod.container_env(env_options, use_prelude=False,
                                     oci_env=plan.oci_env), False

@@ -81,12 +81,14 @@ def is_name(key: str) -> bool:
 class EnvOptions:
     """The environment flags of an action command."""
 
-    __slots__ = ("cleanenv", "env", "extra", "file_values", "home", "no_eval", "pinned")
+    __slots__ = ("cleanenv", "env", "extra", "file_values", "home", "no_env", "no_eval",
+                 "pinned")
 
     def __init__(self, cleanenv: bool = False, env: tuple[str, ...] = (),
                  file_values: dict[str, str] | None = None, home: str = "/",
                  extra: dict[str, str] | None = None,
-                 pinned: dict[str, str] | None = None, no_eval: bool = False) -> None:
+                 pinned: dict[str, str] | None = None, no_eval: bool = False,
+                 no_env: tuple[str, ...] = ()) -> None:
         self.cleanenv, self.env, self.home = cleanenv, env, home
         #: what the --env-file files set (read on the host: :func:`read_env_files`)
         self.file_values = file_values or {}
@@ -94,6 +96,7 @@ class EnvOptions:
         self.pinned = pinned or {}  #: set after them, like --env (which still wins)
         #: the user's values as they are, not evaluated in the container (--no-eval)
         self.no_eval = no_eval
+        self.no_env = frozenset(no_env)  #: host variables not passed in
 
 
 def parse_assignments(items: list[str], where: str) -> dict[str, str]:
@@ -174,7 +177,7 @@ def _prepare(opts: EnvOptions, host: dict[str, str]
     literal = set(forced) if opts.no_eval else set(own)
     final: dict[str, str] = {"PATH": DEFAULT_PATH, "HOME": opts.home}
     for key in _ALWAYS:
-        if key in host:
+        if key in host and key not in opts.no_env:
             final[key] = host[key]
     if opts.cleanenv:
         final["LANG"] = "C"
@@ -182,7 +185,7 @@ def _prepare(opts: EnvOptions, host: dict[str, str]
     else:
         kept = {k: v for k, v in host.items()
                 if k not in _BLOCKED and k not in final and not k.startswith(_BLOCKED_PREFIXES)
-                and is_name(k)}
+                and is_name(k) and k not in opts.no_env}
     for key, target in _PATH_KEYS.items():
         if key in forced:
             forced[target] = forced.pop(key)

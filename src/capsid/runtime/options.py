@@ -27,7 +27,8 @@ class Options:
     __slots__ = ("app", "binds", "cdi_dirs", "cleanenv", "contain", "devices", "dns", "env",
                  "env_files", "environment", "fakeroot", "home", "hostname",
                  "ignore_fakeroot_command", "ignore_subuid",
-                 "ipc", "mpi", "net", "no_eval", "no_home", "no_https", "no_mount", "no_nv",
+                 "ipc", "mpi", "net", "no_env", "no_eval", "no_home", "no_https", "no_mount",
+                 "no_nv",
                  "no_rocm",
                  "no_umask",
                  "nv", "nvccli", "overlay", "pid", "pwd", "rocm", "root_emulation", "scratch",
@@ -50,7 +51,8 @@ class Options:
                  workdir: str | None = None, scratch: Sequence[str] = (),
                  ignore_subuid: bool = False, no_nv: bool = False,
                  no_rocm: bool = False, no_https: bool = False, app: str | None = None,
-                 ignore_fakeroot_command: bool = False, no_eval: bool = False) -> None:
+                 ignore_fakeroot_command: bool = False, no_eval: bool = False,
+                 no_env: Sequence[str] = ()) -> None:
         self.binds = tuple(binds)  #: host paths to bind in (``-B``, ``--mount``)
         self.home = home  #: ``--home SRC[:DST]``
         self.no_home = no_home
@@ -60,6 +62,7 @@ class Options:
         self.cleanenv = cleanenv  #: no host environment
         self.env = tuple(env)  #: ``--env NAME=VALUE`` items
         self.env_files = tuple(env_files)
+        self.no_env = tuple(no_env)  #: host variables not passed in (``--no-env``)
         #: ``--env``/``--env-file``/``APPTAINERENV_`` values as given, not evaluated
         self.no_eval = no_eval
         #: the command's exact environment: no host variables and no image env scripts
