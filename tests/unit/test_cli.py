@@ -130,3 +130,26 @@ def test_apptainers_variables_stand_in_for_flags(variable: str, value: str, fiel
     monkeypatch.setenv(variable, value)
     values, _image, _args = actions.parse("exec", ["image.sif", "true"])
     assert getattr(actions.options(values), field) == expected
+
+
+def test_apptainers_variables_stand_in_for_other_commands_flags(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """APPTAINER_PULLFOLDER is pull --dir, unless --dir is given; bools and lists too."""
+    import argparse
+
+    from capsid.cli.parser import from_variables
+
+    monkeypatch.setenv("APPTAINER_PULLFOLDER", str(tmp_path / "absent"))
+    assert main(["pull", "docker-archive:/nonexistent.tar"]) == 255
+    assert f"--dir {tmp_path}/absent: no such directory" in capsys.readouterr().err
+    p = argparse.ArgumentParser()
+    p.add_argument("--dir")
+    p.add_argument("--sandbox", action="store_true")
+    p.add_argument("--mount", action="append", default=[])
+    monkeypatch.setenv("SINGULARITY_SANDBOX", "1")
+    monkeypatch.setenv("APPTAINER_MOUNT", "a\nb")
+    names = {"dir": ("PULLFOLDER",), "sandbox": ("SANDBOX",), "mount": ("MOUNT",)}
+    args = from_variables(p, p.parse_args([]), names)
+    assert (args.dir, args.sandbox, args.mount) == (str(tmp_path / "absent"), True, ["a", "b"])
+    given = from_variables(p, p.parse_args(["--dir", "/x", "--mount", "c"]), names)
+    assert (given.dir, given.mount) == ("/x", ["c"])

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from capsid.cli.parser import parser
+from capsid.cli.parser import from_variables, parser
 from capsid.errors import UsageError
 
 
@@ -83,7 +83,10 @@ def run(verb: str, argv: list[str]) -> int:
     from capsid.cli import sign
 
     sign.add_signing(p)
-    args = p.parse_args(argv)
+    args = from_variables(p, p.parse_args(argv), {
+        "sandbox": ("SANDBOX",), "section": ("SECTION",), "notest": ("NOTEST",),
+        "arch": ("BUILD_ARCH",), "no_cache": ("DISABLE_CACHE",), "mount": ("MOUNT",),
+        "ignore_subuid": ("IGNORE_SUBUID",), "reproducible": ("REPRODUCIBLE",)})
     if args.sandbox and (args.sign or args.keyidx is not None or args.sign_key):
         raise UsageError("a sandbox directory cannot be signed", "build a SIF to sign it")
     status = _build(args)
@@ -151,7 +154,7 @@ def _build_arguments(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _build_recipe(args: argparse.Namespace) -> int:
-    from capsid import build, config, log
+    from capsid import build, log
     from capsid.build.builder import BuildOptions
     from capsid.runtime.binds import parse_bind, parse_mount
 
@@ -165,7 +168,7 @@ def _build_recipe(args: argparse.Namespace) -> int:
         arch=args.arch, nohttps=_nohttps_of(args), compression=args.compression,
         quiet=not log.enabled(log.NORMAL), syntax=args.format, sandbox=args.sandbox,
         force=args.force, ignore_subuid=args.ignore_subuid,
-        reproducible=args.reproducible or config.env_flag("REPRODUCIBLE")))
+        reproducible=args.reproducible))
     return 0
 
 

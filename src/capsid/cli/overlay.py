@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from capsid.cli.parser import parser
+from capsid.cli.parser import from_variables, parser
 from capsid.errors import UsageError
 
 
@@ -25,7 +25,7 @@ def run(verb: str, argv: list[str]) -> int:
                    help="a directory of the container to make yours in the image (where "
                         "you may then write without --fakeroot); may be repeated")
     p.add_argument("image")
-    args = p.parse_args(argv)
+    args = from_variables(p, p.parse_args(argv), {"sparse": ("SPARSE",)})
     from capsid.runtime import overlayimg
 
     path = Path(args.image)

@@ -15,6 +15,25 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message, f"see '{self.prog} --help'")
 
 
+def from_variables(p: argparse.ArgumentParser, args: argparse.Namespace,
+                   variables: dict[str, tuple[str, ...]]) -> argparse.Namespace:
+    """Apptainer's variables for flags not given (``APPTAINER_PULLDIR`` for ``--dir``):
+    *variables* maps a flag's destination to its names, without the prefix."""
+    from capsid import config
+
+    for dest, names in variables.items():
+        if getattr(args, dest) != p.get_default(dest):
+            continue  # given on the command line: it wins
+        if isinstance(p.get_default(dest), bool):
+            setattr(args, dest, any(config.env_flag(name) for name in names))
+            continue
+        value = next((v for v in map(config.env, names) if v), None)
+        if value is not None:
+            setattr(args, dest, value.split("\n") if isinstance(p.get_default(dest), list)
+                    else value)
+    return args
+
+
 def parser(verb: str, usage: str, description: str) -> Parser:
     from capsid.cli.main import PROG
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from capsid import config
-from capsid.cli.parser import parser
+from capsid.cli.parser import from_variables, parser
 from capsid.errors import UsageError
 
 REGISTRIES_HELP = """\
@@ -57,7 +57,9 @@ def pull(argv: list[str]) -> int:
     from capsid.cli import sign
 
     sign.add_signing(p)
-    args = p.parse_args(argv)
+    args = from_variables(p, p.parse_args(argv), {
+        "arch": ("PULL_ARCH",), "name": ("PULL_NAME",), "dir": ("PULLDIR", "PULLFOLDER"),
+        "disable_cache": ("DISABLE_CACHE",), "sandbox": ("SANDBOX",)})
     if len(args.args) > 2:
         raise UsageError("too many arguments", "usage: capsid pull [options] [OUTPUT.sif] URI")
     if len(args.args) == 2 and args.name:

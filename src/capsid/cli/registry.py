@@ -6,7 +6,7 @@ import getpass
 import sys
 from pathlib import Path
 
-from capsid.cli.parser import parser
+from capsid.cli.parser import from_variables, parser
 from capsid.errors import UsageError
 
 
@@ -39,7 +39,8 @@ def run(verb: str, argv: list[str]) -> int:
     from capsid.cli import compat
 
     compat.add_to(p, "registry")
-    args = p.parse_intermixed_args(argv)  # REGISTRY may follow the options
+    args = from_variables(p, p.parse_intermixed_args(argv),  # REGISTRY may follow options
+                          {"username": ("LOGIN_USERNAME",), "password": ("LOGIN_PASSWORD",)})
     from capsid.oci import auth
 
     path = Path(args.authfile) if args.authfile else None

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from capsid.cli.parser import parser
+from capsid.cli.parser import from_variables, parser
 from capsid.cli.sif import object_id as parse_id
 from capsid.errors import CapsidError, UsageError
 from capsid.signing import keyring
@@ -90,7 +90,7 @@ def sign(argv: list[str]) -> int:
                    "default)")
     p.add_argument("--key", help="sign with this PEM private key (RSA, ECDSA or Ed25519)")
     p.add_argument("image")
-    args = p.parse_args(argv)
+    args = from_variables(p, p.parse_args(argv), {"key": ("SIGN_KEY",)})
     if args.key and args.keyidx is not None:
         raise UsageError("--key and --keyidx cannot be used together",
                          "sign with a PEM key (--key) or a key of your keyring (--keyidx)")
@@ -182,7 +182,8 @@ def verify(argv: list[str]) -> int:
     from capsid.cli import compat
 
     compat.add_to(p, "verify")
-    args = p.parse_args(argv)
+    args = from_variables(p, p.parse_args(argv), {"key": ("VERIFY_KEY",),
+                                                  "local": ("LOCAL_VERIFY",)})
     if args.legacy_insecure:
         raise UsageError("legacy signatures (SIFHASH, Singularity 3.5 and older) are not "
                          "verified by capsid", "sign the image again with a current key")
