@@ -108,6 +108,8 @@ def test_env_file(tmp_path: Path) -> None:
     f.write_text('P="\\$PATH:/x"\nexport H=$HOME/y Q="$H z" # note\n')
     assert env.read_env_file(str(f), {"HOME": "/h"}) == {"P": "$PATH:/x", "H": "/h/y",
                                                           "Q": "/h/y z"}
+    with pytest.raises(UsageError, match="larger than 1 MiB"):
+        env.read_env_file("/dev/zero")
 
 
 def test_userns_error_names_the_sysctl() -> None:
