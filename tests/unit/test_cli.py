@@ -153,3 +153,15 @@ def test_apptainers_variables_stand_in_for_other_commands_flags(
     assert (args.dir, args.sandbox, args.mount) == (str(tmp_path / "absent"), True, ["a", "b"])
     given = from_variables(p, p.parse_args(["--dir", "/x", "--mount", "c"]), names)
     assert (given.dir, given.mount) == ("/x", ["c"])
+
+
+@pytest.mark.parametrize("argv", [["key", "import", "/dev/zero"],
+                                  ["build", "--build-arg-file", "/dev/zero", "o.sif", "x.def"]])
+def test_endless_small_files_are_one_error(argv: list[str], tmp_path: Path, capsys,  # type: ignore[no-untyped-def]
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key or build-argument file is read up to 1 MiB (env files too, see
+    test_runtime_rules): /dev/zero filled memory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.def").write_text("Bootstrap: scratch\n")
+    assert main(argv) == 255
+    assert "larger than 1024 KiB" in capsys.readouterr().err

@@ -108,7 +108,7 @@ def test_env_file(tmp_path: Path) -> None:
     f.write_text('P="\\$PATH:/x"\nexport H=$HOME/y Q="$H z" # note\n')
     assert env.read_env_file(str(f), {"HOME": "/h"}) == {"P": "$PATH:/x", "H": "/h/y",
                                                           "Q": "/h/y z"}
-    with pytest.raises(UsageError, match="larger than 1 MiB"):
+    with pytest.raises(UsageError, match="larger than 1024 KiB"):
         env.read_env_file("/dev/zero")
 
 

@@ -135,11 +135,10 @@ def _build(args: argparse.Namespace) -> int:
 def _build_arguments(args: argparse.Namespace) -> dict[str, str]:
     values: dict[str, str] = {}
     if args.build_arg_file:
-        try:
-            lines = Path(args.build_arg_file).read_text(errors="replace").splitlines()
-        except OSError as err:
-            raise UsageError(f"cannot read {args.build_arg_file}: {err.strerror}",
-                             "check the path given to --build-arg-file") from None
+        from capsid.image.locate import read_limited
+
+        lines = read_limited(args.build_arg_file, "build argument file", "give a file of "
+                             "KEY=VALUE lines").decode(errors="replace").splitlines()
         for line in lines:
             line = line.strip()
             if line and not line.startswith("#"):

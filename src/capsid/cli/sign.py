@@ -333,12 +333,10 @@ def _newpair(args: object) -> int:
 
 
 def _import(path: Path) -> int:
+    from capsid.image.locate import read_limited
     from capsid.signing import openpgp
 
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise UsageError(f"cannot read {path}: {err.strerror}", "give a key file") from None
+    data = read_limited(str(path), "key file", "give a file of exported keys")
     new = openpgp.parse(data, str(path))
     if not new:
         raise UsageError(f"{path} holds no OpenPGP key", "export the key armored and retry")

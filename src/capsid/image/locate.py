@@ -48,6 +48,19 @@ class Image:
         return f"Image({self.path!r}, {self.kind!r}, offset={self.offset}, size={self.size})"
 
 
+def read_limited(path: str, what: str, hint: str, limit: int = 1 << 20) -> bytes:
+    """A small file the user names (a key, an env file): at most *limit* bytes, else one
+    error (``/dev/zero`` must not fill memory). Pipes are read (``<(command)``)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as err:
+        raise UsageError(f"cannot read {what} {path}: {err.strerror}", hint) from None
+    if len(data) > limit:
+        raise UsageError(f"{what} {path} is larger than {limit >> 10} KiB", hint)
+    return data
+
+
 def open_file(path: str, what: str = "image") -> int:
     """A read-only fd of *path*, refused with one clear line unless it is a regular file.
 

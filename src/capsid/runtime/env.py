@@ -115,24 +115,15 @@ def parse_assignments(items: list[str], where: str) -> dict[str, str]:
     return result
 
 
-#: the most of an env file read (characters)
-_ENV_FILE_LIMIT = 1 << 20
-
-
 def read_env_file(path: str, host: Mapping[str, str] | None = None) -> dict[str, str]:
     """A ``--env-file``, read as Apptainer reads one: a shell script of assignments
     (``export``, quotes, ``$NAME`` of the host's variables and the file's own), which
     runs no command."""
-    try:
-        # Values are bytes to the kernel: keep any that are not UTF-8 as they are.
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read(_ENV_FILE_LIMIT + 1)  # not all of /dev/zero
-    except OSError as err:
-        raise UsageError(f"cannot read env file {path}: {err.strerror}",
-                         "check the path given to --env-file") from None
-    if len(text) > _ENV_FILE_LIMIT:
-        raise UsageError(f"env file {path} is larger than {_ENV_FILE_LIMIT >> 20} MiB",
-                         "give a file of NAME=VALUE lines")
+    from capsid.image.locate import read_limited
+
+    # Values are bytes to the kernel: keep any that are not UTF-8 as they are.
+    text = read_limited(path, "env file", "give a file of NAME=VALUE lines"
+                        ).decode("utf-8", "surrogateescape")
     from capsid.runtime import shellvars
 
     try:

@@ -31,12 +31,9 @@ def pae(payload_type: str, body: bytes) -> bytes:
 
 
 def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(1 << 20)
-    except OSError as err:
-        raise CapsidError(f"cannot read the {what} {path}: {err.strerror}",
-                          "give the path of a PEM key file") from None
+    from capsid.image.locate import read_limited
+
+    return read_limited(path, f"the {what}", "give the path of a PEM key file")
 
 
 def load_private(path: str) -> Any:
