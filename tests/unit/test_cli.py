@@ -165,3 +165,17 @@ def test_endless_small_files_are_one_error(argv: list[str], tmp_path: Path, caps
     (tmp_path / "x.def").write_text("Bootstrap: scratch\n")
     assert main(argv) == 255
     assert "larger than 1024 KiB" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "message"), [("--app", "is not an app name"),
+                                               ("--hostname", "1 to 64 characters")])
+def test_an_empty_value_given_is_still_checked(flag: str, message: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """--app '' was taken as no --app (and APPTAINER_APP read instead)."""
+    from capsid.cli import actions
+    from capsid.errors import UsageError
+
+    monkeypatch.setenv("APPTAINER_APP", "tool")
+    values, _image, _args = actions.parse("exec", [flag, "", "image.sif", "true"])
+    with pytest.raises(UsageError, match=message):
+        actions.options(values)

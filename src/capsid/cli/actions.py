@@ -221,7 +221,7 @@ def options(values: Parsed) -> Options:
     if _text(values, "network") not in (None, "none"):
         raise CapsidError(f"--network {_text(values, 'network')} is not supported",
                           "use --net --network none for an isolated network")
-    hostname = _text(values, "hostname") or config.env("HOSTNAME")
+    hostname = _given(values, "hostname", "HOSTNAME")
     if hostname is not None and not 0 < len(hostname.encode()) <= 64:
         raise UsageError(f"--hostname must have 1 to 64 characters, not {len(hostname)}",
                          "choose a shorter host name")
@@ -273,7 +273,7 @@ def options(values: Parsed) -> Options:
         overlay=_text(values, "overlay") or _env("OVERLAY", "OVERLAYIMAGE"),
         tmpfs_size_mib=int(size) if size else None,
         unsquash=_flag(values, "unsquash", "UNSQUASH"),
-        shell=_text(values, "shell") or config.env("SHELL"),
+        shell=_given(values, "shell", "SHELL"),
         nv=_flag(values, "nv", "NV"), nvccli=_flag(values, "nvccli", "NVCCLI"),
         rocm=_flag(values, "rocm", "ROCM"),
         devices=_items([*_list(values, "device"), config.env("DEVICE") or ""]),
@@ -288,8 +288,14 @@ def options(values: Parsed) -> Options:
         no_nv=_flag(values, "no-nv", "NO_NV") or config.env_flag("NV_OFF"),
         no_rocm=_flag(values, "no-rocm", "NO_ROCM") or config.env_flag("ROCM_OFF"),
         no_eval=compat or _flag(values, "no-eval", "NO_EVAL"),
-        no_https=_flag(values, "no-https"), app=_app(_text(values, "app") or config.env("APP")),
+        no_https=_flag(values, "no-https"), app=_app(_given(values, "app", "APP")),
     )
+
+
+def _given(values: Parsed, flag: str, variable: str) -> str | None:
+    """The flag's value as given (even empty), else its variable's."""
+    text = _text(values, flag)
+    return text if text is not None else config.env(variable)
 
 
 def _env(*names: str) -> str | None:
