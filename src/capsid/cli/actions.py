@@ -224,7 +224,7 @@ def options(values: Parsed) -> Options:
     hostname = _given(values, "hostname", "HOSTNAME")
     if hostname is not None and not 0 < len(hostname.encode()) <= 64:
         raise UsageError(f"--hostname must have 1 to 64 characters, not {len(hostname)}",
-                         "choose a shorter host name")
+                         "give a host name of 1 to 64 characters")
     mpi = _text(values, "mpi") or config.env("MPI")
     if mpi is not None and mpi not in ("host", "none"):
         raise UsageError(f"--mpi {mpi!r} is not host or none",
