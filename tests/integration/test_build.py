@@ -797,6 +797,24 @@ def test_add_unpacks_local_archives_and_fetches_urls(env: dict[str, str],
                            "cat /opt/pkg/bin/tool /data/remote.txt; "
                            "stat -c %a /data/remote.txt", env=env)
         assert check.stdout == "#!/bin/sh\necho tool\nfrom a URL\n600\n", check.stderr
+        # ADD --checksum: the download must hash to it (it was ignored)
+        import hashlib
+
+        url = f"http://127.0.0.1:{port}/remote.txt"
+        right = hashlib.sha256(b"from a URL\n").hexdigest()
+        for checksum, fails in ((f"sha256:{right}", None), ("sha256:" + "0" * 64, "not the"),
+                                ("md5:abc", "is not a digest")):
+            checked = write(ctx, "checked.dockerfile", f"FROM busybox:1\nADD --checksum={checksum} "
+                            f"{url} /data/\n")
+            result = build(env, tmp_path / "c.sif", checked, "--force", check=False)
+            if fails is None:
+                assert result.returncode == 0, result.stderr
+            else:
+                assert result.returncode == 255 and fails in result.stderr, result.stderr
+        local = write(ctx, "local.dockerfile", f"FROM busybox:1\nADD --checksum=sha256:{right} "
+                      "pkg.tar.gz /x/\n")
+        result = build(env, tmp_path / "c.sif", local, "--force", check=False)
+        assert "is for one http(s) URL" in result.stderr
     finally:
         server.shutdown()
 

@@ -367,7 +367,7 @@ class Builder:
                              "use ADD for a URL")
         paths = [p for source in step.sources if not _is_url(source)
                  for p in self._sources(step, source)]
-        fetched = [self._download(url, str(step.where)) for url in urls]
+        fetched = [self._download(url, str(step.where), step.checksum) for url in urls]
         return [self.context.digest(paths), [_file_digest(p) for p in fetched],
                 list(step.sources), step.dest, str(step.chmod), str(step.extract)]
 
@@ -377,10 +377,23 @@ class Builder:
             return self.context.sources(source, str(step.where))
         return self.context.host_sources(source, str(step.where))
 
-    def _download(self, url: str, where: str) -> Path:
-        """ADD's URL, fetched once per build into the build's scratch space."""
-        if url in self.downloads:
-            return self.downloads[url]
+    def _download(self, url: str, where: str, checksum: str | None = None) -> Path:
+        """ADD's URL, fetched once per build into the build's scratch space (and checked
+        against ``--checksum``)."""
+        if url not in self.downloads:
+            self.downloads[url] = self._fetch(url, where)
+        if checksum is not None:
+            import hashlib
+
+            algorithm, _, wanted = checksum.partition(":")
+            with open(self.downloads[url], "rb") as f:
+                found = hashlib.file_digest(f, algorithm).hexdigest()
+            if found != wanted:
+                raise UsageError(f"{where}: ADD {url}: its {algorithm} is {found}, not the "
+                                 f"{wanted} of --checksum", "check the URL, or the checksum")
+        return self.downloads[url]
+
+    def _fetch(self, url: str, where: str) -> Path:
         import httpx
 
         from capsid.oci.registry import ssl_context
@@ -398,7 +411,6 @@ class Builder:
         except httpx.HTTPError as err:
             raise UsageError(f"{where}: ADD {url}: {err}", "check the URL and the network"
                              ) from None
-        self.downloads[url] = temp.path
         return temp.path
 
     def _mounted(self, stages: list[StageResult], pending: Pending,

@@ -266,7 +266,10 @@ def parse(text: str, path: str, build_args: Mapping[str, str], *, arch: str = "a
                 raise UsageError(f"{where}: --chmod={chmod} is not an octal mode",
                                  "write e.g. --chmod=0755")
             from_stage = flags.get("from")
-            stage.steps.append(Copy(tuple(items[:-1]), items[-1], where,
+            checksum = flags.get("checksum")
+            if checksum is not None:
+                _check_checksum(checksum, items[:-1], where)
+            stage.steps.append(Copy(tuple(items[:-1]), items[-1], where, checksum=checksum,
                                     from_stage=from_stage.lower() if from_stage else None,
                                     chmod=int(chmod, 8) if chmod else None,
                                     chown=flags.get("chown"), extract=keyword == "ADD",
@@ -346,3 +349,14 @@ def _run_mounts(spec: str, where: Where) -> list[Mount]:
         found.append(Mount(kind, target, fields.get("source") or fields.get("src") or "",
                            fields.get("from", ""), not writable, fields.get("id", target)))
     return found
+
+
+def _check_checksum(checksum: str, sources: list[str], where: Where) -> None:
+    """``ADD --checksum``: a digest, of the one URL it goes with (as BuildKit takes it)."""
+    if not re.fullmatch(r"(sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128})",
+                        checksum):
+        raise UsageError(f"{where}: --checksum={checksum} is not a digest",
+                         "write --checksum=sha256:<64 hex digits>")
+    if len(sources) != 1 or not sources[0].startswith(("http://", "https://")):
+        raise UsageError(f"{where}: --checksum is for one http(s) URL, not {' '.join(sources)}",
+                         "drop --checksum, or ADD a single URL")

@@ -97,6 +97,8 @@ class Copy:
     dockerish: bool = True  #: Docker's rules for "dir/" destinations and globs
     #: COPY <<NAME heredocs: (name, content); their names stand in *sources*
     inline: tuple[tuple[str, str], ...] = ()
+    #: ADD --checksum=ALGORITHM:HEX: what a downloaded source must hash to
+    checksum: str | None = None
 
 
 @dataclass(frozen=True)
