@@ -29,8 +29,7 @@ ACTIONS = {"instance": ("start", "run", "list", "stop"), "cache": ("list", "clea
            "registry": ("login", "logout", "list")}
 
 
-@pytest.mark.parametrize("words", [[verb] for verb, (module, _) in COMMANDS.items()
-                                   if module and verb != "keyserver"]
+@pytest.mark.parametrize("words", [[verb] for verb in COMMANDS if verb != "keyserver"]
                          + [[verb, action] for verb, actions in ACTIONS.items()
                             for action in actions])
 def test_every_help_prints_usage(words: list[str], capsys) -> None:  # type: ignore[no-untyped-def]

@@ -28,9 +28,12 @@ def _text(info: meta.Metadata, section: str) -> str:
 def run(verb: str, argv: list[str]) -> int:
     if verb == "run-help":  # Apptainer's run-help IMAGE: the %help text
         argv = ["--helpfile", *argv]
-    p = parser("inspect", "[options] IMAGE",
-               "Show the metadata of a SIF file, squashfs image or sandbox. "
-               "With no option, the labels.")
+        p = parser("run-help", "[--app NAME] IMAGE",
+                   "Show an image's help text (its %help section, or an app's).")
+    else:
+        p = parser("inspect", "[options] IMAGE",
+                   "Show the metadata of a SIF file, squashfs image or sandbox. "
+                   "With no option, the labels.")
     p.add_argument("-l", "--labels", action="store_true", help="show the labels (default)")
     p.add_argument("-d", "--deffile", action="store_true", help="show the definition file")
     p.add_argument("-r", "--runscript", action="store_true", help="show the runscript")

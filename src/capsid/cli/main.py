@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(_help_text(), end="", file=sys.stderr)
         return 255
     verb, rest = args[0], args[1:]
+    if (verb == "help" and rest[:1] in (["version"], ["help"])) or \
+            (verb in ("version", "help") and rest[:1] in (["-h"], ["--help"])):
+        name = rest[0] if rest[0] in ("version", "help") else verb
+        print(f"Usage: {prog} {name}{' [COMMAND]' if name == 'help' else ''}\n\n"
+              f"{COMMANDS[name][1]}.")
+        return 0
     if verb == "version":
         print(_version(prog, True))
         if prog != "capsid" and level_name in ("verbose", "debug"):
