@@ -819,6 +819,39 @@ def test_add_unpacks_local_archives_and_fetches_urls(env: dict[str, str],
         server.shutdown()
 
 
+def test_build_secrets_reach_a_step_and_stay_out_of_the_image(env: dict[str, str],
+                                                               tmp_path: Path) -> None:
+    """docker build --secret and RUN --mount=type=secret: a file at /run/secrets/ID (or a
+    target), a variable (env=), nothing where not given unless required; never in a
+    layer."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (tmp_path / "token").write_text("s3cret-file")
+    recipe = write(ctx, "Dockerfile", """
+        FROM busybox:1
+        RUN --mount=type=secret,id=tok cat /run/secrets/tok > /seen-file
+        RUN --mount=type=secret,id=api,env=API_KEY,target=/etc/api echo "$API_KEY" > /seen-env
+        RUN --mount=type=secret,id=absent ls /run/secrets > /seen-absent 2>&1 || true
+        """)
+    out = tmp_path / "s.sif"
+    result = build({**env, "API": "s3cret-env"}, out, recipe, "--secret",
+                   f"id=tok,src={tmp_path / 'token'}", "--secret", "id=api,env=API")
+    assert "s3cret" not in result.stderr
+    check = run_capsid("exec", out, "sh", "-c", "cat /seen-file; echo; cat /seen-env; "
+                       "ls /run/secrets /etc/api 2>&1", env=env)
+    assert check.stdout.startswith("s3cret-file\ns3cret-env\n"), check.stdout
+    assert check.stdout.count("No such file or directory") == 2, check.stdout  # no trace
+    assert b"s3cret" not in out.read_bytes()
+    required = write(ctx, "required.dockerfile",
+                     "FROM busybox:1\nRUN --mount=type=secret,id=must,required cat "
+                     "/run/secrets/must\n")
+    refused = build(env, tmp_path / "r.sif", required, check=False)
+    assert refused.returncode == 255 and "needs the secret 'must'" in refused.stderr
+    missing = build(env, tmp_path / "m.sif", recipe, "--secret", "id=tok,env=NOT_SET_X",
+                    check=False)
+    assert "no variable NOT_SET_X is set" in missing.stderr
+
+
 def test_dash_f_as_docker_and_as_apptainer(env: dict[str, str], tmp_path: Path) -> None:
     """``-f FILE CONTEXT`` is Docker's; ``-f OUT.sif RECIPE`` is Apptainer's --fakeroot."""
     ctx = tmp_path / "ctx"

@@ -95,7 +95,8 @@ def test_escape_directive_and_comments() -> None:
     ("FROM a\nCOPY --chmod=9 a b\n", "not an octal mode"),
     ("FROM a\nCOPY only\n", "a source and a destination"),
     ("FROM a\nRUN <<EOF\nno end\n", "is not closed"),
-    ("FROM a\nRUN --mount=type=secret,id=x true\n", "not supported"),
+    ("FROM a\nRUN --mount=type=ssh true\n", "not supported"),
+    ("FROM a\nRUN --mount=type=secret true\n", "names no secret"),
     ("", "no FROM"),
 ])
 def test_dockerfile_errors_name_the_line(text: str, message: str) -> None:

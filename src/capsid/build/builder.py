@@ -60,7 +60,8 @@ class BuildOptions:
                  arch: str | None = None, nohttps: bool = False, quiet: bool = False,
                  compression: str = "zstd", cache_root: Path | None = None,
                  syntax: str | None = None, sandbox: bool = False, force: bool = False,
-                 ignore_subuid: bool = False, reproducible: bool = False) -> None:
+                 ignore_subuid: bool = False, reproducible: bool = False,
+                 secrets: dict[str, bytes] | None = None) -> None:
         #: where COPY and %files read (default: the recipe's directory)
         self.context, self.build_args, self.target = context, build_args or {}, target
         self.no_cache, self.notest, self.sections = no_cache, notest, sections
@@ -73,6 +74,9 @@ class BuildOptions:
         self.ignore_subuid = ignore_subuid
         #: without SOURCE_DATE_EPOCH, date every file by the first base's creation
         self.reproducible = reproducible
+        #: ``--secret``: name → content, for RUN --mount=type=secret (never in a layer, nor
+        #: in a step's cache key)
+        self.secrets = secrets or {}
 
 
 class BuildError(CapsidError):
@@ -293,7 +297,10 @@ class Builder:
         env["APT_CONFIG"] = f"{INSIDE}/apt.conf"
         binds = [BindSpec(str(scratch), INSIDE), *self.opts.binds]
         for index, mount in enumerate(step.mounts):
-            binds.append(self._run_mount(mount, step, scratch / f"mount{index}"))
+            if mount.kind == "secret":
+                binds += self._secret(mount, step, scratch / f"mount{index}", env)
+            else:
+                binds.append(self._run_mount(mount, step, scratch / f"mount{index}"))
         workdir = result.state.workdir or "/"
         # A PID namespace of its own: when the build dies, every process of the step dies.
         options = Options(binds=binds, contain=True, no_home=True, cleanenv=True,
@@ -319,6 +326,27 @@ class Builder:
             name, _, value = line.strip().partition(" ")
             if name:
                 result.state.labels[name] = value.strip()
+
+    def _secret(self, mount: Mount, step: Run, scratch: Path, env: dict[str, str]
+                ) -> list[BindSpec]:
+        """A secret for this step alone: a read-only file (mode 0400) and/or a variable;
+        nothing where the build was not given it, unless it is required."""
+        content = self.opts.secrets.get(mount.id)
+        if content is None:
+            if mount.required:
+                raise UsageError(f"{step.where}: the step needs the secret {mount.id!r}",
+                                 f"pass --secret id={mount.id},src=FILE (or env=VARIABLE)")
+            return []
+        if mount.env:
+            env[mount.env] = content.decode(errors="surrogateescape")
+        if not mount.target:
+            return []
+        scratch.mkdir()
+        secret = scratch / "secret"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        with open(fd, "wb") as f:
+            f.write(content)
+        return [BindSpec(str(secret), mount.target, readonly=True)]
 
     def _run_mount(self, mount: Mount, step: Run, scratch: Path) -> BindSpec:
         if mount.kind == "cache":

@@ -336,15 +336,25 @@ def parse(text: str, path: str, build_args: Mapping[str, str], *, arch: str = "a
 
 
 def _run_mounts(spec: str, where: Where) -> list[Mount]:
-    """``RUN --mount=type=bind|cache|tmpfs,...`` items."""
+    """``RUN --mount=type=bind|cache|tmpfs|secret,...`` items."""
     found = []
     for item in filter(None, spec.split("\n")):
         fields = dict(f.partition("=")[::2] for f in item.split(","))
         kind = fields.get("type", "bind")
         target = fields.get("target") or fields.get("dst") or fields.get("destination")
+        if kind == "secret":  # BuildKit's: /run/secrets/ID, and/or a variable
+            name = fields.get("id") or (target or "").rstrip("/").rpartition("/")[2]
+            if not name:
+                raise UsageError(f"{where}: RUN --mount={item} names no secret",
+                                 "write --mount=type=secret,id=NAME")
+            found.append(Mount("secret", target or ("" if fields.get("env") else
+                                                    f"/run/secrets/{name}"),
+                               id=name, required=fields.get("required", "false")
+                               in ("", "true"), env=fields.get("env", "")))
+            continue
         if kind not in ("bind", "cache", "tmpfs") or not target:
             raise UsageError(f"{where}: RUN --mount={item} is not supported",
-                             "capsid takes --mount=type=bind|cache|tmpfs,target=PATH")
+                             "capsid takes --mount=type=bind|cache|tmpfs|secret,target=PATH")
         writable = "rw" in fields or "readwrite" in fields or kind != "bind"
         found.append(Mount(kind, target, fields.get("source") or fields.get("src") or "",
                            fields.get("from", ""), not writable, fields.get("id", target)))

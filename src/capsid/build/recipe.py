@@ -57,14 +57,17 @@ class Where:
 
 @dataclass(frozen=True)
 class Mount:
-    """``RUN --mount``: a bind from the context or a stage, a persistent cache, or a tmpfs."""
+    """``RUN --mount``: a bind from the context or a stage, a persistent cache, a tmpfs,
+    or a secret given to the build (``--secret``)."""
 
-    kind: str  #: "bind", "cache" or "tmpfs"
-    target: str
+    kind: str  #: "bind", "cache", "tmpfs" or "secret"
+    target: str  #: where it is seen ("" for a secret given only as a variable)
     source: str = ""
     from_stage: str = ""
     readonly: bool = True
-    id: str = ""  #: a cache's name (its target by default)
+    id: str = ""  #: a cache's or a secret's name (a cache's target by default)
+    required: bool = False  #: a secret the build must be given
+    env: str = ""  #: a secret's variable, set for the step alone
 
 
 @dataclass(frozen=True)

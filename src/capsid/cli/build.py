@@ -66,6 +66,10 @@ def run(verb: str, argv: list[str]) -> int:
     recipe.add_argument("--fakeroot", "--userns", action="store_true",
                         help="accepted for Apptainer's command lines: steps always run as "
                              "root in a user namespace")
+    recipe.add_argument("--secret", action="append", default=[],
+                        metavar="id=NAME[,src=FILE|,env=VARIABLE]",
+                        help="a secret for RUN --mount=type=secret,id=NAME (never kept in "
+                             "the image); repeatable")
     recipe.add_argument("--reproducible", action="store_true",
                         help="date the image's files by its base image's creation, as "
                              "SOURCE_DATE_EPOCH would (which wins when set)")
@@ -167,8 +171,32 @@ def _build_recipe(args: argparse.Namespace) -> int:
         arch=args.arch, nohttps=_nohttps_of(args), compression=args.compression,
         quiet=not log.enabled(log.NORMAL), syntax=args.format, sandbox=args.sandbox,
         force=args.force, ignore_subuid=args.ignore_subuid,
-        reproducible=args.reproducible))
+        reproducible=args.reproducible, secrets=_secrets(args.secret)))
     return 0
+
+
+def _secrets(specs: list[str]) -> dict[str, bytes]:
+    """``--secret id=NAME,src=FILE`` (or ``env=VARIABLE``; with neither, the variable
+    NAME), as docker build takes them."""
+    from capsid.image.locate import read_limited
+
+    secrets: dict[str, bytes] = {}
+    for spec in specs:
+        fields = dict(f.partition("=")[::2] for f in spec.split(","))
+        name = fields.get("id", "")
+        source = fields.get("src") or fields.get("source")
+        variable = fields.get("env") or (None if source else name)
+        if not name or (source and fields.get("env")):
+            raise UsageError(f"--secret {spec!r} is not id=NAME,src=FILE or id=NAME,env=VAR",
+                             "e.g. --secret id=token,src=$HOME/.token")
+        if source:
+            secrets[name] = read_limited(source, f"secret {name}", "give a readable file")
+        elif variable and variable in os.environ:
+            secrets[name] = os.environ[variable].encode(errors="surrogateescape")
+        else:
+            raise UsageError(f"--secret {spec!r}: no variable {variable} is set",
+                             f"export {variable}, or give the file: src=FILE")
+    return secrets
 
 
 def _nohttps_of(args: argparse.Namespace) -> bool:
