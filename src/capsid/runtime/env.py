@@ -144,7 +144,12 @@ def read_env_files(paths: tuple[str, ...]) -> dict[str, str]:
 def may_evaluate(values: list[str]) -> bool:
     """Whether any of *values* may need :mod:`capsid.runtime.shellvars` in the container
     (to import it on the host, which the container's root hides)."""
-    return any("$" in v or "`" in v or "\\" in v for v in values)
+    return any(map(_evaluable, values))
+
+
+def _evaluable(value: str) -> bool:
+    """Whether evaluating *value* as a shell word could change it."""
+    return "$" in value or "`" in value or "\\" in value
 
 
 def forced_values(opts: EnvOptions, host: dict[str, str]) -> dict[str, str]:
@@ -190,7 +195,7 @@ def _prepare(opts: EnvOptions, host: dict[str, str]
             if key in literal:
                 literal.add(target)
     for key, value in forced.items():
-        if key not in literal and ("$" in value or "`" in value or "\\" in value):
+        if key not in literal and _evaluable(value):
             _check_word(key, value)
     if forced.get("LD_LIBRARY_PATH") and "LD_LIBRARY_PATH" not in own:
         # as Apptainer: the libraries bound in at run time (GPU drivers) stay found
@@ -218,7 +223,7 @@ def _inject(forced: dict[str, str], literal: set[str], env: dict[str, str]) -> N
     the shell evaluates Apptainer's exports); :class:`shellvars.NeedsShell` where only
     a shell can."""
     for key, value in forced.items():
-        if key not in literal and ("$" in value or "`" in value or "\\" in value):
+        if key not in literal and _evaluable(value):
             from capsid.runtime import shellvars
 
             value = shellvars.evaluate(value, env)

@@ -35,11 +35,6 @@ def evaluate(value: str, env: Mapping[str, str]) -> str:
         raise ValueError("expansions nested too deeply") from None
 
 
-def needs_evaluation(value: str) -> bool:
-    """Whether evaluating *value* could change it."""
-    return "$" in value or "`" in value or "\\" in value
-
-
 def _scan(text: str, i: int, env: Mapping[str, str], stop: str, bare: bool
           ) -> tuple[str, int]:
     """From *i* to the first of *stop*: a bare word's rules (quotes, any escape) or,
