@@ -13,8 +13,9 @@ from capsid.errors import ToolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import Sequence
-    from typing import IO
+    from typing import IO, Any
 
 #: Debian package providing each tool capsid runs.
 PACKAGES = {
@@ -127,6 +128,32 @@ def output(argv: Sequence[str], *, timeout: float = 30, stderr: bool = False,
     return (proc.stdout + (proc.stderr if stderr else b"")).decode(errors="replace")
 
 
+def start(argv: Sequence[str], **options: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen``, with Ctrl-C held back while the child starts: an interrupt
+    then kills it before it is raised. (Raised inside Popen, it left a child running
+    that no caller could kill: a tar2sqfs that wrote its output after capsid had removed
+    it.)"""
+    import signal
+    import subprocess
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return subprocess.Popen(argv, **options)
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        proc = subprocess.Popen(argv, **options)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and previous is not signal.SIG_IGN:
+        proc.kill()
+        proc.wait()
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        raise KeyboardInterrupt
+    return proc
+
+
 class reading:  # lower case: used like a function, `with tools.reading(argv) as out`
     """Run *argv* and read its stdout in a ``with`` block; raise ToolError if it fails.
 
@@ -143,8 +170,8 @@ class reading:  # lower case: used like a function, `with tools.reading(argv) as
         import tempfile
 
         self._errors = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen([which(self.argv[0]), *self.argv[1:]],
-                                      stdout=subprocess.PIPE, stderr=self._errors)
+        self._proc = start([which(self.argv[0]), *self.argv[1:]], stdout=subprocess.PIPE,
+                           stderr=self._errors)
         assert self._proc.stdout is not None
         return self._proc.stdout
 

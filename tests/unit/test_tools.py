@@ -35,3 +35,27 @@ def test_a_missing_tool_is_one_error() -> None:
     with pytest.raises(ToolError, match="capsid-no-such-tool is not installed"), \
             tools.reading(["capsid-no-such-tool"]):
         pass
+
+
+def test_ctrl_c_while_a_tool_starts_kills_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt that lands inside Popen (after the fork) used to leave the child
+    running, out of every caller's reach: tar2sqfs then wrote its output after capsid had
+    removed it. The interrupt is now held until the child is killed."""
+    import os
+    import signal
+    import subprocess
+
+    started: list[subprocess.Popen[bytes]] = []
+    real = subprocess.Popen
+
+    def interrupted(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        proc = real(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(proc)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, right after the fork
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tools.start(["sleep", "60"])
+    assert started and started[0].poll() is not None  # killed, and reaped
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

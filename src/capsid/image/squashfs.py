@@ -56,8 +56,8 @@ def writer(out: Path, compression: str = "zstd",
     argv.append(str(out))
     LOG.debug("running %s", " ".join(argv))
     with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=errors, bufsize=1 << 20)
+        proc = tools.start(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                           stderr=errors, bufsize=1 << 20)
         assert proc.stdin is not None
         tools.widen_pipe(proc.stdin.fileno())
         try:

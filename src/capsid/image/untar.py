@@ -25,7 +25,7 @@ def into(target: Path, fill: Callable[[Write], object], owners: bool = False) ->
             "-C", str(target)]
     errors = open(target.parent / f".{target.name}.tar-errors", "w+b")  # noqa: SIM115
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=errors)
+        proc = tools.start(argv, stdin=subprocess.PIPE, stderr=errors)
         assert proc.stdin is not None
         tools.widen_pipe(proc.stdin.fileno())
         try:
