@@ -142,9 +142,11 @@ def read_env_files(paths: tuple[str, ...]) -> dict[str, str]:
 
 
 def may_evaluate(values: list[str]) -> bool:
-    """Whether any of *values* may need :mod:`capsid.runtime.shellvars` in the container
-    (to import it on the host, which the container's root hides)."""
-    return any(map(_evaluable, values))
+    """Whether any of *values*, or of the ``APPTAINERENV_`` variables, may need
+    :mod:`capsid.runtime.shellvars` in the container (to import it on the host, which the
+    container's root hides)."""
+    return any(map(_evaluable, values)) or any(
+        _evaluable(v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))
 
 
 def _evaluable(value: str) -> bool:

@@ -130,10 +130,7 @@ def _env_files(opts: Options) -> dict[str, str]:
     from capsid.runtime import env as envmod
 
     values = envmod.read_env_files(opts.env_files) if opts.env_files else {}
-    if not opts.no_eval and envmod.may_evaluate(
-            [*values.values(), *opts.env, *(v for k, v in os.environ.items()
-                                            if k.startswith(("APPTAINERENV_", "SINGULARITYENV_",
-                                                             "CAPSID_ENV_")))]):
+    if not opts.no_eval and envmod.may_evaluate([*values.values(), *opts.env]):
         from capsid.runtime import shellvars  # noqa: F401 - now: pivot_root hides it
     return values
 
